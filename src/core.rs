@@ -1,0 +1,445 @@
+//! A running server, as the thread that drives it sees it: start the I/O
+//! thread, take [`Delivery`]s from it, send it commands, stop it.
+//!
+//! This is the whole engine without Python: the PyO3 layer
+//! (`crate::python`) is a thin loop around [`Running`] that turns deliveries
+//! into callbacks, and the Rust tests drive [`Running`] directly.
+//!
+//! Threads and ownership: the I/O thread owns the sockets, the connection table,
+//! the delivery ring's producer and the command ring's consumer. The thread that
+//! called [`Running::start`] owns the delivery ring's consumer. The command
+//! ring's producer sits in a mutex in [`Shared`], so that any thread can send:
+//! the mutex is held only for a copy into the ring, never while waiting for a
+//! Python lock, and a sender that finds it taken or the ring full can step back
+//! (release the GIL) before it blocks. Holding it for a whole message keeps each
+//! message's bytes together and gives all senders one order, the order in which
+//! they took the mutex.
+
+use std::io;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use std::sync::atomic::{fence, AtomicBool};
+use std::sync::{Arc, Mutex, TryLockError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use socket2::Socket;
+
+use crate::message::{Command, CommandKind, ConnKey, Delivery, DeliveryKind};
+use crate::reactor::Reactor;
+use crate::ring::{ring, Consumer, Producer};
+use crate::sys::{Backend, Selector, Wake};
+use crate::wake::{Bell, SleepFlag};
+
+/// How a server is built.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The readiness backend.
+    pub backend: Backend,
+    /// Slots in each ring (a power of two).
+    pub ring_slots: usize,
+    /// Bytes of payload per slot: the most one `recv` reads, and the chunk size
+    /// of sends.
+    pub slot_size: usize,
+    /// Called first thing on the I/O thread (instrumentation, tests).
+    pub on_io_thread_start: Option<fn()>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            backend: Backend::platform_default(),
+            ring_slots: 512,
+            slot_size: 16 * 1024,
+            on_io_thread_start: None,
+        }
+    }
+}
+
+impl Config {
+    /// Smallest and largest accepted `slot_size`.
+    pub const SLOT_SIZE_RANGE: (usize, usize) = (256, 1 << 20);
+    /// Smallest and largest accepted `ring_slots`.
+    pub const RING_SLOTS_RANGE: (usize, usize) = (2, 1 << 16);
+
+    /// Explains what is wrong with the configuration, if anything.
+    pub fn validate(&self) -> Result<(), String> {
+        let (min, max) = Self::RING_SLOTS_RANGE;
+        if !self.ring_slots.is_power_of_two() || !(min..=max).contains(&self.ring_slots) {
+            return Err(format!(
+                "ring_slots must be a power of two from {min} to {max}, got {}",
+                self.ring_slots
+            ));
+        }
+        let (min, max) = Self::SLOT_SIZE_RANGE;
+        if !(min..=max).contains(&self.slot_size) {
+            return Err(format!(
+                "slot_size must be from {min} to {max} bytes, got {}",
+                self.slot_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// State shared by the I/O thread and every thread that sends.
+pub(crate) struct Shared {
+    /// Producer of the command ring; see the module docs for the locking rule.
+    commands: Mutex<Producer<Command>>,
+    slot_size: usize,
+    /// Rung by the I/O thread after it frees command slots.
+    pub(crate) command_space: Bell,
+    /// Rung by the I/O thread after it publishes deliveries.
+    pub(crate) deliveries: Bell,
+    /// The I/O thread's announcement that it is about to sleep in the selector.
+    pub(crate) io_sleep: SleepFlag,
+    /// The I/O thread stopped reading because the delivery ring was full.
+    pub(crate) inbound_stalled: AtomicBool,
+    /// Set to ask the I/O thread to shut down.
+    pub(crate) stop: AtomicBool,
+    /// The I/O thread no longer applies commands.
+    pub(crate) finished: AtomicBool,
+    waker: Arc<dyn Wake>,
+}
+
+impl Shared {
+    /// Wakes the I/O thread if it sleeps (after publishing commands).
+    fn wake_io(&self) {
+        if self.io_sleep.take_wake() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// Why a command was not queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendError {
+    /// Another thread is sending, or the ring lacks room: retry with
+    /// [`Sender::send`], which waits.
+    WouldBlock,
+    /// The server has stopped; nothing was or will be sent.
+    Stopped,
+}
+
+/// Queues commands for the I/O thread; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Sender {
+    shared: Arc<Shared>,
+}
+
+impl Sender {
+    /// Queues `data` for `conn` if that can be done without waiting.
+    pub fn try_send(&self, conn: ConnKey, data: &[u8]) -> Result<(), SendError> {
+        self.push(CommandKind::Send, conn, data, false)
+    }
+
+    /// Queues `data` for `conn`, waiting for ring space as long as needed.
+    pub fn send(&self, conn: ConnKey, data: &[u8]) -> Result<(), SendError> {
+        self.push(CommandKind::Send, conn, data, true)
+    }
+
+    /// Asks for `conn` to be closed once what is queued for it is sent, if that
+    /// can be done without waiting.
+    pub fn try_close(&self, conn: ConnKey) -> Result<(), SendError> {
+        self.push(CommandKind::Close, conn, &[], false)
+    }
+
+    /// As [`Sender::try_close`], waiting for ring space as long as needed.
+    pub fn close(&self, conn: ConnKey) -> Result<(), SendError> {
+        self.push(CommandKind::Close, conn, &[], true)
+    }
+
+    /// Asks the I/O thread to shut down. Safe from any thread, any time.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Release);
+        let _ = self.shared.waker.wake();
+    }
+
+    /// True once the I/O thread no longer applies commands.
+    pub fn is_stopped(&self) -> bool {
+        self.shared.finished.load(Acquire)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn inject_panic(&self) {
+        self.push(CommandKind::Panic, ConnKey::default(), &[], true)
+            .expect("server running");
+    }
+
+    fn push(
+        &self,
+        kind: CommandKind,
+        conn: ConnKey,
+        data: &[u8],
+        wait: bool,
+    ) -> Result<(), SendError> {
+        let shared = &*self.shared;
+        if shared.finished.load(Acquire) {
+            return Err(SendError::Stopped);
+        }
+        let mut producer = if wait {
+            shared
+                .commands
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        } else {
+            match shared.commands.try_lock() {
+                Ok(producer) => producer,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => return Err(SendError::WouldBlock),
+            }
+        };
+        let chunks = data.len().div_ceil(shared.slot_size).max(1);
+        if !wait && producer.free() < chunks {
+            return Err(SendError::WouldBlock);
+        }
+        let mut rest = data;
+        for _ in 0..chunks {
+            let (chunk, tail) = rest.split_at(rest.len().min(shared.slot_size));
+            rest = tail;
+            loop {
+                if let Some(mut slot) = producer.vacant() {
+                    slot.with_mut(|command| {
+                        command.kind = kind;
+                        command.conn = conn;
+                        command.len = chunk.len();
+                        command.buf[..chunk.len()].copy_from_slice(chunk);
+                    });
+                    slot.stage();
+                    break;
+                }
+                // Full: let the I/O thread work on what is staged, and wait.
+                producer.publish();
+                shared.wake_io();
+                if shared.finished.load(Acquire) {
+                    return Err(SendError::Stopped);
+                }
+                shared.command_space.wait_while(
+                    || producer.free() == 0 && !shared.finished.load(Acquire),
+                    Some(Duration::from_millis(50)),
+                );
+            }
+        }
+        producer.publish();
+        drop(producer);
+        shared.wake_io();
+        Ok(())
+    }
+}
+
+/// A started server, held by the thread that consumes its deliveries.
+///
+/// Dropping it stops the I/O thread and joins it, so no thread or socket
+/// outlives it.
+pub struct Running {
+    shared: Arc<Shared>,
+    deliveries: Consumer<Delivery>,
+    thread: Option<JoinHandle<()>>,
+    stopped_seen: bool,
+}
+
+impl Running {
+    /// Starts the I/O thread serving `listeners`.
+    ///
+    /// Errors come from creating the poller or registering the listeners, on
+    /// the calling thread.
+    pub fn start(config: &Config, listeners: Vec<Socket>) -> io::Result<Running> {
+        config
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        match config.backend {
+            #[cfg(target_os = "linux")]
+            Backend::Epoll => Self::start_with::<crate::sys::epoll::Epoll>(config, listeners),
+            #[cfg(not(target_os = "linux"))]
+            Backend::Epoll => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the epoll backend exists only on Linux",
+            )),
+            Backend::Portable => {
+                Self::start_with::<crate::sys::portable::Portable>(config, listeners)
+            }
+        }
+    }
+
+    fn start_with<S: Selector>(config: &Config, listeners: Vec<Socket>) -> io::Result<Running> {
+        let selector = S::new()?;
+        let (command_tx, command_rx) =
+            ring(config.ring_slots, || Command::with_capacity(config.slot_size));
+        let (delivery_tx, delivery_rx) =
+            ring(config.ring_slots, || Delivery::with_capacity(config.slot_size));
+        let shared = Arc::new(Shared {
+            commands: Mutex::new(command_tx),
+            slot_size: config.slot_size,
+            command_space: Bell::new(),
+            deliveries: Bell::new(),
+            io_sleep: SleepFlag::new(),
+            inbound_stalled: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+            waker: selector.waker(),
+        });
+        let mut reactor = Reactor::new(
+            selector,
+            Arc::clone(&shared),
+            delivery_tx,
+            command_rx,
+            listeners,
+        )?;
+        let on_start = config.on_io_thread_start;
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("rsepoll-io".into())
+            .spawn(move || {
+                block_signals();
+                if let Some(hook) = on_start {
+                    hook();
+                }
+                run_io_thread(&mut reactor);
+                // Whatever happened, senders must not wait for this thread again.
+                thread_shared.finished.store(true, Release);
+                thread_shared.deliveries.ring();
+                thread_shared.command_space.ring();
+            })?;
+        Ok(Running {
+            shared,
+            deliveries: delivery_rx,
+            thread: Some(thread),
+            stopped_seen: false,
+        })
+    }
+
+    /// A handle for sending commands from any thread.
+    pub fn sender(&self) -> Sender {
+        Sender {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Takes the next delivery, if one is ready, and reads it with `f`. The
+    /// slot stays reserved until [`Running::release`].
+    pub fn take_with<R>(&mut self, f: impl FnOnce(&Delivery) -> R) -> Option<R> {
+        let stopped = &mut self.stopped_seen;
+        self.deliveries.take_with(|delivery| {
+            if delivery.kind == DeliveryKind::Stopped {
+                *stopped = true;
+            }
+            f(delivery)
+        })
+    }
+
+    /// Number of deliveries taken since the last release.
+    pub fn taken(&self) -> usize {
+        self.deliveries.taken()
+    }
+
+    /// Returns the slots taken so far to the I/O thread, waking it if it waits
+    /// for them.
+    pub fn release(&mut self) {
+        if self.deliveries.taken() == 0 {
+            return;
+        }
+        self.deliveries.release();
+        fence(SeqCst);
+        if self.shared.inbound_stalled.load(Relaxed) {
+            self.shared.wake_io();
+        }
+    }
+
+    /// Blocks until a delivery is ready or `timeout` passes (or spuriously).
+    pub fn wait(&mut self, timeout: Duration) {
+        let Running {
+            shared, deliveries, ..
+        } = self;
+        shared.deliveries.wait_while(
+            || deliveries.is_empty() && !shared.finished.load(Acquire),
+            Some(timeout),
+        );
+    }
+
+    /// True once the `Stopped` delivery has been taken: the I/O thread has
+    /// closed everything and will deliver nothing more.
+    pub fn has_stopped(&self) -> bool {
+        self.stopped_seen
+    }
+
+    /// True if the I/O thread exited without delivering `Stopped` (it could
+    /// not even report its failure).
+    pub fn io_thread_vanished(&mut self) -> bool {
+        !self.stopped_seen
+            && self.shared.finished.load(Acquire)
+            && self.deliveries.is_empty()
+            && self.thread.as_ref().is_some_and(|t| t.is_finished())
+    }
+
+    /// Asks the I/O thread to shut down; deliveries continue until `Stopped`.
+    pub fn stop(&self) {
+        self.sender().stop();
+    }
+
+    /// Waits for the I/O thread to exit. Call after `Stopped` was taken (or the
+    /// thread vanished); otherwise this stops the server first, discarding
+    /// deliveries.
+    pub fn join(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        if !self.stopped_seen {
+            self.stop();
+            while !self.stopped_seen && !thread.is_finished() {
+                while self.take_with(|_| ()).is_some() {}
+                self.release();
+                self.wait(Duration::from_millis(10));
+            }
+        }
+        let _ = thread.join();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// The I/O thread's body: run the loop; on a panic or an I/O error, report it
+/// and shut down anyway.
+fn run_io_thread<S: Selector>(reactor: &mut Reactor<S>) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reactor.run()));
+    let detail = match outcome {
+        Ok(Ok(())) => return,
+        Ok(Err(error)) => format!("the I/O loop failed: {error}"),
+        Err(panic) => format!("the I/O thread panicked: {}", panic_message(&*panic)),
+    };
+    log::error!("{detail}");
+    // If shutting down panics too, the thread ends without `Stopped`; the
+    // consumer notices through `Running::io_thread_vanished`.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reactor.fail(detail)));
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "unknown panic payload".to_owned()
+    }
+}
+
+/// Keeps asynchronous signals (Ctrl-C above all) off the I/O thread, so that
+/// the kernel delivers them to a thread that runs Python code.
+fn block_signals() {
+    #[cfg(unix)]
+    {
+        // SAFETY: `set` is a local sigset_t initialised by sigfillset before use;
+        // pthread_sigmask only changes this thread's mask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut set);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        }
+    }
+}

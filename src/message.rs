@@ -1,0 +1,135 @@
+//! The slots of the two rings: what the I/O thread tells the Python side
+//! ([`Delivery`]) and what the Python side asks of the I/O thread
+//! ([`Command`]).
+//!
+//! Every slot owns a byte buffer allocated once, when the ring is made. Data is
+//! copied into it in place (by `recv` on the I/O thread, by `memcpy` from a
+//! Python `bytes` on the other side), so passing messages allocates nothing. A
+//! message larger than a slot spans several consecutive slots.
+
+use std::net::SocketAddr;
+
+/// Identifies one connection for the whole life of a server.
+///
+/// `index` is the connection's slot in the I/O thread's table, for O(1) lookup;
+/// `id` is unique for the server's life and tells this connection from earlier
+/// and later tenants of the same slot (and of the same fd number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    /// Slot in the connection table.
+    pub index: u32,
+    /// Unique id, counting from 1.
+    pub id: u64,
+}
+
+/// What a [`Delivery`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeliveryKind {
+    /// A connection was accepted; `opened` is set.
+    #[default]
+    Opened,
+    /// `len` bytes the peer sent are in `buf`.
+    Data,
+    /// The peer shut down its sending side; more data will not come.
+    Eof,
+    /// The connection is closed; nothing more will be delivered for it.
+    Closed,
+    /// A problem the application should hear of; `detail` says what.
+    Error,
+    /// The I/O thread failed (a panic); `detail` says why. `Closed` for every
+    /// connection and then `Stopped` follow.
+    Failed,
+    /// The I/O thread has shut down; it was the last delivery.
+    Stopped,
+}
+
+/// Facts about a freshly accepted connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    /// The socket's fd (the SOCKET handle on Windows), for display only.
+    pub fd: i64,
+    /// The peer's address.
+    pub peer: Option<SocketAddr>,
+    /// The local address the connection arrived on.
+    pub local: Option<SocketAddr>,
+}
+
+/// One slot of the I/O thread → Python ring.
+#[derive(Debug)]
+pub struct Delivery {
+    /// What happened.
+    pub kind: DeliveryKind,
+    /// To which connection (unused for `Error`, `Failed` and `Stopped`).
+    pub conn: ConnKey,
+    /// For `Opened`.
+    pub opened: Option<Opened>,
+    /// For `Error` and `Failed`: a description. Allocated only on those rare
+    /// paths.
+    pub detail: Option<String>,
+    /// For `Data`: how many bytes of `buf` are valid.
+    pub len: usize,
+    /// Pre-allocated payload buffer.
+    pub buf: Box<[u8]>,
+}
+
+impl Delivery {
+    /// An empty slot with a payload buffer of `slot_size` bytes.
+    pub fn with_capacity(slot_size: usize) -> Delivery {
+        Delivery {
+            kind: DeliveryKind::default(),
+            conn: ConnKey::default(),
+            opened: None,
+            detail: None,
+            len: 0,
+            buf: vec![0; slot_size].into_boxed_slice(),
+        }
+    }
+
+    /// The valid payload bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// What a [`Command`] asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CommandKind {
+    /// Append the `len` bytes in `buf` to what the connection sends.
+    #[default]
+    Send,
+    /// Flush what is queued for the connection, then close it.
+    Close,
+    /// Panic on the I/O thread (tests of the failure path only).
+    #[cfg(test)]
+    Panic,
+}
+
+/// One slot of the Python → I/O thread ring.
+#[derive(Debug)]
+pub struct Command {
+    /// What to do.
+    pub kind: CommandKind,
+    /// To which connection.
+    pub conn: ConnKey,
+    /// For `Send`: how many bytes of `buf` are valid.
+    pub len: usize,
+    /// Pre-allocated payload buffer.
+    pub buf: Box<[u8]>,
+}
+
+impl Command {
+    /// An empty slot with a payload buffer of `slot_size` bytes.
+    pub fn with_capacity(slot_size: usize) -> Command {
+        Command {
+            kind: CommandKind::default(),
+            conn: ConnKey::default(),
+            len: 0,
+            buf: vec![0; slot_size].into_boxed_slice(),
+        }
+    }
+
+    /// The valid payload bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}

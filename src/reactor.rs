@@ -1,0 +1,709 @@
+//! The I/O thread's event loop.
+//!
+//! One turn of the loop: apply the commands the Python side queued (sends,
+//! closes), serve the work that an earlier turn had to leave (connections with
+//! unread input, listeners with pending connections), publish what was read,
+//! then wait in the selector until a socket is ready, a command arrives, or a
+//! deadline passes.
+//!
+//! Three rules keep an edge-triggered loop from hanging or starving:
+//! - a socket is read (or accepted from) until `EAGAIN`, a short read, or its
+//!   budget runs out; in the last case, and when the delivery ring is full, it
+//!   goes on the *ready list*, because the kernel will not report it again;
+//! - reading stops, and never drops data, when the delivery ring is full: TCP's
+//!   own flow control then slows the peer, and the Python thread wakes this one
+//!   when it frees slots (see [`crate::wake`]);
+//! - control deliveries (`Closed`, `Eof`, ...) that find the ring full wait in a
+//!   small backlog that goes out before anything else, so nothing is reordered.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::Socket;
+
+use crate::conn::{ConnectionTable, Phase};
+use crate::core::Shared;
+use crate::message::{Command, CommandKind, ConnKey, Delivery, DeliveryKind, Opened};
+use crate::ring::{Consumer, Producer};
+use crate::sys::{net, Event, Interest, Selector};
+use crate::token::{id_matches, Target, Token};
+
+/// Reads from one connection per turn before others get theirs.
+const READ_BUDGET: usize = 16;
+/// Connections accepted from one listener per turn.
+const ACCEPT_BUDGET: usize = 128;
+/// Deliveries staged before they are published without waiting for the turn's end.
+const PUBLISH_BATCH: usize = 64;
+/// How long a closed connection waits for the peer's EOF before it is dropped.
+const LINGER: Duration = Duration::from_secs(5);
+/// After an accept failure such as EMFILE, how long before trying again. Under
+/// edge triggering the listener would otherwise never be reported again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// The I/O thread's wait while it cannot hand its last deliveries over.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
+
+/// A listening socket and what the loop owes it.
+struct Listener {
+    socket: Socket,
+    /// Connections may be waiting: the last accept stopped before `EAGAIN`.
+    pending: bool,
+    /// Accepting failed for lack of resources; try again at this time.
+    retry_at: Option<Instant>,
+}
+
+/// A control delivery waiting for ring space.
+struct Pending {
+    kind: DeliveryKind,
+    conn: ConnKey,
+    opened: Option<Opened>,
+    detail: Option<String>,
+}
+
+/// The I/O thread's state; see the module docs.
+pub(crate) struct Reactor<S: Selector> {
+    commands: Consumer<Command>,
+    io: Io<S>,
+}
+
+/// Everything but the command ring, so that applying a command can borrow it
+/// while the ring is borrowed too.
+struct Io<S: Selector> {
+    selector: S,
+    shared: Arc<Shared>,
+    deliveries: Producer<Delivery>,
+    listeners: Vec<Listener>,
+    table: ConnectionTable,
+    /// Connections with unread input, served round-robin.
+    ready: VecDeque<ConnKey>,
+    /// Control deliveries that found the ring full.
+    backlog: VecDeque<Pending>,
+    /// Lingering connections in deadline order (the linger time is constant).
+    lingering: VecDeque<(Instant, ConnKey)>,
+    events: Vec<Event>,
+    /// Where discarded input goes.
+    scratch: Box<[u8]>,
+    /// When an accept error was last reported, to report at most one a second.
+    last_accept_error: Option<Instant>,
+}
+
+impl<S: Selector> Reactor<S> {
+    /// Registers `listeners` with `selector`; the loop starts with [`Reactor::run`].
+    pub(crate) fn new(
+        selector: S,
+        shared: Arc<Shared>,
+        deliveries: Producer<Delivery>,
+        commands: Consumer<Command>,
+        listeners: Vec<Socket>,
+    ) -> io::Result<Self> {
+        let mut io = Io {
+            selector,
+            shared,
+            deliveries,
+            listeners: Vec::with_capacity(listeners.len()),
+            table: ConnectionTable::new(),
+            ready: VecDeque::with_capacity(1024),
+            backlog: VecDeque::with_capacity(64),
+            lingering: VecDeque::with_capacity(64),
+            events: Vec::with_capacity(1024),
+            scratch: vec![0; 64 * 1024].into_boxed_slice(),
+            last_accept_error: None,
+        };
+        for (index, socket) in listeners.into_iter().enumerate() {
+            socket.set_nonblocking(true)?;
+            io.selector
+                .register(&socket, Token::listener(index), READABLE)?;
+            io.listeners.push(Listener {
+                socket,
+                // Connections may have queued before registration.
+                pending: true,
+                retry_at: None,
+            });
+        }
+        Ok(Reactor { commands, io })
+    }
+
+    /// Runs until the Python side asks to stop, then shuts down: closes every
+    /// socket and delivers `Closed` for each connection, then `Stopped`.
+    pub(crate) fn run(&mut self) -> io::Result<()> {
+        while !self.io.shared.stop.load(Acquire) {
+            self.apply_commands();
+            self.io.serve_leftovers();
+            self.io.publish();
+            let timeout = self.io.poll_timeout();
+            self.wait(timeout)?;
+            self.io.dispatch_events();
+            self.io.expire_lingering();
+            self.io.publish();
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    /// Reports a failure of the loop (`detail`), then shuts down as on a stop.
+    pub(crate) fn fail(&mut self, detail: String) {
+        self.io
+            .emit(DeliveryKind::Failed, ConnKey::default(), None, Some(detail));
+        self.shutdown();
+    }
+
+    fn apply_commands(&mut self) {
+        let mut applied = false;
+        while self
+            .commands
+            .take_with(|command| self.io.apply(command))
+            .is_some()
+        {
+            applied = true;
+            if self.commands.taken() >= PUBLISH_BATCH {
+                self.commands.release();
+                self.io.shared.command_space.ring();
+            }
+        }
+        if applied {
+            self.commands.release();
+            self.io.shared.command_space.ring();
+        }
+    }
+
+    /// Sleeps in the selector, unless the sleep protocol finds work first.
+    fn wait(&mut self, mut timeout: Option<Duration>) -> io::Result<()> {
+        let shared = Arc::clone(&self.io.shared);
+        if timeout != Some(Duration::ZERO) {
+            let stalled = self.io.waits_for_ring_space();
+            shared.inbound_stalled.store(stalled, Relaxed);
+            shared.io_sleep.announce();
+            if !self.commands.is_empty()
+                || shared.stop.load(Acquire)
+                || (stalled && self.io.deliveries.free() > 0)
+            {
+                timeout = Some(Duration::ZERO);
+            }
+        }
+        let result = self.io.selector.select(&mut self.io.events, timeout);
+        shared.io_sleep.awake();
+        result
+    }
+
+    fn shutdown(&mut self) {
+        // No new connections; the listening sockets close here.
+        for listener in self.io.listeners.drain(..) {
+            let _ = self.io.selector.deregister(&listener.socket);
+        }
+        // Sends queued before the stop still go out, as far as sockets take them.
+        self.apply_commands();
+        let keys: Vec<ConnKey> = self.io.table.keys().collect();
+        for key in keys {
+            self.io.flush(key);
+            if let Some(conn) = self.io.table.get_mut(key) {
+                let _ = conn.socket.shutdown(Shutdown::Write);
+            }
+            self.io.discard_input(key);
+            self.io.drop_connection(key, true);
+        }
+        self.io.lingering.clear();
+        self.io.ready.clear();
+        // From here on, senders give up instead of waiting for ring space.
+        self.io.shared.finished.store(true, Release);
+        self.io
+            .emit(DeliveryKind::Stopped, ConnKey::default(), None, None);
+        // Hand over what is left. Keep draining commands meanwhile, so that no
+        // Python thread stays blocked on a full command ring.
+        loop {
+            self.io.drain_backlog();
+            self.io.publish();
+            if self.io.backlog.is_empty() {
+                break;
+            }
+            self.discard_commands();
+            if self.wait(Some(SHUTDOWN_POLL)).is_err() {
+                break;
+            }
+        }
+        self.discard_commands();
+    }
+
+    fn discard_commands(&mut self) {
+        while self.commands.take_with(|_| ()).is_some() {}
+        self.commands.release();
+        self.io.shared.command_space.ring();
+    }
+}
+
+const READABLE: Interest = Interest {
+    readable: true,
+    writable: false,
+};
+
+impl<S: Selector> Io<S> {
+    fn apply(&mut self, command: &Command) {
+        match command.kind {
+            CommandKind::Send => self.send(command.conn, command.data()),
+            CommandKind::Close => self.close(command.conn),
+            #[cfg(test)]
+            CommandKind::Panic => panic!("panic requested by a test"),
+        }
+    }
+
+    /// Writes `data` now if the socket takes it and nothing is queued ahead of
+    /// it; queues the rest.
+    fn send(&mut self, key: ConnKey, data: &[u8]) {
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        if !conn.accepts_output() || data.is_empty() {
+            return;
+        }
+        let mut sent = 0;
+        if conn.queue.is_empty() {
+            while sent < data.len() {
+                match net::send(&conn.socket, &data[sent..]) {
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => return self.drop_connection(key, true),
+                }
+            }
+        }
+        if sent < data.len() {
+            conn.queue.push(&data[sent..]);
+            self.update_interest(key);
+        }
+    }
+
+    /// Sends what is queued until the socket is full; completes a pending close
+    /// once the queue is empty.
+    fn flush(&mut self, key: ConnKey) {
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        while !conn.queue.is_empty() {
+            match net::send(&conn.socket, conn.queue.front()) {
+                Ok(n) => conn.queue.consume(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => return self.drop_connection(key, true),
+            }
+        }
+        if conn.phase == Phase::Closing {
+            self.finish_close(key);
+        }
+    }
+
+    fn close(&mut self, key: ConnKey) {
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        if matches!(conn.phase, Phase::Open | Phase::PeerDone) {
+            conn.phase = Phase::Closing;
+            self.flush(key);
+        }
+    }
+
+    /// The queue is empty: send FIN, tell the application, and linger until the
+    /// peer's EOF so that unread input cannot turn the close into a reset.
+    fn finish_close(&mut self, key: ConnKey) {
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        if conn.socket.shutdown(Shutdown::Write).is_err() {
+            return self.drop_connection(key, true);
+        }
+        let deadline = Instant::now() + LINGER;
+        conn.phase = Phase::Lingering { deadline };
+        conn.queue.discard();
+        self.lingering.push_back((deadline, key));
+        self.emit(DeliveryKind::Closed, key, None, None);
+        self.discard_input(key);
+        self.update_interest(key);
+    }
+
+    /// Closes the socket now. `report` delivers `Closed` unless the application
+    /// already had it (a lingering connection).
+    fn drop_connection(&mut self, key: ConnKey, report: bool) {
+        let Some(conn) = self.table.remove(key) else {
+            return;
+        };
+        let _ = self.selector.deregister(&conn.socket);
+        let reported = matches!(conn.phase, Phase::Lingering { .. });
+        drop(conn);
+        if report && !reported {
+            self.emit(DeliveryKind::Closed, key, None, None);
+        }
+    }
+
+    fn on_readable(&mut self, key: ConnKey) {
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        match conn.phase {
+            Phase::Open => self.read_into_ring(key),
+            Phase::PeerDone => {}
+            Phase::Closing | Phase::Lingering { .. } => self.discard_input(key),
+        }
+    }
+
+    /// Reads into delivery slots until the socket is drained, the ring is full,
+    /// or the budget is spent.
+    fn read_into_ring(&mut self, key: ConnKey) {
+        for _ in 0..READ_BUDGET {
+            if !self.backlog.is_empty() || self.deliveries.free() == 0 {
+                return self.mark_unread(key);
+            }
+            let Some(conn) = self.table.get_mut(key) else {
+                return;
+            };
+            let mut slot = self.deliveries.vacant().expect("free() > 0");
+            let (result, capacity) = slot.with_mut(|delivery| {
+                let result = net::recv(&conn.socket, &mut delivery.buf);
+                delivery.kind = DeliveryKind::Data;
+                delivery.conn = key;
+                delivery.opened = None;
+                delivery.detail = None;
+                delivery.len = *result.as_ref().unwrap_or(&0);
+                (result, delivery.buf.len())
+            });
+            match result {
+                Ok(0) => {
+                    drop(slot);
+                    conn.phase = Phase::PeerDone;
+                    conn.unread_input = false;
+                    conn.eof_seen = true;
+                    self.emit(DeliveryKind::Eof, key, None, None);
+                    return;
+                }
+                Ok(n) => {
+                    slot.stage();
+                    if self.deliveries.staged() >= PUBLISH_BATCH {
+                        self.publish();
+                    }
+                    // A short read drained the socket: anything that arrives later
+                    // raises a new edge (and re-arms a one-shot registration).
+                    if n < capacity {
+                        return self.mark_drained(key);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return self.mark_drained(key);
+                }
+                Err(_) => return self.drop_connection(key, true),
+            }
+        }
+        self.mark_unread(key);
+    }
+
+    /// Reads and drops input of a connection the application closed. EOF (or an
+    /// error) ends a lingering connection.
+    fn discard_input(&mut self, key: ConnKey) {
+        for _ in 0..READ_BUDGET {
+            let Some(conn) = self.table.get_mut(key) else {
+                return;
+            };
+            match net::recv(&conn.socket, &mut self.scratch) {
+                Ok(0) => {
+                    conn.unread_input = false;
+                    conn.eof_seen = true;
+                    // A closing connection still drains its queue first.
+                    if matches!(conn.phase, Phase::Lingering { .. }) {
+                        self.drop_connection(key, false);
+                    }
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return self.mark_drained(key);
+                }
+                Err(_) => return self.drop_connection(key, true),
+            }
+        }
+        self.mark_unread(key);
+    }
+
+    fn mark_unread(&mut self, key: ConnKey) {
+        if let Some(conn) = self.table.get_mut(key) {
+            conn.unread_input = true;
+            if !conn.in_ready_list {
+                conn.in_ready_list = true;
+                self.ready.push_back(key);
+            }
+        }
+    }
+
+    fn mark_drained(&mut self, key: ConnKey) {
+        if let Some(conn) = self.table.get_mut(key) {
+            conn.unread_input = false;
+        }
+    }
+
+    /// What a one-shot registration should watch for now.
+    fn update_interest(&mut self, key: ConnKey) {
+        if !S::ONESHOT {
+            return;
+        }
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        // After EOF a socket stays readable for good; watching it would spin.
+        let readable = !conn.unread_input && !conn.eof_seen;
+        let interest = Interest {
+            readable,
+            writable: !conn.queue.is_empty(),
+        };
+        if self
+            .selector
+            .rearm(&conn.socket, Token::connection(key.index, key.id), interest)
+            .is_err()
+        {
+            self.drop_connection(key, true);
+        }
+    }
+
+    fn accept_from(&mut self, index: usize) {
+        for _ in 0..ACCEPT_BUDGET {
+            // An accepted connection needs a slot for its `Opened`.
+            if !self.backlog.is_empty() || self.deliveries.free() == 0 {
+                self.listeners[index].pending = true;
+                return;
+            }
+            match net::accept(&self.listeners[index].socket) {
+                Ok(socket) => self.open(socket),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.listeners[index].pending = false;
+                    return self.rearm_listener(index);
+                }
+                Err(e) if is_transient_accept_error(&e) => {}
+                Err(e) => {
+                    // EMFILE and friends: the connection stays queued in the
+                    // kernel. Retry later rather than spin.
+                    let listener = &mut self.listeners[index];
+                    listener.pending = false;
+                    listener.retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                    self.report_accept_error(e);
+                    return;
+                }
+            }
+        }
+        self.listeners[index].pending = true;
+    }
+
+    fn rearm_listener(&mut self, index: usize) {
+        let listener = &self.listeners[index];
+        if S::ONESHOT {
+            let _ = self
+                .selector
+                .rearm(&listener.socket, Token::listener(index), READABLE);
+        }
+    }
+
+    fn report_accept_error(&mut self, error: io::Error) {
+        let now = Instant::now();
+        if self
+            .last_accept_error
+            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_accept_error = Some(now);
+        let detail = format!("accepting a connection failed: {error}");
+        log::warn!("{detail}");
+        self.emit(DeliveryKind::Error, ConnKey::default(), None, Some(detail));
+    }
+
+    fn open(&mut self, socket: Socket) {
+        let opened = Opened {
+            fd: net::raw_handle(&socket),
+            peer: net::peer_addr(&socket),
+            local: net::local_addr(&socket),
+        };
+        let key = self.table.insert(socket);
+        let conn = self.table.get_mut(key).expect("just inserted");
+        let token = Token::connection(key.index, key.id);
+        if let Err(e) = self.selector.register(&conn.socket, token, READABLE) {
+            self.table.remove(key);
+            let detail = format!("watching an accepted connection failed: {e}");
+            self.emit(DeliveryKind::Error, ConnKey::default(), None, Some(detail));
+            return;
+        }
+        self.emit(DeliveryKind::Opened, key, Some(opened), None);
+    }
+
+    fn dispatch_events(&mut self) {
+        for i in 0..self.events.len() {
+            let event = self.events[i];
+            match event.token.target() {
+                Target::Listener(index) if index < self.listeners.len() => {
+                    if self.listeners[index].retry_at.is_none() {
+                        self.accept_from(index);
+                    }
+                }
+                Target::Listener(_) => {}
+                Target::Connection { index, id_bits } => {
+                    let Some(conn) = self.table.slot_mut(index) else {
+                        continue;
+                    };
+                    // The slot's tenant changed since the event was queued.
+                    if !id_matches(conn.id, id_bits) {
+                        continue;
+                    }
+                    let key = ConnKey { index, id: conn.id };
+                    if event.writable {
+                        self.flush(key);
+                    }
+                    if event.readable {
+                        self.on_readable(key);
+                    }
+                    self.update_interest(key);
+                }
+            }
+        }
+    }
+
+    /// Serves what earlier turns left: backlog, ready connections, listeners.
+    fn serve_leftovers(&mut self) {
+        self.drain_backlog();
+        let now = Instant::now();
+        for index in 0..self.listeners.len() {
+            let listener = &mut self.listeners[index];
+            if listener.retry_at.is_some_and(|at| at <= now) {
+                listener.retry_at = None;
+                listener.pending = true;
+            }
+            if self.listeners[index].pending {
+                self.accept_from(index);
+            }
+        }
+        for _ in 0..self.ready.len() {
+            if !self.backlog.is_empty() || self.deliveries.free() == 0 {
+                break;
+            }
+            let Some(key) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(conn) = self.table.get_mut(key) else {
+                continue;
+            };
+            conn.in_ready_list = false;
+            if !conn.unread_input {
+                continue;
+            }
+            conn.unread_input = false;
+            self.on_readable(key);
+            self.update_interest(key);
+        }
+    }
+
+    fn expire_lingering(&mut self) {
+        let now = Instant::now();
+        while let Some(&(deadline, key)) = self.lingering.front() {
+            if deadline > now {
+                break;
+            }
+            self.lingering.pop_front();
+            if let Some(conn) = self.table.get_mut(key) {
+                if conn.phase == (Phase::Lingering { deadline }) {
+                    self.drop_connection(key, false);
+                }
+            }
+        }
+    }
+
+    /// True if some work cannot go on until the Python side frees ring slots.
+    fn waits_for_ring_space(&self) -> bool {
+        !self.backlog.is_empty()
+            || !self.ready.is_empty()
+            || self.listeners.iter().any(|l| l.pending)
+    }
+
+    fn poll_timeout(&mut self) -> Option<Duration> {
+        if self.waits_for_ring_space() && self.deliveries.free() > 0 {
+            return Some(Duration::ZERO);
+        }
+        let deadlines = self
+            .lingering
+            .front()
+            .map(|&(deadline, _)| deadline)
+            .into_iter()
+            .chain(self.listeners.iter().filter_map(|l| l.retry_at));
+        deadlines
+            .min()
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
+    /// Queues a control delivery, behind any that already wait.
+    fn emit(
+        &mut self,
+        kind: DeliveryKind,
+        conn: ConnKey,
+        opened: Option<Opened>,
+        detail: Option<String>,
+    ) {
+        let pending = Pending {
+            kind,
+            conn,
+            opened,
+            detail,
+        };
+        if self.backlog.is_empty() {
+            if let Some(pending) = self.try_deliver(pending) {
+                self.backlog.push_back(pending);
+            }
+        } else {
+            self.backlog.push_back(pending);
+        }
+    }
+
+    /// Puts `pending` in a ring slot, or hands it back if the ring is full.
+    fn try_deliver(&mut self, pending: Pending) -> Option<Pending> {
+        let Some(mut slot) = self.deliveries.vacant() else {
+            return Some(pending);
+        };
+        slot.with_mut(|delivery| {
+            delivery.kind = pending.kind;
+            delivery.conn = pending.conn;
+            delivery.opened = pending.opened;
+            delivery.detail = pending.detail;
+            delivery.len = 0;
+        });
+        slot.stage();
+        None
+    }
+
+    fn drain_backlog(&mut self) {
+        while let Some(pending) = self.backlog.pop_front() {
+            if let Some(pending) = self.try_deliver(pending) {
+                self.backlog.push_front(pending);
+                return;
+            }
+        }
+    }
+
+    /// Makes staged deliveries visible and wakes the Python thread if it sleeps.
+    fn publish(&mut self) {
+        if self.deliveries.staged() > 0 {
+            self.deliveries.publish();
+            self.shared.deliveries.ring();
+        }
+    }
+}
+
+/// Accept errors that concern one connection only (it was reset or refused
+/// while queued); the next one may well succeed.
+fn is_transient_accept_error(error: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        matches!(
+            error.raw_os_error(),
+            Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM | libc::EINTR)
+        )
+    }
+    #[cfg(not(unix))]
+    {
+        matches!(
+            error.kind(),
+            io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::Interrupted
+        )
+    }
+}

@@ -1,0 +1,127 @@
+//! The platform seam: readiness polling and the few socket calls that differ
+//! between systems.
+//!
+//! The reactor is generic over a [`Selector`], so each backend is a plain
+//! module exposing the same names (mio's arrangement), chosen at run time by
+//! [`Backend`] so that one build can test both:
+//!
+//! - [`epoll`] (Linux): every socket is registered once, edge-triggered, for
+//!   reading and writing. An event means "something changed"; the reactor reads
+//!   or writes until `EAGAIN` or remembers the socket as still ready.
+//! - [`portable`] (every platform, the only one off Linux): the `polling` crate,
+//!   which is kqueue on macOS and IOCP/AFD on Windows (the technique of wepoll,
+//!   rewritten in Rust). None of those offers edge triggering everywhere, so the
+//!   backend is one-shot: an event disarms the socket, and the reactor re-arms
+//!   it, with the interest it has now, once it has handled the event. On Linux
+//!   this backend runs over epoll in one-shot mode, which is how the test suite
+//!   exercises the re-arming logic on Linux.
+//!
+//! Both report readiness through [`Event`] and are woken from other threads
+//! through a [`Wake`] handle.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::Socket;
+
+use crate::token::Token;
+
+#[cfg(target_os = "linux")]
+pub mod epoll;
+pub mod net;
+pub mod portable;
+
+/// Which readiness backend a server uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Linux epoll, edge-triggered.
+    Epoll,
+    /// The `polling` crate in one-shot mode (kqueue, IOCP/AFD, or epoll).
+    Portable,
+}
+
+impl Backend {
+    /// The best backend this platform has.
+    pub fn platform_default() -> Backend {
+        if cfg!(target_os = "linux") {
+            Backend::Epoll
+        } else {
+            Backend::Portable
+        }
+    }
+
+    /// Parses `"epoll"` or `"portable"`; `"epoll"` only where it exists.
+    pub fn from_name(name: &str) -> Result<Backend, String> {
+        match name {
+            "epoll" if cfg!(target_os = "linux") => Ok(Backend::Epoll),
+            "epoll" => Err("the epoll backend exists only on Linux; use 'portable'".into()),
+            "portable" => Ok(Backend::Portable),
+            other => Err(format!(
+                "unknown backend {other:?}: expected 'epoll' or 'portable'"
+            )),
+        }
+    }
+
+    /// The name [`Backend::from_name`] accepts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Epoll => "epoll",
+            Backend::Portable => "portable",
+        }
+    }
+}
+
+/// What a socket is watched for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interest {
+    /// Report when reading would not block.
+    pub readable: bool,
+    /// Report when writing would not block.
+    pub writable: bool,
+}
+
+/// One readiness report. Hangups and errors are reported as both readable and
+/// writable: the next `recv` or `send` tells what happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// The registration the event is about.
+    pub token: Token,
+    /// Reading would not block.
+    pub readable: bool,
+    /// Writing would not block.
+    pub writable: bool,
+}
+
+/// Wakes a thread blocked in [`Selector::select`]; callable from any thread.
+pub trait Wake: Send + Sync {
+    /// Makes the current or next `select` return.
+    fn wake(&self) -> io::Result<()>;
+}
+
+/// A readiness poller, owned by the I/O thread.
+pub trait Selector: Send + Sized + 'static {
+    /// True if an event disarms its socket until [`Selector::rearm`].
+    const ONESHOT: bool;
+
+    /// Creates the poller and its waker.
+    fn new() -> io::Result<Self>;
+
+    /// Starts watching `socket`.
+    fn register(&self, socket: &Socket, token: Token, interest: Interest) -> io::Result<()>;
+
+    /// Re-arms a one-shot registration with the interest the socket has now. A
+    /// no-op for edge-triggered backends, which never disarm.
+    fn rearm(&self, socket: &Socket, token: Token, interest: Interest) -> io::Result<()>;
+
+    /// Stops watching `socket`; call it before the socket is closed.
+    fn deregister(&self, socket: &Socket) -> io::Result<()>;
+
+    /// Waits up to `timeout` (`None`: forever) for events and puts them in
+    /// `events`, replacing what was there. Returns early when woken; a
+    /// signal-interrupted wait returns with no events.
+    fn select(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()>;
+
+    /// A handle other threads use to wake this selector.
+    fn waker(&self) -> Arc<dyn Wake>;
+}

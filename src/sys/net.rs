@@ -1,0 +1,102 @@
+//! The socket calls the reactor makes, with each platform's way of making them
+//! non-blocking, close-on-exec and free of SIGPIPE.
+
+use std::io::{self, Read};
+use std::net::SocketAddr;
+
+use socket2::Socket;
+
+/// Accepts one connection: non-blocking, close-on-exec, no SIGPIPE, no Nagle.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub fn accept(listener: &Socket) -> io::Result<Socket> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    loop {
+        // SAFETY: a valid listening fd; null address pointers are allowed, the
+        // peer address is read afterwards with `peer_addr`.
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: `accept4` returned a fresh fd that nothing else owns.
+            let socket = unsafe { Socket::from_raw_fd(fd) };
+            // Small request/response exchanges must not wait for Nagle; a failure
+            // here only costs latency.
+            let _ = socket.set_tcp_nodelay(true);
+            return Ok(socket);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Accepts one connection: non-blocking, close-on-exec, no SIGPIPE, no Nagle.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub fn accept(listener: &Socket) -> io::Result<Socket> {
+    let socket = loop {
+        match listener.accept() {
+            Ok((socket, _)) => break socket,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    socket.set_nonblocking(true)?;
+    #[cfg(any(target_os = "macos", target_os = "ios"))]
+    socket.set_nosigpipe(true)?;
+    let _ = socket.set_tcp_nodelay(true);
+    Ok(socket)
+}
+
+/// `recv` into `buf`, retried on EINTR.
+pub fn recv(socket: &Socket, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match (&*socket).read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// `send` from `buf`, retried on EINTR; never raises SIGPIPE.
+pub fn send(socket: &Socket, buf: &[u8]) -> io::Result<usize> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let flags = libc::MSG_NOSIGNAL;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let flags = 0; // macOS: SO_NOSIGPIPE is set at accept; Windows has no SIGPIPE.
+    loop {
+        match socket.send_with_flags(buf, flags) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// The socket's fd (SOCKET handle on Windows), for display.
+pub fn raw_handle(socket: &Socket) -> i64 {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        i64::from(socket.as_raw_fd())
+    }
+    #[cfg(windows)]
+    {
+        use std::os::windows::io::AsRawSocket;
+        socket.as_raw_socket() as i64
+    }
+}
+
+/// The socket's address as a `SocketAddr`, if it has an IP one.
+pub fn local_addr(socket: &Socket) -> Option<SocketAddr> {
+    socket.local_addr().ok().and_then(|a| a.as_socket())
+}
+
+/// The peer's address as a `SocketAddr`, if it has an IP one.
+pub fn peer_addr(socket: &Socket) -> Option<SocketAddr> {
+    socket.peer_addr().ok().and_then(|a| a.as_socket())
+}

@@ -1,0 +1,89 @@
+//! The fallback backend: the `polling` crate in one-shot mode.
+//!
+//! `polling` uses kqueue on macOS and the BSDs, IOCP with the AFD poll driver on
+//! Windows (what wepoll does, in Rust) and epoll elsewhere. Its portable
+//! denominator is one-shot interest, so every event disarms its socket and the
+//! reactor re-arms it ([`Selector::rearm`]) with its current interest after
+//! handling the event.
+
+use std::io;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::Socket;
+
+use super::{Event, Interest, Selector, Wake};
+use crate::token::Token;
+
+// Tokens are 64-bit; `polling` keys are `usize`.
+const _: () = assert!(
+    usize::BITS >= 64,
+    "the portable backend needs 64-bit keys"
+);
+
+/// A `polling::Poller` and its events buffer.
+pub struct Portable {
+    poller: Arc<polling::Poller>,
+    events: polling::Events,
+}
+
+fn to_polling(token: Token, interest: Interest) -> polling::Event {
+    polling::Event::new(token.0 as usize, interest.readable, interest.writable)
+}
+
+impl Selector for Portable {
+    const ONESHOT: bool = true;
+
+    fn new() -> io::Result<Self> {
+        Ok(Portable {
+            poller: Arc::new(polling::Poller::new()?),
+            events: polling::Events::with_capacity(NonZeroUsize::new(1024).expect("nonzero")),
+        })
+    }
+
+    fn register(&self, socket: &Socket, token: Token, interest: Interest) -> io::Result<()> {
+        // SAFETY: the reactor deregisters every socket before it drops (closes)
+        // it, which is the contract `Poller::add` asks for.
+        unsafe { self.poller.add(socket, to_polling(token, interest)) }
+    }
+
+    fn rearm(&self, socket: &Socket, token: Token, interest: Interest) -> io::Result<()> {
+        self.poller.modify(socket, to_polling(token, interest))
+    }
+
+    fn deregister(&self, socket: &Socket) -> io::Result<()> {
+        self.poller.delete(socket)
+    }
+
+    fn select(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+        events.clear();
+        self.events.clear();
+        match self.poller.wait(&mut self.events, timeout) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        for event in self.events.iter() {
+            let failed = event.is_err().unwrap_or(false) || event.is_interrupt();
+            events.push(Event {
+                token: Token(event.key as u64),
+                readable: event.readable || failed,
+                writable: event.writable || failed,
+            });
+        }
+        Ok(())
+    }
+
+    fn waker(&self) -> Arc<dyn Wake> {
+        Arc::new(PollerWaker(Arc::clone(&self.poller)))
+    }
+}
+
+struct PollerWaker(Arc<polling::Poller>);
+
+impl Wake for PollerWaker {
+    fn wake(&self) -> io::Result<()> {
+        self.0.notify()
+    }
+}

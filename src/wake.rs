@@ -1,0 +1,201 @@
+//! Sleeping on a ring without missing the wake-up the other thread owes you.
+//!
+//! A thread that finds nothing to do (an empty ring, or a full one it wants to
+//! write to) must block, and the other thread must wake it once there is
+//! something to do, but only then: a wake-up per message would cost a syscall
+//! per message. Both kinds of sleeper here use the same store-buffering
+//! handshake:
+//!
+//! ```text
+//! sleeper                                  waker
+//! announce: sleeping = true                make progress visible (publish/release)
+//! fence(SeqCst)                            fence(SeqCst)
+//! re-check the condition                   if sleeping: wake the sleeper
+//! sleep only if it still holds
+//! ```
+//!
+//! The two `SeqCst` fences forbid the one bad outcome, where the sleeper misses
+//! the progress *and* the waker misses the announcement: at least one of them
+//! sees the other's store. `tests/loom.rs` checks both kinds under loom.
+//!
+//! [`Bell`] is for threads that block on a condition variable (the Python side);
+//! [`SleepFlag`] is for the I/O thread, which blocks in the poller and is woken
+//! through the poller's own waker (an eventfd on Linux).
+
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::time::Duration;
+
+use crate::sync::{fence, AtomicBool, AtomicUsize, Condvar, Mutex};
+
+/// A condition-variable wait that any number of threads can sleep on, rung by
+/// the thread that makes their condition false.
+#[derive(Debug, Default)]
+pub struct Bell {
+    sleepers: AtomicUsize,
+    rings: Mutex<u64>,
+    cond: Condvar,
+}
+
+impl Bell {
+    /// Creates a bell nobody waits on.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Blocks while `blocked()` holds, until [`Bell::ring`] or `timeout`.
+    ///
+    /// Returns early, without sleeping, if `blocked()` is already false. Spurious
+    /// returns are possible; callers loop. `timeout: None` waits for a ring.
+    pub fn wait_while(&self, blocked: impl FnOnce() -> bool, timeout: Option<Duration>) {
+        let seen = *lock(&self.rings);
+        self.sleepers.fetch_add(1, SeqCst);
+        fence(SeqCst);
+        if blocked() {
+            let mut rings = lock(&self.rings);
+            // A ring between `seen` and here bumped the counter: do not sleep.
+            if *rings == seen {
+                rings = match timeout {
+                    Some(timeout) => wait_timeout(&self.cond, rings, timeout),
+                    None => wait(&self.cond, rings),
+                };
+            }
+            drop(rings);
+        }
+        self.sleepers.fetch_sub(1, SeqCst);
+    }
+
+    /// Wakes every thread in [`Bell::wait_while`]. Call it after making
+    /// progress visible; it costs one fence and one load when nobody sleeps.
+    pub fn ring(&self) {
+        fence(SeqCst);
+        if self.sleepers.load(Relaxed) > 0 {
+            *lock(&self.rings) += 1;
+            self.cond.notify_all();
+        }
+    }
+}
+
+/// The announcement flag of a single thread that sleeps somewhere else (the I/O
+/// thread, in the poller).
+#[derive(Debug, Default)]
+pub struct SleepFlag {
+    sleeping: AtomicBool,
+}
+
+impl SleepFlag {
+    /// Creates a flag for a thread that is awake.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sleeper: announces the intention to sleep. Re-check the condition after
+    /// this, then either sleep or call [`SleepFlag::awake`].
+    pub fn announce(&self) {
+        self.sleeping.store(true, Relaxed);
+        fence(SeqCst);
+    }
+
+    /// Sleeper: back at work (after sleeping, or instead of it).
+    pub fn awake(&self) {
+        self.sleeping.store(false, Relaxed);
+    }
+
+    /// Waker: true if the sleeper must be woken. Call it after making progress
+    /// visible. Only the first caller per sleep gets `true`, so concurrent
+    /// wakers make one wake-up between them.
+    pub fn take_wake(&self) -> bool {
+        fence(SeqCst);
+        self.sleeping.load(Relaxed) && self.sleeping.swap(false, Relaxed)
+    }
+}
+
+// `std` and loom disagree on lock poisoning and timeouts; these keep `Bell`
+// readable. A poisoned lock means a panic while holding a `u64` counter, which
+// cannot leave it inconsistent, so poisoning is ignored.
+#[cfg(not(loom))]
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(not(loom))]
+fn wait<'a, T>(cond: &Condvar, guard: std::sync::MutexGuard<'a, T>) -> std::sync::MutexGuard<'a, T> {
+    cond.wait(guard).unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(not(loom))]
+fn wait_timeout<'a, T>(
+    cond: &Condvar,
+    guard: std::sync::MutexGuard<'a, T>,
+    timeout: Duration,
+) -> std::sync::MutexGuard<'a, T> {
+    match cond.wait_timeout(guard, timeout) {
+        Ok((guard, _)) => guard,
+        Err(poisoned) => poisoned.into_inner().0,
+    }
+}
+
+#[cfg(loom)]
+fn lock<T>(mutex: &Mutex<T>) -> loom::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap()
+}
+
+#[cfg(loom)]
+fn wait<'a, T>(cond: &Condvar, guard: loom::sync::MutexGuard<'a, T>) -> loom::sync::MutexGuard<'a, T> {
+    cond.wait(guard).unwrap()
+}
+
+/// Loom has no clock: a timed wait is modelled as an untimed one, so a lost
+/// wake-up shows up as a deadlock instead of hiding behind the timeout.
+#[cfg(loom)]
+fn wait_timeout<'a, T>(
+    cond: &Condvar,
+    guard: loom::sync::MutexGuard<'a, T>,
+    _timeout: Duration,
+) -> loom::sync::MutexGuard<'a, T> {
+    wait(cond, guard)
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    #[test]
+    fn bell_does_not_sleep_when_condition_already_false() {
+        let bell = Bell::new();
+        let start = Instant::now();
+        bell.wait_while(|| false, Some(Duration::from_secs(5)));
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn bell_ring_wakes_a_sleeper() {
+        let bell = Arc::new(Bell::new());
+        let ready = Arc::new(AtomicBool::new(false));
+        let sleeper = {
+            let (bell, ready) = (Arc::clone(&bell), Arc::clone(&ready));
+            std::thread::spawn(move || {
+                while !ready.load(SeqCst) {
+                    bell.wait_while(|| !ready.load(SeqCst), None);
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        ready.store(true, SeqCst);
+        bell.ring();
+        sleeper.join().unwrap();
+    }
+
+    #[test]
+    fn sleep_flag_hands_out_one_wake_per_sleep() {
+        let flag = SleepFlag::new();
+        assert!(!flag.take_wake());
+        flag.announce();
+        assert!(flag.take_wake());
+        assert!(!flag.take_wake());
+        flag.awake();
+        assert!(!flag.take_wake());
+    }
+}

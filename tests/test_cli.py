@@ -1,0 +1,181 @@
+"""``python -m rsepoll``: the reverse server command line."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import time
+
+import pytest
+from conftest import (
+    ChildProcess,
+    assert_eof,
+    connect,
+    no_traceback,
+    recv_exactly,
+    recv_until_eof,
+    rsepoll_cli,
+    wait_listening,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def reverse_round_trip(port: int, msg: bytes) -> None:
+    with connect(port) as c:
+        c.sendall(msg)
+        assert recv_exactly(c, len(msg)) == msg[::-1]
+
+
+def test_reverse_round_trip_and_prints_received_bytes():
+    with rsepoll_cli("0") as child:
+        port = wait_listening(child)
+        assert port > 0
+        listening = next(line for line in child.stdout.splitlines() if "listening on" in line)
+        assert f"127.0.0.1:{port}" in listening
+        with connect(port) as c:
+            c.sendall(b"hello\n")
+            assert recv_exactly(c, 6) == b"\nolleh"
+            c.sendall(b"zyx_token_42")
+            assert recv_exactly(c, 12) == b"24_nekot_xyz"
+        child.wait_for_output(r"hello", stream="out")
+        child.wait_for_output(r"zyx_token_42", stream="out")
+        child.signal(signal.SIGTERM)
+        assert child.wait(5) == 0
+        assert no_traceback(child.stderr), child.stderr
+
+
+def test_quiet_does_not_print_messages():
+    with rsepoll_cli("0", "--quiet") as child:
+        port = wait_listening(child)
+        reverse_round_trip(port, b"quiet_token_77\n")
+        child.signal(signal.SIGTERM)
+        assert child.wait(5) == 0
+        assert "quiet_token_77" not in child.stdout
+        assert "quiet_token_77" not in child.stderr
+        assert no_traceback(child.stderr), child.stderr
+
+
+def test_host_and_max_fds_options():
+    with rsepoll_cli("0", "--host", "127.0.0.1", "--max-fds", "2048", "--quiet") as child:
+        port = wait_listening(child)
+        reverse_round_trip(port, b"options")
+        child.signal(signal.SIGTERM)
+        assert child.wait(5) == 0
+
+
+def test_exit_ends_only_that_connection():
+    with rsepoll_cli("0") as child:
+        port = wait_listening(child)
+        with connect(port) as leaver, connect(port) as stayer:
+            reverse_round_trip(port, b"warm-up")
+            stayer.sendall(b"before")
+            assert recv_exactly(stayer, 6) == b"erofeb"
+            leaver.sendall(b"  exit \r\n")
+            recv_until_eof(leaver, limit=1 << 16)  # whatever it says, then EOF
+            stayer.sendall(b"after")
+            assert recv_exactly(stayer, 5) == b"retfa"
+            # A new client is still welcome.
+            reverse_round_trip(port, b"newcomer")
+        assert child.proc.poll() is None
+        child.signal(signal.SIGTERM)
+        assert child.wait(5) == 0
+
+
+def test_exit_stops_server_option():
+    with rsepoll_cli("0", "--exit-stops-server") as child:
+        port = wait_listening(child)
+        with connect(port) as other, connect(port) as c:
+            reverse_round_trip(port, b"abc")
+            c.sendall(b"exit\n")
+            assert child.wait(5) == 0
+            recv_until_eof(c, limit=1 << 16)
+            # Everybody was disconnected when the server stopped.
+            assert_eof(other)
+        assert no_traceback(child.stderr), child.stderr
+
+
+@pytest.mark.parametrize("with_client", [False, True])
+def test_sigint_stops_cleanly(with_client):
+    with rsepoll_cli("0") as child:
+        port = wait_listening(child)
+        c = connect(port) if with_client else None
+        try:
+            if c is not None:
+                c.sendall(b"ping")
+                assert recv_exactly(c, 4) == b"gnip"
+            t0 = time.monotonic()
+            child.signal(signal.SIGINT)
+            rc = child.wait(5)
+            assert time.monotonic() - t0 < 5
+            assert rc in (0, 130), rc
+            assert no_traceback(child.stderr), child.stderr
+            if c is not None:
+                assert_eof(c)
+        finally:
+            if c is not None:
+                c.close()
+
+
+def test_sigterm_exits_zero_without_traceback():
+    with rsepoll_cli("0") as child:
+        port = wait_listening(child)
+        with connect(port) as c:
+            c.sendall(b"xy")
+            assert recv_exactly(c, 2) == b"yx"
+            child.signal(signal.SIGTERM)
+            assert child.wait(5) == 0
+            assert_eof(c)
+        assert no_traceback(child.stderr), child.stderr
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "65536"])
+def test_port_out_of_range(port):
+    with ChildProcess_cli(port) as child:
+        assert child.wait(10) == 2
+        lines = error_lines(child.stderr)
+        assert len(lines) == 1, child.stderr
+        assert no_traceback(child.stderr)
+
+
+def test_port_in_use():
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        with rsepoll_cli(str(port)) as child:
+            assert child.wait(10) == 2
+            lines = error_lines(child.stderr)
+            assert len(lines) == 1, child.stderr
+            assert no_traceback(child.stderr)
+            assert "listening on" not in child.stdout
+    finally:
+        blocker.close()
+
+
+def test_help():
+    with rsepoll_cli("--help") as child:
+        assert child.wait(10) == 0
+        text = child.stdout
+        for option in ("--host", "--quiet", "--max-fds", "--exit-stops-server"):
+            assert option in text, text
+        assert "port" in text.lower()
+
+
+def test_console_script_help():
+    exe = shutil.which("rsepoll")
+    if exe is None:
+        pytest.skip("console script 'rsepoll' not on PATH")
+    with ChildProcess([exe, "--help"]) as child:
+        assert child.wait(10) == 0
+        assert "--exit-stops-server" in child.stdout
+
+
+def ChildProcess_cli(*args: str) -> ChildProcess:  # noqa: N802 - reads like a class
+    return rsepoll_cli(*args)

@@ -1,0 +1,386 @@
+"""Round trips, send_message argument handling, listener sockets and the API surface."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import threading
+
+import pytest
+import rsepoll
+from conftest import (
+    call_in_thread,
+    connect,
+    ipv6_loopback_available,
+    make_server,
+    recv_exactly,
+    running,
+    start,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Reverser(rsepoll.Server):
+    def on_message_received(self, conn, data):
+        self.send_message(conn, data[::-1])
+
+
+def test_default_server_echoes():
+    with running() as (_server, port), connect(port) as c:
+        for msg in (b"hello", b"x", b"\x00\xffbinary\r\n", b"A" * 100_000):
+            c.sendall(msg)
+            assert recv_exactly(c, len(msg)) == msg
+
+
+def test_reverse_round_trip_subclass():
+    with running(Reverser) as (_server, port), connect(port) as c:
+        # One small send() on loopback arrives as one segment; each reply is
+        # awaited before the next request so requests never coalesce.
+        for msg in (b"hello\n", b"abc", b"racecar!"):
+            c.sendall(msg)
+            assert recv_exactly(c, len(msg)) == msg[::-1]
+
+
+def test_subclass_overriding_only_a_hook_keeps_default_echo():
+    class Counting(rsepoll.Server):
+        def on_connection_opened(self, conn):
+            self.opened.append(conn)
+
+    class WithList(Counting):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.opened = []
+
+    with running(WithList) as (server, port):
+        with connect(port) as c:
+            c.sendall(b"ping")
+            assert recv_exactly(c, 4) == b"ping"
+        assert len(server.opened) == 1
+
+
+def test_subclass_with_own_init_arguments_and_attributes():
+    class Greeter(rsepoll.Server):
+        def __init__(self, greeting, *, tag="t", max_fds=1024):
+            super().__init__(max_fds=max_fds)
+            self.greeting = greeting
+            self.tag = tag
+            self.messages = 0
+
+        def on_message_received(self, conn, data):
+            self.messages += 1
+            self.send_message(conn, self.greeting + data + self.tag.encode())
+
+    with running(Greeter, b"hi ", tag="!", max_fds=2048) as (server, port):
+        assert server.greeting == b"hi "
+        assert server.tag == "!"
+        assert isinstance(server, rsepoll.Server)
+        with connect(port) as c:
+            c.sendall(b"bob")
+            assert recv_exactly(c, 7) == b"hi bob!"
+        assert server.messages == 1
+
+    # Positional-only construction of a subclass with a different signature.
+    g = Greeter(b"yo ")
+    assert g.greeting == b"yo " and g.tag == "t"
+
+
+def test_send_message_accepts_bytes_like_and_str():
+    text = "héllo ✓"
+    mutable = bytearray(b"-bytearray-")
+    expected = (
+        b"bytes|" + b"-bytearray-" + b"234" + b"" + text.encode("utf-8") + b"|end"
+    )
+
+    class Sender(rsepoll.Server):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.results = []
+            self.type_errors = []
+
+        def on_message_received(self, conn, data):
+            r = self.results
+            r.append(self.send_message(conn, b"bytes|"))
+            r.append(self.send_message(conn, mutable))
+            # The bytes must be captured at call time.
+            mutable[:] = b"X" * len(mutable)
+            r.append(self.send_message(conn, memoryview(b"0123456789")[2:5]))
+            r.append(self.send_message(conn, b""))
+            r.append(self.send_message(conn, text))
+            for bad in (123, None, 1.5, ["list"]):
+                try:
+                    self.send_message(conn, bad)
+                except TypeError as exc:
+                    self.type_errors.append(exc)
+            r.append(self.send_message(conn, "|end"))
+
+    with running(Sender) as (server, port):
+        with connect(port) as c:
+            c.sendall(b"go")
+            assert recv_exactly(c, len(expected)) == expected
+        assert server.results == [True] * 6
+        assert len(server.type_errors) == 4
+        assert all(isinstance(e, TypeError) for e in server.type_errors)
+
+
+def test_send_message_from_test_thread_type_checks():
+    class Keeper(rsepoll.Server):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.conns = []
+
+        def on_connection_opened(self, conn):
+            self.conns.append(conn)
+
+        def on_message_received(self, conn, data):
+            pass
+
+    with running(Keeper) as (server, port), connect(port) as c:
+        assert wait_until(lambda: len(server.conns) == 1)
+        conn = server.conns[0]
+        with pytest.raises(TypeError):
+            server.send_message(conn, 5)
+        assert server.send_message(conn, "from ") is True
+        assert server.send_message(conn, memoryview(bytearray(b"outside"))) is True
+        assert recv_exactly(c, 12) == b"from outside"
+
+
+def test_several_listeners_on_one_server():
+    server = make_server()
+    l1 = rsepoll.make_listener_socket(0, "127.0.0.1")
+    l2 = rsepoll.make_listener_socket(0, "127.0.0.1")
+    s3 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s3.bind(("127.0.0.1", 0))
+        s3.listen(16)
+        assert server.register_listener_socket(l1) is True
+        assert server.register_listener_socket(l2) is True
+        assert server.register_listener_socket(s3) is True
+        ports = [l1.port, l2.port, s3.getsockname()[1]]
+        assert len(set(ports)) == 3
+        st = start(server)
+        try:
+            clients = [connect(p) for p in ports]
+            try:
+                for i, c in enumerate(clients):
+                    msg = f"listener {i}".encode()
+                    c.sendall(msg)
+                    assert recv_exactly(c, len(msg)) == msg
+            finally:
+                for c in clients:
+                    c.close()
+        finally:
+            st.stop()
+        st.raise_if_failed()
+        assert server.test_errors == []
+    finally:
+        l1.close()
+        l2.close()
+        s3.close()
+
+
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback")
+def test_ipv6_listener():
+    with running(Reverser, host="::1") as (server, port):
+        assert server.test_listener.address[0] == "::1"
+        assert server.test_listener.address[1] == port
+        with connect(port, host="::1") as c:
+            c.sendall(b"v6!")
+            assert recv_exactly(c, 3) == b"!6v"
+
+
+def test_make_listener_socket_port_zero():
+    ls = rsepoll.make_listener_socket(0, "127.0.0.1")
+    try:
+        assert isinstance(ls, rsepoll.ListenerSocket)
+        assert isinstance(ls.port, int)
+        assert 0 < ls.port < 65536
+        assert tuple(ls.address) == ("127.0.0.1", ls.port)
+        fd = ls.fileno()
+        assert isinstance(fd, int) and fd >= 0
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK, (
+            "listener must be non-blocking"
+        )
+        dup = socket.socket(fileno=os.dup(fd))
+        try:
+            assert dup.type == socket.SOCK_STREAM
+            assert dup.family == socket.AF_INET
+            assert dup.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) != 0
+            assert dup.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 0
+            assert dup.getsockname() == ("127.0.0.1", ls.port)
+        finally:
+            dup.close()
+        # Listening already: the kernel completes the handshake via the backlog.
+        with connect(ls.port):
+            pass
+    finally:
+        ls.close()
+
+
+def test_make_listener_socket_backlog_and_context_manager():
+    with rsepoll.make_listener_socket(0, "127.0.0.1", backlog=16) as ls:
+        port = ls.port
+        with connect(port):
+            pass
+    # Closed on leaving the with-block: nothing listens on the port any more.
+    with pytest.raises(ConnectionRefusedError):
+        connect(port, timeout=2)
+
+
+@pytest.mark.parametrize("port", [-1, 65536, 70000])
+def test_make_listener_socket_bad_port(port):
+    with pytest.raises(ValueError):
+        rsepoll.make_listener_socket(port, "127.0.0.1")
+
+
+def test_make_listener_socket_port_in_use():
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        with pytest.raises(OSError) as info:
+            rsepoll.make_listener_socket(port, "127.0.0.1")
+        assert not isinstance(info.value, (ValueError, TypeError))
+        assert info.value.errno in (None, errno.EADDRINUSE)
+    finally:
+        blocker.close()
+    with rsepoll.make_listener_socket(0, "127.0.0.1") as ls, pytest.raises(OSError):
+        rsepoll.make_listener_socket(ls.port, "127.0.0.1")
+
+
+def test_register_rejects_udp_socket():
+    server = rsepoll.Server()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        with pytest.raises(ValueError):
+            server.register_listener_socket(udp)
+
+
+def test_register_rejects_unbound_tcp_socket():
+    server = rsepoll.Server()
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s,
+        pytest.raises(ValueError),
+    ):
+        server.register_listener_socket(s)
+
+
+def test_register_rejects_bound_but_not_listening_socket():
+    server = rsepoll.Server()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        with pytest.raises(ValueError):
+            server.register_listener_socket(s)
+
+
+def test_register_rejects_connected_client_socket():
+    server = rsepoll.Server()
+    with (
+        rsepoll.make_listener_socket(0, "127.0.0.1") as ls,
+        connect(ls.port) as c,
+        pytest.raises(ValueError),
+    ):
+        server.register_listener_socket(c)
+
+
+@pytest.mark.parametrize("obj", [42, "127.0.0.1:80", object(), None])
+def test_register_rejects_non_socket(obj):
+    server = rsepoll.Server()
+    with pytest.raises((TypeError, ValueError)):
+        server.register_listener_socket(obj)
+
+
+def test_register_rejects_closed_socket():
+    server = rsepoll.Server()
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    s.close()
+    with pytest.raises((ValueError, OSError)):
+        server.register_listener_socket(s)
+
+
+def test_plain_socket_listener_is_duplicated_and_closed_after_listen():
+    server = make_server(Reverser)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    port = s.getsockname()[1]
+    assert server.register_listener_socket(s) is True
+    # The server keeps its own duplicate: closing ours must not matter.
+    s.close()
+    st = start(server)
+    try:
+        with connect(port) as c:
+            c.sendall(b"plain")
+            assert recv_exactly(c, 5) == b"nialp"
+    finally:
+        st.stop()
+    st.raise_if_failed()
+    # listen() returned, so the server closed its duplicate: port is free.
+    with pytest.raises(ConnectionRefusedError):
+        connect(port, timeout=2)
+
+
+def test_listener_socket_closed_by_caller_after_register():
+    server = make_server()
+    ls = rsepoll.make_listener_socket(0, "127.0.0.1")
+    port = ls.port
+    assert server.register_listener_socket(ls) is True
+    ls.close()
+    st = start(server)
+    try:
+        with connect(port) as c:
+            c.sendall(b"dup")
+            assert recv_exactly(c, 3) == b"dup"
+    finally:
+        st.stop()
+    st.raise_if_failed()
+    with pytest.raises(ConnectionRefusedError):
+        connect(port, timeout=2)
+
+
+def test_listen_without_listener_raises_runtime_error():
+    server = rsepoll.Server()
+    with pytest.raises(RuntimeError):
+        call_in_thread(lambda: server.listen(timeout=100))
+
+
+def test_second_listen_while_running_raises_runtime_error():
+    with running() as (server, port):
+        with pytest.raises(RuntimeError):
+            call_in_thread(lambda: server.listen(timeout=100))
+        # The first listen() is unaffected.
+        assert server.test_thread.is_alive()
+        with connect(port) as c:
+            c.sendall(b"still")
+            assert recv_exactly(c, 5) == b"still"
+
+
+@pytest.mark.parametrize("backend", ["epoll", "portable"])
+def test_explicit_backends_work(backend):
+    with running(Reverser, backend=backend) as (_server, port), connect(port) as c:
+        c.sendall(b"backend")
+        assert recv_exactly(c, 7) == b"dnekcab"
+
+
+@pytest.mark.parametrize("backend", ["bogus", "", "EPOLL2"])
+def test_bogus_backend_raises_value_error(backend):
+    with pytest.raises(ValueError):
+        rsepoll.Server(backend=backend)
+
+
+def test_server_default_construction_and_max_fds_keyword():
+    assert isinstance(rsepoll.Server(), rsepoll.Server)
+    assert isinstance(rsepoll.Server(1024), rsepoll.Server)
+    assert isinstance(rsepoll.Server(max_fds=1024, backend=None), rsepoll.Server)
+
+
+def test_on_listen_success_runs_on_listening_thread():
+    with running() as (server, _port):
+        assert server.test_listen_ident == server.test_thread.ident
+        assert server.test_listen_ident != threading.get_ident()

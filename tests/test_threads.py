@@ -1,0 +1,242 @@
+"""send_message / close_connection / stop_server from foreign Python threads."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import rsepoll
+from conftest import (
+    Workers,
+    assert_eof,
+    connect,
+    recv_exactly,
+    recv_until_eof,
+    running,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class PoolServer(rsepoll.Server):
+    """Replies from a thread pool: upper-cased data."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.pool = ThreadPoolExecutor(max_workers=4)
+        self.results = []
+        self.reply_idents = set()
+
+    def on_message_received(self, conn, data):
+        self.pool.submit(self._reply, conn, data)
+
+    def _reply(self, conn, data):
+        self.reply_idents.add(threading.get_ident())
+        self.results.append(self.send_message(conn, data.upper()))
+
+
+def test_replies_sent_from_thread_pool():
+    with running(PoolServer) as (server, port):
+        try:
+
+            def client(k):
+                with connect(port) as c:
+                    for i in range(20):
+                        msg = f"client {k} message {i} ".encode() * 3
+                        c.sendall(msg)
+                        assert recv_exactly(c, len(msg)) == msg.upper()
+
+            workers = Workers()
+            for k in range(5):
+                workers.spawn(client, k)
+            workers.join(30)
+            assert len(server.results) >= 100
+            assert all(server.results)
+            assert server.test_thread.ident not in server.reply_idents
+        finally:
+            server.pool.shutdown(wait=True)
+
+
+def test_many_cross_thread_ping_pongs_no_lost_wakeup():
+    """Every reply is sent from a pool thread; a lost wake-up would hang."""
+    with running(PoolServer) as (server, port):
+        try:
+            with connect(port) as c:
+                for i in range(2000):
+                    msg = b"p%d;" % i
+                    c.sendall(msg)
+                    assert recv_exactly(c, len(msg)) == msg.upper()
+            assert all(server.results)
+        finally:
+            server.pool.shutdown(wait=True)
+
+
+class Silent(rsepoll.Server):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.conns = []
+        self.closed = []
+
+    def on_connection_opened(self, conn):
+        self.conns.append(conn)
+
+    def on_message_received(self, conn, data):
+        pass
+
+    def on_connection_closed(self, conn):
+        self.closed.append(conn)
+
+
+def _message(tid: int, i: int) -> bytes:
+    pad = (tid * 7919 + i * 104729) % 3000
+    return f"<t{tid}:{i:04d}:{pad}:{'x' * pad}>\n".encode()
+
+
+def test_concurrent_foreign_thread_sends_are_contiguous_and_ordered():
+    n_threads, n_conns, n_msgs = 8, 20, 40
+    expected_len = sum(
+        len(_message(t, i)) for t in range(n_threads) for i in range(n_msgs)
+    )
+    line_rx = re.compile(rb"<t(\d+):(\d{4}):(\d+):(x*)>")
+    with running(Silent) as (server, port):
+        clients = [connect(port) for _ in range(n_conns)]
+        try:
+            assert wait_until(lambda: len(server.conns) == n_conns)
+            by_addr = {tuple(conn.remote_address): conn for conn in server.conns}
+            conns = [by_addr[c.getsockname()] for c in clients]
+
+            received = [b""] * n_conns
+
+            def reader(k):
+                received[k] = recv_exactly(clients[k], expected_len)
+
+            readers = Workers()
+            for k in range(n_conns):
+                readers.spawn(reader, k)
+
+            barrier = threading.Barrier(n_threads)
+            send_results = []
+
+            def sender(tid):
+                barrier.wait(10)
+                ok = True
+                for i in range(n_msgs):
+                    msg = _message(tid, i)
+                    for conn in conns:
+                        ok = server.send_message(conn, msg) and ok
+                send_results.append(ok)
+
+            senders = Workers()
+            for tid in range(n_threads):
+                senders.spawn(sender, tid)
+            senders.join(30)
+            assert send_results == [True] * n_threads
+            readers.join(30)
+
+            for k in range(n_conns):
+                lines = received[k].split(b"\n")
+                assert lines[-1] == b""
+                lines = lines[:-1]
+                assert len(lines) == n_threads * n_msgs
+                next_i = [0] * n_threads
+                for line in lines:
+                    m = line_rx.fullmatch(line)
+                    assert m, f"interleaved/corrupt message on conn {k}: {line[:80]!r}"
+                    tid, i, pad = int(m.group(1)), int(m.group(2)), int(m.group(3))
+                    assert len(m.group(4)) == pad
+                    assert i == next_i[tid], f"thread {tid} out of order on conn {k}"
+                    next_i[tid] += 1
+                assert next_i == [n_msgs] * n_threads
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_close_connection_from_foreign_thread_flushes_first():
+    with running(Silent) as (server, port), connect(port) as c:
+        assert wait_until(lambda: len(server.conns) == 1)
+        conn = server.conns[0]
+        payload = b"0123456789" * 50_000
+
+        def work():
+            assert server.send_message(conn, payload) is True
+            server.close_connection(conn)
+
+        with ThreadPoolExecutor(max_workers=1) as ex:
+            ex.submit(work).result(10)
+        assert recv_until_eof(c, limit=len(payload)) == payload
+        assert wait_until(lambda: len(server.closed) == 1)
+        assert server.closed[0] is conn
+        assert conn.is_open is False
+
+
+def test_stop_server_from_executor_thread():
+    with running() as (server, port), connect(port) as c:
+        c.sendall(b"x")
+        assert recv_exactly(c, 1) == b"x"
+        with ThreadPoolExecutor(max_workers=1) as ex:
+            ex.submit(server.stop_server).result(5)
+        server.test_thread.join(5)
+        assert server.test_thread.returned
+        assert server.test_thread.exc is None
+        assert_eof(c)
+
+
+class StopOnMessage(rsepoll.Server):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.shutdowns = 0
+
+    def on_message_received(self, conn, data):
+        if b"stop" in data:
+            self.send_message(conn, b"bye")
+            self.stop_server()
+        else:
+            self.send_message(conn, data)
+
+    def on_shutdown_success(self):
+        self.shutdowns += 1
+
+
+def test_stop_server_from_a_callback():
+    with running(StopOnMessage) as (server, port), connect(port) as c:
+        c.sendall(b"stop")
+        server.test_thread.join(5)
+        assert server.test_thread.returned
+        assert server.shutdowns == 1
+        got = recv_until_eof(c, limit=100)
+        assert got in (b"", b"bye")
+
+
+class Waiter(rsepoll.Server):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls = []  # (monotonic time, thread ident)
+
+    def on_waiting_for_activity(self):
+        self.calls.append((time.monotonic(), threading.get_ident()))
+
+
+def test_on_waiting_for_activity_cadence_and_thread():
+    with running(Waiter, listen_timeout=100) as (server, _port):
+        t0 = time.monotonic()
+        time.sleep(1.0)
+        t1 = time.monotonic()
+        window = [c for c in server.calls if t0 <= c[0] <= t1]
+        assert 5 <= len(window) <= 15, f"{len(window)} calls in {t1 - t0:.2f} s"
+        assert {ident for _, ident in server.calls} == {server.test_thread.ident}
+        assert server.test_thread.ident != threading.get_ident()
+
+
+def test_on_waiting_for_activity_not_called_more_often_than_timeout():
+    with running(Waiter, listen_timeout=300) as (server, _port):
+        assert wait_until(lambda: len(server.calls) >= 3, timeout=5)
+        times = [t for t, _ in server.calls]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        # Each call needs a full idle timeout before it (small scheduling slack).
+        assert min(gaps) >= 0.25, gaps
