@@ -18,7 +18,7 @@
 use std::io;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use std::sync::atomic::{fence, AtomicBool};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::{Arc, Mutex, TryLockError, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -159,6 +159,13 @@ impl Sender {
         self.shared.finished.load(Acquire)
     }
 
+    /// A handle that does not keep the server's rings alive.
+    pub fn downgrade(&self) -> WeakSender {
+        WeakSender {
+            shared: Arc::downgrade(&self.shared),
+        }
+    }
+
     #[cfg(test)]
     pub(crate) fn inject_panic(&self) {
         self.push(CommandKind::Panic, ConnKey::default(), &[], true)
@@ -226,6 +233,20 @@ impl Sender {
     }
 }
 
+/// A [`Sender`] that lets the server's memory go when the server ends: what
+/// handles held by the application (one per connection) keep.
+#[derive(Clone)]
+pub struct WeakSender {
+    shared: Weak<Shared>,
+}
+
+impl WeakSender {
+    /// The sender, unless the server has ended.
+    pub fn upgrade(&self) -> Option<Sender> {
+        self.shared.upgrade().map(|shared| Sender { shared })
+    }
+}
+
 /// A started server, held by the thread that consumes its deliveries.
 ///
 /// Dropping it stops the I/O thread and joins it, so no thread or socket
@@ -262,10 +283,12 @@ impl Running {
 
     fn start_with<S: Selector>(config: &Config, listeners: Vec<Socket>) -> io::Result<Running> {
         let selector = S::new()?;
-        let (command_tx, command_rx) =
-            ring(config.ring_slots, || Command::with_capacity(config.slot_size));
-        let (delivery_tx, delivery_rx) =
-            ring(config.ring_slots, || Delivery::with_capacity(config.slot_size));
+        let (command_tx, command_rx) = ring(config.ring_slots, || {
+            Command::with_capacity(config.slot_size)
+        });
+        let (delivery_tx, delivery_rx) = ring(config.ring_slots, || {
+            Delivery::with_capacity(config.slot_size)
+        });
         let shared = Arc::new(Shared {
             commands: Mutex::new(command_tx),
             slot_size: config.slot_size,
@@ -378,11 +401,7 @@ impl Running {
     /// Waits for the I/O thread to exit. Call after `Stopped` was taken (or the
     /// thread vanished); otherwise this stops the server first, discarding
     /// deliveries.
-    pub fn join(mut self) {
-        self.finish();
-    }
-
-    fn finish(&mut self) {
+    pub fn join(&mut self) {
         let Some(thread) = self.thread.take() else {
             return;
         };
@@ -400,7 +419,7 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.finish();
+        self.join();
     }
 }
 

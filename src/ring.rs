@@ -61,7 +61,9 @@ pub fn ring<T>(capacity: usize, mut make_slot: impl FnMut() -> T) -> (Producer<T
         "ring capacity must be a power of two, got {capacity}"
     );
     let ring = Arc::new(Ring {
-        slots: (0..capacity).map(|_| UnsafeCell::new(make_slot())).collect(),
+        slots: (0..capacity)
+            .map(|_| UnsafeCell::new(make_slot()))
+            .collect(),
         mask: capacity - 1,
         head: CachePadded::new(AtomicUsize::new(0)),
         tail: CachePadded::new(AtomicUsize::new(0)),

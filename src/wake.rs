@@ -114,12 +114,18 @@ impl SleepFlag {
 // cannot leave it inconsistent, so poisoning is ignored.
 #[cfg(not(loom))]
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(not(loom))]
-fn wait<'a, T>(cond: &Condvar, guard: std::sync::MutexGuard<'a, T>) -> std::sync::MutexGuard<'a, T> {
-    cond.wait(guard).unwrap_or_else(|poisoned| poisoned.into_inner())
+fn wait<'a, T>(
+    cond: &Condvar,
+    guard: std::sync::MutexGuard<'a, T>,
+) -> std::sync::MutexGuard<'a, T> {
+    cond.wait(guard)
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(not(loom))]
@@ -140,7 +146,10 @@ fn lock<T>(mutex: &Mutex<T>) -> loom::sync::MutexGuard<'_, T> {
 }
 
 #[cfg(loom)]
-fn wait<'a, T>(cond: &Condvar, guard: loom::sync::MutexGuard<'a, T>) -> loom::sync::MutexGuard<'a, T> {
+fn wait<'a, T>(
+    cond: &Condvar,
+    guard: loom::sync::MutexGuard<'a, T>,
+) -> loom::sync::MutexGuard<'a, T> {
     cond.wait(guard).unwrap()
 }
 

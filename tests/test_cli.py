@@ -36,7 +36,8 @@ def test_reverse_round_trip_and_prints_received_bytes():
     with rsepoll_cli("0") as child:
         port = wait_listening(child)
         assert port > 0
-        listening = next(line for line in child.stdout.splitlines() if "listening on" in line)
+        output = child.stdout + "\n" + child.stderr
+        listening = next(line for line in output.splitlines() if "listening on" in line)
         assert f"127.0.0.1:{port}" in listening
         with connect(port) as c:
             c.sendall(b"hello\n")
@@ -62,7 +63,9 @@ def test_quiet_does_not_print_messages():
 
 
 def test_host_and_max_fds_options():
-    with rsepoll_cli("0", "--host", "127.0.0.1", "--max-fds", "2048", "--quiet") as child:
+    with rsepoll_cli(
+        "0", "--host", "127.0.0.1", "--max-fds", "2048", "--quiet"
+    ) as child:
         port = wait_listening(child)
         reverse_round_trip(port, b"options")
         child.signal(signal.SIGTERM)
@@ -136,7 +139,7 @@ def test_sigterm_exits_zero_without_traceback():
 
 @pytest.mark.parametrize("port", ["70000", "-1", "65536"])
 def test_port_out_of_range(port):
-    with ChildProcess_cli(port) as child:
+    with rsepoll_cli(port) as child:
         assert child.wait(10) == 2
         lines = error_lines(child.stderr)
         assert len(lines) == 1, child.stderr
@@ -175,7 +178,3 @@ def test_console_script_help():
     with ChildProcess([exe, "--help"]) as child:
         assert child.wait(10) == 0
         assert "--exit-stops-server" in child.stdout
-
-
-def ChildProcess_cli(*args: str) -> ChildProcess:  # noqa: N802 - reads like a class
-    return rsepoll_cli(*args)

@@ -110,7 +110,7 @@ class BigThenClose(Recorder):
 def test_close_connection_flushes_queued_bytes_then_eof():
     payload = os.urandom(4 * MiB)
     with running(BigThenClose, payload) as (server, port):
-        with connect(port) as c:
+        with connect(port, rcvbuf=64 * 1024) as c:
             c.sendall(b"G")
             got = recv_until_eof(c, limit=len(payload))
         assert got == payload
@@ -491,6 +491,32 @@ def test_half_close_still_gets_full_echo_then_eof():
             got = recv_until_eof(c, limit=len(payload))
             t.join(5)
             assert not t.is_alive()
+            assert got == payload
+        assert wait_until(lambda: server.count("closed") == 1)
+        server.assert_lifecycle()
+
+
+class BigReply(Recorder):
+    def __init__(self, payload, *a, **kw):
+        super().__init__(*a, **kw)
+        self.payload = payload
+
+    def handle(self, conn, data):
+        step = 64 * 1024
+        for _ in data:  # one reply per request byte
+            for i in range(0, len(self.payload), step):
+                self.send_message(conn, self.payload[i : i + step])
+
+
+def test_half_close_with_megabytes_still_queued_delivers_all_then_eof():
+    """EOF arrives while most of the reply is still queued in the server."""
+    payload = os.urandom(8 * MiB)
+    with running(BigReply, payload) as (server, port):
+        with connect(port, rcvbuf=64 * 1024) as c:
+            c.sendall(b"G")
+            c.shutdown(socket.SHUT_WR)
+            got = recv_until_eof(c, limit=len(payload))
+            assert len(got) == len(payload)
             assert got == payload
         assert wait_until(lambda: server.count("closed") == 1)
         server.assert_lifecycle()

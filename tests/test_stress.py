@@ -158,7 +158,7 @@ def test_slow_reader_gets_everything_and_does_not_block_others():
     payload = os.urandom(total)
     chunks = [payload[i : i + chunk] for i in range(0, total, chunk)]
     with running(Flooder, chunks) as (server, port):
-        with connect(port) as slow, connect(port) as other:
+        with connect(port, rcvbuf=64 * KiB) as slow, connect(port) as other:
             slow.sendall(b"G")
             # on_message_received queued all 8 MiB without blocking the loop...
             assert wait_until(lambda: len(server.results) == len(chunks), timeout=20)

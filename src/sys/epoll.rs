@@ -73,7 +73,12 @@ impl Selector for Epoll {
     }
 
     fn register(&self, socket: &Socket, token: Token, _interest: Interest) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, socket.as_raw_fd(), edge_flags(), token.0)
+        self.ctl(
+            libc::EPOLL_CTL_ADD,
+            socket.as_raw_fd(),
+            edge_flags(),
+            token.0,
+        )
     }
 
     fn rearm(&self, _socket: &Socket, _token: Token, _interest: Interest) -> io::Result<()> {

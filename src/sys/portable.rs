@@ -17,10 +17,7 @@ use super::{Event, Interest, Selector, Wake};
 use crate::token::Token;
 
 // Tokens are 64-bit; `polling` keys are `usize`.
-const _: () = assert!(
-    usize::BITS >= 64,
-    "the portable backend needs 64-bit keys"
-);
+const _: () = assert!(usize::BITS >= 64, "the portable backend needs 64-bit keys");
 
 /// A `polling::Poller` and its events buffer.
 pub struct Portable {

@@ -1,0 +1,165 @@
+"""rsepoll: a TCP server for Python whose network I/O runs on a Rust thread.
+
+Subclass :class:`Server`, override the callbacks you need, register a listening
+socket and call :meth:`Server.listen`::
+
+    import rsepoll
+
+    class Reverser(rsepoll.Server):
+        def on_message_received(self, conn, data):
+            self.send_message(conn, data[::-1])
+
+    server = Reverser()
+    server.register_listener_socket(rsepoll.make_listener_socket(9090, "127.0.0.1"))
+    server.listen()
+
+An I/O thread in Rust accepts, reads and writes (edge-triggered epoll on Linux,
+a portable poller elsewhere) and never takes the GIL; the callbacks run on the
+thread that called ``listen()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from typing import Union
+
+from ._rsepoll import Connection, ListenerSocket, ServerCore, __version__, make_listener_socket
+
+__all__ = [
+    "Connection",
+    "ListenerSocket",
+    "Server",
+    "__version__",
+    "make_listener_socket",
+]
+
+logger = logging.getLogger("rsepoll")
+
+#: What ``Server.register_listener_socket`` accepts.
+AnyListener = Union[ListenerSocket, socket.socket]
+
+
+class Server(ServerCore):
+    """A TCP server whose callbacks run on the thread that calls :meth:`listen`.
+
+    Override the ``on_*`` callbacks; call :meth:`send_message`,
+    :meth:`close_connection` and :meth:`stop_server` from callbacks or from any
+    other thread.
+
+    Args:
+        max_fds: the number of file descriptors the process should be able to
+            open. The soft ``RLIMIT_NOFILE`` is raised toward it (never above the
+            hard limit; a warning is logged when the hard limit is lower).
+        backend: ``"epoll"`` (Linux) or ``"portable"`` (the fallback poller used
+            on macOS and Windows, available everywhere). Default: the
+            ``RSEPOLL_BACKEND`` environment variable, else the platform's best.
+        ring_slots: slots in each of the two rings between the threads (a power
+            of two). With ``slot_size``, this bounds the memory in flight
+            between the threads: the I/O thread stops reading, and TCP slows
+            the clients, while the Python thread is behind.
+        slot_size: bytes per slot: the most a single read delivers.
+    """
+
+    def __init__(
+        self,
+        max_fds: int = 8192,
+        *,
+        backend: str | None = None,
+        ring_slots: int = 512,
+        slot_size: int = 16384,
+    ) -> None:
+        if max_fds <= 0:
+            raise ValueError(f"max_fds must be positive, got {max_fds}")
+        self.max_fds = max_fds
+        _raise_fd_limit(max_fds)
+        self._configure(
+            backend or os.environ.get("RSEPOLL_BACKEND") or None,
+            ring_slots,
+            slot_size,
+        )
+
+    def register_listener_socket(self, sock: AnyListener) -> bool:
+        """Serves ``sock`` from the next :meth:`listen` on; returns True.
+
+        ``sock`` is a :class:`ListenerSocket` or a bound, listening
+        ``socket.socket`` of type ``SOCK_STREAM``. The server keeps its own
+        duplicate and closes it when ``listen()`` returns; close yours whenever
+        you like. Several listeners may be registered.
+        """
+        if isinstance(sock, ListenerSocket):
+            self._add_listener(sock)
+            return True
+        if not isinstance(sock, socket.socket):
+            raise TypeError(
+                "expected an rsepoll.ListenerSocket or a socket.socket, "
+                f"not {type(sock).__name__}"
+            )
+        if sock.fileno() < 0:
+            raise ValueError("the socket is closed")
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError("the socket must be a TCP socket (SOCK_STREAM)")
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            raise ValueError("the socket must be an IPv4 or IPv6 socket")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ValueError("the socket is not listening: call bind() and listen() first")
+        self._add_listener_fd(sock.fileno())
+        return True
+
+    # Callbacks. All run on the thread that called listen().
+
+    def on_listen_success(self) -> None:
+        """The server is serving its listeners."""
+        logger.debug("listening")
+
+    def on_connection_opened(self, conn: Connection) -> None:
+        """A client connected."""
+        logger.debug("connection opened: %r", conn)
+
+    def on_message_received(self, conn: Connection, data: bytes) -> None:
+        """Bytes arrived from ``conn``. TCP is a byte stream: one send by the
+        client may arrive as several calls, and several sends as one. The
+        default echoes the bytes back."""
+        self.send_message(conn, data)
+
+    def on_connection_closed(self, conn: Connection) -> None:
+        """``conn`` closed (whoever closed it); called once per connection."""
+        logger.debug("connection closed: %r", conn)
+
+    def on_exception_occurred(self, exc: BaseException) -> None:
+        """A callback raised ``exc`` (or the I/O thread reported a problem).
+        The server keeps serving. The default logs it with its traceback."""
+        logger.error("exception in an rsepoll callback", exc_info=exc)
+
+    def on_waiting_for_activity(self) -> None:
+        """``timeout`` milliseconds passed with nothing to do."""
+
+    def on_shutdown_success(self) -> None:
+        """The server has stopped: every connection was closed and reported."""
+        logger.debug("shut down")
+
+
+def _raise_fd_limit(max_fds: int) -> None:
+    """Raises the soft RLIMIT_NOFILE toward ``max_fds``, as far as allowed."""
+    if sys.platform == "win32":
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft >= max_fds:
+        return
+    if soft == resource.RLIM_INFINITY:
+        return
+    target = max_fds if hard == resource.RLIM_INFINITY else min(max_fds, hard)
+    if target < max_fds:
+        logger.warning(
+            "max_fds=%d exceeds the hard RLIMIT_NOFILE (%d); using %d", max_fds, hard, target
+        )
+    if target <= soft:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        logger.warning("could not raise RLIMIT_NOFILE to %d: %s", target, exc)

@@ -1,0 +1,134 @@
+"""``python -m rsepoll PORT``: the reverse server.
+
+Every message a client sends is printed (unless ``--quiet``), reversed and sent
+back, so ``nc localhost 9090`` shows each typed line reversed. A line ``exit``
+ends that client's connection (``--exit-stops-server``: stops the server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import Connection, Server, make_listener_socket
+
+#: The longest partial line kept per connection to recognise "exit".
+_LINE_TAIL = 64
+
+
+class ReverseServer(Server):
+    """Reverses what each client sends, at whatever boundaries it arrives."""
+
+    def __init__(self, *, quiet: bool, exit_stops_server: bool, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.quiet = quiet
+        self.exit_stops_server = exit_stops_server
+        self.address = ""
+
+    def on_listen_success(self) -> None:
+        print(f"rsepoll: listening on {self.address} (Ctrl-C to stop)", flush=True)
+
+    def on_connection_opened(self, conn: Connection) -> None:
+        conn.line_tail = b""  # type: ignore[attr-defined]
+
+    def on_message_received(self, conn: Connection, data: bytes) -> None:
+        if not self.quiet:
+            host, port = conn.remote_address or ("?", 0)
+            print(f"[{host}:{port}] {data!r}", flush=True)
+        if self._ends_with_exit_line(conn, data):
+            if self.exit_stops_server:
+                self.stop_server()
+            else:
+                self.close_connection(conn)
+            return
+        self.send_message(conn, data[::-1])
+
+    @staticmethod
+    def _ends_with_exit_line(conn: Connection, data: bytes) -> bool:
+        """True if ``data`` completes a line that reads ``exit``; a line may
+        arrive in several pieces."""
+        text = conn.line_tail + data  # type: ignore[attr-defined]
+        lines = text.split(b"\n")
+        conn.line_tail = lines[-1][-_LINE_TAIL:]  # type: ignore[attr-defined]
+        return any(line.strip() == b"exit" for line in lines[:-1])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rsepoll",
+        description=(
+            "Run the rsepoll reverse server: every message a client sends is printed, "
+            "reversed and sent back. Try it with: nc localhost PORT"
+        ),
+        epilog="A client that sends the line 'exit' ends its own connection. "
+        "Ctrl-C or SIGTERM stops the server.",
+    )
+    parser.add_argument("port", type=int, help="TCP port to listen on (0 picks a free one)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1; 0.0.0.0 or :: for every interface)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="do not print received messages")
+    parser.add_argument(
+        "--max-fds",
+        type=int,
+        default=8192,
+        metavar="N",
+        help="file descriptors to allow the process (raises RLIMIT_NOFILE; default 8192)",
+    )
+    parser.add_argument(
+        "--exit-stops-server",
+        action="store_true",
+        help="a client's 'exit' line stops the whole server instead of its connection",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["epoll", "portable"],
+        default=None,
+        help="I/O backend (default: $RSEPOLL_BACKEND, else the platform's best)",
+    )
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"rsepoll: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        return _fail(f"port must be from 0 to 65535, got {args.port}")
+    if args.max_fds <= 0:
+        return _fail(f"--max-fds must be positive, got {args.max_fds}")
+    try:
+        listener = make_listener_socket(args.port, args.host)
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    server = ReverseServer(
+        quiet=args.quiet,
+        exit_stops_server=args.exit_stops_server,
+        max_fds=args.max_fds,
+        backend=args.backend,
+    )
+    host, port = listener.address
+    server.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    server.register_listener_socket(listener)
+    listener.close()
+
+    # SIGTERM stops the server the way stop_server() does; Ctrl-C arrives as
+    # KeyboardInterrupt once the server has shut down.
+    signal.signal(signal.SIGTERM, lambda signum, frame: server.stop_server())
+    try:
+        server.listen()
+    except KeyboardInterrupt:
+        pass
+    print("rsepoll: stopped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

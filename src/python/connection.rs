@@ -1,0 +1,106 @@
+//! `rsepoll.Connection`: what callbacks receive for each client.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use pyo3::prelude::*;
+
+use crate::core::{Sender, WeakSender};
+use crate::message::{ConnKey, Opened};
+
+/// One client connection.
+///
+/// The same object stands for the connection from `on_connection_opened` to
+/// `on_connection_closed`; it is hashable and can carry the application's own
+/// attributes. After the connection closes, sending to it does nothing and
+/// returns False: a later connection that gets the same fd number is a
+/// different object with a different `id`.
+#[pyclass(frozen, dict, weakref, module = "rsepoll", name = "Connection")]
+pub struct Connection {
+    pub(super) key: ConnKey,
+    pub(super) server_id: u64,
+    pub(super) opened: Opened,
+    /// Cleared when `on_connection_closed` is about to run.
+    pub(super) open: AtomicBool,
+    /// Set by `close_connection`: no more sends are accepted.
+    pub(super) closing: AtomicBool,
+    sender: WeakSender,
+}
+
+impl Connection {
+    /// The handle of a connection that has just opened.
+    pub(super) fn new(key: ConnKey, server_id: u64, opened: Opened, sender: WeakSender) -> Self {
+        Connection {
+            key,
+            server_id,
+            opened,
+            open: AtomicBool::new(true),
+            closing: AtomicBool::new(false),
+            sender,
+        }
+    }
+
+    /// The running server's command handle, unless the server has ended.
+    pub(super) fn sender(&self) -> Option<Sender> {
+        self.sender.upgrade()
+    }
+
+    /// True while sends to this connection are still accepted.
+    pub(super) fn accepts_sends(&self) -> bool {
+        self.open.load(Relaxed) && !self.closing.load(Relaxed)
+    }
+}
+
+fn address_tuple(address: Option<SocketAddr>) -> Option<(String, u16)> {
+    address.map(|a| (a.ip().to_string(), a.port()))
+}
+
+#[pymethods]
+impl Connection {
+    /// Unique for the server's life (fd numbers are not).
+    #[getter]
+    fn id(&self) -> u64 {
+        self.key.id
+    }
+
+    /// The socket's file descriptor (SOCKET handle on Windows), for display and
+    /// logging. Do not read, write or close it: the I/O thread owns it.
+    #[getter]
+    fn fd(&self) -> i64 {
+        self.opened.fd
+    }
+
+    /// The peer's `(host, port)`.
+    #[getter]
+    fn remote_address(&self) -> Option<(String, u16)> {
+        address_tuple(self.opened.peer)
+    }
+
+    /// The local `(host, port)` the connection arrived on.
+    #[getter]
+    fn local_address(&self) -> Option<(String, u16)> {
+        address_tuple(self.opened.local)
+    }
+
+    /// False once the connection has closed.
+    #[getter]
+    fn is_open(&self) -> bool {
+        self.open.load(Relaxed)
+    }
+
+    fn __repr__(&self) -> String {
+        let remote = match self.opened.peer {
+            Some(peer) => peer.to_string(),
+            None => "?".into(),
+        };
+        let state = if self.open.load(Relaxed) {
+            "open"
+        } else {
+            "closed"
+        };
+        format!(
+            "<rsepoll.Connection id={} fd={} remote={} {}>",
+            self.key.id, self.opened.fd, remote, state
+        )
+    }
+}

@@ -1,0 +1,125 @@
+//! `rsepoll.ListenerSocket` and `make_listener_socket`.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Mutex;
+
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// A bound, listening, non-blocking TCP socket, made by `make_listener_socket`.
+///
+/// `Server.register_listener_socket` keeps its own duplicate, so this object
+/// can be closed (or dropped) once registered.
+#[pyclass(frozen, module = "rsepoll", name = "ListenerSocket")]
+pub struct ListenerSocket {
+    socket: Mutex<Option<Socket>>,
+    address: SocketAddr,
+}
+
+impl ListenerSocket {
+    /// A new handle on the same listening socket (a `dup`, close-on-exec).
+    pub(super) fn duplicate(&self) -> PyResult<Socket> {
+        let guard = self.socket.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(socket) => Ok(socket.try_clone()?),
+            None => Err(PyValueError::new_err("the listener socket is closed")),
+        }
+    }
+}
+
+#[pymethods]
+impl ListenerSocket {
+    /// The port it listens on (the one the system picked, for port 0).
+    #[getter]
+    fn port(&self) -> u16 {
+        self.address.port()
+    }
+
+    /// The `(host, port)` it listens on.
+    #[getter]
+    fn address(&self) -> (String, u16) {
+        (self.address.ip().to_string(), self.address.port())
+    }
+
+    /// True after `close()`.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.socket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+
+    /// The file descriptor, or -1 once closed.
+    fn fileno(&self) -> i64 {
+        let guard = self.socket.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().map_or(-1, crate::sys::net::raw_handle)
+    }
+
+    /// Closes this handle (servers it was registered with keep theirs).
+    fn close(&self) {
+        self.socket.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        _exc_type: &Bound<'_, PyAny>,
+        _exc: &Bound<'_, PyAny>,
+        _tb: &Bound<'_, PyAny>,
+    ) {
+        self.close();
+    }
+
+    fn __repr__(&self) -> String {
+        let state = if self.closed() { " closed" } else { "" };
+        format!("<rsepoll.ListenerSocket {}{}>", self.address, state)
+    }
+}
+
+/// Makes a TCP socket bound to `(host, port)` and listening: non-blocking,
+/// close-on-exec, `SO_REUSEADDR` (except on Windows, where it would let another
+/// process steal the port). `port=0` picks a free port; see `.port`. An IPv6
+/// wildcard host (`"::"`) also accepts IPv4 connections.
+#[pyfunction]
+#[pyo3(signature = (port, host = "0.0.0.0", backlog = 1024))]
+pub fn make_listener_socket(port: i64, host: &str, backlog: i64) -> PyResult<ListenerSocket> {
+    let port = u16::try_from(port)
+        .map_err(|_| PyValueError::new_err(format!("port must be from 0 to 65535, got {port}")))?;
+    let backlog = i32::try_from(backlog)
+        .ok()
+        .filter(|b| *b > 0)
+        .ok_or_else(|| PyValueError::new_err(format!("backlog must be positive, got {backlog}")))?;
+    let address = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| PyOSError::new_err(format!("cannot resolve host {host:?}: {e}")))?
+        .next()
+        .ok_or_else(|| PyOSError::new_err(format!("host {host:?} has no address")))?;
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    #[cfg(not(windows))]
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() && address.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&address.into()).map_err(|e| {
+        PyOSError::new_err((
+            e.raw_os_error().unwrap_or(0),
+            format!("cannot listen on {address}: {e}"),
+        ))
+    })?;
+    socket.listen(backlog)?;
+    socket.set_nonblocking(true)?;
+    let address = crate::sys::net::local_addr(&socket).unwrap_or(address);
+    Ok(ListenerSocket {
+        socket: Mutex::new(Some(socket)),
+        address,
+    })
+}

@@ -1,0 +1,32 @@
+//! The Python module `rsepoll._rsepoll`: a thin layer over [`crate::core`].
+//!
+//! - [`server::ServerCore`] is the base class of `rsepoll.Server`. Its
+//!   `listen()` runs the delivery loop on the calling thread and turns each
+//!   delivery into a call of the instance's callback method, so overrides in
+//!   Python subclasses are honoured;
+//! - [`connection::Connection`] is the handle callbacks receive;
+//! - [`listener::ListenerSocket`] and `make_listener_socket` make listening
+//!   sockets.
+//!
+//! The class is `frozen`: all its state is behind atomics and mutexes, so a
+//! callback may call back into the server (`send_message` inside
+//! `on_message_received`) without tripping PyO3's borrow checking.
+
+use pyo3::prelude::*;
+
+mod connection;
+mod listener;
+mod server;
+
+/// The compiled part of rsepoll; import `rsepoll` instead.
+#[pymodule(gil_used = true)]
+fn _rsepoll(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Rust `log` records (warnings from the I/O thread) go to Python's logging.
+    let _ = pyo3_log::try_init();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<connection::Connection>()?;
+    m.add_class::<listener::ListenerSocket>()?;
+    m.add_class::<server::ServerCore>()?;
+    m.add_function(wrap_pyfunction!(listener::make_listener_socket, m)?)?;
+    Ok(())
+}
