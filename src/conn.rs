@@ -107,6 +107,9 @@ pub struct Connection {
     pub unread_input: bool,
     /// The connection is on the reactor's ready list (at most once).
     pub in_ready_list: bool,
+    /// The poller said the peer shut down its side: read until EOF, even after
+    /// a short read (edge triggering will not report the EOF again).
+    pub read_closed: bool,
     /// The peer's EOF was read. The socket then stays readable for good, so a
     /// one-shot registration must stop watching it for input.
     pub eof_seen: bool,
@@ -164,6 +167,7 @@ impl ConnectionTable {
             queue: WriteQueue::default(),
             unread_input: false,
             in_ready_list: false,
+            read_closed: false,
             eof_seen: false,
         };
         let index = match self.free.pop() {

@@ -462,3 +462,77 @@ fn block_signals() {
         }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpStream;
+    use std::time::Instant;
+
+    fn listener() -> (Socket, u16) {
+        let socket = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let address: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        socket.bind(&address.into()).unwrap();
+        socket.listen(16).unwrap();
+        let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+        (socket, port)
+    }
+
+    /// Takes deliveries until `Stopped`, returning their kinds in order.
+    fn drain_to_stopped(running: &mut Running) -> Vec<DeliveryKind> {
+        let mut kinds = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !running.has_stopped() {
+            assert!(Instant::now() < deadline, "no Stopped delivery");
+            while let Some(kind) = running.take_with(|d| d.kind) {
+                kinds.push(kind);
+            }
+            running.release();
+            running.wait(Duration::from_millis(10));
+        }
+        kinds
+    }
+
+    #[test]
+    fn a_panic_on_the_io_thread_is_reported_and_closes_everything() {
+        for backend in [Backend::Portable, Backend::platform_default()] {
+            let (socket, port) = listener();
+            let config = Config {
+                backend,
+                ..Config::default()
+            };
+            let mut running = Running::start(&config, vec![socket]).unwrap();
+            let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            // Wait for the connection to be accepted before breaking the thread.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while running.take_with(|d| d.kind) != Some(DeliveryKind::Opened) {
+                assert!(Instant::now() < deadline, "connection not accepted");
+                running.wait(Duration::from_millis(10));
+            }
+            running.release();
+            running.sender().inject_panic();
+            let kinds = drain_to_stopped(&mut running);
+            assert_eq!(
+                kinds,
+                vec![
+                    DeliveryKind::Failed,
+                    DeliveryKind::Closed,
+                    DeliveryKind::Stopped
+                ],
+                "{backend:?}"
+            );
+            // The client sees the connection end, and senders give up at once.
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).unwrap();
+            assert_eq!(
+                running.sender().send(ConnKey::default(), b"late"),
+                Err(SendError::Stopped)
+            );
+            running.join();
+        }
+    }
+}

@@ -354,6 +354,7 @@ impl<S: Selector> Io<S> {
             let Some(conn) = self.table.get_mut(key) else {
                 return;
             };
+            let read_closed = conn.read_closed;
             let mut slot = self.deliveries.vacant().expect("free() > 0");
             let (result, capacity) = slot.with_mut(|delivery| {
                 let result = net::recv(&conn.socket, &mut delivery.buf);
@@ -380,7 +381,8 @@ impl<S: Selector> Io<S> {
                     }
                     // A short read drained the socket: anything that arrives later
                     // raises a new edge (and re-arms a one-shot registration).
-                    if n < capacity {
+                    // Not so an EOF that arrived with the data: keep reading then.
+                    if n < capacity && !read_closed {
                         return self.mark_drained(key);
                     }
                 }
@@ -546,6 +548,7 @@ impl<S: Selector> Io<S> {
                     if !id_matches(conn.id, id_bits) {
                         continue;
                     }
+                    conn.read_closed |= event.read_closed;
                     let key = ConnKey { index, id: conn.id };
                     if event.writable {
                         self.flush(key);

@@ -198,13 +198,14 @@ impl<T> Consumer<T> {
             return None;
         }
         let index = self.next & self.ring.mask;
+        // Taken before it is read: if `f` panics, the slot is not read again.
+        self.next = self.next.wrapping_add(1);
         let result = self.ring.slots[index].with(|slot| {
             // SAFETY: `ready() > 0`, so the slot lies in `[head, tail)`: the
             // producer published it (the Acquire load of `tail` ordered its writes
             // before this read) and will not write it until it is released.
             f(unsafe { &*slot })
         });
-        self.next = self.next.wrapping_add(1);
         Some(result)
     }
 

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Self
+from typing import Any
 
 import pytest
 import rsepoll
@@ -47,10 +47,28 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def connect(
-    port: int, host: str = "127.0.0.1", timeout: float = CLIENT_TIMEOUT
+    port: int,
+    host: str = "127.0.0.1",
+    timeout: float = CLIENT_TIMEOUT,
+    rcvbuf: int | None = None,
 ) -> socket.socket:
-    """A blocking client socket connected to ``host:port`` with a timeout."""
-    sock = socket.create_connection((host, port), timeout=timeout)
+    """A blocking client socket connected to ``host:port`` with a timeout.
+
+    ``rcvbuf`` sets SO_RCVBUF before connecting, which pins a small TCP
+    window: the server then has to keep most of a big reply in its own queue.
+    """
+    if rcvbuf is None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    else:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
     sock.settimeout(timeout)
     return sock
 
@@ -84,9 +102,7 @@ def assert_eof(sock: socket.socket) -> None:
     assert data == b"", f"expected EOF, got {data[:200]!r}"
 
 
-def wait_until(
-    pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01
-) -> bool:
+def wait_until(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> bool:
     """Poll ``pred`` every ``interval`` seconds; True as soon as it is truthy."""
     deadline = time.monotonic() + timeout
     while True:
@@ -150,7 +166,7 @@ def call_in_thread(fn: Callable[[], Any], timeout: float = JOIN_TIMEOUT) -> Any:
     def target() -> None:
         try:
             box["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
+        except BaseException as exc:
             box["exc"] = exc
 
     t = threading.Thread(target=target, daemon=True, name="call_in_thread")
@@ -173,7 +189,7 @@ class Workers:
         def target() -> None:
             try:
                 fn(*args)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in join()
+            except BaseException as exc:
                 self.errors.append(exc)
 
         t = threading.Thread(target=target, daemon=True)
@@ -204,9 +220,7 @@ class ServerThread:
         self.listen_timeout = listen_timeout
         self.exc: BaseException | None = None
         self.returned = False
-        self.thread = threading.Thread(
-            target=self._run, daemon=True, name="rsepoll-listen"
-        )
+        self.thread = threading.Thread(target=self._run, daemon=True, name="rsepoll-listen")
 
     def _run(self) -> None:
         try:
@@ -215,7 +229,7 @@ class ServerThread:
             else:
                 self.server.listen(timeout=self.listen_timeout)
             self.returned = True
-        except BaseException as exc:  # noqa: BLE001 - inspected by the tests
+        except BaseException as exc:
             self.exc = exc
 
     def start(self) -> ServerThread:
@@ -343,9 +357,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for child Pythons: unbuffered, and importing this rsepoll."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(rsepoll.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
 
@@ -367,12 +379,8 @@ class ChildProcess:
         self._out = bytearray()
         self._err = bytearray()
         self._readers = [
-            threading.Thread(
-                target=self._pump, args=(self.proc.stdout, self._out), daemon=True
-            ),
-            threading.Thread(
-                target=self._pump, args=(self.proc.stderr, self._err), daemon=True
-            ),
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self._out), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self._err), daemon=True),
         ]
         for t in self._readers:
             t.start()
@@ -432,7 +440,8 @@ class ChildProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             raise AssertionError(
-                f"process did not exit within {timeout} s; stdout={self.stdout[-2000:]!r} stderr={self.stderr[-2000:]!r}"
+                f"process did not exit within {timeout} s; "
+                f"stdout={self.stdout[-2000:]!r} stderr={self.stderr[-2000:]!r}"
             ) from None
         self._join_readers(5.0)
         return rc
@@ -447,7 +456,7 @@ class ChildProcess:
                 self.proc.wait(5)
         self._join_readers(5.0)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ChildProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
+import sys
 import time
 
 import pytest
@@ -63,9 +65,7 @@ def test_quiet_does_not_print_messages():
 
 
 def test_host_and_max_fds_options():
-    with rsepoll_cli(
-        "0", "--host", "127.0.0.1", "--max-fds", "2048", "--quiet"
-    ) as child:
+    with rsepoll_cli("0", "--host", "127.0.0.1", "--max-fds", "2048", "--quiet") as child:
         port = wait_listening(child)
         reverse_round_trip(port, b"options")
         child.signal(signal.SIGTERM)
@@ -172,7 +172,7 @@ def test_help():
 
 
 def test_console_script_help():
-    exe = shutil.which("rsepoll")
+    exe = shutil.which("rsepoll", path=os.path.dirname(sys.executable)) or shutil.which("rsepoll")
     if exe is None:
         pytest.skip("console script 'rsepoll' not on PATH")
     with ChildProcess([exe, "--help"]) as child:

@@ -91,9 +91,7 @@ def test_subclass_with_own_init_arguments_and_attributes():
 def test_send_message_accepts_bytes_like_and_str():
     text = "héllo ✓"
     mutable = bytearray(b"-bytearray-")
-    expected = (
-        b"bytes|" + b"-bytearray-" + b"234" + b"" + text.encode("utf-8") + b"|end"
-    )
+    expected = b"bytes|" + b"-bytearray-" + b"234" + b"" + text.encode("utf-8") + b"|end"
 
     class Sender(rsepoll.Server):
         def __init__(self, *a, **kw):
@@ -201,9 +199,7 @@ def test_make_listener_socket_port_zero():
         assert tuple(ls.address) == ("127.0.0.1", ls.port)
         fd = ls.fileno()
         assert isinstance(fd, int) and fd >= 0
-        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK, (
-            "listener must be non-blocking"
-        )
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK, "listener must be non-blocking"
         dup = socket.socket(fileno=os.dup(fd))
         try:
             assert dup.type == socket.SOCK_STREAM
@@ -262,10 +258,7 @@ def test_register_rejects_udp_socket():
 
 def test_register_rejects_unbound_tcp_socket():
     server = rsepoll.Server()
-    with (
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s,
-        pytest.raises(ValueError),
-    ):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s, pytest.raises(ValueError):
         server.register_listener_socket(s)
 
 
@@ -279,12 +272,12 @@ def test_register_rejects_bound_but_not_listening_socket():
 
 def test_register_rejects_connected_client_socket():
     server = rsepoll.Server()
-    with (
-        rsepoll.make_listener_socket(0, "127.0.0.1") as ls,
-        connect(ls.port) as c,
-        pytest.raises(ValueError),
-    ):
-        server.register_listener_socket(c)
+    ls = rsepoll.make_listener_socket(0, "127.0.0.1")
+    try:
+        with connect(ls.port) as c, pytest.raises(ValueError):
+            server.register_listener_socket(c)
+    finally:
+        ls.close()
 
 
 @pytest.mark.parametrize("obj", [42, "127.0.0.1:80", object(), None])

@@ -120,9 +120,7 @@ def test_max_fds_below_soft_limit_does_not_lower_it(restore_nofile):
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= soft
 
 
-def test_max_fds_beyond_what_is_possible_warns_instead_of_failing(
-    restore_nofile, caplog
-):
+def test_max_fds_beyond_what_is_possible_warns_instead_of_failing(restore_nofile, caplog):
     soft, hard = restore_nofile
     try:
         with open("/proc/sys/fs/nr_open") as f:
@@ -141,7 +139,6 @@ def test_max_fds_beyond_what_is_possible_warns_instead_of_failing(
     warnings = [
         r
         for r in caplog.records
-        if r.levelno >= logging.WARNING
-        and (r.name == "rsepoll" or r.name.startswith("rsepoll."))
+        if r.levelno >= logging.WARNING and (r.name == "rsepoll" or r.name.startswith("rsepoll."))
     ]
     assert warnings, caplog.text

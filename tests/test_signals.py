@@ -71,9 +71,7 @@ SERVER_SCRIPT = textwrap.dedent(
 def start_script(tmp_path, listen_timeout=None, sigpipe_default=False):
     script = tmp_path / "server_script.py"
     script.write_text(
-        SERVER_SCRIPT.format(
-            listen_timeout=listen_timeout, sigpipe_default=sigpipe_default
-        )
+        SERVER_SCRIPT.format(listen_timeout=listen_timeout, sigpipe_default=sigpipe_default)
     )
     child = ChildProcess([sys.executable, str(script)], cwd=str(tmp_path))
     child.wait_for_output(r"READY", stream="out")
@@ -131,9 +129,7 @@ def test_reset_peer_with_sigpipe_default_does_not_kill_server(tmp_path):
             assert victim.recv(1024)[:1] == b"f"
         finally:
             # Abortive close: RST while the server still has MiBs queued.
-            victim.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-            )
+            victim.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             victim.close()
         child.wait_for_output(r"CLOSED", stream="out")
         # Give the server a chance to write into the dead socket again.

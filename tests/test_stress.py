@@ -29,9 +29,7 @@ class _Client:
         self.next_chunk = rng.randint(1, 64 * KiB)
 
 
-def _echo_many(
-    port: int, n_clients: int, size: int, seed: int, deadline_s: float
-) -> None:
+def _echo_many(port: int, n_clients: int, size: int, seed: int, deadline_s: float) -> None:
     rng = random.Random(seed)
     clients = []
     sel = selectors.DefaultSelector()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import random
 import re
 import threading
 import time
@@ -99,9 +99,7 @@ def _message(tid: int, i: int) -> bytes:
 
 def test_concurrent_foreign_thread_sends_are_contiguous_and_ordered():
     n_threads, n_conns, n_msgs = 8, 20, 40
-    expected_len = sum(
-        len(_message(t, i)) for t in range(n_threads) for i in range(n_msgs)
-    )
+    expected_len = sum(len(_message(t, i)) for t in range(n_threads) for i in range(n_msgs))
     line_rx = re.compile(rb"<t(\d+):(\d{4}):(\d+):(x*)>")
     with running(Silent) as (server, port):
         clients = [connect(port) for _ in range(n_conns)]
@@ -237,6 +235,58 @@ def test_on_waiting_for_activity_not_called_more_often_than_timeout():
     with running(Waiter, listen_timeout=300) as (server, _port):
         assert wait_until(lambda: len(server.calls) >= 3, timeout=5)
         times = [t for t, _ in server.calls]
-        gaps = [b - a for a, b in itertools.pairwise(times)]
+        gaps = [b - a for a, b in zip(times, times[1:])]
         # Each call needs a full idle timeout before it (small scheduling slack).
         assert min(gaps) >= 0.25, gaps
+
+
+class DelayedTokenEcho(rsepoll.Server):
+    """Echoes each 16-byte token from a pool thread after a random delay."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.pool = ThreadPoolExecutor(max_workers=8)
+        self.buffers = {}
+        self.stale = 0
+
+    def on_connection_opened(self, conn):
+        self.buffers[conn] = b""
+
+    def on_message_received(self, conn, data):
+        buf = self.buffers[conn] + data
+        while len(buf) >= 16:
+            token, buf = buf[:16], buf[16:]
+            self.pool.submit(self._reply, conn, token, random.random() * 0.005)
+        self.buffers[conn] = buf
+
+    def on_connection_closed(self, conn):
+        del self.buffers[conn]
+
+    def _reply(self, conn, token, delay):
+        time.sleep(delay)
+        if not self.send_message(conn, token):
+            self.stale += 1
+
+
+def test_stale_handles_never_deliver_to_a_reused_fd():
+    """Replies to connections that are gone must not reach their fd's next owner."""
+    with running(DelayedTokenEcho) as (server, port):
+        try:
+
+            def client(k):
+                rng = random.Random(k)
+                for i in range(100):
+                    token = b"%06d:%09d" % (k, i)
+                    with connect(port) as c:
+                        c.sendall(token)
+                        if rng.random() < 0.5:
+                            continue  # leave before the reply: fd gets reused
+                        assert recv_exactly(c, 16) == token
+
+            workers = Workers()
+            for k in range(4):
+                workers.spawn(client, k)
+            workers.join(50)
+            assert wait_until(lambda: server.buffers == {}, timeout=10)
+        finally:
+            server.pool.shutdown(wait=True)

@@ -75,11 +75,9 @@ class Server(ServerCore):
             raise ValueError(f"max_fds must be positive, got {max_fds}")
         self.max_fds = max_fds
         _raise_fd_limit(max_fds)
-        self._configure(
-            backend or os.environ.get("RSEPOLL_BACKEND") or None,
-            ring_slots,
-            slot_size,
-        )
+        if backend is None:
+            backend = os.environ.get("RSEPOLL_BACKEND") or None
+        self._configure(backend, ring_slots, slot_size)
 
     def register_listener_socket(self, sock: AnyListener) -> bool:
         """Serves ``sock`` from the next :meth:`listen` on; returns True.

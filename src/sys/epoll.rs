@@ -125,6 +125,7 @@ impl Selector for Epoll {
                 token: Token(data),
                 readable: hangup || flags & (libc::EPOLLIN | libc::EPOLLRDHUP) as u32 != 0,
                 writable: hangup || flags & libc::EPOLLOUT as u32 != 0,
+                read_closed: hangup || flags & libc::EPOLLRDHUP as u32 != 0,
             });
         }
         // A full buffer means more events may be waiting: grow for next time

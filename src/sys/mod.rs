@@ -91,6 +91,9 @@ pub struct Event {
     pub readable: bool,
     /// Writing would not block.
     pub writable: bool,
+    /// The peer shut down its sending side (or the connection broke): a read
+    /// will reach EOF or an error, however short the reads before it.
+    pub read_closed: bool,
 }
 
 /// Wakes a thread blocked in [`Selector::select`]; callable from any thread.

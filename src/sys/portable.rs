@@ -67,6 +67,9 @@ impl Selector for Portable {
                 token: Token(event.key as u64),
                 readable: event.readable || failed,
                 writable: event.writable || failed,
+                // Not reported portably; one-shot re-arming reports a pending
+                // EOF again, so the reactor does not need the hint here.
+                read_closed: failed,
             });
         }
         Ok(())

@@ -1,0 +1,428 @@
+//! The engine end to end, without Python: real loopback clients against
+//! `core::Running`, on both backends. This test thread plays the Python side.
+#![cfg(not(loom))]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use _rsepoll::core::{Config, Running};
+use _rsepoll::message::{ConnKey, DeliveryKind};
+use _rsepoll::sys::Backend;
+use socket2::{Domain, Socket, Type};
+
+/// Counts heap allocations made on threads that opted in (the I/O thread, via
+/// `Config::on_io_thread_start`).
+struct CountingAllocator;
+
+thread_local! {
+    static COUNTED_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+static IO_THREAD_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+fn count_allocation() {
+    if COUNTED_THREAD.try_with(Cell::get).unwrap_or(false) {
+        IO_THREAD_ALLOCATIONS.fetch_add(1, SeqCst);
+    }
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; the counting
+// touches only an atomic and a const-initialised thread-local without
+// destructor, neither of which allocates.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count_allocation();
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count_allocation();
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count_allocation();
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+fn count_this_thread() {
+    COUNTED_THREAD.with(|c| c.set(true));
+}
+
+fn backends() -> Vec<Backend> {
+    let mut backends = vec![Backend::Portable];
+    if cfg!(target_os = "linux") {
+        backends.push(Backend::Epoll);
+    }
+    backends
+}
+
+fn listener() -> (Socket, u16) {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    socket.listen(1024).unwrap();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+    (socket, port)
+}
+
+fn connect(port: u16) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// What the echo driver saw.
+#[derive(Default)]
+struct Tally {
+    opened: usize,
+    closed: usize,
+    bytes: usize,
+}
+
+/// Echoes every byte back until `done()`, then stops the server and drains
+/// it to `Stopped`. Closes a connection on EOF, as the Python layer does.
+fn run_echo(running: &mut Running, mut on_idle: impl FnMut(), done: impl Fn() -> bool) -> Tally {
+    let sender = running.sender();
+    let mut tally = Tally::default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut stopping = false;
+    while !running.has_stopped() {
+        assert!(Instant::now() < deadline, "echo run timed out");
+        let mut idle = true;
+        while let Some((kind, conn, data)) =
+            running.take_with(|d| (d.kind, d.conn, d.data().to_vec()))
+        {
+            idle = false;
+            match kind {
+                DeliveryKind::Opened => tally.opened += 1,
+                DeliveryKind::Closed => tally.closed += 1,
+                DeliveryKind::Data => {
+                    tally.bytes += data.len();
+                    if sender.try_send(conn, &data).is_err() {
+                        sender.send(conn, &data).unwrap();
+                    }
+                }
+                DeliveryKind::Eof => {
+                    let _ = sender.close(conn);
+                }
+                DeliveryKind::Error | DeliveryKind::Failed => panic!("unexpected {kind:?}"),
+                DeliveryKind::Stopped => {}
+            }
+            if running.taken() >= 32 {
+                running.release();
+            }
+        }
+        running.release();
+        if !stopping && done() {
+            stopping = true;
+            running.stop();
+        }
+        if idle {
+            on_idle();
+            running.wait(Duration::from_millis(10));
+        }
+    }
+    tally
+}
+
+#[test]
+fn echo_is_byte_exact_for_many_clients_on_every_backend() {
+    for backend in backends() {
+        let (socket, port) = listener();
+        let config = Config {
+            backend,
+            ..Config::default()
+        };
+        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let finished = Arc::new(AtomicUsize::new(0));
+        let clients: Vec<_> = (0..16)
+            .map(|client| {
+                let finished = Arc::clone(&finished);
+                thread::spawn(move || {
+                    let mut stream = connect(port);
+                    let payload: Vec<u8> = (0..300_000u32)
+                        .map(|i| (i.wrapping_mul(31) ^ client) as u8)
+                        .collect();
+                    let writer = {
+                        let mut stream = stream.try_clone().unwrap();
+                        let payload = payload.clone();
+                        thread::spawn(move || {
+                            for chunk in payload.chunks(7_777) {
+                                stream.write_all(chunk).unwrap();
+                            }
+                            stream.shutdown(Shutdown::Write).unwrap();
+                        })
+                    };
+                    let mut echoed = Vec::new();
+                    stream.read_to_end(&mut echoed).unwrap();
+                    writer.join().unwrap();
+                    assert!(echoed == payload, "client {client}: echo differs");
+                    finished.fetch_add(1, SeqCst);
+                })
+            })
+            .collect();
+        let tally = run_echo(&mut running, || {}, || finished.load(SeqCst) == 16);
+        for client in clients {
+            client.join().unwrap();
+        }
+        running.join();
+        assert_eq!(tally.opened, 16, "{backend:?}");
+        assert_eq!(tally.closed, 16, "{backend:?}");
+        assert_eq!(tally.bytes, 16 * 300_000, "{backend:?}");
+    }
+}
+
+#[test]
+fn a_full_delivery_ring_stalls_reading_without_losing_bytes() {
+    for backend in backends() {
+        let (socket, port) = listener();
+        // Two slots of 256 bytes: the I/O thread stalls on nearly every read.
+        let config = Config {
+            backend,
+            ring_slots: 2,
+            slot_size: 256,
+            ..Config::default()
+        };
+        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let client = {
+            let done = Arc::clone(&done);
+            thread::spawn(move || {
+                let mut stream = connect(port);
+                let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+                let writer = {
+                    let mut stream = stream.try_clone().unwrap();
+                    let payload = payload.clone();
+                    thread::spawn(move || {
+                        stream.write_all(&payload).unwrap();
+                        stream.shutdown(Shutdown::Write).unwrap();
+                    })
+                };
+                let mut echoed = Vec::new();
+                stream.read_to_end(&mut echoed).unwrap();
+                writer.join().unwrap();
+                assert!(echoed == payload, "echo differs");
+                done.store(true, SeqCst);
+            })
+        };
+        // A slow consumer: the ring is full most of the time.
+        let tally = run_echo(
+            &mut running,
+            || thread::sleep(Duration::from_micros(200)),
+            || done.load(SeqCst),
+        );
+        client.join().unwrap();
+        running.join();
+        assert_eq!(tally.bytes, 1_000_000, "{backend:?}");
+    }
+}
+
+#[test]
+fn a_stale_key_never_reaches_the_next_tenant_of_a_slot() {
+    for backend in backends() {
+        let (socket, port) = listener();
+        let config = Config {
+            backend,
+            ..Config::default()
+        };
+        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let sender = running.sender();
+        let next = |running: &mut Running| -> (DeliveryKind, ConnKey) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(item) = running.take_with(|d| (d.kind, d.conn)) {
+                    running.release();
+                    return item;
+                }
+                assert!(Instant::now() < deadline, "no delivery");
+                running.wait(Duration::from_millis(10));
+            }
+        };
+        let first = connect(port);
+        let (kind, old) = next(&mut running);
+        assert_eq!(kind, DeliveryKind::Opened);
+        drop(first);
+        assert_eq!(next(&mut running), (DeliveryKind::Eof, old));
+        sender.close(old).unwrap();
+        assert_eq!(next(&mut running), (DeliveryKind::Closed, old));
+        // The old connection may linger a moment; wait until its slot is free.
+        thread::sleep(Duration::from_millis(50));
+        let mut second = connect(port);
+        let (kind, new) = next(&mut running);
+        assert_eq!(kind, DeliveryKind::Opened);
+        assert_eq!(new.index, old.index, "the slot is reused");
+        assert_ne!(new.id, old.id);
+        sender.send(old, b"for the old tenant").unwrap();
+        sender.send(new, b"for the new one").unwrap();
+        let mut buf = [0u8; 64];
+        let n = second.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"for the new one");
+        running.stop();
+        while !running.has_stopped() {
+            while running.take_with(|_| ()).is_some() {}
+            running.release();
+            running.wait(Duration::from_millis(10));
+        }
+        running.join();
+    }
+}
+
+#[test]
+fn the_io_thread_allocates_nothing_per_message_in_steady_state() {
+    for backend in backends() {
+        let (socket, port) = listener();
+        let config = Config {
+            backend,
+            on_io_thread_start: Some(count_this_thread),
+            ..Config::default()
+        };
+        let mut running = Running::start(&config, vec![socket]).unwrap();
+        const CLIENTS: usize = 8;
+        const WARM_UP: usize = 200;
+        const MEASURED: usize = 2_000;
+        let warmed = Arc::new(AtomicUsize::new(0));
+        let measuring = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(AtomicUsize::new(0));
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let (warmed, measuring, finished) =
+                    (warmed.clone(), measuring.clone(), finished.clone());
+                thread::spawn(move || {
+                    let mut stream = connect(port);
+                    let request = [7u8; 1024];
+                    let mut reply = [0u8; 1024];
+                    let mut round_trip = |stream: &mut TcpStream| {
+                        stream.write_all(&request).unwrap();
+                        stream.read_exact(&mut reply).unwrap();
+                        assert_eq!(reply, request);
+                    };
+                    for _ in 0..WARM_UP {
+                        round_trip(&mut stream);
+                    }
+                    warmed.fetch_add(1, SeqCst);
+                    while !measuring.load(SeqCst) {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                    for _ in 0..MEASURED {
+                        round_trip(&mut stream);
+                    }
+                    finished.fetch_add(1, SeqCst);
+                    // Stay connected until the server stops: closing is not
+                    // steady state.
+                    let mut rest = Vec::new();
+                    stream.read_to_end(&mut rest).unwrap();
+                    assert!(rest.is_empty());
+                })
+            })
+            .collect();
+        let baseline = Cell::new(None);
+        let at_end = Cell::new(None);
+        run_echo(
+            &mut running,
+            || {
+                if baseline.get().is_none() && warmed.load(SeqCst) == CLIENTS {
+                    baseline.set(Some(IO_THREAD_ALLOCATIONS.load(SeqCst)));
+                    measuring.store(true, SeqCst);
+                }
+                if at_end.get().is_none() && finished.load(SeqCst) == CLIENTS {
+                    at_end.set(Some(IO_THREAD_ALLOCATIONS.load(SeqCst)));
+                }
+            },
+            || at_end.get().is_some(),
+        );
+        for client in clients {
+            client.join().unwrap();
+        }
+        running.join();
+        let (baseline, at_end) = (baseline.get().unwrap(), at_end.get().unwrap());
+        assert!(baseline > 0, "the counter saw the I/O thread's setup");
+        assert_eq!(
+            at_end - baseline,
+            0,
+            "{backend:?}: the I/O thread allocated during {} round trips",
+            CLIENTS * MEASURED
+        );
+    }
+}
+
+#[test]
+fn sends_from_many_threads_keep_each_message_whole_and_in_order() {
+    let (socket, port) = listener();
+    let mut running = Running::start(&Config::default(), vec![socket]).unwrap();
+    let mut client = connect(port);
+    let conn = loop {
+        if let Some((kind, conn)) = running.take_with(|d| (d.kind, d.conn)) {
+            running.release();
+            assert_eq!(kind, DeliveryKind::Opened);
+            break conn;
+        }
+        running.wait(Duration::from_millis(10));
+    };
+    // Each thread sends numbered messages larger than a slot, so each spans
+    // several ring slots.
+    const THREADS: u8 = 4;
+    const MESSAGES: u32 = 50;
+    const SIZE: usize = 40_000;
+    let senders: Vec<_> = (0..THREADS)
+        .map(|thread_id| {
+            let sender = running.sender();
+            thread::spawn(move || {
+                for seq in 0..MESSAGES {
+                    let mut message = vec![thread_id; SIZE];
+                    message[1..5].copy_from_slice(&seq.to_be_bytes());
+                    sender.send(conn, &message).unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut next_seq: HashMap<u8, u32> = HashMap::new();
+    let mut message = vec![0u8; SIZE];
+    for _ in 0..THREADS as u32 * MESSAGES {
+        client.read_exact(&mut message).unwrap();
+        let thread_id = message[0];
+        let seq = u32::from_be_bytes(message[1..5].try_into().unwrap());
+        assert!(
+            message[5..].iter().all(|&b| b == thread_id),
+            "bytes of two messages interleaved"
+        );
+        let expected = next_seq.entry(thread_id).or_insert(0);
+        assert_eq!(seq, *expected, "thread {thread_id} out of order");
+        *expected += 1;
+    }
+    for sender in senders {
+        sender.join().unwrap();
+    }
+    drop(running); // stops and joins the I/O thread
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+}

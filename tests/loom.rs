@@ -1,0 +1,239 @@
+//! Model checks of the ring and of the sleep/wake handshakes, under every
+//! interleaving loom explores. Run with:
+//!
+//! ```sh
+//! RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 cargo test --release --test loom
+//! ```
+//!
+//! Waits here have no timeout: a lost wake-up shows up as a deadlock, which
+//! loom reports as a failure.
+#![cfg(loom)]
+
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+
+use _rsepoll::ring::{ring, Consumer, Producer};
+use _rsepoll::wake::{Bell, SleepFlag};
+use loom::sync::atomic::{fence, AtomicBool};
+use loom::sync::{Arc, Condvar, Mutex};
+use loom::thread;
+
+fn push(tx: &mut Producer<usize>, value: usize) -> bool {
+    match tx.vacant() {
+        Some(mut slot) => {
+            slot.with_mut(|v| *v = value);
+            slot.stage();
+            true
+        }
+        None => false,
+    }
+}
+
+fn take(rx: &mut Consumer<usize>) -> Option<usize> {
+    rx.take_with(|v| *v)
+}
+
+/// Items published one by one through a ring smaller than the stream arrive
+/// complete and in order, and a slot is never read while being written.
+#[test]
+fn ring_delivers_every_item_in_order() {
+    loom::model(|| {
+        let (mut tx, mut rx) = ring(2, || 0usize);
+        let producer = thread::spawn(move || {
+            for value in 1..=3 {
+                while !push(&mut tx, value) {
+                    thread::yield_now();
+                }
+                tx.publish();
+            }
+        });
+        let mut expected = 1;
+        while expected <= 3 {
+            match take(&mut rx) {
+                Some(value) => {
+                    assert_eq!(value, expected);
+                    expected += 1;
+                    rx.release();
+                }
+                None => thread::yield_now(),
+            }
+        }
+        producer.join().unwrap();
+    });
+}
+
+/// Batches: two slots staged and published with one store, consumed and
+/// released with one store.
+#[test]
+fn ring_batches_publish_and_release_together() {
+    loom::model(|| {
+        let (mut tx, mut rx) = ring(2, || 0usize);
+        let producer = thread::spawn(move || {
+            for batch in [[1, 2], [3, 4]] {
+                while tx.free() < 2 {
+                    thread::yield_now();
+                }
+                for value in batch {
+                    assert!(push(&mut tx, value));
+                }
+                tx.publish();
+            }
+        });
+        let mut expected = 1;
+        while expected <= 4 {
+            while let Some(value) = take(&mut rx) {
+                assert_eq!(value, expected);
+                expected += 1;
+            }
+            rx.release();
+            thread::yield_now();
+        }
+        producer.join().unwrap();
+    });
+}
+
+/// The Python side's wait for deliveries: it sleeps on a `Bell` when the ring
+/// is empty; the I/O thread rings it after each publish.
+#[test]
+fn bell_never_misses_a_publish() {
+    loom::model(|| {
+        let (mut tx, mut rx) = ring(2, || 0usize);
+        let bell = Arc::new(Bell::new());
+        let producer = {
+            let bell = Arc::clone(&bell);
+            thread::spawn(move || {
+                for value in 1..=2 {
+                    assert!(push(&mut tx, value));
+                    tx.publish();
+                    bell.ring();
+                }
+            })
+        };
+        let mut expected = 1;
+        while expected <= 2 {
+            match take(&mut rx) {
+                Some(value) => {
+                    assert_eq!(value, expected);
+                    expected += 1;
+                }
+                None => bell.wait_while(|| rx.is_empty(), None),
+            }
+        }
+        producer.join().unwrap();
+    });
+}
+
+/// The poller's wake-up, as an eventfd behaves: a wake before the wait is kept.
+struct EventFd {
+    pending: Mutex<bool>,
+    cond: Condvar,
+}
+
+impl EventFd {
+    fn new() -> Self {
+        EventFd {
+            pending: Mutex::new(false),
+            cond: Condvar::new(),
+        }
+    }
+
+    fn wake(&self) {
+        *self.pending.lock().unwrap() = true;
+        self.cond.notify_one();
+    }
+
+    fn wait(&self) {
+        let mut pending = self.pending.lock().unwrap();
+        while !*pending {
+            pending = self.cond.wait(pending).unwrap();
+        }
+        *pending = false;
+    }
+}
+
+/// The I/O thread's wait for commands: it announces its sleep on a
+/// `SleepFlag`, re-checks the command ring, then blocks in the poller; a
+/// sender publishes, then wakes the poller only if the flag says it sleeps.
+#[test]
+fn sleep_flag_never_misses_a_command() {
+    loom::model(|| {
+        let (mut tx, mut rx) = ring(2, || 0usize);
+        let flag = Arc::new(SleepFlag::new());
+        let poller = Arc::new(EventFd::new());
+        let sender = {
+            let (flag, poller) = (Arc::clone(&flag), Arc::clone(&poller));
+            thread::spawn(move || {
+                for value in 1..=2 {
+                    assert!(push(&mut tx, value));
+                    tx.publish();
+                    if flag.take_wake() {
+                        poller.wake();
+                    }
+                }
+            })
+        };
+        let mut expected = 1;
+        while expected <= 2 {
+            if let Some(value) = take(&mut rx) {
+                assert_eq!(value, expected);
+                expected += 1;
+                continue;
+            }
+            flag.announce();
+            if rx.is_empty() {
+                poller.wait();
+            }
+            flag.awake();
+        }
+        sender.join().unwrap();
+    });
+}
+
+/// The I/O thread stalled on a full delivery ring: it marks itself stalled,
+/// announces its sleep and re-checks for space; the Python side releases slots
+/// and then wakes it only if it is stalled and asleep.
+#[test]
+fn stalled_producer_is_woken_by_release() {
+    loom::model(|| {
+        let (mut tx, mut rx) = ring(1, || 0usize);
+        let flag = Arc::new(SleepFlag::new());
+        let stalled = Arc::new(AtomicBool::new(false));
+        let poller = Arc::new(EventFd::new());
+        let io_thread = {
+            let (flag, stalled, poller) =
+                (Arc::clone(&flag), Arc::clone(&stalled), Arc::clone(&poller));
+            thread::spawn(move || {
+                for value in 1..=2 {
+                    loop {
+                        if push(&mut tx, value) {
+                            tx.publish();
+                            break;
+                        }
+                        stalled.store(true, Relaxed);
+                        flag.announce();
+                        if tx.free() == 0 {
+                            poller.wait();
+                        }
+                        flag.awake();
+                        stalled.store(false, Relaxed);
+                    }
+                }
+            })
+        };
+        let mut expected = 1;
+        while expected <= 2 {
+            match take(&mut rx) {
+                Some(value) => {
+                    assert_eq!(value, expected);
+                    expected += 1;
+                    rx.release();
+                    fence(SeqCst);
+                    if stalled.load(Relaxed) && flag.take_wake() {
+                        poller.wake();
+                    }
+                }
+                None => thread::yield_now(),
+            }
+        }
+        io_thread.join().unwrap();
+    });
+}
