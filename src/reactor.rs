@@ -367,7 +367,7 @@ impl<S: Selector> Io<S> {
             });
             match result {
                 Ok(0) => {
-                    drop(slot);
+                    // The slot stays unstaged, so it is still free.
                     conn.phase = Phase::PeerDone;
                     conn.unread_input = false;
                     conn.eof_seen = true;

@@ -92,8 +92,7 @@ class Server(ServerCore):
             return True
         if not isinstance(sock, socket.socket):
             raise TypeError(
-                "expected an rsepoll.ListenerSocket or a socket.socket, "
-                f"not {type(sock).__name__}"
+                f"expected an rsepoll.ListenerSocket or a socket.socket, not {type(sock).__name__}"
             )
         if sock.fileno() < 0:
             raise ValueError("the socket is closed")

@@ -8,6 +8,7 @@ ends that client's connection (``--exit-stops-server``: stops the server).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -122,10 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM stops the server the way stop_server() does; Ctrl-C arrives as
     # KeyboardInterrupt once the server has shut down.
     signal.signal(signal.SIGTERM, lambda signum, frame: server.stop_server())
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.listen()
-    except KeyboardInterrupt:
-        pass
     print("rsepoll: stopped", file=sys.stderr)
     return 0
 

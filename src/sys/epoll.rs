@@ -151,9 +151,8 @@ impl EventFd {
     fn new() -> io::Result<EventFd> {
         let fd = syscall!(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))?;
         // SAFETY: `eventfd` returned a fresh fd that nothing else owns.
-        Ok(EventFd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(EventFd { fd })
     }
 
     /// Zeroes the counter. EAGAIN (already zero) is fine.

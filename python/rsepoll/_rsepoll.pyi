@@ -1,0 +1,89 @@
+"""Type stubs for the compiled core of rsepoll (``rsepoll._rsepoll``)."""
+
+from types import TracebackType
+
+from typing_extensions import disjoint_base, final
+
+__all__ = ["Connection", "ListenerSocket", "ServerCore", "__version__", "make_listener_socket"]
+__version__: str
+
+@final
+class Connection:
+    """One client connection, the same object from opened to closed.
+
+    Hashable, usable as a dict key, and able to carry the application's own
+    attributes. Not constructible from Python.
+    """
+
+    @property
+    def id(self) -> int:
+        """Unique for the server's life (fd numbers are not)."""
+    @property
+    def fd(self) -> int:
+        """The socket's fd, for display; the I/O thread owns the socket."""
+    @property
+    def remote_address(self) -> tuple[str, int] | None:
+        """The peer's ``(host, port)``."""
+    @property
+    def local_address(self) -> tuple[str, int] | None:
+        """The local ``(host, port)`` the connection arrived on."""
+    @property
+    def is_open(self) -> bool:
+        """False once the connection has closed."""
+
+@final
+class ListenerSocket:
+    """A bound, listening, non-blocking TCP socket (see make_listener_socket)."""
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the one the system picked, for port 0)."""
+    @property
+    def address(self) -> tuple[str, int]:
+        """The ``(host, port)`` it listens on."""
+    @property
+    def closed(self) -> bool:
+        """True after close()."""
+    def fileno(self) -> int:
+        """The file descriptor, or -1 once closed."""
+    def close(self) -> None:
+        """Closes this handle; servers it was registered with keep theirs."""
+    def __enter__(self) -> ListenerSocket: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+def make_listener_socket(port: int, host: str = "0.0.0.0", backlog: int = 1024) -> ListenerSocket:
+    """A TCP socket bound to ``(host, port)`` and listening; port 0 picks one."""
+
+@disjoint_base
+class ServerCore:
+    """The engine of rsepoll.Server; subclass rsepoll.Server, not this."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> ServerCore: ...
+    def _configure(
+        self,
+        backend: str | None = None,
+        ring_slots: int | None = None,
+        slot_size: int | None = None,
+    ) -> None: ...
+    @property
+    def backend(self) -> str:
+        """``"epoll"`` or ``"portable"``."""
+    @property
+    def is_running(self) -> bool:
+        """True while listen() runs."""
+    def _add_listener(self, listener: ListenerSocket) -> None: ...
+    def _add_listener_fd(self, fd: int) -> None: ...
+    def listen(self, timeout: int = 1000) -> None:
+        """Serves until stop_server(), Ctrl-C, or KeyboardInterrupt/SystemExit
+        from a callback; ``timeout`` (ms) paces on_waiting_for_activity."""
+    def send_message(self, conn: Connection, data: bytes | bytearray | memoryview | str) -> bool:
+        """Queues ``data`` for ``conn``; False if it has closed or is closing."""
+    def close_connection(self, conn: Connection) -> bool:
+        """Closes ``conn`` after what is queued for it; False if already closing."""
+    def stop_server(self) -> None:
+        """Stops listen(); safe from any thread and from signal handlers."""
