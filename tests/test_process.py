@@ -1,0 +1,116 @@
+"""Process-level promises: Ctrl-C latency, idle CPU, close-on-exec."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import rsepoll
+from conftest import ChildProcess, connect, recv_exactly, running
+
+pytestmark = pytest.mark.timeout(60)
+
+# Prints the moment listen() gave up, on the machine-wide monotonic clock, so
+# that the parent can compare it with the moment it sent the signal.
+SERVER = textwrap.dedent(
+    """
+    import time
+    import rsepoll
+
+    server = rsepoll.Server()
+    listener = rsepoll.make_listener_socket(0, "127.0.0.1")
+    server.register_listener_socket(listener)
+    server.on_listen_success = lambda: print("PORT", listener.port, flush=True)
+    try:
+        server.listen(timeout=60_000)
+    except KeyboardInterrupt:
+        print("KI_AT", time.monotonic(), flush=True)
+    """
+)
+
+
+def start_server(tmp_path) -> tuple[ChildProcess, int]:
+    script = tmp_path / "server.py"
+    script.write_text(SERVER)
+    child = ChildProcess([sys.executable, str(script)], cwd=str(tmp_path))
+    port = int(child.wait_for_output(r"PORT (\d+)", stream="out").group(1))
+    return child, port
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "under-load"])
+def test_sigint_stops_the_server_within_200_ms(tmp_path, busy):
+    child, port = start_server(tmp_path)
+    stop_load = threading.Event()
+
+    def ping_forever():
+        with connect(port) as c:
+            while not stop_load.is_set():
+                try:
+                    c.sendall(b"x" * 1024)
+                    recv_exactly(c, 1024)
+                except (OSError, AssertionError):
+                    return  # the server shut down mid-exchange, as intended
+
+    load = threading.Thread(target=ping_forever, daemon=True)
+    with child:
+        if busy:
+            load.start()
+            time.sleep(0.3)
+        sent_at = time.monotonic()
+        child.signal(signal.SIGINT)
+        stopped_at = float(child.wait_for_output(r"KI_AT (\S+)", stream="out").group(1))
+        assert child.wait(5) == 0, child.stderr
+        stop_load.set()
+        if busy:
+            load.join(5)
+    latency = stopped_at - sent_at
+    ms = latency * 1000
+    assert 0 <= latency < 0.2, f"listen() raised KeyboardInterrupt {ms:.0f} ms after SIGINT"
+
+
+def test_an_idle_server_uses_almost_no_cpu(tmp_path):
+    child, port = start_server(tmp_path)
+    with child, connect(port) as c:
+        c.sendall(b"warm")
+        assert recv_exactly(c, 4) == b"warm"
+        before = cpu_seconds(child.proc.pid)
+        time.sleep(1.0)
+        used = cpu_seconds(child.proc.pid) - before
+        child.signal(signal.SIGINT)
+        child.wait(5)
+    # A spinning thread would use ~1 s here; the 50 ms wake-up slices of an idle
+    # server cost a few milliseconds at most (CPU time is counted in ticks).
+    assert used <= 0.03, f"idle server used {used:.3f} s of CPU in 1 s"
+
+
+def test_no_rsepoll_fd_leaks_into_child_processes():
+    spawned = {}
+
+    class Spawner(rsepoll.Server):
+        def on_message_received(self, conn, data):
+            # close_fds=False: only close-on-exec keeps our fds out of the child.
+            result = subprocess.run(
+                ["ls", "-l", "/proc/self/fd"], close_fds=False, capture_output=True, text=True
+            )
+            spawned["listing"] = result.stdout
+            self.send_message(conn, b"done")
+
+    with running(Spawner) as (_server, port), connect(port) as c:
+        c.sendall(b"go")
+        assert recv_exactly(c, 4) == b"done"
+    listing = spawned["listing"]
+    leaked = [line for line in listing.splitlines() if "socket:" in line or "anon_inode:" in line]
+    assert not leaked, listing
