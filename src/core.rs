@@ -424,7 +424,8 @@ impl Drop for Running {
 }
 
 /// The I/O thread's body: run the loop; on a panic or an I/O error, report it
-/// and shut down anyway.
+/// and shut down anyway. Reports travel as deliveries: this thread never logs,
+/// because logging reaches Python's `logging` and would need the GIL.
 fn run_io_thread<S: Selector>(reactor: &mut Reactor<S>) {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reactor.run()));
     let detail = match outcome {
@@ -432,7 +433,6 @@ fn run_io_thread<S: Selector>(reactor: &mut Reactor<S>) {
         Ok(Err(error)) => format!("the I/O loop failed: {error}"),
         Err(panic) => format!("the I/O thread panicked: {}", panic_message(&*panic)),
     };
-    log::error!("{detail}");
     // If shutting down panics too, the thread ends without `Stopped`; the
     // consumer notices through `Running::io_thread_vanished`.
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reactor.fail(detail)));

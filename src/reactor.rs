@@ -508,7 +508,6 @@ impl<S: Selector> Io<S> {
         }
         self.last_accept_error = Some(now);
         let detail = format!("accepting a connection failed: {error}");
-        log::warn!("{detail}");
         self.emit(DeliveryKind::Error, ConnKey::default(), None, Some(detail));
     }
 

@@ -132,6 +132,11 @@ impl ServerCore {
             ));
         }
         let config = lock(&this.config).clone();
+        log::debug!(
+            "serving {} listener(s) with the {} backend",
+            listeners.len(),
+            config.backend.name()
+        );
         let running = Running::start(&config, listeners)?;
         *lock(&this.current) = Some(running.sender());
         Dispatcher::new(slf, running, Duration::from_millis(timeout as u64))?.run()
