@@ -107,20 +107,16 @@ pub struct Connection {
     pub unread_input: bool,
     /// The connection is on the reactor's ready list (at most once).
     pub in_ready_list: bool,
-    /// The poller said the peer shut down its side: read until EOF, even after
-    /// a short read (edge triggering will not report the EOF again).
-    pub read_closed: bool,
+    /// The poller said a short read may leave input behind (see
+    /// [`crate::sys::Event::read_fully`]): read until `EAGAIN` or EOF, because
+    /// edge triggering will not report that input again.
+    pub read_fully: bool,
     /// The peer's EOF was read. The socket then stays readable for good, so a
     /// one-shot registration must stop watching it for input.
     pub eof_seen: bool,
 }
 
 impl Connection {
-    /// True while the application may still hear from this connection.
-    pub fn delivers_input(&self) -> bool {
-        self.phase == Phase::Open
-    }
-
     /// True while sends for this connection are still accepted.
     pub fn accepts_output(&self) -> bool {
         matches!(self.phase, Phase::Open | Phase::PeerDone | Phase::Closing)
@@ -167,7 +163,7 @@ impl ConnectionTable {
             queue: WriteQueue::default(),
             unread_input: false,
             in_ready_list: false,
-            read_closed: false,
+            read_fully: false,
             eof_seen: false,
         };
         let index = match self.free.pop() {

@@ -151,6 +151,9 @@ impl Sender {
     /// Asks the I/O thread to shut down. Safe from any thread, any time.
     pub fn stop(&self) {
         self.shared.stop.store(true, Release);
+        // Pairs with the fence in the I/O thread's sleep announcement, as for
+        // commands: either it sees the flag before sleeping or it is woken.
+        fence(SeqCst);
         let _ = self.shared.waker.wake();
     }
 
@@ -196,7 +199,7 @@ impl Sender {
             }
         };
         let chunks = data.len().div_ceil(shared.slot_size).max(1);
-        if !wait && producer.free() < chunks {
+        if !wait && !producer.has_room_for(chunks) {
             return Err(SendError::WouldBlock);
         }
         let mut rest = data;
@@ -308,19 +311,13 @@ impl Running {
             listeners,
         )?;
         let on_start = config.on_io_thread_start;
-        let thread_shared = Arc::clone(&shared);
+        let exit_guard = ExitGuard(Arc::clone(&shared));
         let thread = std::thread::Builder::new()
             .name("rsepoll-io".into())
             .spawn(move || {
+                let _exit_guard = exit_guard;
                 block_signals();
-                if let Some(hook) = on_start {
-                    hook();
-                }
-                run_io_thread(&mut reactor);
-                // Whatever happened, senders must not wait for this thread again.
-                thread_shared.finished.store(true, Release);
-                thread_shared.deliveries.ring();
-                thread_shared.command_space.ring();
+                run_io_thread(&mut reactor, on_start);
             })?;
         Ok(Running {
             shared,
@@ -417,17 +414,36 @@ impl Running {
     }
 }
 
+/// Joining holds whatever the dropping thread holds (the GIL, on error paths of
+/// `listen()`); that is safe because the I/O thread never waits for it.
 impl Drop for Running {
     fn drop(&mut self) {
         self.join();
     }
 }
 
+/// Marks the I/O thread finished however it ends, so that no sender or
+/// consumer waits for it again.
+struct ExitGuard(Arc<Shared>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.0.finished.store(true, Release);
+        self.0.deliveries.ring();
+        self.0.command_space.ring();
+    }
+}
+
 /// The I/O thread's body: run the loop; on a panic or an I/O error, report it
 /// and shut down anyway. Reports travel as deliveries: this thread never logs,
 /// because logging reaches Python's `logging` and would need the GIL.
-fn run_io_thread<S: Selector>(reactor: &mut Reactor<S>) {
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reactor.run()));
+fn run_io_thread<S: Selector>(reactor: &mut Reactor<S>, on_start: Option<fn()>) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if let Some(hook) = on_start {
+            hook();
+        }
+        reactor.run()
+    }));
     let detail = match outcome {
         Ok(Ok(())) => return,
         Ok(Err(error)) => format!("the I/O loop failed: {error}"),

@@ -150,20 +150,23 @@ impl<S: Selector> Reactor<S> {
         self.shutdown();
     }
 
+    /// Applies queued commands, at most a ring's worth per turn, so that a fast
+    /// sender cannot keep the sockets from being polled.
     fn apply_commands(&mut self) {
-        let mut applied = false;
-        while self
-            .commands
-            .take_with(|command| self.io.apply(command))
-            .is_some()
+        let mut applied = 0;
+        while applied < self.commands.capacity()
+            && self
+                .commands
+                .take_with(|command| self.io.apply(command))
+                .is_some()
         {
-            applied = true;
+            applied += 1;
             if self.commands.taken() >= PUBLISH_BATCH {
                 self.commands.release();
                 self.io.shared.command_space.ring();
             }
         }
-        if applied {
+        if applied > 0 {
             self.commands.release();
             self.io.shared.command_space.ring();
         }
@@ -173,7 +176,7 @@ impl<S: Selector> Reactor<S> {
     fn wait(&mut self, mut timeout: Option<Duration>) -> io::Result<()> {
         let shared = Arc::clone(&self.io.shared);
         if timeout != Some(Duration::ZERO) {
-            let stalled = self.io.waits_for_ring_space();
+            let stalled = self.io.has_deferred_work();
             shared.inbound_stalled.store(stalled, Relaxed);
             shared.io_sleep.announce();
             if !self.commands.is_empty()
@@ -354,7 +357,7 @@ impl<S: Selector> Io<S> {
             let Some(conn) = self.table.get_mut(key) else {
                 return;
             };
-            let read_closed = conn.read_closed;
+            let read_fully = conn.read_fully;
             let mut slot = self.deliveries.vacant().expect("free() > 0");
             let (result, capacity) = slot.with_mut(|delivery| {
                 let result = net::recv(&conn.socket, &mut delivery.buf);
@@ -381,8 +384,9 @@ impl<S: Selector> Io<S> {
                     }
                     // A short read drained the socket: anything that arrives later
                     // raises a new edge (and re-arms a one-shot registration).
-                    // Not so an EOF that arrived with the data: keep reading then.
-                    if n < capacity && !read_closed {
+                    // Unless the poller said otherwise (an EOF behind the data,
+                    // urgent data): then read on to EAGAIN.
+                    if n < capacity && !read_fully {
                         return self.mark_drained(key);
                     }
                 }
@@ -452,6 +456,13 @@ impl<S: Selector> Io<S> {
             readable,
             writable: !conn.queue.is_empty(),
         };
+        // Left disarmed: a registration with no interest still reports errors
+        // and hangups, and a connection that wants nothing would spin on them.
+        // Whatever later gives it an interest (a send, a close, a turn on the
+        // ready list) re-arms it.
+        if !interest.readable && !interest.writable {
+            return;
+        }
         if self
             .selector
             .rearm(&conn.socket, Token::connection(key.index, key.id), interest)
@@ -547,7 +558,7 @@ impl<S: Selector> Io<S> {
                     if !id_matches(conn.id, id_bits) {
                         continue;
                     }
-                    conn.read_closed |= event.read_closed;
+                    conn.read_fully |= event.read_fully;
                     let key = ConnKey { index, id: conn.id };
                     if event.writable {
                         self.flush(key);
@@ -610,15 +621,17 @@ impl<S: Selector> Io<S> {
         }
     }
 
-    /// True if some work cannot go on until the Python side frees ring slots.
-    fn waits_for_ring_space(&self) -> bool {
+    /// True if an earlier turn left work that needs delivery slots: control
+    /// deliveries, connections with unread input, listeners with pending
+    /// connections.
+    fn has_deferred_work(&self) -> bool {
         !self.backlog.is_empty()
             || !self.ready.is_empty()
             || self.listeners.iter().any(|l| l.pending)
     }
 
     fn poll_timeout(&mut self) -> Option<Duration> {
-        if self.waits_for_ring_space() && self.deliveries.free() > 0 {
+        if self.has_deferred_work() && self.deliveries.free() > 0 {
             return Some(Duration::ZERO);
         }
         let deadlines = self

@@ -111,6 +111,15 @@ impl<T> Producer<T> {
         free
     }
 
+    /// True if `n` slots can be staged now, reloading the consumer's position
+    /// if the cached one says fewer are free.
+    pub fn has_room_for(&mut self, n: usize) -> bool {
+        if self.capacity() - self.next.wrapping_sub(self.head_seen) < n {
+            self.head_seen = self.ring.head.load(Acquire);
+        }
+        self.capacity() - self.next.wrapping_sub(self.head_seen) >= n
+    }
+
     /// The next free slot, or `None` if the ring is full.
     pub fn vacant(&mut self) -> Option<Vacant<'_, T>> {
         (self.free() > 0).then_some(Vacant { producer: self })
@@ -127,11 +136,6 @@ impl<T> Producer<T> {
             self.ring.tail.store(self.next, Release);
             self.published = self.next;
         }
-    }
-
-    /// True when the consumer has released every published slot.
-    pub fn is_drained(&self) -> bool {
-        self.ring.head.load(Acquire) == self.published
     }
 }
 

@@ -426,3 +426,50 @@ fn sends_from_many_threads_keep_each_message_whole_and_in_order() {
     client.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
 }
+
+/// TCP stops a read at the urgent mark, so a short read does not mean the
+/// socket is drained; the bytes behind the mark must still arrive.
+#[test]
+fn urgent_data_does_not_strand_the_bytes_behind_it() {
+    for backend in backends() {
+        for fill_ring_first in [false, true] {
+            let (socket, port) = listener();
+            let config = Config {
+                backend,
+                ring_slots: 2,
+                slot_size: 256,
+                ..Config::default()
+            };
+            let mut running = Running::start(&config, vec![socket]).unwrap();
+            let client = Socket::from(connect(port));
+            let mut expected = 0;
+            if fill_ring_first {
+                // The ring fills, so the next segments queue up in the kernel
+                // and are read together.
+                client.send(&[b'x'; 600]).unwrap();
+                expected += 600;
+                thread::sleep(Duration::from_millis(100));
+            }
+            client.send(b"abc").unwrap();
+            client.send_out_of_band(b"!").unwrap();
+            client.send(b"def").unwrap();
+            expected += 6; // the urgent byte is not delivered in line
+            let mut received = 0;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while received < expected && Instant::now() < deadline {
+                while let Some(n) = running.take_with(|d| match d.kind {
+                    DeliveryKind::Data => d.len,
+                    _ => 0,
+                }) {
+                    received += n;
+                }
+                running.release();
+                running.wait(Duration::from_millis(10));
+            }
+            assert_eq!(
+                received, expected,
+                "{backend:?}, ring filled first: {fill_ring_first}"
+            );
+        }
+    }
+}

@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 import pytest
 import rsepoll
@@ -524,3 +525,38 @@ def test_half_close_small_message_reply_then_eof():
         assert got.startswith(b"reply:")
         assert b"".join(got.split(b"reply:")) == b"tail"
         assert wait_until(lambda: server.count("closed") == 1)
+
+
+@pytest.mark.timeout(30)
+def test_on_eof_received_override_keeps_connection_open_for_late_replies():
+    """A server that answers from a worker thread overrides on_eof_received so
+    that a client's half-close does not close the connection before the reply."""
+    eofs = []
+
+    class LateReplies(rsepoll.Server):
+        def on_message_received(self, conn, data):
+            def reply():
+                time.sleep(0.2)
+                self.send_message(conn, data.upper())
+                self.close_connection(conn)
+
+            threading.Thread(target=reply, daemon=True).start()
+
+        def on_eof_received(self, conn):
+            eofs.append(conn)
+
+    with running(LateReplies) as (_server, port), connect(port) as c:
+        c.sendall(b"late reply")
+        c.shutdown(socket.SHUT_WR)
+        assert recv_exactly(c, 10) == b"LATE REPLY"
+        assert_eof(c)
+    assert len(eofs) == 1
+
+
+@pytest.mark.timeout(30)
+def test_default_on_eof_received_closes_after_earlier_replies():
+    with running(rsepoll.Server) as (_server, port), connect(port) as c:
+        c.sendall(b"echo me")
+        c.shutdown(socket.SHUT_WR)
+        assert recv_exactly(c, 7) == b"echo me"
+        assert_eof(c)

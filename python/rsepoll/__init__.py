@@ -85,7 +85,9 @@ class Server(ServerCore):
         ``sock`` is a :class:`ListenerSocket` or a bound, listening
         ``socket.socket`` of type ``SOCK_STREAM``. The server keeps its own
         duplicate and closes it when ``listen()`` returns; close yours whenever
-        you like. Several listeners may be registered.
+        you like. A duplicate shares the socket's blocking mode, so a
+        ``socket.socket`` becomes non-blocking (as with asyncio's ``sock=``).
+        Several listeners may be registered.
         """
         if isinstance(sock, ListenerSocket):
             self._add_listener(sock)
@@ -120,6 +122,15 @@ class Server(ServerCore):
         client may arrive as several calls, and several sends as one. The
         default echoes the bytes back."""
         self.send_message(conn, data)
+
+    def on_eof_received(self, conn: Connection) -> None:
+        """The client shut down its sending side: nothing more will arrive, but
+        it may still read. Runs after ``on_message_received`` for everything
+        that came before. The default closes the connection once what is
+        queued for it has been sent; override it to keep the connection open
+        while replies are still being computed (for example in a thread pool),
+        and call :meth:`close_connection` when they are sent."""
+        self.close_connection(conn)
 
     def on_connection_closed(self, conn: Connection) -> None:
         """``conn`` closed (whoever closed it); called once per connection."""

@@ -308,9 +308,7 @@ fn duplicate_fd(fd: i64) -> PyResult<Socket> {
     // the fd is only borrowed to duplicate it.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let owned = borrowed.try_clone_to_owned()?;
-    let socket = Socket::from(owned);
-    socket.set_nonblocking(true)?;
-    Ok(socket)
+    checked_listener(Socket::from(owned))
 }
 
 #[cfg(windows)]
@@ -322,7 +320,22 @@ fn duplicate_fd(fd: i64) -> PyResult<Socket> {
     // duplicate it.
     let borrowed = unsafe { BorrowedSocket::borrow_raw(handle) };
     let owned = borrowed.try_clone_to_owned()?;
-    let socket = Socket::from(owned);
+    checked_listener(Socket::from(owned))
+}
+
+/// Accepts a duplicated socket only if it is an IPv4/IPv6 stream socket, and
+/// makes it non-blocking. A duplicate shares the file status flags, so the
+/// caller's socket becomes non-blocking too (as with asyncio's `sock=`).
+fn checked_listener(socket: Socket) -> PyResult<Socket> {
+    let is_ip = matches!(
+        socket.domain(),
+        Ok(domain) if domain == socket2::Domain::IPV4 || domain == socket2::Domain::IPV6
+    );
+    if !is_ip || socket.r#type()? != socket2::Type::STREAM {
+        return Err(PyValueError::new_err(
+            "not a TCP socket: expected an IPv4 or IPv6 SOCK_STREAM socket",
+        ));
+    }
     socket.set_nonblocking(true)?;
     Ok(socket)
 }
@@ -467,9 +480,9 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
                 }
             }
             Item::Eof(conn) => {
-                // As asyncio does by default: once the callbacks for what came
-                // before the EOF have run (and queued their replies), close.
-                request_close(py, conn.get());
+                // After the callbacks for what came before the EOF, so their
+                // replies are queued ahead of the default close.
+                self.callback(intern!(py, "on_eof_received"), (conn,));
             }
             Item::Closed(conn) => self.close_and_report(conn),
             Item::Error(detail) => self.report_error::<PyOSError>(&detail),

@@ -48,7 +48,7 @@ impl Epoll {
 /// costs nothing when the socket stays writable (no edge, no event), and it
 /// saves an `epoll_ctl` each time a send has to wait.
 fn edge_flags() -> u32 {
-    (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32
+    (libc::EPOLLIN | libc::EPOLLPRI | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32
 }
 
 impl Selector for Epoll {
@@ -121,11 +121,12 @@ impl Selector for Epoll {
                 continue;
             }
             let hangup = flags & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
+            let read_fully = flags & (libc::EPOLLRDHUP | libc::EPOLLPRI) as u32 != 0;
             events.push(Event {
                 token: Token(data),
-                readable: hangup || flags & (libc::EPOLLIN | libc::EPOLLRDHUP) as u32 != 0,
+                readable: hangup || read_fully || flags & libc::EPOLLIN as u32 != 0,
                 writable: hangup || flags & libc::EPOLLOUT as u32 != 0,
-                read_closed: hangup || flags & libc::EPOLLRDHUP as u32 != 0,
+                read_fully: hangup || read_fully,
             });
         }
         // A full buffer means more events may be waiting: grow for next time

@@ -91,9 +91,11 @@ pub struct Event {
     pub readable: bool,
     /// Writing would not block.
     pub writable: bool,
-    /// The peer shut down its sending side (or the connection broke): a read
-    /// will reach EOF or an error, however short the reads before it.
-    pub read_closed: bool,
+    /// A short read does not prove the socket drained: the peer shut down its
+    /// side (the EOF waits behind the data), the connection broke, or urgent
+    /// data split the stream (TCP stops a read at the urgent mark). Read on
+    /// until `EAGAIN` or EOF.
+    pub read_fully: bool,
 }
 
 /// Wakes a thread blocked in [`Selector::select`]; callable from any thread.

@@ -67,9 +67,9 @@ impl Selector for Portable {
                 token: Token(event.key as u64),
                 readable: event.readable || failed,
                 writable: event.writable || failed,
-                // Not reported portably; one-shot re-arming reports a pending
-                // EOF again, so the reactor does not need the hint here.
-                read_closed: failed,
+                // Not reported portably. One-shot re-arming re-checks readiness,
+                // so whatever a short read left behind is reported again.
+                read_fully: failed,
             });
         }
         Ok(())
