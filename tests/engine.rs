@@ -13,9 +13,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use _rsepoll::core::{Config, Running};
-use _rsepoll::message::{ConnKey, DeliveryKind};
-use _rsepoll::sys::Backend;
-use socket2::{Domain, Socket, Type};
+use _rsepoll::message::DeliveryKind;
+use socket2::Socket;
+
+mod common;
+use common::{backends, connect, listener, next_delivery};
 
 /// Counts heap allocations made on threads that opted in (the I/O thread, via
 /// `Config::on_io_thread_start`).
@@ -65,39 +67,6 @@ static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 fn count_this_thread() {
     COUNTED_THREAD.with(|c| c.set(true));
-}
-
-fn backends() -> Vec<Backend> {
-    let mut backends = vec![Backend::Portable];
-    if cfg!(target_os = "linux") {
-        backends.push(Backend::Epoll);
-    }
-    backends
-}
-
-fn listener() -> (Socket, u16) {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    socket.set_reuse_address(true).unwrap();
-    socket
-        .bind(
-            &"127.0.0.1:0"
-                .parse::<std::net::SocketAddr>()
-                .unwrap()
-                .into(),
-        )
-        .unwrap();
-    socket.listen(1024).unwrap();
-    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
-    (socket, port)
-}
-
-fn connect(port: u16) -> TcpStream {
-    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    stream.set_nodelay(true).unwrap();
-    stream
 }
 
 /// What the echo driver saw.
@@ -256,28 +225,17 @@ fn a_stale_key_never_reaches_the_next_tenant_of_a_slot() {
         };
         let mut running = Running::start(&config, vec![socket]).unwrap();
         let sender = running.sender();
-        let next = |running: &mut Running| -> (DeliveryKind, ConnKey) {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Some(item) = running.take_with(|d| (d.kind, d.conn)) {
-                    running.release();
-                    return item;
-                }
-                assert!(Instant::now() < deadline, "no delivery");
-                running.wait(Duration::from_millis(10));
-            }
-        };
         let first = connect(port);
-        let (kind, old) = next(&mut running);
+        let (kind, old) = next_delivery(&mut running);
         assert_eq!(kind, DeliveryKind::Opened);
         drop(first);
-        assert_eq!(next(&mut running), (DeliveryKind::Eof, old));
+        assert_eq!(next_delivery(&mut running), (DeliveryKind::Eof, old));
         sender.close(old).unwrap();
-        assert_eq!(next(&mut running), (DeliveryKind::Closed, old));
+        assert_eq!(next_delivery(&mut running), (DeliveryKind::Closed, old));
         // The old connection may linger a moment; wait until its slot is free.
         thread::sleep(Duration::from_millis(50));
         let mut second = connect(port);
-        let (kind, new) = next(&mut running);
+        let (kind, new) = next_delivery(&mut running);
         assert_eq!(kind, DeliveryKind::Opened);
         assert_eq!(new.index, old.index, "the slot is reused");
         assert_ne!(new.id, old.id);
@@ -286,13 +244,7 @@ fn a_stale_key_never_reaches_the_next_tenant_of_a_slot() {
         let mut buf = [0u8; 64];
         let n = second.read(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"for the new one");
-        running.stop();
-        while !running.has_stopped() {
-            while running.take_with(|_| ()).is_some() {}
-            running.release();
-            running.wait(Duration::from_millis(10));
-        }
-        running.join();
+        running.join(); // stops the server, discarding deliveries
     }
 }
 
@@ -379,14 +331,8 @@ fn sends_from_many_threads_keep_each_message_whole_and_in_order() {
     let (socket, port) = listener();
     let mut running = Running::start(&Config::default(), vec![socket]).unwrap();
     let mut client = connect(port);
-    let conn = loop {
-        if let Some((kind, conn)) = running.take_with(|d| (d.kind, d.conn)) {
-            running.release();
-            assert_eq!(kind, DeliveryKind::Opened);
-            break conn;
-        }
-        running.wait(Duration::from_millis(10));
-    };
+    let (kind, conn) = next_delivery(&mut running);
+    assert_eq!(kind, DeliveryKind::Opened);
     // Each thread sends numbered messages larger than a slot, so each spans
     // several ring slots.
     const THREADS: u8 = 4;

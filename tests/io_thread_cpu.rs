@@ -5,21 +5,15 @@
 
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use _rsepoll::core::{Config, Running};
-use _rsepoll::message::{ConnKey, DeliveryKind};
+use _rsepoll::message::DeliveryKind;
 use _rsepoll::sys::Backend;
-use socket2::{Domain, Socket, Type};
+use socket2::Socket;
 
-fn listener() -> (Socket, u16) {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    let address: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
-    socket.bind(&address.into()).unwrap();
-    socket.listen(64).unwrap();
-    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
-    (socket, port)
-}
+mod common;
+use common::{listener, next_delivery};
 
 /// CPU ticks (user + system) of this process's `rsepoll-io` thread.
 fn io_thread_ticks() -> u64 {
@@ -44,31 +38,9 @@ fn ticks_in_half_a_second() -> u64 {
     io_thread_ticks() - before
 }
 
-fn next(running: &mut Running) -> (DeliveryKind, ConnKey) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(item) = running.take_with(|d| (d.kind, d.conn)) {
-            running.release();
-            return item;
-        }
-        assert!(Instant::now() < deadline, "no delivery");
-        running.wait(Duration::from_millis(10));
-    }
-}
-
 fn reset(stream: TcpStream) {
     let socket = Socket::from(stream);
     socket.set_linger(Some(Duration::ZERO)).unwrap();
-}
-
-fn stop(mut running: Running) {
-    running.stop();
-    while !running.has_stopped() {
-        while running.take_with(|_| ()).is_some() {}
-        running.release();
-        running.wait(Duration::from_millis(10));
-    }
-    running.join();
 }
 
 #[test]
@@ -82,12 +54,12 @@ fn no_spin_on_a_reset_connection_that_wants_nothing() {
         };
         let mut running = Running::start(&config, vec![socket]).unwrap();
         let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let (kind, key) = next(&mut running);
+        let (kind, key) = next_delivery(&mut running);
         assert_eq!(kind, DeliveryKind::Opened);
         client.write_all(b"hi").unwrap();
         client.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(next(&mut running).0, DeliveryKind::Data);
-        assert_eq!(next(&mut running).0, DeliveryKind::Eof);
+        assert_eq!(next_delivery(&mut running).0, DeliveryKind::Data);
+        assert_eq!(next_delivery(&mut running).0, DeliveryKind::Eof);
         reset(client);
         let ticks = ticks_in_half_a_second();
         assert!(
@@ -95,8 +67,8 @@ fn no_spin_on_a_reset_connection_that_wants_nothing() {
             "{backend:?}: EOF then reset: {ticks} ticks in 0.5 s"
         );
         running.sender().close(key).unwrap();
-        assert_eq!(next(&mut running), (DeliveryKind::Closed, key));
-        stop(running);
+        assert_eq!(next_delivery(&mut running), (DeliveryKind::Closed, key));
+        running.join(); // stops the server, discarding deliveries
 
         // 2. A connection parked on a full delivery ring, and the peer resets.
         let (socket, port) = listener();
@@ -108,7 +80,7 @@ fn no_spin_on_a_reset_connection_that_wants_nothing() {
         };
         let mut running = Running::start(&config, vec![socket]).unwrap();
         let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        assert_eq!(next(&mut running).0, DeliveryKind::Opened);
+        assert_eq!(next_delivery(&mut running).0, DeliveryKind::Opened);
         client.write_all(&[1u8; 4096]).unwrap();
         std::thread::sleep(Duration::from_millis(100));
         reset(client);
@@ -117,6 +89,6 @@ fn no_spin_on_a_reset_connection_that_wants_nothing() {
             ticks <= 5,
             "{backend:?}: full ring then reset: {ticks} ticks in 0.5 s"
         );
-        stop(running);
+        running.join(); // stops the server, discarding deliveries
     }
 }
