@@ -1,0 +1,423 @@
+//! A closed-loop TCP echo load generator, like vmbench's echo client.
+//!
+//! Each of `--connections` connections sends `--size` bytes, reads exactly
+//! `--size` bytes back, checks them, and sends the next message: one message
+//! in flight per connection. `--threads` threads share the connections, each
+//! driving its share with one poller (non-blocking sockets, level-triggered).
+//!
+//! Timeline: connect everything, run `--warmup` seconds unmeasured, then count
+//! the responses completed during the next `--duration` seconds. stdout gets
+//! `measure-start` and `measure-end` lines at the window's edges (so a caller
+//! can sample the server's CPU time there) and finally one `result {json}`
+//! line. Problems go to stderr as `error: ...` lines and are counted.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use polling::{Event, Events, PollMode, Poller};
+
+/// Every this many responses per connection, compare the whole body. (The
+/// sequence number stamped in a request's first and last 8 bytes is compared
+/// on every response.)
+const FULL_CHECK_EVERY: u64 = 32;
+/// A request still unanswered this long at the end counts as stalled.
+const STALL: Duration = Duration::from_secs(1);
+/// Print at most this many error lines (all are counted).
+const MAX_ERROR_LINES: usize = 10;
+
+static ERROR_LINES: AtomicUsize = AtomicUsize::new(0);
+
+struct Config {
+    addr: SocketAddr,
+    connections: usize,
+    size: usize,
+    threads: usize,
+    warmup: Duration,
+    duration: Duration,
+}
+
+/// What one thread measured inside the window.
+#[derive(Default)]
+struct Tally {
+    latencies_ns: Vec<u64>,
+    errors: usize,
+    stalled: usize,
+    full_checks: u64,
+}
+
+struct Conn {
+    id: usize,
+    stream: TcpStream,
+    request: Vec<u8>,
+    /// Room for the response plus slack, so that extra bytes are noticed.
+    response: Vec<u8>,
+    written: usize,
+    received: usize,
+    seq: u64,
+    sent_at: Instant,
+    wants_write: bool,
+    alive: bool,
+}
+
+fn main() -> ExitCode {
+    let config = match parse_args() {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("echo-loadgen: {message}");
+            eprintln!(
+                "usage: echo-loadgen --port P [--host 127.0.0.1] [--connections 100] \
+                 [--size 1024] [--threads 1] [--warmup 1] [--duration 5]"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match run(&config) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("echo-loadgen: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(config: &Config) -> io::Result<bool> {
+    let mut groups: Vec<Vec<Conn>> = (0..config.threads).map(|_| Vec::new()).collect();
+    for id in 0..config.connections {
+        let stream = connect(config.addr)?;
+        groups[id % config.threads].push(Conn::new(id, stream, config.size));
+    }
+    let start = Instant::now() + config.warmup;
+    let end = start + config.duration;
+    let tallies = std::thread::scope(|scope| {
+        let workers: Vec<_> = groups
+            .into_iter()
+            .map(|conns| scope.spawn(move || drive(conns, start, end)))
+            .collect();
+        sleep_until(start);
+        println!("measure-start");
+        sleep_until(end);
+        println!("measure-end");
+        workers
+            .into_iter()
+            .map(|worker| worker.join().expect("a worker thread panicked"))
+            .collect::<io::Result<Vec<Tally>>>()
+    })?;
+
+    let mut latencies: Vec<u64> = Vec::new();
+    let (mut errors, mut stalled, mut full_checks) = (0, 0, 0);
+    for tally in tallies {
+        latencies.extend_from_slice(&tally.latencies_ns);
+        errors += tally.errors;
+        stalled += tally.stalled;
+        full_checks += tally.full_checks;
+    }
+    latencies.sort_unstable();
+    let requests = latencies.len();
+    let seconds = config.duration.as_secs_f64();
+    let mean_us = if requests == 0 {
+        0.0
+    } else {
+        latencies.iter().map(|&ns| ns as f64).sum::<f64>() / requests as f64 / 1e3
+    };
+    let pct = |p: f64| -> f64 {
+        if requests == 0 {
+            return 0.0;
+        }
+        let rank = ((p / 100.0) * requests as f64).ceil() as usize;
+        latencies[rank.clamp(1, requests) - 1] as f64 / 1e3
+    };
+    println!(
+        "result {{\"requests\": {requests}, \"seconds\": {seconds}, \"size\": {size}, \
+         \"connections\": {conns}, \"threads\": {threads}, \"mean_us\": {mean_us:.3}, \
+         \"p50_us\": {p50:.3}, \"p99_us\": {p99:.3}, \"p999_us\": {p999:.3}, \
+         \"max_us\": {max:.3}, \"errors\": {errors}, \"stalled\": {stalled}, \
+         \"full_checks\": {full_checks}}}",
+        size = config.size,
+        conns = config.connections,
+        threads = config.threads,
+        p50 = pct(50.0),
+        p99 = pct(99.0),
+        p999 = pct(99.9),
+        max = pct(100.0),
+    );
+    Ok(errors == 0 && stalled == 0)
+}
+
+/// Drives `conns` until `end`; records the responses completed in `[start, end)`.
+fn drive(mut conns: Vec<Conn>, start: Instant, end: Instant) -> io::Result<Tally> {
+    let poller = Poller::new()?;
+    let mut tally = Tally {
+        latencies_ns: Vec::with_capacity(1 << 20),
+        ..Tally::default()
+    };
+    for (key, conn) in conns.iter_mut().enumerate() {
+        // SAFETY: a stream must leave the poller before it is closed. Each
+        // is deleted in `fail` or at the end of this function, and on an
+        // early return the poller (a local) is dropped before `conns` (a
+        // parameter), which owns the streams.
+        unsafe { poller.add_with_mode(&conn.stream, Event::readable(key), PollMode::Level)? };
+        conn.send_next(&poller, key, &mut tally);
+    }
+    let mut events = Events::new();
+    let mut alive = conns.iter().filter(|c| c.alive).count();
+    while alive > 0 && Instant::now() < end {
+        events.clear();
+        poller.wait(&mut events, Some(Duration::from_millis(50)))?;
+        for event in events.iter() {
+            let key = event.key;
+            let conn = &mut conns[key];
+            if !conn.alive {
+                continue;
+            }
+            if event.writable && conn.wants_write {
+                conn.write_some(&poller, key, &mut tally);
+            }
+            if event.readable && conn.alive {
+                conn.read_some(&poller, key, start, end, &mut tally);
+            }
+            if !conn.alive {
+                alive -= 1;
+            }
+        }
+    }
+    let now = Instant::now();
+    for conn in &conns {
+        if conn.alive && now.duration_since(conn.sent_at) >= STALL {
+            tally.stalled += 1;
+            report(format!(
+                "connection {} stalled: request {} unanswered for {:.1?} ({} of {} bytes back)",
+                conn.id,
+                conn.seq,
+                now.duration_since(conn.sent_at),
+                conn.received,
+                conn.request.len()
+            ));
+        }
+        if conn.alive {
+            let _ = poller.delete(&conn.stream);
+        }
+    }
+    Ok(tally)
+}
+
+impl Conn {
+    fn new(id: usize, stream: TcpStream, size: usize) -> Conn {
+        // A body that differs between connections, so crossed streams show.
+        let request = (0..size).map(|i| (i * 31 + id * 7 + 1) as u8).collect();
+        Conn {
+            id,
+            stream,
+            request,
+            response: vec![0; size + 4096],
+            written: 0,
+            received: 0,
+            seq: 0,
+            sent_at: Instant::now(),
+            wants_write: false,
+            alive: true,
+        }
+    }
+
+    /// Stamps the next sequence number into the request and starts sending it.
+    fn send_next(&mut self, poller: &Poller, key: usize, tally: &mut Tally) {
+        self.seq += 1;
+        let stamp = self.seq.to_le_bytes();
+        let n = self.request.len().min(8);
+        let len = self.request.len();
+        self.request[..n].copy_from_slice(&stamp[..n]);
+        self.request[len - n..].copy_from_slice(&stamp[..n]);
+        self.written = 0;
+        self.received = 0;
+        self.sent_at = Instant::now();
+        self.write_some(poller, key, tally);
+    }
+
+    fn write_some(&mut self, poller: &Poller, key: usize, tally: &mut Tally) {
+        while self.written < self.request.len() {
+            match self.stream.write(&self.request[self.written..]) {
+                Ok(0) => return self.fail(poller, tally, "write returned 0".into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if !self.wants_write {
+                        self.wants_write = true;
+                        self.set_interest(poller, Event::all(key), tally);
+                    }
+                    return;
+                }
+                Err(e) => return self.fail(poller, tally, format!("write: {e}")),
+            }
+        }
+        if self.wants_write {
+            self.wants_write = false;
+            self.set_interest(poller, Event::readable(key), tally);
+        }
+    }
+
+    fn read_some(
+        &mut self,
+        poller: &Poller,
+        key: usize,
+        start: Instant,
+        end: Instant,
+        tally: &mut Tally,
+    ) {
+        let size = self.request.len();
+        loop {
+            match self.stream.read(&mut self.response[self.received..]) {
+                Ok(0) => {
+                    let msg = format!(
+                        "server closed the connection ({} bytes back)",
+                        self.received
+                    );
+                    return self.fail(poller, tally, msg);
+                }
+                Ok(n) => self.received += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => return self.fail(poller, tally, format!("read: {e}")),
+            }
+            if self.received > self.written {
+                let msg = format!(
+                    "{} bytes back for request {}, which is {size} bytes ({} of them sent)",
+                    self.received, self.seq, self.written
+                );
+                return self.fail(poller, tally, msg);
+            }
+            if self.received == size {
+                break;
+            }
+        }
+        let done = Instant::now();
+        let n = size.min(8);
+        let ends_match = self.response[..n] == self.request[..n]
+            && self.response[size - n..size] == self.request[size - n..];
+        if !ends_match {
+            return self.fail(
+                poller,
+                tally,
+                format!(
+                    "wrong sequence number in the response to request {}",
+                    self.seq
+                ),
+            );
+        }
+        if self.seq.is_multiple_of(FULL_CHECK_EVERY) {
+            if self.response[..size] != self.request[..] {
+                return self.fail(
+                    poller,
+                    tally,
+                    format!("wrong body for request {}", self.seq),
+                );
+            }
+            if done >= start && done < end {
+                tally.full_checks += 1;
+            }
+        }
+        if done >= start && done < end {
+            tally
+                .latencies_ns
+                .push(done.duration_since(self.sent_at).as_nanos() as u64);
+        }
+        if done < end {
+            self.send_next(poller, key, tally);
+        }
+    }
+
+    fn set_interest(&mut self, poller: &Poller, interest: Event, tally: &mut Tally) {
+        if let Err(e) = poller.modify_with_mode(&self.stream, interest, PollMode::Level) {
+            self.fail(poller, tally, format!("poller: {e}"));
+        }
+    }
+
+    /// Gives up on this connection (deleting it from the poller, which would
+    /// otherwise keep reporting a dead socket as readable).
+    fn fail(&mut self, poller: &Poller, tally: &mut Tally, message: String) {
+        self.alive = false;
+        let _ = poller.delete(&self.stream);
+        tally.errors += 1;
+        report(format!("connection {}: {message}", self.id));
+    }
+}
+
+fn report(message: String) {
+    if ERROR_LINES.fetch_add(1, Ordering::Relaxed) < MAX_ERROR_LINES {
+        eprintln!("error: {message}");
+    }
+}
+
+/// Connects, retrying for a few seconds while the server starts up.
+fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                stream.set_nonblocking(true)?;
+                return Ok(stream);
+            }
+            Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(io::Error::new(e.kind(), format!("connect to {addr}: {e}"))),
+        }
+    }
+}
+
+fn sleep_until(when: Instant) {
+    let now = Instant::now();
+    if when > now {
+        std::thread::sleep(when - now);
+    }
+}
+
+fn parse_args() -> Result<Config, String> {
+    let mut host = "127.0.0.1".to_string();
+    let mut port: Option<u16> = None;
+    let mut config = Config {
+        addr: "127.0.0.1:1".parse().unwrap(),
+        connections: 100,
+        size: 1024,
+        threads: 1,
+        warmup: Duration::from_secs(1),
+        duration: Duration::from_secs(5),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let bad = |_| format!("bad value for {flag}: {value:?}");
+        let seconds = |v: &str| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| format!("bad value for {flag}: {v:?}"))
+        };
+        match flag.as_str() {
+            "--host" => host = value.clone(),
+            "--port" => port = Some(value.parse().map_err(bad)?),
+            "--connections" => config.connections = value.parse().map_err(bad)?,
+            "--size" => config.size = value.parse().map_err(bad)?,
+            "--threads" => config.threads = value.parse().map_err(bad)?,
+            "--warmup" => config.warmup = seconds(&value)?,
+            "--duration" => config.duration = seconds(&value)?,
+            _ => return Err(format!("unknown option {flag}")),
+        }
+    }
+    let port = port.ok_or("--port is required")?;
+    if config.connections == 0 || config.size == 0 || config.threads == 0 {
+        return Err("--connections, --size and --threads must be positive".into());
+    }
+    if config.duration.is_zero() {
+        return Err("--duration must be positive".into());
+    }
+    config.threads = config.threads.min(config.connections);
+    config.addr = format!("{host}:{port}")
+        .parse()
+        .map_err(|e| format!("bad address {host}:{port}: {e}"))?;
+    Ok(config)
+}
