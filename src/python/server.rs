@@ -303,9 +303,11 @@ fn duplicate_fd(fd: i64) -> PyResult<Socket> {
     if fd < 0 {
         return Err(PyValueError::new_err("the socket is closed"));
     }
-    // SAFETY: the caller (rsepoll.Server.register_listener_socket) passes the
-    // fileno() of a live socket object it holds for the duration of this call;
-    // the fd is only borrowed to duplicate it.
+    // SAFETY: the borrow lives for one `dup` call and nothing is read or written
+    // through it. rsepoll.Server.register_listener_socket passes the fileno() of
+    // a socket object it holds open during the call; any other caller's bad
+    // number makes `dup` fail with EBADF, or yields a duplicate that
+    // `checked_listener` rejects unless it is a TCP socket.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let owned = borrowed.try_clone_to_owned()?;
     checked_listener(Socket::from(owned))
