@@ -248,6 +248,7 @@ class DelayedTokenEcho(rsepoll.Server):
         self.pool = ThreadPoolExecutor(max_workers=8)
         self.buffers = {}
         self.stale = 0
+        self.closed = 0
 
     def on_connection_opened(self, conn):
         self.buffers[conn] = b""
@@ -261,6 +262,7 @@ class DelayedTokenEcho(rsepoll.Server):
 
     def on_connection_closed(self, conn):
         del self.buffers[conn]
+        self.closed += 1
 
     def _reply(self, conn, token, delay):
         time.sleep(delay)
@@ -287,6 +289,9 @@ def test_stale_handles_never_deliver_to_a_reused_fd():
             for k in range(4):
                 workers.spawn(client, k)
             workers.join(50)
-            assert wait_until(lambda: server.buffers == {}, timeout=10)
+            # Every connection made has been seen and closed by the server (an
+            # empty buffer dict alone could precede a late Opened).
+            assert wait_until(lambda: server.closed == 4 * 100, timeout=10)
+            assert server.buffers == {}
         finally:
             server.pool.shutdown(wait=True)
