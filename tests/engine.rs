@@ -17,7 +17,7 @@ use _rsepoll::message::DeliveryKind;
 use socket2::Socket;
 
 mod common;
-use common::{backends, connect, listener, next_delivery};
+use common::{backends, connect, next_delivery, start};
 
 /// Counts heap allocations made on threads that opted in (the I/O thread, via
 /// `Config::on_io_thread_start`).
@@ -126,12 +126,11 @@ fn run_echo(running: &mut Running, mut on_idle: impl FnMut(), done: impl Fn() ->
 #[test]
 fn echo_is_byte_exact_for_many_clients_on_every_backend() {
     for backend in backends() {
-        let (socket, port) = listener();
         let config = Config {
             backend,
             ..Config::default()
         };
-        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let (mut running, port) = start(&config);
         let finished = Arc::new(AtomicUsize::new(0));
         let clients: Vec<_> = (0..16)
             .map(|client| {
@@ -173,7 +172,6 @@ fn echo_is_byte_exact_for_many_clients_on_every_backend() {
 #[test]
 fn a_full_delivery_ring_stalls_reading_without_losing_bytes() {
     for backend in backends() {
-        let (socket, port) = listener();
         // Two slots of 256 bytes: the I/O thread stalls on nearly every read.
         let config = Config {
             backend,
@@ -181,7 +179,7 @@ fn a_full_delivery_ring_stalls_reading_without_losing_bytes() {
             slot_size: 256,
             ..Config::default()
         };
-        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let (mut running, port) = start(&config);
         let done = Arc::new(AtomicBool::new(false));
         let client = {
             let done = Arc::clone(&done);
@@ -218,12 +216,11 @@ fn a_full_delivery_ring_stalls_reading_without_losing_bytes() {
 #[test]
 fn a_stale_key_never_reaches_the_next_tenant_of_a_slot() {
     for backend in backends() {
-        let (socket, port) = listener();
         let config = Config {
             backend,
             ..Config::default()
         };
-        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let (mut running, port) = start(&config);
         let sender = running.sender();
         let first = connect(port);
         let (kind, old) = next_delivery(&mut running);
@@ -251,13 +248,12 @@ fn a_stale_key_never_reaches_the_next_tenant_of_a_slot() {
 #[test]
 fn the_io_thread_allocates_nothing_per_message_in_steady_state() {
     for backend in backends() {
-        let (socket, port) = listener();
         let config = Config {
             backend,
             on_io_thread_start: Some(count_this_thread),
             ..Config::default()
         };
-        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let (mut running, port) = start(&config);
         const CLIENTS: usize = 8;
         const WARM_UP: usize = 200;
         const MEASURED: usize = 2_000;
@@ -328,8 +324,7 @@ fn the_io_thread_allocates_nothing_per_message_in_steady_state() {
 
 #[test]
 fn sends_from_many_threads_keep_each_message_whole_and_in_order() {
-    let (socket, port) = listener();
-    let mut running = Running::start(&Config::default(), vec![socket]).unwrap();
+    let (mut running, port) = start(&Config::default());
     let mut client = connect(port);
     let (kind, conn) = next_delivery(&mut running);
     assert_eq!(kind, DeliveryKind::Opened);
@@ -379,14 +374,13 @@ fn sends_from_many_threads_keep_each_message_whole_and_in_order() {
 fn urgent_data_does_not_strand_the_bytes_behind_it() {
     for backend in backends() {
         for fill_ring_first in [false, true] {
-            let (socket, port) = listener();
             let config = Config {
                 backend,
                 ring_slots: 2,
                 slot_size: 256,
                 ..Config::default()
             };
-            let mut running = Running::start(&config, vec![socket]).unwrap();
+            let (mut running, port) = start(&config);
             let client = Socket::from(connect(port));
             let mut expected = 0;
             if fill_ring_first {

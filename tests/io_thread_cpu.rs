@@ -7,13 +7,13 @@ use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-use _rsepoll::core::{Config, Running};
+use _rsepoll::core::Config;
 use _rsepoll::message::DeliveryKind;
 use _rsepoll::sys::Backend;
 use socket2::Socket;
 
 mod common;
-use common::{listener, next_delivery};
+use common::{next_delivery, start};
 
 /// CPU ticks (user + system) of this process's `rsepoll-io` thread.
 fn io_thread_ticks() -> u64 {
@@ -47,12 +47,11 @@ fn reset(stream: TcpStream) {
 fn no_spin_on_a_reset_connection_that_wants_nothing() {
     for backend in [Backend::Portable, Backend::platform_default()] {
         // 1. The peer sent EOF, the application has not closed yet, the peer resets.
-        let (socket, port) = listener();
         let config = Config {
             backend,
             ..Config::default()
         };
-        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let (mut running, port) = start(&config);
         let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let (kind, key) = next_delivery(&mut running);
         assert_eq!(kind, DeliveryKind::Opened);
@@ -71,14 +70,13 @@ fn no_spin_on_a_reset_connection_that_wants_nothing() {
         running.join(); // stops the server, discarding deliveries
 
         // 2. A connection parked on a full delivery ring, and the peer resets.
-        let (socket, port) = listener();
         let config = Config {
             backend,
             ring_slots: 2,
             slot_size: 256,
             ..Config::default()
         };
-        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let (mut running, port) = start(&config);
         let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
         assert_eq!(next_delivery(&mut running).0, DeliveryKind::Opened);
         client.write_all(&[1u8; 4096]).unwrap();

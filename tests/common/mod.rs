@@ -4,7 +4,7 @@
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use _rsepoll::core::Running;
+use _rsepoll::core::{Config, Running};
 use _rsepoll::message::{ConnKey, DeliveryKind};
 use _rsepoll::sys::Backend;
 use socket2::{Domain, Socket, Type};
@@ -27,6 +27,12 @@ pub fn listener() -> (Socket, u16) {
     socket.listen(1024).unwrap();
     let port = socket.local_addr().unwrap().as_socket().unwrap().port();
     (socket, port)
+}
+
+/// Starts a server with `config` on a fresh listener; returns it and its port.
+pub fn start(config: &Config) -> (Running, u16) {
+    let (socket, port) = listener();
+    (Running::start(config, vec![socket]).unwrap(), port)
 }
 
 /// A blocking client with a read timeout, so a lost reply fails the test.
