@@ -157,11 +157,6 @@ impl Sender {
         let _ = self.shared.waker.wake();
     }
 
-    /// True once the I/O thread no longer applies commands.
-    pub fn is_stopped(&self) -> bool {
-        self.shared.finished.load(Acquire)
-    }
-
     /// A handle that does not keep the server's rings alive.
     pub fn downgrade(&self) -> WeakSender {
         WeakSender {

@@ -174,20 +174,20 @@ impl<S: Selector> Reactor<S> {
 
     /// Sleeps in the selector, unless the sleep protocol finds work first.
     fn wait(&mut self, mut timeout: Option<Duration>) -> io::Result<()> {
-        let shared = Arc::clone(&self.io.shared);
+        let stalled = timeout != Some(Duration::ZERO) && self.io.has_deferred_work();
+        let io = &mut self.io;
         if timeout != Some(Duration::ZERO) {
-            let stalled = self.io.has_deferred_work();
-            shared.inbound_stalled.store(stalled, Relaxed);
-            shared.io_sleep.announce();
+            io.shared.inbound_stalled.store(stalled, Relaxed);
+            io.shared.io_sleep.announce();
             if !self.commands.is_empty()
-                || shared.stop.load(Acquire)
-                || (stalled && self.io.deliveries.free() > 0)
+                || io.shared.stop.load(Acquire)
+                || (stalled && io.deliveries.free() > 0)
             {
                 timeout = Some(Duration::ZERO);
             }
         }
-        let result = self.io.selector.select(&mut self.io.events, timeout);
-        shared.io_sleep.awake();
+        let result = io.selector.select(&mut io.events, timeout);
+        io.shared.io_sleep.awake();
         result
     }
 
