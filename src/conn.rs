@@ -7,24 +7,120 @@
 //! longer matches the slot's tenant is stale and resolves to nothing, so a
 //! message for a closed connection can never reach the next connection that gets
 //! the same slot or the same fd number.
+//!
+//! A connection's life is a small state machine, and this module is the one
+//! place that says which transitions exist ([`Connection::peer_finished`],
+//! [`Connection::begin_close`], [`Connection::write_failed`],
+//! [`Connection::linger`]). The reactor performs the I/O and asks the
+//! connection what follows:
+//!
+//! ```text
+//!            EOF read                  close / error / timeout
+//!   Open ───────────────▶ PeerDone ─────────────────────────────┐
+//!    │ │                                                         ▼
+//!    │ └──── close / error / timeout ─────────────────────▶ Closing ──queue empty, FIN──▶ Lingering ──EOF or deadline──▶ gone
+//!    │                                                          (`Closed` delivered when it enters Lingering)
+//!    └── a send failed (peer reset) ──▶ WriteFailed ──input read to its end──▶ gone (`Closed`: reset)
+//! ```
 
+use std::fmt;
 use std::time::Instant;
 
 use socket2::Socket;
 
 use crate::message::ConnKey;
+use crate::sys::Interest;
 
-/// Where a connection is in its life.
+/// Why a connection closed; the application reads it as `conn.close_reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The peer ended the connection: it shut down its side and the
+    /// application then closed (by default, `on_eof_received` does).
+    Peer,
+    /// The peer reset the connection, or a send or receive failed because it
+    /// had gone.
+    Reset,
+    /// The application called `close_connection`.
+    Local,
+    /// Nothing was sent or received for `idle_timeout`.
+    IdleTimeout,
+    /// A message was started and not finished within `message_timeout`.
+    MessageTimeout,
+    /// The peer sent a message larger than `max_message_size`.
+    TooLarge,
+    /// Turned away at once: the server was at `max_connections`.
+    Limit,
+    /// The system reported an unexpected error for this socket.
+    Error,
+    /// The server stopped.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// Every reason, in declaration order (for per-reason counters).
+    pub const ALL: [CloseReason; 9] = [
+        CloseReason::Peer,
+        CloseReason::Reset,
+        CloseReason::Local,
+        CloseReason::IdleTimeout,
+        CloseReason::MessageTimeout,
+        CloseReason::TooLarge,
+        CloseReason::Limit,
+        CloseReason::Error,
+        CloseReason::Shutdown,
+    ];
+
+    /// The name the Python API uses (`"peer"`, `"idle_timeout"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            CloseReason::Peer => "peer",
+            CloseReason::Reset => "reset",
+            CloseReason::Local => "local",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::MessageTimeout => "message_timeout",
+            CloseReason::TooLarge => "too_large",
+            CloseReason::Limit => "limit",
+            CloseReason::Error => "error",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// The reason an I/O error on a connection's socket stands for.
+    pub fn of_error(error: &std::io::Error) -> CloseReason {
+        use std::io::ErrorKind::*;
+        match error.kind() {
+            ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected | TimedOut => {
+                CloseReason::Reset
+            }
+            _ => CloseReason::Error,
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a connection is in its life; see the module docs for the diagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     /// Reading and writing.
     Open,
-    /// The peer shut down its side; `Eof` was delivered and the Python side will
-    /// ask for the close once it has answered what came before it.
+    /// The peer shut down its side; `Eof` was delivered and the application
+    /// will ask for the close once it has answered what came before it. Only
+    /// a reset can still arrive.
     PeerDone,
-    /// The application asked for a close: input is discarded, the write queue
-    /// drains, then the sending side is shut down.
-    Closing,
+    /// The application (or a limit, a timeout, the shutdown) asked for a
+    /// close: input is discarded, the write queue drains, then the sending
+    /// side is shut down.
+    Closing {
+        /// What the application will be told.
+        reason: CloseReason,
+        /// The peer's EOF was read already: there is nothing left to discard.
+        peer_eof: bool,
+    },
     /// Closed as far as the application knows (`Closed` was delivered). The
     /// socket lingers, reading and discarding until the peer's EOF or the
     /// deadline, so that unread input cannot make the kernel reset the
@@ -33,6 +129,21 @@ pub enum Phase {
         /// When to give up waiting for the peer's EOF.
         deadline: Instant,
     },
+    /// A send failed because the peer is gone. Output is dropped, but input
+    /// the kernel already holds is still delivered; once it is read to its
+    /// end, the connection closes as [`CloseReason::Reset`].
+    WriteFailed,
+}
+
+/// What the reactor does with a connection's input in its current phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// Read it and deliver it to the application.
+    Deliver,
+    /// Read it and throw it away (the application closed the connection).
+    Discard,
+    /// Nothing more can arrive (the peer's EOF was read): watch for a reset only.
+    Ended,
 }
 
 /// Bytes accepted for sending that the socket has not taken yet, in order.
@@ -89,6 +200,19 @@ impl WriteQueue {
     }
 }
 
+/// What follows the peer's EOF, as [`Connection::peer_finished`] decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterEof {
+    /// Tell the application (`Eof`); it will close when it has answered.
+    Deliver,
+    /// Nothing to do now: a close is under way and goes on.
+    Continue,
+    /// Close now and report it with this reason.
+    Close(CloseReason),
+    /// Close now without a report: the application already had `Closed`.
+    Forget,
+}
+
 /// One connection.
 #[derive(Debug)]
 pub struct Connection {
@@ -96,8 +220,7 @@ pub struct Connection {
     pub socket: Socket,
     /// The unique id of this tenant of the slot.
     pub id: u64,
-    /// Where it is in its life.
-    pub phase: Phase,
+    phase: Phase,
     /// What waits to be sent.
     pub queue: WriteQueue,
     /// The kernel may hold more input than was read: the last read stopped
@@ -111,15 +234,145 @@ pub struct Connection {
     /// [`crate::sys::Event::read_fully`]): read until `EAGAIN` or EOF, because
     /// edge triggering will not report that input again.
     pub read_fully: bool,
-    /// The peer's EOF was read. The socket then stays readable for good, so a
-    /// one-shot registration must stop watching it for input.
-    pub eof_seen: bool,
 }
 
 impl Connection {
-    /// True while sends for this connection are still accepted.
+    fn new(socket: Socket, id: u64) -> Self {
+        Connection {
+            socket,
+            id,
+            phase: Phase::Open,
+            queue: WriteQueue::default(),
+            unread_input: false,
+            in_ready_list: false,
+            read_fully: false,
+        }
+    }
+
+    /// Where the connection is in its life.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// What its input is for now.
+    pub fn input(&self) -> Input {
+        match self.phase {
+            Phase::Open | Phase::WriteFailed => Input::Deliver,
+            Phase::PeerDone | Phase::Closing { peer_eof: true, .. } => Input::Ended,
+            Phase::Closing { .. } | Phase::Lingering { .. } => Input::Discard,
+        }
+    }
+
+    /// True while sends for this connection are accepted. A close is ordered
+    /// behind every send queued before it, so nothing is refused that the
+    /// application was told would go out.
     pub fn accepts_output(&self) -> bool {
-        matches!(self.phase, Phase::Open | Phase::PeerDone | Phase::Closing)
+        matches!(self.phase, Phase::Open | Phase::PeerDone)
+    }
+
+    /// True once the application has been told the connection closed.
+    pub fn reported_closed(&self) -> bool {
+        matches!(self.phase, Phase::Lingering { .. })
+    }
+
+    /// The peer's EOF was read.
+    pub fn peer_finished(&mut self) -> AfterEof {
+        self.unread_input = false;
+        match self.phase {
+            Phase::Open => {
+                self.phase = Phase::PeerDone;
+                AfterEof::Deliver
+            }
+            Phase::PeerDone => AfterEof::Continue,
+            Phase::Closing { reason, .. } => {
+                self.phase = Phase::Closing {
+                    reason,
+                    peer_eof: true,
+                };
+                AfterEof::Continue
+            }
+            Phase::Lingering { .. } => AfterEof::Forget,
+            Phase::WriteFailed => AfterEof::Close(CloseReason::Reset),
+        }
+    }
+
+    /// Starts a close for `reason`: no more output is accepted, the queue
+    /// drains, then FIN. False if a close is already under way (the first
+    /// reason stands). An application's close after the peer's EOF is the
+    /// peer's doing and is reported as [`CloseReason::Peer`].
+    pub fn begin_close(&mut self, reason: CloseReason) -> bool {
+        match self.phase {
+            Phase::Open => {
+                self.phase = Phase::Closing {
+                    reason,
+                    peer_eof: false,
+                };
+                true
+            }
+            Phase::PeerDone => {
+                let reason = match reason {
+                    CloseReason::Local => CloseReason::Peer,
+                    other => other,
+                };
+                self.phase = Phase::Closing {
+                    reason,
+                    peer_eof: true,
+                };
+                true
+            }
+            Phase::Closing { .. } | Phase::Lingering { .. } | Phase::WriteFailed => false,
+        }
+    }
+
+    /// A send failed because the peer has gone. Returns true if the
+    /// connection should close now; false if input may still be waiting in
+    /// the kernel, to be delivered first (then [`Connection::peer_finished`]
+    /// or a failed read ends it).
+    pub fn write_failed(&mut self) -> bool {
+        self.queue.discard();
+        match self.phase {
+            Phase::Open => {
+                self.phase = Phase::WriteFailed;
+                false
+            }
+            Phase::WriteFailed => false,
+            Phase::PeerDone | Phase::Closing { .. } | Phase::Lingering { .. } => true,
+        }
+    }
+
+    /// The queue has drained and FIN was sent: the application is told now
+    /// (the returned reason), and the socket waits for the peer's EOF until
+    /// `deadline`. `None` (and no change) unless the connection was closing.
+    pub fn linger(&mut self, deadline: Instant) -> Option<CloseReason> {
+        let Phase::Closing { reason, .. } = self.phase else {
+            return None;
+        };
+        self.phase = Phase::Lingering { deadline };
+        self.queue.discard();
+        Some(reason)
+    }
+
+    /// The reason a close under way will report, if one is under way.
+    pub fn closing_reason(&self) -> Option<CloseReason> {
+        match self.phase {
+            Phase::Closing { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// What the poller should watch for. `reading` is false while the reactor
+    /// delivers no input at all (the server is stopping); discarding goes on.
+    pub fn interest(&self, reading: bool) -> Interest {
+        let wants_input = match self.input() {
+            Input::Deliver => reading,
+            Input::Discard => true,
+            // After EOF a socket stays readable for good; watching it would spin.
+            Input::Ended => false,
+        };
+        Interest {
+            readable: wants_input && !self.unread_input,
+            writable: !self.queue.is_empty(),
+        }
     }
 }
 
@@ -156,16 +409,7 @@ impl ConnectionTable {
     pub fn insert(&mut self, socket: Socket) -> ConnKey {
         let id = self.next_id;
         self.next_id += 1;
-        let connection = Connection {
-            socket,
-            id,
-            phase: Phase::Open,
-            queue: WriteQueue::default(),
-            unread_input: false,
-            in_ready_list: false,
-            read_fully: false,
-            eof_seen: false,
-        };
+        let connection = Connection::new(socket, id);
         let index = match self.free.pop() {
             Some(index) => {
                 self.slots[index as usize] = Some(connection);
@@ -239,6 +483,72 @@ mod tests {
         assert!(table.remove(old).is_none());
         assert!(table.get_mut(new).is_some());
         assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn the_peer_ending_first_makes_a_local_close_a_peer_close() {
+        let mut conn = Connection::new(socket(), 1);
+        assert_eq!(conn.input(), Input::Deliver);
+        assert_eq!(conn.peer_finished(), AfterEof::Deliver);
+        assert_eq!(conn.input(), Input::Ended);
+        assert!(conn.accepts_output());
+        assert!(conn.begin_close(CloseReason::Local));
+        assert!(!conn.accepts_output());
+        assert!(
+            !conn.begin_close(CloseReason::Shutdown),
+            "the first close stands"
+        );
+        assert_eq!(conn.linger(Instant::now()), Some(CloseReason::Peer));
+        assert!(conn.reported_closed());
+        assert_eq!(conn.peer_finished(), AfterEof::Forget);
+    }
+
+    #[test]
+    fn a_failed_write_still_delivers_input_then_reports_a_reset() {
+        let mut conn = Connection::new(socket(), 1);
+        conn.queue.push(b"unsent");
+        assert!(!conn.write_failed(), "input may still wait in the kernel");
+        assert!(conn.queue.is_empty());
+        assert_eq!(conn.input(), Input::Deliver);
+        assert!(!conn.accepts_output());
+        assert!(!conn.begin_close(CloseReason::Local));
+        assert_eq!(conn.peer_finished(), AfterEof::Close(CloseReason::Reset));
+    }
+
+    #[test]
+    fn a_closing_connection_discards_input_until_the_peer_ends() {
+        let mut conn = Connection::new(socket(), 1);
+        assert!(conn.begin_close(CloseReason::IdleTimeout));
+        assert_eq!(conn.input(), Input::Discard);
+        assert_eq!(conn.peer_finished(), AfterEof::Continue);
+        assert_eq!(conn.input(), Input::Ended);
+        assert!(conn.write_failed(), "nothing more can arrive: close now");
+        assert_eq!(conn.closing_reason(), Some(CloseReason::IdleTimeout));
+    }
+
+    #[test]
+    fn interest_follows_the_phase() {
+        let mut conn = Connection::new(socket(), 1);
+        let none = Interest {
+            readable: false,
+            writable: false,
+        };
+        assert!(conn.interest(true).readable);
+        assert_eq!(
+            conn.interest(false),
+            none,
+            "a stopping server reads no input"
+        );
+        conn.queue.push(b"x");
+        assert!(conn.interest(false).writable);
+        conn.peer_finished();
+        assert!(
+            !conn.interest(true).readable,
+            "after EOF a socket stays readable"
+        );
+        conn.begin_close(CloseReason::Local);
+        conn.linger(Instant::now());
+        assert!(conn.interest(false).readable, "lingering discards input");
     }
 
     #[test]

@@ -17,7 +17,7 @@
 
 use std::io;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
-use std::sync::atomic::{fence, AtomicBool};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, TryLockError, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -96,12 +96,20 @@ pub(crate) struct Shared {
     pub(crate) inbound_stalled: AtomicBool,
     /// Set to ask the I/O thread to shut down.
     pub(crate) stop: AtomicBool,
+    /// How long a stop may take to flush output, in nanoseconds; written
+    /// before `stop` is set.
+    stop_timeout_ns: AtomicU64,
     /// The I/O thread no longer applies commands.
     pub(crate) finished: AtomicBool,
     waker: Arc<dyn Wake>,
 }
 
 impl Shared {
+    /// How long the stop under way may take to flush output.
+    pub(crate) fn stop_timeout(&self) -> Duration {
+        Duration::from_nanos(self.stop_timeout_ns.load(Acquire))
+    }
+
     /// Wakes the I/O thread if it sleeps (after publishing commands).
     fn wake_io(&self) {
         if self.io_sleep.take_wake() {
@@ -110,14 +118,30 @@ impl Shared {
     }
 }
 
+/// How long a stop may flush output unless told otherwise.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why a command was not queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendError {
     /// Another thread is sending, or the ring lacks room: retry with
-    /// [`Sender::send`], which waits.
+    /// `wait` set, which waits.
     WouldBlock,
+    /// The connection's close was already requested (its latch is set).
+    Closing,
     /// The server has stopped; nothing was or will be sent.
     Stopped,
+}
+
+/// What a [`Sender`] queues for a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// These bytes, behind everything queued before.
+    Send(&'a [u8]),
+    /// A graceful close: what is queued goes out, then FIN.
+    Close,
+    /// A reset at once; what is queued is dropped.
+    Abort,
 }
 
 /// Queues commands for the I/O thread; cheap to clone, usable from any thread.
@@ -127,29 +151,54 @@ pub struct Sender {
 }
 
 impl Sender {
+    /// Queues `request` for `conn`. With `wait`, waits for ring space as long
+    /// as needed; without, fails with [`SendError::WouldBlock`] instead.
+    ///
+    /// `latch`, if given, is the connection's "close requested" flag, checked
+    /// and set under the ring's lock: a send fails with
+    /// [`SendError::Closing`] once a close was queued, and a close sets it. So
+    /// every send that succeeds is ordered before the close, and goes out
+    /// before the connection's FIN. An abort is queued even after a close (it
+    /// cuts the close short).
+    pub fn request(
+        &self,
+        conn: ConnKey,
+        request: Request<'_>,
+        latch: Option<&AtomicBool>,
+        wait: bool,
+    ) -> Result<(), SendError> {
+        let (kind, data) = match request {
+            Request::Send(data) => (CommandKind::Send, data),
+            Request::Close => (CommandKind::Close, &[][..]),
+            Request::Abort => (CommandKind::Abort, &[][..]),
+        };
+        self.push(kind, conn, data, latch, wait)
+    }
+
     /// Queues `data` for `conn` if that can be done without waiting.
     pub fn try_send(&self, conn: ConnKey, data: &[u8]) -> Result<(), SendError> {
-        self.push(CommandKind::Send, conn, data, false)
+        self.request(conn, Request::Send(data), None, false)
     }
 
     /// Queues `data` for `conn`, waiting for ring space as long as needed.
     pub fn send(&self, conn: ConnKey, data: &[u8]) -> Result<(), SendError> {
-        self.push(CommandKind::Send, conn, data, true)
+        self.request(conn, Request::Send(data), None, true)
     }
 
-    /// Asks for `conn` to be closed once what is queued for it is sent, if that
-    /// can be done without waiting.
-    pub fn try_close(&self, conn: ConnKey) -> Result<(), SendError> {
-        self.push(CommandKind::Close, conn, &[], false)
-    }
-
-    /// As [`Sender::try_close`], waiting for ring space as long as needed.
+    /// Asks for `conn` to be closed once what is queued for it is sent,
+    /// waiting for ring space as long as needed.
     pub fn close(&self, conn: ConnKey) -> Result<(), SendError> {
-        self.push(CommandKind::Close, conn, &[], true)
+        self.request(conn, Request::Close, None, true)
     }
 
-    /// Asks the I/O thread to shut down. Safe from any thread, any time.
-    pub fn stop(&self) {
+    /// Asks the I/O thread to shut down, giving queued output up to `timeout`
+    /// to go out. Safe from any thread, any time; the first stop's timeout
+    /// stands.
+    pub fn stop(&self, timeout: Duration) {
+        let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        if !self.shared.stop.load(Acquire) {
+            self.shared.stop_timeout_ns.store(nanos, Release);
+        }
         self.shared.stop.store(true, Release);
         // Pairs with the fence in the I/O thread's sleep announcement, as for
         // commands: either it sees the flag before sleeping or it is woken.
@@ -166,7 +215,7 @@ impl Sender {
 
     #[cfg(test)]
     pub(crate) fn inject_panic(&self) {
-        self.push(CommandKind::Panic, ConnKey::default(), &[], true)
+        self.push(CommandKind::Panic, ConnKey::default(), &[], None, true)
             .expect("server running");
     }
 
@@ -175,6 +224,7 @@ impl Sender {
         kind: CommandKind,
         conn: ConnKey,
         data: &[u8],
+        latch: Option<&AtomicBool>,
         wait: bool,
     ) -> Result<(), SendError> {
         let shared = &*self.shared;
@@ -196,6 +246,15 @@ impl Sender {
         let chunks = data.len().div_ceil(shared.slot_size).max(1);
         if !wait && !producer.has_room_for(chunks) {
             return Err(SendError::WouldBlock);
+        }
+        if let Some(latch) = latch {
+            // Under the lock: see `Sender::request`.
+            match kind {
+                CommandKind::Send if latch.load(Relaxed) => return Err(SendError::Closing),
+                CommandKind::Close if latch.swap(true, Relaxed) => return Err(SendError::Closing),
+                CommandKind::Abort => latch.store(true, Relaxed),
+                _ => {}
+            }
         }
         let mut rest = data;
         for _ in 0..chunks {
@@ -295,6 +354,7 @@ impl Running {
             io_sleep: SleepFlag::new(),
             inbound_stalled: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            stop_timeout_ns: AtomicU64::new(DEFAULT_STOP_TIMEOUT.as_nanos() as u64),
             finished: AtomicBool::new(false),
             waker: selector.waker(),
         });
@@ -331,14 +391,27 @@ impl Running {
 
     /// Takes the next delivery, if one is ready, and reads it with `f`. The
     /// slot stays reserved until [`Running::release`].
+    ///
+    /// A `Draining` delivery is answered here, after `f` has seen it: every
+    /// delivery before it has been handled by then, so the `Shutdown` command
+    /// queues behind every reply the consumer made to them.
     pub fn take_with<R>(&mut self, f: impl FnOnce(&Delivery) -> R) -> Option<R> {
-        let stopped = &mut self.stopped_seen;
-        self.deliveries.take_with(|delivery| {
-            if delivery.kind == DeliveryKind::Stopped {
-                *stopped = true;
-            }
+        let mut kind = None;
+        let result = self.deliveries.take_with(|delivery| {
+            kind = Some(delivery.kind);
             f(delivery)
-        })
+        });
+        match kind {
+            Some(DeliveryKind::Stopped) => self.stopped_seen = true,
+            Some(DeliveryKind::Draining) => {
+                // Fails only once the I/O thread has finished: nothing to answer.
+                let _ =
+                    self.sender()
+                        .push(CommandKind::Shutdown, ConnKey::default(), &[], None, true);
+            }
+            _ => {}
+        }
+        result
     }
 
     /// Number of deliveries taken since the last release.
@@ -385,9 +458,10 @@ impl Running {
             && self.thread.as_ref().is_some_and(|t| t.is_finished())
     }
 
-    /// Asks the I/O thread to shut down; deliveries continue until `Stopped`.
-    pub fn stop(&self) {
-        self.sender().stop();
+    /// Asks the I/O thread to shut down, giving queued output up to `timeout`
+    /// to go out; deliveries continue until `Stopped`.
+    pub fn stop(&self, timeout: Duration) {
+        self.sender().stop(timeout);
     }
 
     /// Waits for the I/O thread to exit. Call after `Stopped` was taken (or the
@@ -398,7 +472,7 @@ impl Running {
             return;
         };
         if !self.stopped_seen {
-            self.stop();
+            self.stop(Duration::ZERO);
             while !self.stopped_seen && !thread.is_finished() {
                 while self.take_with(|_| ()).is_some() {}
                 self.release();
@@ -531,7 +605,7 @@ mod tests {
                 kinds,
                 vec![
                     DeliveryKind::Failed,
-                    DeliveryKind::Closed,
+                    DeliveryKind::Closed(crate::conn::CloseReason::Shutdown),
                     DeliveryKind::Stopped
                 ],
                 "{backend:?}"

@@ -9,6 +9,8 @@
 
 use std::net::SocketAddr;
 
+use crate::conn::CloseReason;
+
 /// Identifies one connection for the whole life of a server.
 ///
 /// `index` is the connection's slot in the I/O thread's table, for O(1) lookup;
@@ -32,13 +34,18 @@ pub enum DeliveryKind {
     Data,
     /// The peer shut down its sending side; more data will not come.
     Eof,
-    /// The connection is closed; nothing more will be delivered for it.
-    Closed,
+    /// The connection is closed, for this reason; nothing more will be
+    /// delivered for it.
+    Closed(CloseReason),
     /// A problem the application should hear of; `detail` says what.
     Error,
     /// The I/O thread failed (a panic); `detail` says why. `Closed` for every
     /// connection and then `Stopped` follow.
     Failed,
+    /// The server is stopping: it accepts no more connections and reads no
+    /// more input, so every `Data` was delivered before this. The consumer
+    /// answers with [`CommandKind::Shutdown`] once it has handled them.
+    Draining,
     /// The I/O thread has shut down; it was the last delivery.
     Stopped,
 }
@@ -99,6 +106,12 @@ pub enum CommandKind {
     Send,
     /// Flush what is queued for the connection, then close it.
     Close,
+    /// Drop what is queued for the connection and reset it (RST) at once.
+    Abort,
+    /// Close every connection once its queue has drained (by the stop
+    /// deadline at the latest). Sent in answer to [`DeliveryKind::Draining`],
+    /// behind every reply to the input delivered before it.
+    Shutdown,
     /// Panic on the I/O thread (tests of the failure path only).
     #[cfg(test)]
     Panic,

@@ -15,6 +15,13 @@
 //!   when it frees slots (see [`crate::wake`]);
 //! - control deliveries (`Closed`, `Eof`, ...) that find the ring full wait in a
 //!   small backlog that goes out before anything else, so nothing is reordered.
+//!
+//! Stopping is a drain, not a cut. When asked to stop, the loop closes its
+//! listeners, stops reading, and delivers `Draining`; the consumer handles
+//! what it already has and answers `Shutdown`, behind every reply it queued.
+//! Then each connection closes as soon as its queue has gone out (FIN). At
+//! the stop deadline, connections that still hold output are reset instead,
+//! so that their peers can tell a cut from a clean end.
 
 use std::collections::VecDeque;
 use std::io;
@@ -25,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
-use crate::conn::{ConnectionTable, Phase};
+use crate::conn::{AfterEof, CloseReason, ConnectionTable, Input};
 use crate::core::Shared;
 use crate::message::{Command, CommandKind, ConnKey, Delivery, DeliveryKind, Opened};
 use crate::ring::{Consumer, Producer};
@@ -63,6 +70,15 @@ struct Pending {
     detail: Option<String>,
 }
 
+/// A stop under way.
+struct Stopping {
+    /// When connections that still hold output are reset.
+    deadline: Instant,
+    /// Every connection has been told to close (the consumer answered
+    /// `Draining`, or the deadline came first).
+    closing_all: bool,
+}
+
 /// The I/O thread's state; see the module docs.
 pub(crate) struct Reactor<S: Selector> {
     commands: Consumer<Command>,
@@ -88,6 +104,8 @@ struct Io<S: Selector> {
     scratch: Box<[u8]>,
     /// When an accept error was last reported, to report at most one a second.
     last_accept_error: Option<Instant>,
+    /// Set once a stop has begun.
+    stopping: Option<Stopping>,
 }
 
 impl<S: Selector> Reactor<S> {
@@ -111,6 +129,7 @@ impl<S: Selector> Reactor<S> {
             events: Vec::with_capacity(1024),
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
             last_accept_error: None,
+            stopping: None,
         };
         for (index, socket) in listeners.into_iter().enumerate() {
             socket.set_nonblocking(true)?;
@@ -126,11 +145,26 @@ impl<S: Selector> Reactor<S> {
         Ok(Reactor { commands, io })
     }
 
-    /// Runs until the Python side asks to stop, then shuts down: closes every
-    /// socket and delivers `Closed` for each connection, then `Stopped`.
+    /// Serves until asked to stop, then drains (see the module docs): every
+    /// connection is closed and reported, then `Stopped` is delivered.
     pub(crate) fn run(&mut self) -> io::Result<()> {
-        while !self.io.shared.stop.load(Acquire) {
+        loop {
+            if self.io.stopping.is_none() && self.io.shared.stop.load(Acquire) {
+                let timeout = self.io.shared.stop_timeout();
+                self.io.begin_stop(Instant::now() + timeout, true);
+            }
             self.apply_commands();
+            if let Some(stopping) = &self.io.stopping {
+                if Instant::now() >= stopping.deadline {
+                    self.io.close_all();
+                    self.io.abort_all();
+                }
+                if self.io.stopping.as_ref().is_some_and(|s| s.closing_all)
+                    && self.io.table.is_empty()
+                {
+                    break;
+                }
+            }
             self.io.serve_leftovers();
             self.io.publish();
             let timeout = self.io.poll_timeout();
@@ -139,15 +173,20 @@ impl<S: Selector> Reactor<S> {
             self.io.expire_lingering();
             self.io.publish();
         }
-        self.shutdown();
+        self.finish();
         Ok(())
     }
 
-    /// Reports a failure of the loop (`detail`), then shuts down as on a stop.
+    /// Reports a failure of the loop (`detail`), then closes everything at
+    /// once: connections whose output all went out end with FIN, the others
+    /// with a reset.
     pub(crate) fn fail(&mut self, detail: String) {
         self.io
             .emit(DeliveryKind::Failed, ConnKey::default(), None, Some(detail));
-        self.shutdown();
+        self.io.begin_stop(Instant::now(), false);
+        self.io.close_all();
+        self.io.abort_all();
+        self.finish();
     }
 
     /// Applies queued commands, at most a ring's worth per turn, so that a fast
@@ -180,7 +219,7 @@ impl<S: Selector> Reactor<S> {
             io.shared.inbound_stalled.store(stalled, Relaxed);
             io.shared.io_sleep.announce();
             if !self.commands.is_empty()
-                || io.shared.stop.load(Acquire)
+                || (io.stopping.is_none() && io.shared.stop.load(Acquire))
                 || (stalled && io.deliveries.free() > 0)
             {
                 timeout = Some(Duration::ZERO);
@@ -191,30 +230,17 @@ impl<S: Selector> Reactor<S> {
         result
     }
 
-    fn shutdown(&mut self) {
-        // No new connections; the listening sockets close here.
-        for listener in self.io.listeners.drain(..) {
-            let _ = self.io.selector.deregister(&listener.socket);
-        }
-        // Sends queued before the stop still go out, as far as sockets take them.
-        self.apply_commands();
-        let keys: Vec<ConnKey> = self.io.table.keys().collect();
-        for key in keys {
-            self.io.flush(key);
-            if let Some(conn) = self.io.table.get_mut(key) {
-                let _ = conn.socket.shutdown(Shutdown::Write);
-            }
-            self.io.discard_input(key);
-            self.io.drop_connection(key, true);
-        }
+    /// Every connection is gone: deliver `Stopped` and hand the last
+    /// deliveries over.
+    fn finish(&mut self) {
         self.io.lingering.clear();
         self.io.ready.clear();
         // From here on, senders give up instead of waiting for ring space.
         self.io.shared.finished.store(true, Release);
         self.io
             .emit(DeliveryKind::Stopped, ConnKey::default(), None, None);
-        // Hand over what is left. Keep draining commands meanwhile, so that no
-        // Python thread stays blocked on a full command ring.
+        // Keep draining commands meanwhile, so that no Python thread stays
+        // blocked on a full command ring.
         loop {
             self.io.drain_backlog();
             self.io.publish();
@@ -245,10 +271,17 @@ impl<S: Selector> Io<S> {
     fn apply(&mut self, command: &Command) {
         match command.kind {
             CommandKind::Send => self.send(command.conn, command.data()),
-            CommandKind::Close => self.close(command.conn),
+            CommandKind::Close => self.close(command.conn, CloseReason::Local),
+            CommandKind::Abort => self.abort(command.conn, CloseReason::Local),
+            CommandKind::Shutdown => self.close_all(),
             #[cfg(test)]
             CommandKind::Panic => panic!("panic requested by a test"),
         }
+    }
+
+    /// True unless a stop has begun: then no input is delivered any more.
+    fn reading(&self) -> bool {
+        self.stopping.is_none()
     }
 
     /// Writes `data` now if the socket takes it and nothing is queued ahead of
@@ -266,7 +299,7 @@ impl<S: Selector> Io<S> {
                 match net::send(&conn.socket, &data[sent..]) {
                     Ok(n) => sent += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => return self.drop_connection(key, true),
+                    Err(e) => return self.on_write_error(key, &e),
                 }
             }
         }
@@ -286,53 +319,145 @@ impl<S: Selector> Io<S> {
             match net::send(&conn.socket, conn.queue.front()) {
                 Ok(n) => conn.queue.consume(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => return self.drop_connection(key, true),
+                Err(e) => return self.on_write_error(key, &e),
             }
         }
-        if conn.phase == Phase::Closing {
+        if conn.closing_reason().is_some() {
             self.finish_close(key);
         }
     }
 
-    fn close(&mut self, key: ConnKey) {
+    /// A send failed: the peer is gone. Input it sent before may still wait in
+    /// the kernel; unless nothing more can come, read it to its end first.
+    fn on_write_error(&mut self, key: ConnKey, error: &io::Error) {
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
-        if matches!(conn.phase, Phase::Open | Phase::PeerDone) {
-            conn.phase = Phase::Closing;
+        if conn.write_failed() {
+            self.close_now(key, Some(CloseReason::of_error(error)));
+        } else {
+            // No new edge may come for input that is already there.
+            self.mark_unread(key);
+        }
+    }
+
+    /// Starts a graceful close: the queue drains, then FIN.
+    fn close(&mut self, key: ConnKey, reason: CloseReason) {
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        if conn.begin_close(reason) {
             self.flush(key);
         }
     }
 
-    /// The queue is empty: send FIN, tell the application, and linger until the
-    /// peer's EOF so that unread input cannot turn the close into a reset.
+    /// Resets the connection at once, dropping what is queued.
+    fn abort(&mut self, key: ConnKey, reason: CloseReason) {
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        let reason = conn.closing_reason().unwrap_or(reason);
+        // A zero linger time makes close() send RST and drop unsent data.
+        let _ = conn.socket.set_linger(Some(Duration::ZERO));
+        self.close_now(key, Some(reason));
+    }
+
+    /// The queue is empty: send FIN and tell the application. While serving,
+    /// linger until the peer's EOF so that unread input cannot turn the close
+    /// into a reset; while stopping, close at once.
     fn finish_close(&mut self, key: ConnKey) {
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
-        if conn.socket.shutdown(Shutdown::Write).is_err() {
-            return self.drop_connection(key, true);
+        if let Err(e) = conn.socket.shutdown(Shutdown::Write) {
+            return self.close_now(key, Some(CloseReason::of_error(&e)));
+        }
+        if self.stopping.is_some() {
+            let reason = conn.closing_reason();
+            self.discard_input(key);
+            return self.close_now(key, reason);
         }
         let deadline = Instant::now() + LINGER;
-        conn.phase = Phase::Lingering { deadline };
-        conn.queue.discard();
+        let Some(reason) = conn.linger(deadline) else {
+            return;
+        };
         self.lingering.push_back((deadline, key));
-        self.emit(DeliveryKind::Closed, key, None, None);
+        self.emit(DeliveryKind::Closed(reason), key, None, None);
         self.discard_input(key);
         self.update_interest(key);
     }
 
-    /// Closes the socket now. `report` delivers `Closed` unless the application
-    /// already had it (a lingering connection).
-    fn drop_connection(&mut self, key: ConnKey, report: bool) {
+    /// Closes the socket now and reports `Closed(reason)`, unless the
+    /// application already had it (a lingering connection) or `reason` is
+    /// `None`.
+    fn close_now(&mut self, key: ConnKey, reason: Option<CloseReason>) {
         let Some(conn) = self.table.remove(key) else {
             return;
         };
         let _ = self.selector.deregister(&conn.socket);
-        let reported = matches!(conn.phase, Phase::Lingering { .. });
+        let reported = conn.reported_closed();
         drop(conn);
-        if report && !reported {
-            self.emit(DeliveryKind::Closed, key, None, None);
+        if let (Some(reason), false) = (reason, reported) {
+            self.emit(DeliveryKind::Closed(reason), key, None, None);
+        }
+    }
+
+    /// Asks every connection to close; called once the consumer answered
+    /// `Draining` (or the stop deadline passed).
+    fn close_all(&mut self) {
+        match &mut self.stopping {
+            Some(stopping) if !stopping.closing_all => stopping.closing_all = true,
+            _ => return,
+        }
+        let keys: Vec<ConnKey> = self.table.keys().collect();
+        for key in keys {
+            let Some(conn) = self.table.get_mut(key) else {
+                continue;
+            };
+            if conn.reported_closed() {
+                self.close_now(key, None);
+            } else if conn.closing_reason().is_some() {
+                // Already closing: it goes on, and finishes now if drained.
+                self.flush(key);
+            } else if !conn.begin_close(CloseReason::Shutdown) {
+                // Its output failed: what it sent will not be delivered now.
+                self.close_now(key, Some(CloseReason::Reset));
+            } else {
+                self.flush(key);
+            }
+        }
+    }
+
+    /// Resets every connection still open (the stop deadline passed with
+    /// their output not all sent).
+    fn abort_all(&mut self) {
+        let keys: Vec<ConnKey> = self.table.keys().collect();
+        for key in keys {
+            self.abort(key, CloseReason::Shutdown);
+        }
+    }
+
+    /// Stops accepting and reading. `announce` delivers `Draining` so that
+    /// the consumer answers `Shutdown` behind its last replies.
+    fn begin_stop(&mut self, deadline: Instant, announce: bool) {
+        if self.stopping.is_some() {
+            return;
+        }
+        self.stopping = Some(Stopping {
+            deadline,
+            closing_all: false,
+        });
+        // New connections are refused from here on.
+        for listener in self.listeners.drain(..) {
+            let _ = self.selector.deregister(&listener.socket);
+        }
+        if announce {
+            self.emit(DeliveryKind::Draining, ConnKey::default(), None, None);
+        }
+        // One-shot registrations stop watching input that will not be read.
+        let keys: Vec<ConnKey> = self.table.keys().collect();
+        for key in keys {
+            self.update_interest(key);
         }
     }
 
@@ -340,10 +465,45 @@ impl<S: Selector> Io<S> {
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
-        match conn.phase {
-            Phase::Open => self.read_into_ring(key),
-            Phase::PeerDone => {}
-            Phase::Closing | Phase::Lingering { .. } => self.discard_input(key),
+        match conn.input() {
+            Input::Deliver if self.stopping.is_none() => self.read_into_ring(key),
+            Input::Deliver | Input::Ended => {}
+            Input::Discard => self.discard_input(key),
+        }
+    }
+
+    /// The poller reported a hangup or an error. A connection that reads will
+    /// find out by reading; one that no longer reads (after the peer's EOF, or
+    /// while stopping) must be closed here, or the report would repeat.
+    fn on_hangup(&mut self, key: ConnKey) {
+        let reading = self.reading();
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        let watching = match conn.input() {
+            Input::Deliver => reading,
+            Input::Discard => true,
+            Input::Ended => false,
+        };
+        if watching {
+            return;
+        }
+        let reason = match conn.socket.take_error() {
+            Ok(Some(error)) => CloseReason::of_error(&error),
+            _ => CloseReason::Reset,
+        };
+        self.close_now(key, Some(reason));
+    }
+
+    fn on_eof(&mut self, key: ConnKey) {
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        match conn.peer_finished() {
+            AfterEof::Deliver => self.emit(DeliveryKind::Eof, key, None, None),
+            AfterEof::Continue => {}
+            AfterEof::Close(reason) => self.close_now(key, Some(reason)),
+            AfterEof::Forget => self.close_now(key, None),
         }
     }
 
@@ -369,14 +529,8 @@ impl<S: Selector> Io<S> {
                 (result, delivery.buf.len())
             });
             match result {
-                Ok(0) => {
-                    // The slot stays unstaged, so it is still free.
-                    conn.phase = Phase::PeerDone;
-                    conn.unread_input = false;
-                    conn.eof_seen = true;
-                    self.emit(DeliveryKind::Eof, key, None, None);
-                    return;
-                }
+                // The slot stays unstaged, so it is still free.
+                Ok(0) => return self.on_eof(key),
                 Ok(n) => {
                     slot.stage();
                     if self.deliveries.staged() >= PUBLISH_BATCH {
@@ -393,7 +547,7 @@ impl<S: Selector> Io<S> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return self.mark_drained(key);
                 }
-                Err(_) => return self.drop_connection(key, true),
+                Err(e) => return self.close_now(key, Some(CloseReason::of_error(&e))),
             }
         }
         self.mark_unread(key);
@@ -407,20 +561,12 @@ impl<S: Selector> Io<S> {
                 return;
             };
             match net::recv(&conn.socket, &mut self.scratch) {
-                Ok(0) => {
-                    conn.unread_input = false;
-                    conn.eof_seen = true;
-                    // A closing connection still drains its queue first.
-                    if matches!(conn.phase, Phase::Lingering { .. }) {
-                        self.drop_connection(key, false);
-                    }
-                    return;
-                }
+                Ok(0) => return self.on_eof(key),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return self.mark_drained(key);
                 }
-                Err(_) => return self.drop_connection(key, true),
+                Err(e) => return self.close_now(key, Some(CloseReason::of_error(&e))),
             }
         }
         self.mark_unread(key);
@@ -442,33 +588,28 @@ impl<S: Selector> Io<S> {
         }
     }
 
-    /// What a one-shot registration should watch for now.
+    /// Re-arms a one-shot registration with what the connection wants now.
+    /// Hangups and errors are always watched, so a registration with no
+    /// interest still hears of a reset (see [`Io::on_hangup`]), except on a
+    /// connection waiting on the ready list: its next read finds out, and
+    /// until then a reset would be reported again and again.
     fn update_interest(&mut self, key: ConnKey) {
         if !S::ONESHOT {
             return;
         }
+        let reading = self.reading();
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
-        // After EOF a socket stays readable for good; watching it would spin.
-        let readable = !conn.unread_input && !conn.eof_seen;
-        let interest = Interest {
-            readable,
-            writable: !conn.queue.is_empty(),
-        };
-        // Left disarmed: a registration with no interest still reports errors
-        // and hangups, and a connection that wants nothing would spin on them.
-        // Whatever later gives it an interest (a send, a close, a turn on the
-        // ready list) re-arms it.
-        if !interest.readable && !interest.writable {
+        let interest = conn.interest(reading);
+        if !interest.readable && !interest.writable && conn.unread_input {
             return;
         }
-        if self
-            .selector
-            .rearm(&conn.socket, Token::connection(key.index, key.id), interest)
-            .is_err()
+        if let Err(e) =
+            self.selector
+                .rearm(&conn.socket, Token::connection(key.index, key.id), interest)
         {
-            self.drop_connection(key, true);
+            self.close_now(key, Some(CloseReason::of_error(&e)));
         }
     }
 
@@ -566,6 +707,9 @@ impl<S: Selector> Io<S> {
                     if event.readable {
                         self.on_readable(key);
                     }
+                    if event.hangup {
+                        self.on_hangup(key);
+                    }
                     self.update_interest(key);
                 }
             }
@@ -614,8 +758,8 @@ impl<S: Selector> Io<S> {
             }
             self.lingering.pop_front();
             if let Some(conn) = self.table.get_mut(key) {
-                if conn.phase == (Phase::Lingering { deadline }) {
-                    self.drop_connection(key, false);
+                if conn.phase() == (crate::conn::Phase::Lingering { deadline }) {
+                    self.close_now(key, None);
                 }
             }
         }
@@ -639,7 +783,8 @@ impl<S: Selector> Io<S> {
             .front()
             .map(|&(deadline, _)| deadline)
             .into_iter()
-            .chain(self.listeners.iter().filter_map(|l| l.retry_at));
+            .chain(self.listeners.iter().filter_map(|l| l.retry_at))
+            .chain(self.stopping.as_ref().map(|s| s.deadline));
         deadlines
             .min()
             .map(|at| at.saturating_duration_since(Instant::now()))

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use _rsepoll::conn::CloseReason;
 use _rsepoll::core::{Config, Running};
 use _rsepoll::message::DeliveryKind;
 use socket2::Socket;
@@ -93,7 +94,7 @@ fn run_echo(running: &mut Running, mut on_idle: impl FnMut(), done: impl Fn() ->
             idle = false;
             match kind {
                 DeliveryKind::Opened => tally.opened += 1,
-                DeliveryKind::Closed => tally.closed += 1,
+                DeliveryKind::Closed(_) => tally.closed += 1,
                 DeliveryKind::Data => {
                     tally.bytes += data.len();
                     if sender.try_send(conn, &data).is_err() {
@@ -104,7 +105,7 @@ fn run_echo(running: &mut Running, mut on_idle: impl FnMut(), done: impl Fn() ->
                     let _ = sender.close(conn);
                 }
                 DeliveryKind::Error | DeliveryKind::Failed => panic!("unexpected {kind:?}"),
-                DeliveryKind::Stopped => {}
+                DeliveryKind::Draining | DeliveryKind::Stopped => {}
             }
             if running.taken() >= 32 {
                 running.release();
@@ -113,7 +114,7 @@ fn run_echo(running: &mut Running, mut on_idle: impl FnMut(), done: impl Fn() ->
         running.release();
         if !stopping && done() {
             stopping = true;
-            running.stop();
+            running.stop(Duration::from_secs(5));
         }
         if idle {
             on_idle();
@@ -228,7 +229,10 @@ fn a_stale_key_never_reaches_the_next_tenant_of_a_slot() {
         drop(first);
         assert_eq!(next_delivery(&mut running), (DeliveryKind::Eof, old));
         sender.close(old).unwrap();
-        assert_eq!(next_delivery(&mut running), (DeliveryKind::Closed, old));
+        assert_eq!(
+            next_delivery(&mut running),
+            (DeliveryKind::Closed(CloseReason::Peer), old)
+        );
         // The old connection may linger a moment; wait until its slot is free.
         thread::sleep(Duration::from_millis(50));
         let mut second = connect(port);

@@ -30,6 +30,10 @@ class Connection:
     @property
     def is_open(self) -> bool:
         """False once the connection has closed."""
+    @property
+    def close_reason(self) -> str | None:
+        """Why it closed (``"peer"``, ``"reset"``, ``"local"``, ``"shutdown"``,
+        ...); None while it is open."""
 
 @final
 class ListenerSocket:
@@ -83,7 +87,9 @@ class ServerCore:
         from a callback; ``timeout`` (ms) paces on_waiting_for_activity."""
     def send_message(self, conn: Connection, data: bytes | bytearray | memoryview | str) -> bool:
         """Queues ``data`` for ``conn``; False if it has closed or is closing."""
-    def close_connection(self, conn: Connection) -> bool:
-        """Closes ``conn`` after what is queued for it; False if already closing."""
-    def stop_server(self) -> None:
-        """Stops listen(); safe from any thread and from signal handlers."""
+    def close_connection(self, conn: Connection, abort: bool = False) -> bool:
+        """Closes ``conn`` after what is queued for it (FIN), or at once with a
+        reset if ``abort``; False if already closed (or closing, without abort)."""
+    def stop_server(self, timeout: float = 5.0) -> None:
+        """Stops listen(), giving queued output up to ``timeout`` seconds; safe
+        from any thread and from signal handlers."""

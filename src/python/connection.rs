@@ -2,9 +2,11 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::OnceLock;
 
 use pyo3::prelude::*;
 
+use crate::conn::CloseReason;
 use crate::core::{Sender, WeakSender};
 use crate::message::{ConnKey, Opened};
 
@@ -22,8 +24,11 @@ pub struct Connection {
     pub(super) opened: Opened,
     /// Cleared when `on_connection_closed` is about to run.
     pub(super) open: AtomicBool,
-    /// Set by `close_connection`: no more sends are accepted.
+    /// Set, under the command ring's lock, once a close was queued: no more
+    /// sends are accepted (see `Sender::request`).
     pub(super) closing: AtomicBool,
+    /// Why it closed; set just before `on_connection_closed`.
+    pub(super) close_reason: OnceLock<CloseReason>,
     sender: WeakSender,
 }
 
@@ -36,6 +41,7 @@ impl Connection {
             opened,
             open: AtomicBool::new(true),
             closing: AtomicBool::new(false),
+            close_reason: OnceLock::new(),
             sender,
         }
     }
@@ -86,6 +92,14 @@ impl Connection {
     #[getter]
     fn is_open(&self) -> bool {
         self.open.load(Relaxed)
+    }
+
+    /// Why the connection closed, once it has: `"peer"`, `"reset"`,
+    /// `"local"`, `"idle_timeout"`, `"message_timeout"`, `"too_large"`,
+    /// `"limit"`, `"error"` or `"shutdown"`. None while it is open.
+    #[getter]
+    fn close_reason(&self) -> Option<&'static str> {
+        self.close_reason.get().map(|reason| reason.name())
     }
 
     fn __repr__(&self) -> String {

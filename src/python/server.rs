@@ -13,7 +13,8 @@ use socket2::Socket;
 
 use super::connection::Connection;
 use super::listener::ListenerSocket;
-use crate::core::{Config, Running, SendError, Sender, WeakSender};
+use crate::conn::CloseReason;
+use crate::core::{Config, Request, Running, SendError, Sender, WeakSender, DEFAULT_STOP_TIMEOUT};
 use crate::message::{Delivery, DeliveryKind};
 use crate::sys::Backend;
 
@@ -26,6 +27,10 @@ const DISPATCH_BATCH: usize = 256;
 const RELEASE_BATCH: usize = 32;
 
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
+
+// `stop_server`'s signature spells its default as the literal 5.0.
+const _: () =
+    assert!(DEFAULT_STOP_TIMEOUT.as_secs() == 5 && DEFAULT_STOP_TIMEOUT.subsec_nanos() == 0);
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
@@ -46,6 +51,8 @@ pub struct ServerCore {
     stop_requested: AtomicBool,
     /// The running server's command handle, for `stop_server()`.
     current: Mutex<Option<Sender>>,
+    /// The timeout of the first `stop_server()` since the last run.
+    stop_timeout: Mutex<Duration>,
 }
 
 #[pymethods]
@@ -60,6 +67,7 @@ impl ServerCore {
             running: AtomicBool::new(false),
             stop_requested: AtomicBool::new(false),
             current: Mutex::new(None),
+            stop_timeout: Mutex::new(DEFAULT_STOP_TIMEOUT),
         }
     }
 
@@ -159,34 +167,53 @@ impl ServerCore {
         if bytes.is_empty() {
             return Ok(true);
         }
-        let Some(sender) = conn.sender() else {
-            return Ok(false);
-        };
-        Ok(queue(py, &sender, |sender, wait| {
-            if wait {
-                sender.send(conn.key, bytes)
-            } else {
-                sender.try_send(conn.key, bytes)
-            }
-        }))
+        Ok(queue(py, conn, Request::Send(bytes)))
     }
 
-    /// Closes `conn` once what is queued for it has been sent. Returns False if
-    /// it had already closed or was closing.
-    fn close_connection(&self, py: Python<'_>, conn: &Bound<'_, Connection>) -> PyResult<bool> {
+    /// Closes `conn` once what is queued for it has been sent (FIN), or at
+    /// once with a reset if `abort`, dropping what is queued. Returns False if
+    /// it had already closed, or (without `abort`) was already closing.
+    #[pyo3(signature = (conn, abort = false))]
+    fn close_connection(
+        &self,
+        py: Python<'_>,
+        conn: &Bound<'_, Connection>,
+        abort: bool,
+    ) -> PyResult<bool> {
         let conn = self.own_connection(conn)?;
-        Ok(request_close(py, conn))
+        if !conn.open.load(Relaxed) {
+            return Ok(false);
+        }
+        let request = if abort {
+            Request::Abort
+        } else {
+            Request::Close
+        };
+        Ok(queue(py, conn, request))
     }
 
-    /// Stops `listen()`: every connection is closed and reported, then
-    /// `on_shutdown_success` runs and `listen()` returns. Safe from any thread
-    /// and from signal handlers; before `listen()`, it makes the next one
-    /// return at once.
-    fn stop_server(&self) {
-        self.stop_requested.store(true, SeqCst);
-        if let Some(sender) = lock(&self.current).as_ref() {
-            sender.stop();
+    /// Stops `listen()`: no new connections, input already read is still
+    /// handled, queued output gets up to `timeout` seconds to go out; then
+    /// connections still holding output are reset. Every connection is
+    /// reported closed, then `on_shutdown_success` runs and `listen()`
+    /// returns. Safe from any thread and from signal handlers; before
+    /// `listen()`, it makes the next one return at once.
+    // The literal keeps the default visible to `inspect` (and stubtest); it is
+    // DEFAULT_STOP_TIMEOUT, as a compile-time assertion at the top checks.
+    #[pyo3(signature = (timeout = 5.0))]
+    fn stop_server(&self, timeout: f64) -> PyResult<()> {
+        let timeout = Duration::try_from_secs_f64(timeout).map_err(|_| {
+            PyValueError::new_err(format!(
+                "timeout must be a non-negative number of seconds, got {timeout}"
+            ))
+        })?;
+        if !self.stop_requested.swap(true, SeqCst) {
+            *lock(&self.stop_timeout) = timeout;
         }
+        if let Some(sender) = lock(&self.current).as_ref() {
+            sender.stop(*lock(&self.stop_timeout));
+        }
+        Ok(())
     }
 }
 
@@ -218,42 +245,28 @@ struct RunningGuard<'a>(&'a ServerCore);
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
         lock(&self.0.current).take();
+        *lock(&self.0.stop_timeout) = DEFAULT_STOP_TIMEOUT;
         self.0.stop_requested.store(false, SeqCst);
         self.0.running.store(false, SeqCst);
     }
 }
 
-/// Queues a command: first without waiting, holding the GIL; if that cannot be
-/// done at once (another thread is sending, or the ring is full), again with
-/// the GIL released, so that waiting never blocks other Python threads and can
-/// never deadlock with a thread that holds the ring's lock. Returns whether it
-/// was queued.
-fn queue(
-    py: Python<'_>,
-    sender: &Sender,
-    push: impl Fn(&Sender, bool) -> Result<(), SendError> + Sync,
-) -> bool {
-    match push(sender, false) {
-        Ok(()) => true,
-        Err(SendError::Stopped) => false,
-        Err(SendError::WouldBlock) => py.detach(|| push(sender, true).is_ok()),
-    }
-}
-
-fn request_close(py: Python<'_>, conn: &Connection) -> bool {
-    if !conn.open.load(Relaxed) || conn.closing.swap(true, SeqCst) {
-        return false;
-    }
+/// Queues `request` for `conn`: first without waiting, holding the GIL; if
+/// that cannot be done at once (another thread is sending, or the ring is
+/// full), again with the GIL released, so that waiting never blocks other
+/// Python threads and can never deadlock with a thread that holds the ring's
+/// lock. Returns whether it was queued: not once the connection's close was
+/// requested (see `Sender::request`), nor once the server has stopped.
+fn queue(py: Python<'_>, conn: &Connection, request: Request<'_>) -> bool {
     let Some(sender) = conn.sender() else {
         return false;
     };
-    queue(py, &sender, |sender, wait| {
-        if wait {
-            sender.close(conn.key)
-        } else {
-            sender.try_close(conn.key)
-        }
-    })
+    let push = |wait| sender.request(conn.key, request, Some(&conn.closing), wait);
+    match push(false) {
+        Ok(()) => true,
+        Err(SendError::Stopped | SendError::Closing) => false,
+        Err(SendError::WouldBlock) => py.detach(|| push(true).is_ok()),
+    }
 }
 
 /// The bytes of a `send_message` argument: borrowed from `bytes` and `str`
@@ -352,8 +365,11 @@ struct Dispatcher<'py, 'a> {
     factory: ConnectionFactory,
     idle_timeout: Duration,
     logger: Bound<'py, PyAny>,
-    /// A stop was asked for; data deliveries are skipped from now on.
+    /// A stop was asked for.
     stopping: bool,
+    /// Ctrl-C, `KeyboardInterrupt`/`SystemExit` from a callback, or a failed
+    /// I/O thread: input still in the ring is not handed to callbacks.
+    interrupted: bool,
     /// What `listen()` will raise once the server has shut down.
     exit_error: Option<PyErr>,
 }
@@ -380,6 +396,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
             idle_timeout,
             logger,
             stopping: false,
+            interrupted: false,
             exit_error: None,
         })
     }
@@ -477,7 +494,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
                 self.callback(intern!(py, "on_connection_opened"), (conn,));
             }
             Item::Data(conn, data) => {
-                if !self.stopping {
+                if !self.interrupted {
                     self.callback(intern!(py, "on_message_received"), (conn, data));
                 }
             }
@@ -486,11 +503,15 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
                 // replies are queued ahead of the default close.
                 self.callback(intern!(py, "on_eof_received"), (conn,));
             }
-            Item::Closed(conn) => self.close_and_report(conn),
+            Item::Closed(conn, reason) => {
+                let _ = conn.get().close_reason.set(reason);
+                self.close_and_report(conn);
+            }
             Item::Error(detail) => self.report_error::<PyOSError>(&detail),
             Item::Failed(detail) => {
                 self.report_error::<PyRuntimeError>(&detail);
                 self.stopping = true;
+                self.interrupted = true;
             }
             Item::Nothing => {}
         }
@@ -551,13 +572,15 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
         if self.exit_error.is_none() {
             self.exit_error = Some(error);
         }
+        self.interrupted = true;
         self.begin_stop();
     }
 
     fn begin_stop(&mut self) {
         if !self.stopping {
             self.stopping = true;
-            self.running.stop();
+            let timeout = *lock(&self.server.get().stop_timeout);
+            self.running.stop(timeout);
         }
     }
 }
@@ -573,7 +596,7 @@ enum Item<'py> {
     Opened(Py<Connection>),
     Data(Py<Connection>, Bound<'py, PyBytes>),
     Eof(Py<Connection>),
-    Closed(Py<Connection>),
+    Closed(Py<Connection>, CloseReason),
     Error(String),
     Failed(String),
     Nothing,
@@ -621,15 +644,24 @@ impl<'py> Item<'py> {
                 None => Item::Nothing,
             },
             DeliveryKind::Eof => known(connections).map_or(Item::Nothing, Item::Eof),
-            DeliveryKind::Closed => match known(connections) {
+            DeliveryKind::Closed(reason) => match known(connections) {
                 Some(conn) => {
                     connections[index] = None;
-                    Item::Closed(conn)
+                    Item::Closed(conn, reason)
                 }
                 None => Item::Nothing,
             },
             DeliveryKind::Error => Item::Error(delivery.detail.clone().unwrap_or_default()),
             DeliveryKind::Failed => Item::Failed(delivery.detail.clone().unwrap_or_default()),
+            DeliveryKind::Draining => {
+                // Every connection is about to close: sends from now on are
+                // refused. `Running` answers with `Shutdown` right after this,
+                // so the latch is set before that command is queued.
+                for conn in connections.iter().flatten() {
+                    conn.get().closing.store(true, SeqCst);
+                }
+                Item::Nothing
+            }
             DeliveryKind::Stopped => Item::Nothing,
         }
     }

@@ -127,6 +127,7 @@ impl Selector for Epoll {
                 readable: hangup || read_fully || flags & libc::EPOLLIN as u32 != 0,
                 writable: hangup || flags & libc::EPOLLOUT as u32 != 0,
                 read_fully: hangup || read_fully,
+                hangup,
             });
         }
         // A full buffer means more events may be waiting: grow for next time

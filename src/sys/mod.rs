@@ -96,6 +96,9 @@ pub struct Event {
     /// data split the stream (TCP stops a read at the urgent mark). Read on
     /// until `EAGAIN` or EOF.
     pub read_fully: bool,
+    /// The connection hung up or has an error (a reset, most often). Reported
+    /// even for a registration with no interest, where the backend can.
+    pub hangup: bool,
 }
 
 /// Wakes a thread blocked in [`Selector::select`]; callable from any thread.

@@ -25,8 +25,11 @@ pub struct Portable {
     events: polling::Events,
 }
 
+/// Hangups are always watched (on epoll, IOCP/AFD and poll; kqueue has no
+/// such filter), so that a connection that reads no more still hears of a
+/// reset.
 fn to_polling(token: Token, interest: Interest) -> polling::Event {
-    polling::Event::new(token.0 as usize, interest.readable, interest.writable)
+    polling::Event::new(token.0 as usize, interest.readable, interest.writable).with_interrupt()
 }
 
 impl Selector for Portable {
@@ -70,6 +73,7 @@ impl Selector for Portable {
                 // Not reported portably. One-shot re-arming re-checks readiness,
                 // so whatever a short read left behind is reported again.
                 read_fully: failed,
+                hangup: failed,
             });
         }
         Ok(())
