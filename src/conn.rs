@@ -24,6 +24,8 @@
 //! ```
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Instant;
 
 use socket2::Socket;
@@ -193,11 +195,49 @@ impl WriteQueue {
         }
     }
 
-    /// Frees the memory (when the connection is gone).
-    pub fn discard(&mut self) {
+    /// Drops what waits and frees the memory; returns how many bytes were
+    /// dropped.
+    pub fn discard(&mut self) -> usize {
+        let dropped = self.len();
         self.bytes = Vec::new();
         self.start = 0;
+        dropped
     }
+}
+
+/// Bytes accepted for a connection and not yet written to its socket, counted
+/// where the application can read them (`conn.pending_bytes`): the sender
+/// adds before it queues a send, the I/O thread subtracts what the socket
+/// takes or what is dropped.
+#[derive(Clone, Debug, Default)]
+pub struct PendingBytes(Arc<AtomicUsize>);
+
+impl PendingBytes {
+    /// The count now.
+    pub fn get(&self) -> usize {
+        self.0.load(Relaxed)
+    }
+
+    /// `n` more bytes were accepted.
+    pub fn add(&self, n: usize) {
+        self.0.fetch_add(n, Relaxed);
+    }
+
+    /// `n` bytes were written or dropped.
+    pub fn sub(&self, n: usize) {
+        self.0.fetch_sub(n, Relaxed);
+    }
+}
+
+/// Per-connection output limits: reading a connection stops while more than
+/// `high` bytes wait in its queue and resumes once at most `low` do, so a
+/// client that sends without reading the replies is slowed by TCP itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watermarks {
+    /// Stop reading above this many queued bytes.
+    pub high: usize,
+    /// Read again at or below this many.
+    pub low: usize,
 }
 
 /// What follows the peer's EOF, as [`Connection::peer_finished`] decides.
@@ -234,6 +274,12 @@ pub struct Connection {
     /// [`crate::sys::Event::read_fully`]): read until `EAGAIN` or EOF, because
     /// edge triggering will not report that input again.
     pub read_fully: bool,
+    /// The application paused reading (`pause_reading`).
+    paused: bool,
+    /// Reading stopped because the queue rose above the high watermark.
+    throttled: bool,
+    /// Shared with the application; see [`PendingBytes`].
+    pub pending: PendingBytes,
 }
 
 impl Connection {
@@ -246,7 +292,48 @@ impl Connection {
             unread_input: false,
             in_ready_list: false,
             read_fully: false,
+            paused: false,
+            throttled: false,
+            pending: PendingBytes::default(),
         }
+    }
+
+    /// False while reading is paused, by the application or by the
+    /// connection's own queue (see [`Watermarks`]).
+    pub fn reads_input(&self) -> bool {
+        !self.paused && !self.throttled
+    }
+
+    /// Pauses or resumes reading on the application's request. Returns true
+    /// if reading resumed: input may be waiting that no new edge will report.
+    pub fn set_paused(&mut self, paused: bool) -> bool {
+        let was_reading = self.reads_input();
+        self.paused = paused;
+        !was_reading && self.reads_input()
+    }
+
+    /// The socket took `n` queued or direct bytes.
+    pub fn wrote(&mut self, n: usize) {
+        self.pending.sub(n);
+    }
+
+    /// Re-checks the queue against `marks` after it changed. Returns true if
+    /// reading resumed (see [`Connection::set_paused`]).
+    pub fn check_watermarks(&mut self, marks: Watermarks) -> bool {
+        let was_reading = self.reads_input();
+        let queued = self.queue.len();
+        if queued > marks.high {
+            self.throttled = true;
+        } else if queued <= marks.low {
+            self.throttled = false;
+        }
+        !was_reading && self.reads_input()
+    }
+
+    fn drop_queue(&mut self) {
+        let dropped = self.queue.discard();
+        self.pending.sub(dropped);
+        self.throttled = false;
     }
 
     /// Where the connection is in its life.
@@ -329,7 +416,7 @@ impl Connection {
     /// the kernel, to be delivered first (then [`Connection::peer_finished`]
     /// or a failed read ends it).
     pub fn write_failed(&mut self) -> bool {
-        self.queue.discard();
+        self.drop_queue();
         match self.phase {
             Phase::Open => {
                 self.phase = Phase::WriteFailed;
@@ -348,7 +435,7 @@ impl Connection {
             return None;
         };
         self.phase = Phase::Lingering { deadline };
-        self.queue.discard();
+        self.drop_queue();
         Some(reason)
     }
 
@@ -364,7 +451,7 @@ impl Connection {
     /// delivers no input at all (the server is stopping); discarding goes on.
     pub fn interest(&self, reading: bool) -> Interest {
         let wants_input = match self.input() {
-            Input::Deliver => reading,
+            Input::Deliver => reading && self.reads_input(),
             Input::Discard => true,
             // After EOF a socket stays readable for good; watching it would spin.
             Input::Ended => false,

@@ -40,6 +40,11 @@ pub struct Config {
     /// Bytes of payload per slot: the most one `recv` reads, and the chunk size
     /// of sends.
     pub slot_size: usize,
+    /// Reading a connection stops while more than this many bytes wait in its
+    /// output queue ...
+    pub write_buffer_high: usize,
+    /// ... and resumes once at most this many do.
+    pub write_buffer_low: usize,
     /// Called first thing on the I/O thread (instrumentation, tests).
     pub on_io_thread_start: Option<fn()>,
 }
@@ -50,6 +55,8 @@ impl Default for Config {
             backend: Backend::platform_default(),
             ring_slots: 512,
             slot_size: 16 * 1024,
+            write_buffer_high: 1 << 20,
+            write_buffer_low: 256 << 10,
             on_io_thread_start: None,
         }
     }
@@ -75,6 +82,12 @@ impl Config {
             return Err(format!(
                 "slot_size must be from {min} to {max} bytes, got {}",
                 self.slot_size
+            ));
+        }
+        if self.write_buffer_high == 0 || self.write_buffer_low > self.write_buffer_high {
+            return Err(format!(
+                "write_buffer_low ({}) must not exceed write_buffer_high ({}), which must be positive",
+                self.write_buffer_low, self.write_buffer_high
             ));
         }
         Ok(())
@@ -142,6 +155,10 @@ pub enum Request<'a> {
     Close,
     /// A reset at once; what is queued is dropped.
     Abort,
+    /// Stop reading the connection.
+    PauseReading,
+    /// Read it again.
+    ResumeReading,
 }
 
 /// Queues commands for the I/O thread; cheap to clone, usable from any thread.
@@ -171,6 +188,8 @@ impl Sender {
             Request::Send(data) => (CommandKind::Send, data),
             Request::Close => (CommandKind::Close, &[][..]),
             Request::Abort => (CommandKind::Abort, &[][..]),
+            Request::PauseReading => (CommandKind::PauseReading, &[][..]),
+            Request::ResumeReading => (CommandKind::ResumeReading, &[][..]),
         };
         self.push(kind, conn, data, latch, wait)
     }
@@ -359,6 +378,7 @@ impl Running {
             waker: selector.waker(),
         });
         let mut reactor = Reactor::new(
+            config,
             selector,
             Arc::clone(&shared),
             delivery_tx,

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 
-use crate::conn::CloseReason;
+use crate::conn::{CloseReason, PendingBytes};
 
 /// Identifies one connection for the whole life of a server.
 ///
@@ -51,7 +51,7 @@ pub enum DeliveryKind {
 }
 
 /// Facts about a freshly accepted connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Opened {
     /// The socket's fd (the SOCKET handle on Windows), for display only.
     pub fd: i64,
@@ -59,6 +59,8 @@ pub struct Opened {
     pub peer: Option<SocketAddr>,
     /// The local address the connection arrived on.
     pub local: Option<SocketAddr>,
+    /// Its count of bytes accepted and not yet sent.
+    pub pending: PendingBytes,
 }
 
 /// One slot of the I/O thread → Python ring.
@@ -112,6 +114,10 @@ pub enum CommandKind {
     /// deadline at the latest). Sent in answer to [`DeliveryKind::Draining`],
     /// behind every reply to the input delivered before it.
     Shutdown,
+    /// Stop reading the connection until `ResumeReading`.
+    PauseReading,
+    /// Read the connection again.
+    ResumeReading,
     /// Panic on the I/O thread (tests of the failure path only).
     #[cfg(test)]
     Panic,

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
-use crate::conn::{AfterEof, CloseReason, ConnectionTable, Input};
-use crate::core::Shared;
+use crate::conn::{AfterEof, CloseReason, ConnectionTable, Input, Watermarks};
+use crate::core::{Config, Shared};
 use crate::message::{Command, CommandKind, ConnKey, Delivery, DeliveryKind, Opened};
 use crate::ring::{Consumer, Producer};
 use crate::sys::{net, Event, Interest, Selector};
@@ -106,11 +106,14 @@ struct Io<S: Selector> {
     last_accept_error: Option<Instant>,
     /// Set once a stop has begun.
     stopping: Option<Stopping>,
+    /// Per-connection output limits.
+    watermarks: Watermarks,
 }
 
 impl<S: Selector> Reactor<S> {
     /// Registers `listeners` with `selector`; the loop starts with [`Reactor::run`].
     pub(crate) fn new(
+        config: &Config,
         selector: S,
         shared: Arc<Shared>,
         deliveries: Producer<Delivery>,
@@ -130,6 +133,10 @@ impl<S: Selector> Reactor<S> {
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
             last_accept_error: None,
             stopping: None,
+            watermarks: Watermarks {
+                high: config.write_buffer_high,
+                low: config.write_buffer_low,
+            },
         };
         for (index, socket) in listeners.into_iter().enumerate() {
             socket.set_nonblocking(true)?;
@@ -274,6 +281,8 @@ impl<S: Selector> Io<S> {
             CommandKind::Close => self.close(command.conn, CloseReason::Local),
             CommandKind::Abort => self.abort(command.conn, CloseReason::Local),
             CommandKind::Shutdown => self.close_all(),
+            CommandKind::PauseReading => self.set_paused(command.conn, true),
+            CommandKind::ResumeReading => self.set_paused(command.conn, false),
             #[cfg(test)]
             CommandKind::Panic => panic!("panic requested by a test"),
         }
@@ -290,23 +299,42 @@ impl<S: Selector> Io<S> {
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
-        if !conn.accepts_output() || data.is_empty() {
+        if !conn.accepts_output() {
+            conn.pending.sub(data.len());
             return;
         }
         let mut sent = 0;
         if conn.queue.is_empty() {
             while sent < data.len() {
                 match net::send(&conn.socket, &data[sent..]) {
-                    Ok(n) => sent += n,
+                    Ok(n) => {
+                        sent += n;
+                        conn.wrote(n);
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return self.on_write_error(key, &e),
+                    Err(e) => {
+                        conn.pending.sub(data.len() - sent);
+                        return self.on_write_error(key, &e);
+                    }
                 }
             }
         }
         if sent < data.len() {
             conn.queue.push(&data[sent..]);
+            conn.check_watermarks(self.watermarks);
             self.update_interest(key);
         }
+    }
+
+    /// Pauses or resumes reading `key` for the application.
+    fn set_paused(&mut self, key: ConnKey, paused: bool) {
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        if conn.set_paused(paused) {
+            self.mark_unread(key);
+        }
+        self.update_interest(key);
     }
 
     /// Sends what is queued until the socket is full; completes a pending close
@@ -317,12 +345,21 @@ impl<S: Selector> Io<S> {
         };
         while !conn.queue.is_empty() {
             match net::send(&conn.socket, conn.queue.front()) {
-                Ok(n) => conn.queue.consume(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Ok(n) => {
+                    conn.queue.consume(n);
+                    conn.wrote(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return self.on_write_error(key, &e),
             }
         }
-        if conn.closing_reason().is_some() {
+        let resumed = conn.check_watermarks(self.watermarks);
+        let drained_close = conn.queue.is_empty() && conn.closing_reason().is_some();
+        if resumed {
+            // Input that arrived while reading was off raised no new edge.
+            self.mark_unread(key);
+        }
+        if drained_close {
             self.finish_close(key);
         }
     }
@@ -466,26 +503,36 @@ impl<S: Selector> Io<S> {
             return;
         };
         match conn.input() {
-            Input::Deliver if self.stopping.is_none() => self.read_into_ring(key),
-            Input::Deliver | Input::Ended => {}
+            Input::Deliver if self.stopping.is_none() && conn.reads_input() => {
+                self.read_into_ring(key)
+            }
+            // Not now: resuming puts it on the ready list. Until then, the
+            // one-shot registration stays disarmed (see `update_interest`).
+            Input::Deliver => conn.unread_input = true,
+            Input::Ended => {}
             Input::Discard => self.discard_input(key),
         }
     }
 
     /// The poller reported a hangup or an error. A connection that reads will
-    /// find out by reading; one that no longer reads (after the peer's EOF, or
-    /// while stopping) must be closed here, or the report would repeat.
+    /// find out by reading, now or once its reading resumes; one that reads
+    /// no more (after the peer's EOF, or while stopping) must be closed here,
+    /// or the report would repeat.
     fn on_hangup(&mut self, key: ConnKey) {
         let reading = self.reading();
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
-        let watching = match conn.input() {
+        let finds_out = match conn.input() {
             Input::Deliver => reading,
             Input::Discard => true,
             Input::Ended => false,
         };
-        if watching {
+        if finds_out {
+            if !conn.reads_input() {
+                // Paused: the input before the reset is still to be delivered.
+                conn.unread_input = true;
+            }
             return;
         }
         let reason = match conn.socket.take_error() {
@@ -664,13 +711,17 @@ impl<S: Selector> Io<S> {
     }
 
     fn open(&mut self, socket: Socket) {
-        let opened = Opened {
-            fd: net::raw_handle(&socket),
-            peer: net::peer_addr(&socket),
-            local: net::local_addr(&socket),
-        };
+        let fd = net::raw_handle(&socket);
+        let peer = net::peer_addr(&socket);
+        let local = net::local_addr(&socket);
         let key = self.table.insert(socket);
         let conn = self.table.get_mut(key).expect("just inserted");
+        let opened = Opened {
+            fd,
+            peer,
+            local,
+            pending: conn.pending.clone(),
+        };
         let token = Token::connection(key.index, key.id);
         if let Err(e) = self.selector.register(&conn.socket, token, READABLE) {
             self.table.remove(key);

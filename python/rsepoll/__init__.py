@@ -61,6 +61,10 @@ class Server(ServerCore):
             between the threads: the I/O thread stops reading, and TCP slows
             the clients, while the Python thread is behind.
         slot_size: bytes per slot: the most a single read delivers.
+        write_buffer_high: reading a connection stops while more than this
+            many bytes wait in its output queue, so that a client that sends
+            without reading the replies is slowed by TCP itself ...
+        write_buffer_low: ... and resumes once at most this many do.
     """
 
     def __init__(
@@ -70,6 +74,8 @@ class Server(ServerCore):
         backend: str | None = None,
         ring_slots: int = 512,
         slot_size: int = 16384,
+        write_buffer_high: int = 1 << 20,
+        write_buffer_low: int = 256 << 10,
     ) -> None:
         if max_fds <= 0:
             raise ValueError(f"max_fds must be positive, got {max_fds}")
@@ -77,7 +83,7 @@ class Server(ServerCore):
         _raise_fd_limit(max_fds)
         if backend is None:
             backend = os.environ.get("RSEPOLL_BACKEND") or None
-        self._configure(backend, ring_slots, slot_size)
+        self._configure(backend, ring_slots, slot_size, write_buffer_high, write_buffer_low)
 
     def register_listener_socket(self, sock: AnyListener) -> bool:
         """Serves ``sock`` from the next :meth:`listen` on; returns True.

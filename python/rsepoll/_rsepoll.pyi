@@ -31,6 +31,9 @@ class Connection:
     def is_open(self) -> bool:
         """False once the connection has closed."""
     @property
+    def pending_bytes(self) -> int:
+        """Bytes accepted by send_message that the socket has not taken yet."""
+    @property
     def close_reason(self) -> str | None:
         """Why it closed (``"peer"``, ``"reset"``, ``"local"``, ``"shutdown"``,
         ...); None while it is open."""
@@ -73,6 +76,8 @@ class ServerCore:
         backend: str | None = None,
         ring_slots: int | None = None,
         slot_size: int | None = None,
+        write_buffer_high: int | None = None,
+        write_buffer_low: int | None = None,
     ) -> None: ...
     @property
     def backend(self) -> str:
@@ -90,6 +95,10 @@ class ServerCore:
     def close_connection(self, conn: Connection, abort: bool = False) -> bool:
         """Closes ``conn`` after what is queued for it (FIN), or at once with a
         reset if ``abort``; False if already closed (or closing, without abort)."""
+    def pause_reading(self, conn: Connection) -> bool:
+        """Stops reading ``conn`` until resume_reading; False if it has closed."""
+    def resume_reading(self, conn: Connection) -> bool:
+        """Reads ``conn`` again; False if it has closed."""
     def stop_server(self, timeout: float = 5.0) -> None:
         """Stops listen(), giving queued output up to ``timeout`` seconds; safe
         from any thread and from signal handlers."""

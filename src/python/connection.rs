@@ -94,6 +94,17 @@ impl Connection {
         self.open.load(Relaxed)
     }
 
+    /// Bytes that `send_message` accepted for this connection and the socket
+    /// has not taken yet (0 once it has closed).
+    #[getter]
+    fn pending_bytes(&self) -> usize {
+        if self.open.load(Relaxed) {
+            self.opened.pending.get()
+        } else {
+            0
+        }
+    }
+
     /// Why the connection closed, once it has: `"peer"`, `"reset"`,
     /// `"local"`, `"idle_timeout"`, `"message_timeout"`, `"too_large"`,
     /// `"limit"`, `"error"` or `"shutdown"`. None while it is open.

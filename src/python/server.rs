@@ -72,12 +72,20 @@ impl ServerCore {
     }
 
     /// Sets the engine's options; see `rsepoll.Server.__init__`.
-    #[pyo3(signature = (backend = None, ring_slots = None, slot_size = None))]
+    #[pyo3(signature = (
+        backend = None,
+        ring_slots = None,
+        slot_size = None,
+        write_buffer_high = None,
+        write_buffer_low = None,
+    ))]
     fn _configure(
         &self,
         backend: Option<&str>,
         ring_slots: Option<usize>,
         slot_size: Option<usize>,
+        write_buffer_high: Option<usize>,
+        write_buffer_low: Option<usize>,
     ) -> PyResult<()> {
         let mut config = lock(&self.config).clone();
         if let Some(name) = backend {
@@ -85,6 +93,8 @@ impl ServerCore {
         }
         config.ring_slots = ring_slots.unwrap_or(config.ring_slots);
         config.slot_size = slot_size.unwrap_or(config.slot_size);
+        config.write_buffer_high = write_buffer_high.unwrap_or(config.write_buffer_high);
+        config.write_buffer_low = write_buffer_low.unwrap_or(config.write_buffer_low);
         config.validate().map_err(PyValueError::new_err)?;
         *lock(&self.config) = config;
         Ok(())
@@ -192,6 +202,20 @@ impl ServerCore {
         Ok(queue(py, conn, request))
     }
 
+    /// Stops reading `conn` until `resume_reading(conn)`: TCP then slows the
+    /// client. Returns False if `conn` has closed.
+    fn pause_reading(&self, py: Python<'_>, conn: &Bound<'_, Connection>) -> PyResult<bool> {
+        let conn = self.own_connection(conn)?;
+        Ok(conn.open.load(Relaxed) && queue(py, conn, Request::PauseReading))
+    }
+
+    /// Reads `conn` again after `pause_reading(conn)`. Returns False if `conn`
+    /// has closed.
+    fn resume_reading(&self, py: Python<'_>, conn: &Bound<'_, Connection>) -> PyResult<bool> {
+        let conn = self.own_connection(conn)?;
+        Ok(conn.open.load(Relaxed) && queue(py, conn, Request::ResumeReading))
+    }
+
     /// Stops `listen()`: no new connections, input already read is still
     /// handled, queued output gets up to `timeout` seconds to go out; then
     /// connections still holding output are reset. Every connection is
@@ -262,11 +286,21 @@ fn queue(py: Python<'_>, conn: &Connection, request: Request<'_>) -> bool {
         return false;
     };
     let push = |wait| sender.request(conn.key, request, Some(&conn.closing), wait);
-    match push(false) {
+    // Counted before it is queued: the I/O thread subtracts once it is written.
+    let sending = match request {
+        Request::Send(bytes) => bytes.len(),
+        _ => 0,
+    };
+    conn.opened.pending.add(sending);
+    let queued = match push(false) {
         Ok(()) => true,
         Err(SendError::Stopped | SendError::Closing) => false,
         Err(SendError::WouldBlock) => py.detach(|| push(true).is_ok()),
+    };
+    if !queued {
+        conn.opened.pending.sub(sending);
     }
+    queued
 }
 
 /// The bytes of a `send_message` argument: borrowed from `bytes` and `str`
@@ -619,7 +653,7 @@ impl<'py> Item<'py> {
         };
         match delivery.kind {
             DeliveryKind::Opened => {
-                let Some(opened) = delivery.opened else {
+                let Some(opened) = delivery.opened.clone() else {
                     return Item::Nothing;
                 };
                 let conn = Connection::new(
