@@ -25,6 +25,7 @@
 pub mod conn;
 pub mod core;
 pub mod message;
+pub mod pool;
 pub(crate) mod reactor;
 pub mod ring;
 pub(crate) mod sync;
