@@ -24,6 +24,7 @@
 
 pub mod conn;
 pub mod core;
+pub mod framing;
 pub mod message;
 pub mod pool;
 pub(crate) mod reactor;
