@@ -31,6 +31,7 @@ pub(crate) mod reactor;
 pub mod ring;
 pub(crate) mod sync;
 pub mod sys;
+pub mod timer;
 pub mod token;
 pub mod wake;
 
