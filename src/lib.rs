@@ -24,11 +24,14 @@
 
 pub mod conn;
 pub mod core;
+pub mod framing;
 pub mod message;
+pub mod pool;
 pub(crate) mod reactor;
 pub mod ring;
 pub(crate) mod sync;
 pub mod sys;
+pub mod timer;
 pub mod token;
 pub mod wake;
 

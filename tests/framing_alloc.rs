@@ -1,0 +1,140 @@
+//! Decoding framed messages allocates nothing in steady state: large messages
+//! are assembled in buffers from the pool, which the consumer gives back, and
+//! whatever a decoder keeps between reads comes from the pool too. Counted with
+//! a global allocator, which is why this test has a binary of its own.
+#![cfg(not(loom))]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+use _rsepoll::framing::{envelope, Decoder, Framing, Message, PrefixWidth};
+use _rsepoll::pool::BufferPool;
+
+/// Counts heap allocations made on threads that opted in.
+struct CountingAllocator;
+
+thread_local! {
+    static COUNTED_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+fn count_allocation() {
+    if COUNTED_THREAD.try_with(Cell::get).unwrap_or(false) {
+        ALLOCATIONS.fetch_add(1, SeqCst);
+    }
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; the counting
+// touches only an atomic and a const-initialised thread-local without
+// destructor, neither of which allocates.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count_allocation();
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count_allocation();
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count_allocation();
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// Allocations this thread makes while running `f`.
+fn allocations_during(f: impl FnOnce()) -> u64 {
+    let before = ALLOCATIONS.load(SeqCst);
+    COUNTED_THREAD.with(|c| c.set(true));
+    f();
+    COUNTED_THREAD.with(|c| c.set(false));
+    ALLOCATIONS.load(SeqCst) - before
+}
+
+const SLOT: usize = 4096;
+const MAX_MESSAGE: usize = 256 * 1024;
+
+/// A connection's stream of messages of assorted sizes, small and large,
+/// framed for `framing`.
+fn stream(framing: Framing) -> Vec<u8> {
+    let sizes = [10, 5000, 0, 100_000, 3000, MAX_MESSAGE, 70, SLOT + 1];
+    let mut stream = Vec::new();
+    for (i, &size) in sizes.iter().enumerate() {
+        let envelope = envelope(framing, size).unwrap();
+        stream.extend_from_slice(envelope.header());
+        stream.extend(std::iter::repeat_n(b'a' + i as u8, size));
+        stream.extend_from_slice(envelope.trailer());
+    }
+    stream
+}
+
+#[test]
+fn steady_state_decoding_allocates_nothing() {
+    for framing in [Framing::Line, Framing::Length(PrefixWidth::Four)] {
+        let stream = stream(framing);
+        let mut pool = BufferPool::new(SLOT, MAX_MESSAGE, 64 * MAX_MESSAGE);
+        let mut decoder = Decoder::new(framing, MAX_MESSAGE, SLOT);
+        // Where the "consumer" keeps owned messages until it is done with them:
+        // reserved once, as ring slots are.
+        let mut consumed = Vec::with_capacity(64);
+        let mut messages = 0;
+        let mut bytes = 0;
+        // Reads of varying sizes that split headers, lines and payloads; every
+        // seventh offer is refused, as by a full ring, and pumped later.
+        let mut run = |pool: &mut BufferPool| {
+            let mut offers = 0usize;
+            let mut read_sizes = [1, 3000, 7, 65536, 4096, 2].iter().cycle();
+            let mut rest = &stream[..];
+            while !rest.is_empty() {
+                let (read, after) = rest.split_at((*read_sizes.next().unwrap()).min(rest.len()));
+                rest = after;
+                let mut offer = |message: Message<'_>| {
+                    offers += 1;
+                    if offers % 7 == 0 {
+                        return Err(message.into());
+                    }
+                    messages += 1;
+                    bytes += message.len();
+                    if let Message::Owned(buf) = message {
+                        consumed.push(buf);
+                    }
+                    Ok(())
+                };
+                decoder.feed(read, pool, &mut offer).unwrap();
+                while decoder.has_backlog() {
+                    decoder.pump(pool, &mut offer).unwrap();
+                }
+                for buf in consumed.drain(..) {
+                    pool.give(buf);
+                }
+            }
+        };
+        run(&mut pool);
+        run(&mut pool);
+        let misses = pool.misses();
+        let allocations = allocations_during(|| {
+            for _ in 0..20 {
+                run(&mut pool);
+            }
+        });
+        assert_eq!(allocations, 0, "{framing:?}");
+        assert_eq!(pool.misses(), misses);
+        assert_eq!(messages, 22 * 8);
+        assert!(bytes > 22 * MAX_MESSAGE);
+        assert_eq!(decoder.heap_capacity(), 0);
+    }
+}
