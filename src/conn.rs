@@ -20,7 +20,8 @@
 //!    │ │                                                         ▼
 //!    │ └──── close / error / timeout ─────────────────────▶ Closing ──queue empty, FIN──▶ Lingering ──EOF or deadline──▶ gone
 //!    │                                                          (`Closed` delivered when it enters Lingering)
-//!    └── a send failed (peer reset) ──▶ WriteFailed ──input read to its end──▶ gone (`Closed`: reset)
+//!    ├── a send failed (peer reset) ──▶ WriteFailed ──input read to its end──▶ gone (`Closed`: reset)
+//!    └── the framing broke ──▶ InputFailed ──the application closes──▶ Closing
 //! ```
 
 use std::fmt;
@@ -30,6 +31,7 @@ use std::time::Instant;
 
 use socket2::Socket;
 
+use crate::framing::Decoder;
 use crate::message::ConnKey;
 use crate::sys::Interest;
 
@@ -135,6 +137,14 @@ pub enum Phase {
     /// the kernel already holds is still delivered; once it is read to its
     /// end, the connection closes as [`CloseReason::Reset`].
     WriteFailed,
+    /// The peer broke the framing (`reason` says how). No more input is
+    /// delivered, and what arrives is discarded; output still goes out, so
+    /// that the replies to the messages before the offending one reach the
+    /// peer, until the application closes the connection (with `reason`).
+    InputFailed {
+        /// What the close will report.
+        reason: CloseReason,
+    },
 }
 
 /// What the reactor does with a connection's input in its current phase.
@@ -280,6 +290,8 @@ pub struct Connection {
     throttled: bool,
     /// Shared with the application; see [`PendingBytes`].
     pub pending: PendingBytes,
+    /// Cuts the input into messages, unless the server is in raw mode.
+    pub decoder: Option<Decoder>,
 }
 
 impl Connection {
@@ -295,6 +307,7 @@ impl Connection {
             paused: false,
             throttled: false,
             pending: PendingBytes::default(),
+            decoder: None,
         }
     }
 
@@ -346,7 +359,9 @@ impl Connection {
         match self.phase {
             Phase::Open | Phase::WriteFailed => Input::Deliver,
             Phase::PeerDone | Phase::Closing { peer_eof: true, .. } => Input::Ended,
-            Phase::Closing { .. } | Phase::Lingering { .. } => Input::Discard,
+            Phase::Closing { .. } | Phase::Lingering { .. } | Phase::InputFailed { .. } => {
+                Input::Discard
+            }
         }
     }
 
@@ -354,7 +369,10 @@ impl Connection {
     /// behind every send queued before it, so nothing is refused that the
     /// application was told would go out.
     pub fn accepts_output(&self) -> bool {
-        matches!(self.phase, Phase::Open | Phase::PeerDone)
+        matches!(
+            self.phase,
+            Phase::Open | Phase::PeerDone | Phase::InputFailed { .. }
+        )
     }
 
     /// True once the application has been told the connection closed.
@@ -380,7 +398,21 @@ impl Connection {
             }
             Phase::Lingering { .. } => AfterEof::Forget,
             Phase::WriteFailed => AfterEof::Close(CloseReason::Reset),
+            // The application was told of the failure and closes; the
+            // peer's EOF changes nothing.
+            Phase::InputFailed { .. } => AfterEof::Continue,
         }
+    }
+
+    /// The peer broke the framing: stop delivering its input. False if the
+    /// connection was not reading anyway.
+    pub fn input_failed(&mut self, reason: CloseReason) -> bool {
+        if self.phase != Phase::Open {
+            return false;
+        }
+        self.phase = Phase::InputFailed { reason };
+        self.unread_input = false;
+        true
     }
 
     /// Starts a close for `reason`: no more output is accepted, the queue
@@ -407,6 +439,17 @@ impl Connection {
                 };
                 true
             }
+            Phase::InputFailed { reason: failure } => {
+                let reason = match reason {
+                    CloseReason::Local => failure,
+                    other => other,
+                };
+                self.phase = Phase::Closing {
+                    reason,
+                    peer_eof: false,
+                };
+                true
+            }
             Phase::Closing { .. } | Phase::Lingering { .. } | Phase::WriteFailed => false,
         }
     }
@@ -423,7 +466,10 @@ impl Connection {
                 false
             }
             Phase::WriteFailed => false,
-            Phase::PeerDone | Phase::Closing { .. } | Phase::Lingering { .. } => true,
+            Phase::PeerDone
+            | Phase::Closing { .. }
+            | Phase::Lingering { .. }
+            | Phase::InputFailed { .. } => true,
         }
     }
 

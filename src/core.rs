@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use socket2::Socket;
 
+use crate::framing::{Envelope, Framing};
 use crate::message::{Command, CommandKind, ConnKey, Delivery, DeliveryKind};
 use crate::reactor::Reactor;
 use crate::ring::{ring, Consumer, Producer};
@@ -40,6 +41,11 @@ pub struct Config {
     /// Bytes of payload per slot: the most one `recv` reads, and the chunk size
     /// of sends.
     pub slot_size: usize,
+    /// How input is cut into messages, and sends are framed.
+    pub framing: Framing,
+    /// The largest message a peer may send (line or declared length); larger
+    /// closes the connection with `TooLarge`. Not used in raw mode.
+    pub max_message_size: usize,
     /// Reading a connection stops while more than this many bytes wait in its
     /// output queue ...
     pub write_buffer_high: usize,
@@ -55,6 +61,8 @@ impl Default for Config {
             backend: Backend::platform_default(),
             ring_slots: 512,
             slot_size: 16 * 1024,
+            framing: Framing::Raw,
+            max_message_size: 1 << 20,
             write_buffer_high: 1 << 20,
             write_buffer_low: 256 << 10,
             on_io_thread_start: None,
@@ -65,6 +73,8 @@ impl Default for Config {
 impl Config {
     /// Smallest and largest accepted `slot_size`.
     pub const SLOT_SIZE_RANGE: (usize, usize) = (256, 1 << 20);
+    /// Smallest and largest accepted `max_message_size`.
+    pub const MAX_MESSAGE_SIZE_RANGE: (usize, usize) = (1, 1 << 30);
     /// Smallest and largest accepted `ring_slots`.
     pub const RING_SLOTS_RANGE: (usize, usize) = (2, 1 << 16);
 
@@ -82,6 +92,13 @@ impl Config {
             return Err(format!(
                 "slot_size must be from {min} to {max} bytes, got {}",
                 self.slot_size
+            ));
+        }
+        let (min, max) = Self::MAX_MESSAGE_SIZE_RANGE;
+        if !(min..=max).contains(&self.max_message_size) {
+            return Err(format!(
+                "max_message_size must be from {min} to {max} bytes, got {}",
+                self.max_message_size
             ));
         }
         if self.write_buffer_high == 0 || self.write_buffer_low > self.write_buffer_high {
@@ -151,6 +168,9 @@ pub enum SendError {
 pub enum Request<'a> {
     /// These bytes, behind everything queued before.
     Send(&'a [u8]),
+    /// A payload framed for the wire: the envelope's header, the payload,
+    /// the envelope's trailer, written as one message.
+    SendFramed(&'a Envelope, &'a [u8]),
     /// A graceful close: what is queued goes out, then FIN.
     Close,
     /// A reset at once; what is queued is dropped.
@@ -184,14 +204,19 @@ impl Sender {
         latch: Option<&AtomicBool>,
         wait: bool,
     ) -> Result<(), SendError> {
-        let (kind, data) = match request {
-            Request::Send(data) => (CommandKind::Send, data),
-            Request::Close => (CommandKind::Close, &[][..]),
-            Request::Abort => (CommandKind::Abort, &[][..]),
-            Request::PauseReading => (CommandKind::PauseReading, &[][..]),
-            Request::ResumeReading => (CommandKind::ResumeReading, &[][..]),
+        let none: &[u8] = &[];
+        let (kind, parts) = match request {
+            Request::Send(data) => (CommandKind::Send, [data, none, none]),
+            Request::SendFramed(envelope, payload) => (
+                CommandKind::Send,
+                [envelope.header(), payload, envelope.trailer()],
+            ),
+            Request::Close => (CommandKind::Close, [none; 3]),
+            Request::Abort => (CommandKind::Abort, [none; 3]),
+            Request::PauseReading => (CommandKind::PauseReading, [none; 3]),
+            Request::ResumeReading => (CommandKind::ResumeReading, [none; 3]),
         };
-        self.push(kind, conn, data, latch, wait)
+        self.push(kind, conn, parts, latch, wait)
     }
 
     /// Queues `data` for `conn` if that can be done without waiting.
@@ -234,7 +259,7 @@ impl Sender {
 
     #[cfg(test)]
     pub(crate) fn inject_panic(&self) {
-        self.push(CommandKind::Panic, ConnKey::default(), &[], None, true)
+        self.push(CommandKind::Panic, ConnKey::default(), [&[]; 3], None, true)
             .expect("server running");
     }
 
@@ -242,7 +267,7 @@ impl Sender {
         &self,
         kind: CommandKind,
         conn: ConnKey,
-        data: &[u8],
+        mut parts: [&[u8]; 3],
         latch: Option<&AtomicBool>,
         wait: bool,
     ) -> Result<(), SendError> {
@@ -262,7 +287,8 @@ impl Sender {
                 Err(TryLockError::WouldBlock) => return Err(SendError::WouldBlock),
             }
         };
-        let chunks = data.len().div_ceil(shared.slot_size).max(1);
+        let total: usize = parts.iter().map(|part| part.len()).sum();
+        let chunks = total.div_ceil(shared.slot_size).max(1);
         if !wait && !producer.has_room_for(chunks) {
             return Err(SendError::WouldBlock);
         }
@@ -275,17 +301,17 @@ impl Sender {
                 _ => {}
             }
         }
-        let mut rest = data;
+        let mut rest = total;
         for _ in 0..chunks {
-            let (chunk, tail) = rest.split_at(rest.len().min(shared.slot_size));
-            rest = tail;
+            let len = rest.min(shared.slot_size);
+            rest -= len;
             loop {
                 if let Some(mut slot) = producer.vacant() {
                     slot.with_mut(|command| {
                         command.kind = kind;
                         command.conn = conn;
-                        command.len = chunk.len();
-                        command.buf[..chunk.len()].copy_from_slice(chunk);
+                        command.len = len;
+                        fill(&mut command.buf[..len], &mut parts);
                     });
                     slot.stage();
                     break;
@@ -306,6 +332,18 @@ impl Sender {
         drop(producer);
         shared.wake_io();
         Ok(())
+    }
+}
+
+/// Fills `buf` from the front of `parts`, in order, advancing them past what
+/// was copied.
+fn fill(buf: &mut [u8], parts: &mut [&[u8]]) {
+    let mut filled = 0;
+    for part in parts.iter_mut() {
+        let n = part.len().min(buf.len() - filled);
+        buf[filled..filled + n].copy_from_slice(&part[..n]);
+        *part = &part[n..];
+        filled += n;
     }
 }
 
@@ -425,9 +463,13 @@ impl Running {
             Some(DeliveryKind::Stopped) => self.stopped_seen = true,
             Some(DeliveryKind::Draining) => {
                 // Fails only once the I/O thread has finished: nothing to answer.
-                let _ =
-                    self.sender()
-                        .push(CommandKind::Shutdown, ConnKey::default(), &[], None, true);
+                let _ = self.sender().push(
+                    CommandKind::Shutdown,
+                    ConnKey::default(),
+                    [&[]; 3],
+                    None,
+                    true,
+                );
             }
             _ => {}
         }

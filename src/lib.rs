@@ -25,6 +25,7 @@
 pub mod conn;
 pub mod core;
 pub mod framing;
+pub(crate) mod inbound;
 pub mod message;
 pub mod pool;
 pub(crate) mod reactor;

@@ -39,6 +39,11 @@ pub enum DeliveryKind {
     Closed(CloseReason),
     /// A problem the application should hear of; `detail` says what.
     Error,
+    /// The peer sent a message larger than `max_message_size`; `detail` says
+    /// how large. No more input is delivered; the consumer closes the
+    /// connection (`Close`) once it has answered the messages before this,
+    /// and `Closed(TooLarge)` follows.
+    TooLarge,
     /// The I/O thread failed (a panic); `detail` says why. `Closed` for every
     /// connection and then `Stopped` follow.
     Failed,
@@ -75,10 +80,13 @@ pub struct Delivery {
     /// For `Error` and `Failed`: a description. Allocated only on those rare
     /// paths.
     pub detail: Option<String>,
-    /// For `Data`: how many bytes of `buf` are valid.
+    /// For `Data`: how many payload bytes there are.
     pub len: usize,
     /// Pre-allocated payload buffer.
     pub buf: Box<[u8]>,
+    /// For `Data` larger than `buf`: the payload, in a buffer of the I/O
+    /// thread's pool, which takes it back when it reuses the slot.
+    pub large: Option<Vec<u8>>,
 }
 
 impl Delivery {
@@ -91,12 +99,16 @@ impl Delivery {
             detail: None,
             len: 0,
             buf: vec![0; slot_size].into_boxed_slice(),
+            large: None,
         }
     }
 
     /// The valid payload bytes.
     pub fn data(&self) -> &[u8] {
-        &self.buf[..self.len]
+        match &self.large {
+            Some(large) => &large[..self.len],
+            None => &self.buf[..self.len],
+        }
     }
 }
 

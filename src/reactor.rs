@@ -34,6 +34,8 @@ use socket2::Socket;
 
 use crate::conn::{AfterEof, CloseReason, ConnectionTable, Input, Watermarks};
 use crate::core::{Config, Shared};
+use crate::framing::{Decoder, Framing, Message, Refused};
+use crate::inbound::LargeMessages;
 use crate::message::{Command, CommandKind, ConnKey, Delivery, DeliveryKind, Opened};
 use crate::ring::{Consumer, Producer};
 use crate::sys::{net, Event, Interest, Selector};
@@ -52,6 +54,9 @@ const LINGER: Duration = Duration::from_secs(5);
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The I/O thread's wait while it cannot hand its last deliveries over.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
+/// The smallest buffer a message being assembled takes from the pool: what a
+/// connection in the middle of a small message costs.
+const SMALLEST_ASSEMBLY: usize = 4096;
 
 /// A listening socket and what the loop owes it.
 struct Listener {
@@ -108,6 +113,16 @@ struct Io<S: Selector> {
     stopping: Option<Stopping>,
     /// Per-connection output limits.
     watermarks: Watermarks,
+    /// How input is cut into messages.
+    framing: Framing,
+    max_message_size: usize,
+    /// Largest message that travels in a slot's own buffer.
+    slot_size: usize,
+    /// Buffers of messages larger than a slot.
+    large: LargeMessages,
+    /// A large message waits for the consumer to release slots (their
+    /// buffers count against the budget): the consumer's release count then.
+    large_blocked_at: Option<usize>,
 }
 
 impl<S: Selector> Reactor<S> {
@@ -137,6 +152,18 @@ impl<S: Selector> Reactor<S> {
                 high: config.write_buffer_high,
                 low: config.write_buffer_low,
             },
+            framing: config.framing,
+            max_message_size: config.max_message_size,
+            slot_size: config.slot_size,
+            large: LargeMessages::new(
+                SMALLEST_ASSEMBLY.min(config.slot_size),
+                config.max_message_size,
+                // As many bytes as the ring carries in its own slots, and
+                // room for two of the largest messages.
+                (config.ring_slots * config.slot_size).max(2 * config.max_message_size),
+                config.ring_slots,
+            ),
+            large_blocked_at: None,
         };
         for (index, socket) in listeners.into_iter().enumerate() {
             socket.set_nonblocking(true)?;
@@ -227,7 +254,7 @@ impl<S: Selector> Reactor<S> {
             io.shared.io_sleep.announce();
             if !self.commands.is_empty()
                 || (io.stopping.is_none() && io.shared.stop.load(Acquire))
-                || (stalled && io.deliveries.free() > 0)
+                || (stalled && io.ring_has_room())
             {
                 timeout = Some(Duration::ZERO);
             }
@@ -428,10 +455,13 @@ impl<S: Selector> Io<S> {
     /// application already had it (a lingering connection) or `reason` is
     /// `None`.
     fn close_now(&mut self, key: ConnKey, reason: Option<CloseReason>) {
-        let Some(conn) = self.table.remove(key) else {
+        let Some(mut conn) = self.table.remove(key) else {
             return;
         };
         let _ = self.selector.deregister(&conn.socket);
+        if let Some(decoder) = conn.decoder.as_mut() {
+            decoder.clear(&mut self.large.pool);
+        }
         let reported = conn.reported_closed();
         drop(conn);
         if let (Some(reason), false) = (reason, reported) {
@@ -504,7 +534,11 @@ impl<S: Selector> Io<S> {
         };
         match conn.input() {
             Input::Deliver if self.stopping.is_none() && conn.reads_input() => {
-                self.read_into_ring(key)
+                if conn.decoder.is_some() {
+                    self.read_framed(key)
+                } else {
+                    self.read_into_ring(key)
+                }
             }
             // Not now: resuming puts it on the ready list. Until then, the
             // one-shot registration stays disarmed (see `update_interest`).
@@ -598,6 +632,119 @@ impl<S: Selector> Io<S> {
             }
         }
         self.mark_unread(key);
+    }
+
+    /// Reads into the I/O thread's scratch buffer and cuts what comes into
+    /// messages, one delivery each, until the socket is drained, the ring is
+    /// full, or the budget is spent. Messages the ring could not take wait in
+    /// the decoder, and nothing more is read until they are delivered.
+    fn read_framed(&mut self, key: ConnKey) {
+        for _ in 0..READ_BUDGET {
+            let Some(conn) = self.table.get_mut(key) else {
+                return;
+            };
+            let read_fully = conn.read_fully;
+            let decoder = conn.decoder.as_mut().expect("a framed connection");
+            let (outcome, read) = if decoder.has_backlog() {
+                (self.deliver_messages(key, None), None)
+            } else {
+                if !self.backlog.is_empty() || self.deliveries.free() == 0 {
+                    return self.mark_unread(key);
+                }
+                match net::recv(&conn.socket, &mut self.scratch) {
+                    Ok(0) => return self.on_eof(key),
+                    Ok(n) => (self.deliver_messages(key, Some(n)), Some(n)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return self.mark_drained(key);
+                    }
+                    Err(e) => return self.close_now(key, Some(CloseReason::of_error(&e))),
+                }
+            };
+            if self.deliveries.staged() >= PUBLISH_BATCH {
+                self.publish();
+            }
+            if let Err(error) = outcome {
+                // The consumer closes it once it has answered what came before.
+                if let Some(conn) = self.table.get_mut(key) {
+                    if conn.input_failed(CloseReason::TooLarge) {
+                        self.emit(DeliveryKind::TooLarge, key, None, Some(error.to_string()));
+                        self.discard_input(key);
+                    }
+                }
+                return;
+            }
+            let Some(conn) = self.table.get_mut(key) else {
+                return;
+            };
+            if conn.decoder.as_ref().is_some_and(Decoder::has_backlog) {
+                return self.mark_unread(key);
+            }
+            // A short read drained the socket (see `read_into_ring`).
+            if read.is_some_and(|n| n < self.scratch.len()) && !read_fully {
+                return self.mark_drained(key);
+            }
+        }
+        self.mark_unread(key);
+    }
+
+    /// Offers `key`'s messages to the delivery ring: those in the first `read`
+    /// bytes of the scratch buffer, or (`None`) those its decoder kept.
+    fn deliver_messages(
+        &mut self,
+        key: ConnKey,
+        read: Option<usize>,
+    ) -> Result<(), crate::framing::FrameError> {
+        let Io {
+            table,
+            deliveries,
+            backlog,
+            large,
+            scratch,
+            large_blocked_at,
+            ..
+        } = self;
+        let Some(decoder) = table.get_mut(key).and_then(|c| c.decoder.as_mut()) else {
+            return Ok(());
+        };
+        let account = &mut large.account;
+        let mut blocked = false;
+        let sink = |message: Message<'_>| -> Result<(), Refused> {
+            if !backlog.is_empty() || deliveries.free() == 0 {
+                return Err(message.into());
+            }
+            if let Message::Owned(buffer) = &message {
+                if !account.admit(buffer.capacity(), deliveries) {
+                    blocked = true;
+                    return Err(message.into());
+                }
+            }
+            let mut slot = deliveries.vacant().expect("free() > 0");
+            slot.with_mut(|delivery| {
+                account.reclaim(delivery);
+                delivery.kind = DeliveryKind::Data;
+                delivery.conn = key;
+                delivery.opened = None;
+                delivery.detail = None;
+                match message {
+                    Message::Slice(bytes) => {
+                        delivery.buf[..bytes.len()].copy_from_slice(bytes);
+                        delivery.len = bytes.len();
+                    }
+                    Message::Owned(buffer) => account.place(delivery, buffer),
+                }
+            });
+            slot.stage();
+            Ok(())
+        };
+        let outcome = match read {
+            Some(n) => decoder.feed(&scratch[..n], &mut large.pool, sink),
+            None => decoder.pump(&mut large.pool, sink),
+        };
+        large.settle();
+        if blocked {
+            *large_blocked_at = Some(deliveries.released());
+        }
+        outcome
     }
 
     /// Reads and drops input of a connection the application closed. EOF (or an
@@ -716,6 +863,13 @@ impl<S: Selector> Io<S> {
         let local = net::local_addr(&socket);
         let key = self.table.insert(socket);
         let conn = self.table.get_mut(key).expect("just inserted");
+        if self.framing != Framing::Raw {
+            conn.decoder = Some(Decoder::new(
+                self.framing,
+                self.max_message_size,
+                self.slot_size,
+            ));
+        }
         let opened = Opened {
             fd,
             peer,
@@ -770,6 +924,12 @@ impl<S: Selector> Io<S> {
     /// Serves what earlier turns left: backlog, ready connections, listeners.
     fn serve_leftovers(&mut self) {
         self.drain_backlog();
+        if self
+            .large_blocked_at
+            .is_some_and(|at| self.deliveries.released() != at)
+        {
+            self.large_blocked_at = None;
+        }
         let now = Instant::now();
         for index in 0..self.listeners.len() {
             let listener = &mut self.listeners[index];
@@ -825,8 +985,17 @@ impl<S: Selector> Io<S> {
             || self.listeners.iter().any(|l| l.pending)
     }
 
+    /// True if the delivery ring can take what waits: it has free slots, and
+    /// a large message blocked by the budget has seen the consumer move on.
+    fn ring_has_room(&mut self) -> bool {
+        self.deliveries.free() > 0
+            && self
+                .large_blocked_at
+                .is_none_or(|at| self.deliveries.released() != at)
+    }
+
     fn poll_timeout(&mut self) -> Option<Duration> {
-        if self.has_deferred_work() && self.deliveries.free() > 0 {
+        if self.has_deferred_work() && self.ring_has_room() {
             return Some(Duration::ZERO);
         }
         let deadlines = self
@@ -869,7 +1038,9 @@ impl<S: Selector> Io<S> {
         let Some(mut slot) = self.deliveries.vacant() else {
             return Some(pending);
         };
+        let account = &mut self.large.account;
         slot.with_mut(|delivery| {
+            account.reclaim(delivery);
             delivery.kind = pending.kind;
             delivery.conn = pending.conn;
             delivery.opened = pending.opened;

@@ -125,6 +125,32 @@ impl<T> Producer<T> {
         (self.free() > 0).then_some(Vacant { producer: self })
     }
 
+    /// Runs `f` on the contents of every free slot (released by the consumer,
+    /// not reused yet), after reloading the consumer's position: for taking
+    /// back what consumed slots still hold.
+    pub fn for_each_vacant(&mut self, mut f: impl FnMut(&mut T)) {
+        self.head_seen = self.ring.head.load(Acquire);
+        let free = self.capacity() - self.next.wrapping_sub(self.head_seen);
+        for offset in 0..free {
+            let index = self.next.wrapping_add(offset) & self.ring.mask;
+            self.ring.slots[index].with_mut(|slot| {
+                // SAFETY: as in `Vacant::with_mut`: the slot lies in
+                // `[tail, head + capacity)` for the `head` just loaded with
+                // Acquire, so the consumer has released it and will not read it
+                // before it is published, and `&mut self` makes this the only
+                // reference.
+                f(unsafe { &mut *slot })
+            });
+        }
+    }
+
+    /// Slots the consumer has released so far (a running count that wraps),
+    /// reloaded: a change means the consumer made progress.
+    pub fn released(&mut self) -> usize {
+        self.head_seen = self.ring.head.load(Acquire);
+        self.head_seen
+    }
+
     /// Number of slots staged but not yet published.
     pub fn staged(&self) -> usize {
         self.next.wrapping_sub(self.published)

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use _rsepoll::conn::CloseReason;
 use _rsepoll::core::{Config, Running};
+use _rsepoll::framing::{Framing, PrefixWidth};
 use _rsepoll::message::DeliveryKind;
 use socket2::Socket;
 
@@ -104,7 +105,9 @@ fn run_echo(running: &mut Running, mut on_idle: impl FnMut(), done: impl Fn() ->
                 DeliveryKind::Eof => {
                     let _ = sender.close(conn);
                 }
-                DeliveryKind::Error | DeliveryKind::Failed => panic!("unexpected {kind:?}"),
+                DeliveryKind::Error | DeliveryKind::TooLarge | DeliveryKind::Failed => {
+                    panic!("unexpected {kind:?}")
+                }
                 DeliveryKind::Draining | DeliveryKind::Stopped => {}
             }
             if running.taken() >= 32 {
@@ -249,81 +252,109 @@ fn a_stale_key_never_reaches_the_next_tenant_of_a_slot() {
     }
 }
 
+/// The wire form of one request in `framing`, and the payload the echo
+/// server sends back (it echoes decoded payloads, unframed).
+fn framed_request(framing: Framing, payload: &[u8]) -> Vec<u8> {
+    match framing {
+        Framing::Raw => payload.to_vec(),
+        Framing::Line => [payload, b"\n"].concat(),
+        Framing::Length(_) => [&(payload.len() as u32).to_be_bytes()[..], payload].concat(),
+    }
+}
+
 #[test]
 fn the_io_thread_allocates_nothing_per_message_in_steady_state() {
+    let cases = [
+        (Framing::Raw, 1024),
+        (Framing::Line, 1024),
+        (Framing::Length(PrefixWidth::Four), 1024),
+        // Larger than a slot: assembled in pooled buffers that come back.
+        (Framing::Length(PrefixWidth::Four), 40_000),
+    ];
     for backend in backends() {
-        let config = Config {
-            backend,
-            on_io_thread_start: Some(count_this_thread),
-            ..Config::default()
-        };
-        let (mut running, port) = start(&config);
-        const CLIENTS: usize = 8;
-        const WARM_UP: usize = 200;
-        const MEASURED: usize = 2_000;
-        let warmed = Arc::new(AtomicUsize::new(0));
-        let measuring = Arc::new(AtomicBool::new(false));
-        let finished = Arc::new(AtomicUsize::new(0));
-        let clients: Vec<_> = (0..CLIENTS)
-            .map(|_| {
-                let (warmed, measuring, finished) =
-                    (warmed.clone(), measuring.clone(), finished.clone());
-                thread::spawn(move || {
-                    let mut stream = connect(port);
-                    let request = [7u8; 1024];
-                    let mut reply = [0u8; 1024];
-                    let mut round_trip = |stream: &mut TcpStream| {
-                        stream.write_all(&request).unwrap();
-                        stream.read_exact(&mut reply).unwrap();
-                        assert_eq!(reply, request);
-                    };
-                    for _ in 0..WARM_UP {
-                        round_trip(&mut stream);
-                    }
-                    warmed.fetch_add(1, SeqCst);
-                    while !measuring.load(SeqCst) {
-                        thread::sleep(Duration::from_millis(1));
-                    }
-                    for _ in 0..MEASURED {
-                        round_trip(&mut stream);
-                    }
-                    finished.fetch_add(1, SeqCst);
-                    // Stay connected until the server stops: closing is not
-                    // steady state.
-                    let mut rest = Vec::new();
-                    stream.read_to_end(&mut rest).unwrap();
-                    assert!(rest.is_empty());
-                })
-            })
-            .collect();
-        let baseline = Cell::new(None);
-        let at_end = Cell::new(None);
-        run_echo(
-            &mut running,
-            || {
-                if baseline.get().is_none() && warmed.load(SeqCst) == CLIENTS {
-                    baseline.set(Some(IO_THREAD_ALLOCATIONS.load(SeqCst)));
-                    measuring.store(true, SeqCst);
-                }
-                if at_end.get().is_none() && finished.load(SeqCst) == CLIENTS {
-                    at_end.set(Some(IO_THREAD_ALLOCATIONS.load(SeqCst)));
-                }
-            },
-            || at_end.get().is_some(),
-        );
-        for client in clients {
-            client.join().unwrap();
+        for (framing, size) in cases {
+            let config = Config {
+                backend,
+                framing,
+                on_io_thread_start: Some(count_this_thread),
+                ..Config::default()
+            };
+            allocations_in_steady_state(&config, size);
         }
-        running.join();
-        let (baseline, at_end) = (baseline.get().unwrap(), at_end.get().unwrap());
-        assert!(baseline > 0, "the counter saw the I/O thread's setup");
-        assert_eq!(
-            at_end - baseline,
-            0,
-            "{backend:?}: the I/O thread allocated during {} round trips",
-            CLIENTS * MEASURED
-        );
     }
+}
+
+fn allocations_in_steady_state(config: &Config, size: usize) {
+    let (mut running, port) = start(config);
+    const CLIENTS: usize = 8;
+    const WARM_UP: usize = 200;
+    const MEASURED: usize = 2_000;
+    let warmed = Arc::new(AtomicUsize::new(0));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let finished = Arc::new(AtomicUsize::new(0));
+    let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    let request = framed_request(config.framing, &payload);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (warmed, measuring, finished) =
+                (warmed.clone(), measuring.clone(), finished.clone());
+            let (request, payload) = (request.clone(), payload.clone());
+            thread::spawn(move || {
+                let mut stream = connect(port);
+                let mut reply = vec![0u8; payload.len()];
+                let mut round_trip = |stream: &mut TcpStream| {
+                    stream.write_all(&request).unwrap();
+                    stream.read_exact(&mut reply).unwrap();
+                    assert_eq!(reply, payload);
+                };
+                for _ in 0..WARM_UP {
+                    round_trip(&mut stream);
+                }
+                warmed.fetch_add(1, SeqCst);
+                while !measuring.load(SeqCst) {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                for _ in 0..MEASURED {
+                    round_trip(&mut stream);
+                }
+                finished.fetch_add(1, SeqCst);
+                // Stay connected until the server stops: closing is not
+                // steady state.
+                let mut rest = Vec::new();
+                stream.read_to_end(&mut rest).unwrap();
+                assert!(rest.is_empty());
+            })
+        })
+        .collect();
+    let baseline = Cell::new(None);
+    let at_end = Cell::new(None);
+    run_echo(
+        &mut running,
+        || {
+            if baseline.get().is_none() && warmed.load(SeqCst) == CLIENTS {
+                baseline.set(Some(IO_THREAD_ALLOCATIONS.load(SeqCst)));
+                measuring.store(true, SeqCst);
+            }
+            if at_end.get().is_none() && finished.load(SeqCst) == CLIENTS {
+                at_end.set(Some(IO_THREAD_ALLOCATIONS.load(SeqCst)));
+            }
+        },
+        || at_end.get().is_some(),
+    );
+    for client in clients {
+        client.join().unwrap();
+    }
+    running.join();
+    let (baseline, at_end) = (baseline.get().unwrap(), at_end.get().unwrap());
+    assert!(baseline > 0, "the counter saw the I/O thread's setup");
+    assert_eq!(
+        at_end - baseline,
+        0,
+        "{:?} {:?}, {size}-byte messages: the I/O thread allocated during {} round trips",
+        config.backend,
+        config.framing,
+        CLIENTS * MEASURED
+    );
 }
 
 #[test]

@@ -31,6 +31,8 @@ from ._rsepoll import Connection, ListenerSocket, ServerCore, __version__, make_
 __all__ = [
     "Connection",
     "ListenerSocket",
+    "MessageTooLarge",
+    "ProtocolError",
     "Server",
     "__version__",
     "make_listener_socket",
@@ -40,6 +42,23 @@ logger = logging.getLogger("rsepoll")
 
 #: What ``Server.register_listener_socket`` accepts.
 AnyListener = Union[ListenerSocket, socket.socket]
+
+
+class ProtocolError(Exception):
+    """A client broke the framing protocol, and its connection was closed.
+
+    Reported through :meth:`Server.on_exception_occurred`; ``conn`` is the
+    connection.
+    """
+
+    def __init__(self, message: str, conn: Connection) -> None:
+        super().__init__(message)
+        self.conn = conn
+
+
+class MessageTooLarge(ProtocolError):
+    """A client sent a message larger than ``max_message_size``; its connection
+    closes with ``close_reason == "too_large"``."""
 
 
 class Server(ServerCore):
@@ -65,6 +84,18 @@ class Server(ServerCore):
             many bytes wait in its output queue, so that a client that sends
             without reading the replies is slowed by TCP itself ...
         write_buffer_low: ... and resumes once at most this many do.
+        framing: how the byte stream is cut into messages. ``"raw"``: each
+            ``on_message_received`` gets the bytes of one read, and
+            ``send_message`` sends its bytes as they are. ``"line"``: each
+            call gets one line without its ``\n`` or ``\r\n``, and
+            ``send_message`` appends ``\n``. ``"length"``: each message is a
+            big-endian unsigned length of ``length_prefix`` bytes, then that
+            many bytes; each call gets one whole message, and
+            ``send_message`` writes the prefix.
+        max_message_size: the largest line or declared length a client may
+            send (framed modes); a client that sends more is disconnected
+            and :class:`MessageTooLarge` goes to ``on_exception_occurred``.
+        length_prefix: 4 or 8, the width of the length prefix.
     """
 
     def __init__(
@@ -76,6 +107,9 @@ class Server(ServerCore):
         slot_size: int = 16384,
         write_buffer_high: int = 1 << 20,
         write_buffer_low: int = 256 << 10,
+        framing: str = "raw",
+        max_message_size: int = 1 << 20,
+        length_prefix: int = 4,
     ) -> None:
         if max_fds <= 0:
             raise ValueError(f"max_fds must be positive, got {max_fds}")
@@ -83,7 +117,16 @@ class Server(ServerCore):
         _raise_fd_limit(max_fds)
         if backend is None:
             backend = os.environ.get("RSEPOLL_BACKEND") or None
-        self._configure(backend, ring_slots, slot_size, write_buffer_high, write_buffer_low)
+        self._configure(
+            backend,
+            ring_slots,
+            slot_size,
+            write_buffer_high,
+            write_buffer_low,
+            framing,
+            max_message_size,
+            length_prefix,
+        )
 
     def register_listener_socket(self, sock: AnyListener) -> bool:
         """Serves ``sock`` from the next :meth:`listen` on; returns True.
@@ -124,9 +167,10 @@ class Server(ServerCore):
         logger.debug("connection opened: %r", conn)
 
     def on_message_received(self, conn: Connection, data: bytes) -> None:
-        """Bytes arrived from ``conn``. TCP is a byte stream: one send by the
-        client may arrive as several calls, and several sends as one. The
-        default echoes the bytes back."""
+        """A message arrived from ``conn``: with ``framing="raw"``, the bytes
+        of one read (TCP is a byte stream: one send by the client may arrive
+        as several calls, and several sends as one); with ``"line"`` or
+        ``"length"``, one whole message. The default echoes it back."""
         self.send_message(conn, data)
 
     def on_eof_received(self, conn: Connection) -> None:

@@ -78,7 +78,13 @@ class ServerCore:
         slot_size: int | None = None,
         write_buffer_high: int | None = None,
         write_buffer_low: int | None = None,
+        framing: str | None = None,
+        max_message_size: int | None = None,
+        length_prefix: int | None = None,
     ) -> None: ...
+    @property
+    def framing(self) -> str:
+        """``"raw"``, ``"line"`` or ``"length"``."""
     @property
     def backend(self) -> str:
         """``"epoll"`` or ``"portable"``."""

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 use crate::conn::CloseReason;
 use crate::core::{Sender, WeakSender};
+use crate::framing::Framing;
 use crate::message::{ConnKey, Opened};
 
 /// One client connection.
@@ -27,6 +28,8 @@ pub struct Connection {
     /// Set, under the command ring's lock, once a close was queued: no more
     /// sends are accepted (see `Sender::request`).
     pub(super) closing: AtomicBool,
+    /// How its messages are cut and framed.
+    pub(super) framing: Framing,
     /// Why it closed; set just before `on_connection_closed`.
     pub(super) close_reason: OnceLock<CloseReason>,
     sender: WeakSender,
@@ -34,11 +37,18 @@ pub struct Connection {
 
 impl Connection {
     /// The handle of a connection that has just opened.
-    pub(super) fn new(key: ConnKey, server_id: u64, opened: Opened, sender: WeakSender) -> Self {
+    pub(super) fn new(
+        key: ConnKey,
+        server_id: u64,
+        opened: Opened,
+        framing: Framing,
+        sender: WeakSender,
+    ) -> Self {
         Connection {
             key,
             server_id,
             opened,
+            framing,
             open: AtomicBool::new(true),
             closing: AtomicBool::new(false),
             close_reason: OnceLock::new(),

@@ -15,6 +15,7 @@ use super::connection::Connection;
 use super::listener::ListenerSocket;
 use crate::conn::CloseReason;
 use crate::core::{Config, Request, Running, SendError, Sender, WeakSender, DEFAULT_STOP_TIMEOUT};
+use crate::framing::{self, Framing, PrefixWidth};
 use crate::message::{Delivery, DeliveryKind};
 use crate::sys::Backend;
 
@@ -78,7 +79,11 @@ impl ServerCore {
         slot_size = None,
         write_buffer_high = None,
         write_buffer_low = None,
+        framing = None,
+        max_message_size = None,
+        length_prefix = None,
     ))]
+    #[allow(clippy::too_many_arguments)]
     fn _configure(
         &self,
         backend: Option<&str>,
@@ -86,6 +91,9 @@ impl ServerCore {
         slot_size: Option<usize>,
         write_buffer_high: Option<usize>,
         write_buffer_low: Option<usize>,
+        framing: Option<&str>,
+        max_message_size: Option<usize>,
+        length_prefix: Option<usize>,
     ) -> PyResult<()> {
         let mut config = lock(&self.config).clone();
         if let Some(name) = backend {
@@ -95,9 +103,37 @@ impl ServerCore {
         config.slot_size = slot_size.unwrap_or(config.slot_size);
         config.write_buffer_high = write_buffer_high.unwrap_or(config.write_buffer_high);
         config.write_buffer_low = write_buffer_low.unwrap_or(config.write_buffer_low);
+        config.max_message_size = max_message_size.unwrap_or(config.max_message_size);
+        let width = match length_prefix {
+            None => PrefixWidth::Four,
+            Some(bytes) => PrefixWidth::from_bytes(bytes).ok_or_else(|| {
+                PyValueError::new_err(format!("length_prefix must be 4 or 8, got {bytes}"))
+            })?,
+        };
+        config.framing = match framing {
+            None => config.framing,
+            Some("raw") => Framing::Raw,
+            Some("line") => Framing::Line,
+            Some("length") => Framing::Length(width),
+            Some(other) => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown framing {other:?}: expected 'raw', 'line' or 'length'"
+                )))
+            }
+        };
         config.validate().map_err(PyValueError::new_err)?;
         *lock(&self.config) = config;
         Ok(())
+    }
+
+    /// How messages are cut and framed: `"raw"`, `"line"` or `"length"`.
+    #[getter]
+    fn framing(&self) -> &'static str {
+        match lock(&self.config).framing {
+            Framing::Raw => "raw",
+            Framing::Line => "line",
+            Framing::Length(_) => "length",
+        }
     }
 
     /// The readiness backend: `"epoll"` or `"portable"`.
@@ -174,10 +210,17 @@ impl ServerCore {
             return Ok(false);
         }
         let bytes = payload.as_bytes();
-        if bytes.is_empty() {
-            return Ok(true);
+        if conn.framing == Framing::Raw {
+            if bytes.is_empty() {
+                return Ok(true);
+            }
+            return Ok(queue(py, conn, Request::Send(bytes)));
         }
-        Ok(queue(py, conn, Request::Send(bytes)))
+        // A framed message is never empty on the wire: an empty line, or a
+        // zero length.
+        let envelope = framing::envelope(conn.framing, bytes.len())
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(queue(py, conn, Request::SendFramed(&envelope, bytes)))
     }
 
     /// Closes `conn` once what is queued for it has been sent (FIN), or at
@@ -289,6 +332,7 @@ fn queue(py: Python<'_>, conn: &Connection, request: Request<'_>) -> bool {
     // Counted before it is queued: the I/O thread subtracts once it is written.
     let sending = match request {
         Request::Send(bytes) => bytes.len(),
+        Request::SendFramed(envelope, payload) => envelope.overhead() + payload.len(),
         _ => 0,
     };
     conn.opened.pending.add(sending);
@@ -420,6 +464,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
             .call_method1(intern!(py, "getLogger"), ("rsepoll",))?;
         let factory = ConnectionFactory {
             server_id: server.get().id,
+            framing: lock(&server.get().config).framing,
             sender: running.sender().downgrade(),
         };
         Ok(Dispatcher {
@@ -542,6 +587,22 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
                 self.close_and_report(conn);
             }
             Item::Error(detail) => self.report_error::<PyOSError>(&detail),
+            Item::TooLarge(conn, detail) => {
+                let message = format!(
+                    "{}: {detail}",
+                    conn.bind(py)
+                        .repr()
+                        .map_or_else(|_| "a connection".to_owned(), |r| r.to_string(),)
+                );
+                let error = py
+                    .import(intern!(py, "rsepoll"))
+                    .and_then(|module| module.getattr(intern!(py, "MessageTooLarge")))
+                    .and_then(|class| class.call1((message, conn.clone_ref(py))))
+                    .map_or_else(|e| e, PyErr::from_value);
+                self.on_callback_error(error);
+                // After the replies to the messages before it, as for EOF.
+                queue(py, conn.get(), Request::Close);
+            }
             Item::Failed(detail) => {
                 self.report_error::<PyRuntimeError>(&detail);
                 self.stopping = true;
@@ -622,6 +683,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
 /// Makes the `Connection` objects of one `listen()` run.
 struct ConnectionFactory {
     server_id: u64,
+    framing: Framing,
     sender: WeakSender,
 }
 
@@ -632,6 +694,7 @@ enum Item<'py> {
     Eof(Py<Connection>),
     Closed(Py<Connection>, CloseReason),
     Error(String),
+    TooLarge(Py<Connection>, String),
     Failed(String),
     Nothing,
 }
@@ -660,6 +723,7 @@ impl<'py> Item<'py> {
                     delivery.conn,
                     factory.server_id,
                     opened,
+                    factory.framing,
                     factory.sender.clone(),
                 );
                 match Py::new(py, conn) {
@@ -686,6 +750,10 @@ impl<'py> Item<'py> {
                 None => Item::Nothing,
             },
             DeliveryKind::Error => Item::Error(delivery.detail.clone().unwrap_or_default()),
+            DeliveryKind::TooLarge => match known(connections) {
+                Some(conn) => Item::TooLarge(conn, delivery.detail.clone().unwrap_or_default()),
+                None => Item::Nothing,
+            },
             DeliveryKind::Failed => Item::Failed(delivery.detail.clone().unwrap_or_default()),
             DeliveryKind::Draining => {
                 // Every connection is about to close: sends from now on are
