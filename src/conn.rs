@@ -292,10 +292,17 @@ pub struct Connection {
     pub pending: PendingBytes,
     /// Cuts the input into messages, unless the server is in raw mode.
     pub decoder: Option<Decoder>,
+    /// When bytes last went either way (for the idle timeout).
+    pub last_activity: Instant,
+    /// When the message being received started, if one is unfinished (for
+    /// the message timeout).
+    pub message_started: Option<Instant>,
+    /// A message-timeout entry is scheduled for this connection.
+    pub message_timer_armed: bool,
 }
 
 impl Connection {
-    fn new(socket: Socket, id: u64) -> Self {
+    fn new(socket: Socket, id: u64, now: Instant) -> Self {
         Connection {
             socket,
             id,
@@ -308,6 +315,9 @@ impl Connection {
             throttled: false,
             pending: PendingBytes::default(),
             decoder: None,
+            last_activity: now,
+            message_started: None,
+            message_timer_armed: false,
         }
     }
 
@@ -538,11 +548,11 @@ impl ConnectionTable {
         self.len == 0
     }
 
-    /// Adds a connection for `socket` and returns its key.
-    pub fn insert(&mut self, socket: Socket) -> ConnKey {
+    /// Adds a connection for `socket`, opened at `now`, and returns its key.
+    pub fn insert(&mut self, socket: Socket, now: Instant) -> ConnKey {
         let id = self.next_id;
         self.next_id += 1;
-        let connection = Connection::new(socket, id);
+        let connection = Connection::new(socket, id, now);
         let index = match self.free.pop() {
             Some(index) => {
                 self.slots[index as usize] = Some(connection);
@@ -556,6 +566,14 @@ impl ConnectionTable {
         };
         self.len += 1;
         ConnKey { index, id }
+    }
+
+    /// The connection `key` names, unless it has gone.
+    pub fn get(&self, key: ConnKey) -> Option<&Connection> {
+        self.slots
+            .get(key.index as usize)
+            .and_then(Option::as_ref)
+            .filter(|c| c.id == key.id)
     }
 
     /// The connection `key` names, unless it has gone.
@@ -607,9 +625,9 @@ mod tests {
     #[test]
     fn a_reused_slot_does_not_answer_to_the_old_key() {
         let mut table = ConnectionTable::new();
-        let old = table.insert(socket());
+        let old = table.insert(socket(), Instant::now());
         assert!(table.remove(old).is_some());
-        let new = table.insert(socket());
+        let new = table.insert(socket(), Instant::now());
         assert_eq!(new.index, old.index);
         assert_ne!(new.id, old.id);
         assert!(table.get_mut(old).is_none());
@@ -620,7 +638,7 @@ mod tests {
 
     #[test]
     fn the_peer_ending_first_makes_a_local_close_a_peer_close() {
-        let mut conn = Connection::new(socket(), 1);
+        let mut conn = Connection::new(socket(), 1, Instant::now());
         assert_eq!(conn.input(), Input::Deliver);
         assert_eq!(conn.peer_finished(), AfterEof::Deliver);
         assert_eq!(conn.input(), Input::Ended);
@@ -638,7 +656,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_still_delivers_input_then_reports_a_reset() {
-        let mut conn = Connection::new(socket(), 1);
+        let mut conn = Connection::new(socket(), 1, Instant::now());
         conn.queue.push(b"unsent");
         assert!(!conn.write_failed(), "input may still wait in the kernel");
         assert!(conn.queue.is_empty());
@@ -650,7 +668,7 @@ mod tests {
 
     #[test]
     fn a_closing_connection_discards_input_until_the_peer_ends() {
-        let mut conn = Connection::new(socket(), 1);
+        let mut conn = Connection::new(socket(), 1, Instant::now());
         assert!(conn.begin_close(CloseReason::IdleTimeout));
         assert_eq!(conn.input(), Input::Discard);
         assert_eq!(conn.peer_finished(), AfterEof::Continue);
@@ -661,7 +679,7 @@ mod tests {
 
     #[test]
     fn interest_follows_the_phase() {
-        let mut conn = Connection::new(socket(), 1);
+        let mut conn = Connection::new(socket(), 1, Instant::now());
         let none = Interest {
             readable: false,
             writable: false,

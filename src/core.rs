@@ -28,6 +28,7 @@ use crate::framing::{Envelope, Framing};
 use crate::message::{Command, CommandKind, ConnKey, Delivery, DeliveryKind};
 use crate::reactor::Reactor;
 use crate::ring::{ring, Consumer, Producer};
+use crate::stats::{Snapshot, Stats};
 use crate::sys::{Backend, Selector, Wake};
 use crate::wake::{Bell, SleepFlag};
 
@@ -46,6 +47,13 @@ pub struct Config {
     /// The largest message a peer may send (line or declared length); larger
     /// closes the connection with `TooLarge`. Not used in raw mode.
     pub max_message_size: usize,
+    /// Connections beyond this many are accepted and closed at once.
+    pub max_connections: usize,
+    /// Close a connection when no bytes went either way for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Close a connection whose message (framed modes only) started and did
+    /// not finish within this long.
+    pub message_timeout: Option<Duration>,
     /// Reading a connection stops while more than this many bytes wait in its
     /// output queue ...
     pub write_buffer_high: usize,
@@ -63,6 +71,9 @@ impl Default for Config {
             slot_size: 16 * 1024,
             framing: Framing::Raw,
             max_message_size: 1 << 20,
+            max_connections: usize::MAX,
+            idle_timeout: None,
+            message_timeout: Some(Duration::from_secs(30)),
             write_buffer_high: 1 << 20,
             write_buffer_low: 256 << 10,
             on_io_thread_start: None,
@@ -93,6 +104,17 @@ impl Config {
                 "slot_size must be from {min} to {max} bytes, got {}",
                 self.slot_size
             ));
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be positive".into());
+        }
+        for (name, timeout) in [
+            ("idle_timeout", self.idle_timeout),
+            ("message_timeout", self.message_timeout),
+        ] {
+            if timeout.is_some_and(|t| t.is_zero()) {
+                return Err(format!("{name} must be positive (or None for no timeout)"));
+            }
         }
         let (min, max) = Self::MAX_MESSAGE_SIZE_RANGE;
         if !(min..=max).contains(&self.max_message_size) {
@@ -131,6 +153,8 @@ pub(crate) struct Shared {
     stop_timeout_ns: AtomicU64,
     /// The I/O thread no longer applies commands.
     pub(crate) finished: AtomicBool,
+    /// The server's counters.
+    pub(crate) stats: Stats,
     waker: Arc<dyn Wake>,
 }
 
@@ -217,6 +241,11 @@ impl Sender {
             Request::ResumeReading => (CommandKind::ResumeReading, [none; 3]),
         };
         self.push(kind, conn, parts, latch, wait)
+    }
+
+    /// The server's counters now.
+    pub fn stats(&self) -> Snapshot {
+        self.shared.stats.snapshot()
     }
 
     /// Queues `data` for `conn` if that can be done without waiting.
@@ -331,6 +360,9 @@ impl Sender {
         producer.publish();
         drop(producer);
         shared.wake_io();
+        if kind == CommandKind::Send {
+            shared.stats.message_sent();
+        }
         Ok(())
     }
 }
@@ -413,6 +445,7 @@ impl Running {
             stop: AtomicBool::new(false),
             stop_timeout_ns: AtomicU64::new(DEFAULT_STOP_TIMEOUT.as_nanos() as u64),
             finished: AtomicBool::new(false),
+            stats: Stats::default(),
             waker: selector.waker(),
         });
         let mut reactor = Reactor::new(

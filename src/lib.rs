@@ -30,6 +30,7 @@ pub mod message;
 pub mod pool;
 pub(crate) mod reactor;
 pub mod ring;
+pub mod stats;
 pub(crate) mod sync;
 pub mod sys;
 pub mod timer;

@@ -38,7 +38,9 @@ use crate::framing::{Decoder, Framing, Message, Refused};
 use crate::inbound::LargeMessages;
 use crate::message::{Command, CommandKind, ConnKey, Delivery, DeliveryKind, Opened};
 use crate::ring::{Consumer, Producer};
+use crate::stats::Counters;
 use crate::sys::{net, Event, Interest, Selector};
+use crate::timer::Timers;
 use crate::token::{id_matches, Target, Token};
 
 /// Reads from one connection per turn before others get theirs.
@@ -73,6 +75,15 @@ struct Pending {
     conn: ConnKey,
     opened: Option<Opened>,
     detail: Option<String>,
+}
+
+/// The kinds of per-connection deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Deadline {
+    /// No bytes either way for `idle_timeout`.
+    Idle,
+    /// A message started and not finished within `message_timeout`.
+    Message,
 }
 
 /// A stop under way.
@@ -123,6 +134,26 @@ struct Io<S: Selector> {
     /// A large message waits for the consumer to release slots (their
     /// buffers count against the budget): the consumer's release count then.
     large_blocked_at: Option<usize>,
+    /// Per-connection deadlines, at most one entry per connection and kind;
+    /// whether a deadline really passed is checked when its entry fires.
+    timers: Timers<(ConnKey, Deadline)>,
+    /// Connections whose deadline passed, found by the last expiry.
+    expired: Vec<(ConnKey, CloseReason)>,
+    idle_timeout: Option<Duration>,
+    message_timeout: Option<Duration>,
+    /// The time this turn's work started.
+    now: Instant,
+    /// Connections beyond this many are turned away.
+    max_connections: usize,
+    /// Turned away since the last report, and when that was.
+    unreported_rejections: u64,
+    last_rejection_report: Option<Instant>,
+    /// A file descriptor kept in reserve: when accepting fails for lack of
+    /// descriptors, closing it lets the loop accept the queued clients and
+    /// close them at once, instead of leaving them waiting.
+    reserve: Option<net::ReserveFd>,
+    /// What this thread counts; copied to `shared.stats` once per turn.
+    counters: Counters,
 }
 
 impl<S: Selector> Reactor<S> {
@@ -164,6 +195,18 @@ impl<S: Selector> Reactor<S> {
                 config.ring_slots,
             ),
             large_blocked_at: None,
+            timers: Timers::with_capacity(1024),
+            expired: Vec::with_capacity(64),
+            idle_timeout: config.idle_timeout,
+            message_timeout: config
+                .message_timeout
+                .filter(|_| config.framing != Framing::Raw),
+            now: Instant::now(),
+            max_connections: config.max_connections,
+            unreported_rejections: 0,
+            last_rejection_report: None,
+            reserve: net::ReserveFd::open(),
+            counters: Counters::default(),
         };
         for (index, socket) in listeners.into_iter().enumerate() {
             socket.set_nonblocking(true)?;
@@ -203,8 +246,10 @@ impl<S: Selector> Reactor<S> {
             self.io.publish();
             let timeout = self.io.poll_timeout();
             self.wait(timeout)?;
+            self.io.now = Instant::now();
             self.io.dispatch_events();
             self.io.expire_lingering();
+            self.io.expire_timers();
             self.io.publish();
         }
         self.finish();
@@ -247,6 +292,8 @@ impl<S: Selector> Reactor<S> {
 
     /// Sleeps in the selector, unless the sleep protocol finds work first.
     fn wait(&mut self, mut timeout: Option<Duration>) -> io::Result<()> {
+        // Whatever was counted is visible before this thread may sleep.
+        self.io.shared.stats.publish(&self.io.counters);
         let stalled = timeout != Some(Duration::ZERO) && self.io.has_deferred_work();
         let io = &mut self.io;
         if timeout != Some(Duration::ZERO) {
@@ -269,6 +316,7 @@ impl<S: Selector> Reactor<S> {
     fn finish(&mut self) {
         self.io.lingering.clear();
         self.io.ready.clear();
+        self.io.shared.stats.publish(&self.io.counters);
         // From here on, senders give up instead of waiting for ring space.
         self.io.shared.finished.store(true, Release);
         self.io
@@ -323,6 +371,7 @@ impl<S: Selector> Io<S> {
     /// Writes `data` now if the socket takes it and nothing is queued ahead of
     /// it; queues the rest.
     fn send(&mut self, key: ConnKey, data: &[u8]) {
+        let now = self.now;
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
@@ -337,6 +386,8 @@ impl<S: Selector> Io<S> {
                     Ok(n) => {
                         sent += n;
                         conn.wrote(n);
+                        conn.last_activity = now;
+                        self.counters.bytes_sent += n as u64;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -367,6 +418,7 @@ impl<S: Selector> Io<S> {
     /// Sends what is queued until the socket is full; completes a pending close
     /// once the queue is empty.
     fn flush(&mut self, key: ConnKey) {
+        let now = self.now;
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
@@ -375,6 +427,8 @@ impl<S: Selector> Io<S> {
                 Ok(n) => {
                     conn.queue.consume(n);
                     conn.wrote(n);
+                    conn.last_activity = now;
+                    self.counters.bytes_sent += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return self.on_write_error(key, &e),
@@ -591,6 +645,7 @@ impl<S: Selector> Io<S> {
     /// Reads into delivery slots until the socket is drained, the ring is full,
     /// or the budget is spent.
     fn read_into_ring(&mut self, key: ConnKey) {
+        let now = self.now;
         for _ in 0..READ_BUDGET {
             if !self.backlog.is_empty() || self.deliveries.free() == 0 {
                 return self.mark_unread(key);
@@ -614,6 +669,9 @@ impl<S: Selector> Io<S> {
                 Ok(0) => return self.on_eof(key),
                 Ok(n) => {
                     slot.stage();
+                    conn.last_activity = now;
+                    self.counters.bytes_received += n as u64;
+                    self.counters.messages_received += 1;
                     if self.deliveries.staged() >= PUBLISH_BATCH {
                         self.publish();
                     }
@@ -653,7 +711,11 @@ impl<S: Selector> Io<S> {
                 }
                 match net::recv(&conn.socket, &mut self.scratch) {
                     Ok(0) => return self.on_eof(key),
-                    Ok(n) => (self.deliver_messages(key, Some(n)), Some(n)),
+                    Ok(n) => {
+                        conn.last_activity = self.now;
+                        self.counters.bytes_received += n as u64;
+                        (self.deliver_messages(key, Some(n)), Some(n))
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         return self.mark_drained(key);
                     }
@@ -663,6 +725,7 @@ impl<S: Selector> Io<S> {
             if self.deliveries.staged() >= PUBLISH_BATCH {
                 self.publish();
             }
+            self.track_message(key);
             if let Err(error) = outcome {
                 // The consumer closes it once it has answered what came before.
                 if let Some(conn) = self.table.get_mut(key) {
@@ -687,6 +750,88 @@ impl<S: Selector> Io<S> {
         self.mark_unread(key);
     }
 
+    /// Notes when the message `key` is receiving started, and arms its
+    /// message timeout. A decoder holding messages the ring could not take is
+    /// waiting for the server, not for the peer: the clock does not run then.
+    fn track_message(&mut self, key: ConnKey) {
+        let Some(timeout) = self.message_timeout else {
+            return;
+        };
+        let now = self.now;
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        let Some(decoder) = conn.decoder.as_ref() else {
+            return;
+        };
+        let unfinished = decoder.in_message() && !decoder.has_backlog();
+        conn.message_started = if unfinished {
+            conn.message_started.or(Some(now))
+        } else {
+            None
+        };
+        if let (Some(started), false) = (conn.message_started, conn.message_timer_armed) {
+            conn.message_timer_armed = true;
+            self.timers
+                .schedule((key, Deadline::Message), started + timeout);
+        }
+    }
+
+    /// Closes the connections whose idle or message deadline has passed, and
+    /// schedules again the entries whose deadline moved later.
+    fn expire_timers(&mut self) {
+        let Io {
+            timers,
+            table,
+            expired,
+            idle_timeout,
+            message_timeout,
+            now,
+            ..
+        } = self;
+        let now = *now;
+        timers.expire(now, |(key, deadline), _| {
+            let conn = table.get_mut(key)?;
+            if conn.reported_closed() {
+                return None;
+            }
+            let (due, reason) = match deadline {
+                Deadline::Idle => (
+                    conn.last_activity + (*idle_timeout)?,
+                    CloseReason::IdleTimeout,
+                ),
+                Deadline::Message => {
+                    let Some(started) = conn.message_started else {
+                        conn.message_timer_armed = false;
+                        return None;
+                    };
+                    (started + (*message_timeout)?, CloseReason::MessageTimeout)
+                }
+            };
+            if due > now {
+                return Some(due);
+            }
+            if deadline == Deadline::Message {
+                conn.message_timer_armed = false;
+            }
+            expired.push((key, reason));
+            None
+        });
+        let mut expired = std::mem::take(&mut self.expired);
+        for (key, reason) in expired.drain(..) {
+            let Some(conn) = self.table.get_mut(key) else {
+                continue;
+            };
+            if conn.closing_reason().is_some() {
+                // Its close cannot finish (the peer takes nothing): reset it.
+                self.abort(key, reason);
+            } else {
+                self.close(key, reason);
+            }
+        }
+        self.expired = expired;
+    }
+
     /// Offers `key`'s messages to the delivery ring: those in the first `read`
     /// bytes of the scratch buffer, or (`None`) those its decoder kept.
     fn deliver_messages(
@@ -701,6 +846,7 @@ impl<S: Selector> Io<S> {
             large,
             scratch,
             large_blocked_at,
+            counters,
             ..
         } = self;
         let Some(decoder) = table.get_mut(key).and_then(|c| c.decoder.as_mut()) else {
@@ -734,6 +880,7 @@ impl<S: Selector> Io<S> {
                 }
             });
             slot.stage();
+            counters.messages_received += 1;
             Ok(())
         };
         let outcome = match read {
@@ -815,6 +962,10 @@ impl<S: Selector> Io<S> {
                 return;
             }
             match net::accept(&self.listeners[index].socket) {
+                Ok(socket) if self.table.len() >= self.max_connections => {
+                    drop(socket);
+                    self.reject(CloseReason::Limit);
+                }
                 Ok(socket) => self.open(socket),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.listeners[index].pending = false;
@@ -822,8 +973,12 @@ impl<S: Selector> Io<S> {
                 }
                 Err(e) if is_transient_accept_error(&e) => {}
                 Err(e) => {
-                    // EMFILE and friends: the connection stays queued in the
-                    // kernel. Retry later rather than spin.
+                    // EMFILE and friends: the clients stay queued in the kernel.
+                    // Turn them away now with the reserve descriptor, and retry
+                    // later rather than spin.
+                    if net::is_out_of_descriptors(&e) {
+                        self.turn_away_queued(index);
+                    }
                     let listener = &mut self.listeners[index];
                     listener.pending = false;
                     listener.retry_at = Some(Instant::now() + ACCEPT_RETRY);
@@ -833,6 +988,47 @@ impl<S: Selector> Io<S> {
             }
         }
         self.listeners[index].pending = true;
+    }
+
+    /// Out of descriptors: frees the reserve one, accepts and closes the
+    /// clients queued on listener `index` (so they hear at once instead of
+    /// waiting), then takes the reserve again.
+    fn turn_away_queued(&mut self, index: usize) {
+        if self.reserve.take().is_none() {
+            return;
+        }
+        for _ in 0..ACCEPT_BUDGET {
+            match net::accept(&self.listeners[index].socket) {
+                Ok(socket) => {
+                    drop(socket);
+                    self.counters.rejected(CloseReason::Limit);
+                }
+                Err(e) if is_transient_accept_error(&e) => {}
+                Err(_) => break,
+            }
+        }
+        self.reserve = net::ReserveFd::open();
+    }
+
+    /// Counts a connection turned away at `max_connections`, and reports
+    /// the count at most once a second.
+    fn reject(&mut self, reason: CloseReason) {
+        self.counters.rejected(reason);
+        self.unreported_rejections += 1;
+        let now = Instant::now();
+        if self
+            .last_rejection_report
+            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_rejection_report = Some(now);
+        let detail = format!(
+            "max_connections ({}) reached: turned away {} connection(s)",
+            self.max_connections, self.unreported_rejections
+        );
+        self.unreported_rejections = 0;
+        self.emit(DeliveryKind::Error, ConnKey::default(), None, Some(detail));
     }
 
     fn rearm_listener(&mut self, index: usize) {
@@ -861,7 +1057,10 @@ impl<S: Selector> Io<S> {
         let fd = net::raw_handle(&socket);
         let peer = net::peer_addr(&socket);
         let local = net::local_addr(&socket);
-        let key = self.table.insert(socket);
+        let key = self.table.insert(socket, self.now);
+        if let Some(idle) = self.idle_timeout {
+            self.timers.schedule((key, Deadline::Idle), self.now + idle);
+        }
         let conn = self.table.get_mut(key).expect("just inserted");
         if self.framing != Framing::Raw {
             conn.decoder = Some(Decoder::new(
@@ -1004,7 +1203,8 @@ impl<S: Selector> Io<S> {
             .map(|&(deadline, _)| deadline)
             .into_iter()
             .chain(self.listeners.iter().filter_map(|l| l.retry_at))
-            .chain(self.stopping.as_ref().map(|s| s.deadline));
+            .chain(self.stopping.as_ref().map(|s| s.deadline))
+            .chain(self.timers.next_deadline());
         deadlines
             .min()
             .map(|at| at.saturating_duration_since(Instant::now()))
@@ -1018,6 +1218,11 @@ impl<S: Selector> Io<S> {
         opened: Option<Opened>,
         detail: Option<String>,
     ) {
+        match kind {
+            DeliveryKind::Opened => self.counters.connections_accepted += 1,
+            DeliveryKind::Closed(reason) => self.counters.closed(reason),
+            _ => {}
+        }
         let pending = Pending {
             kind,
             conn,
@@ -1063,6 +1268,8 @@ impl<S: Selector> Io<S> {
     /// Makes staged deliveries visible and wakes the Python thread if it sleeps.
     fn publish(&mut self) {
         if self.deliveries.staged() > 0 {
+            let held = (self.deliveries.capacity() - self.deliveries.free()) as u64;
+            self.counters.ring_high_water = self.counters.ring_high_water.max(held);
             self.deliveries.publish();
             self.shared.deliveries.ring();
         }

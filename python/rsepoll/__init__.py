@@ -96,6 +96,18 @@ class Server(ServerCore):
             send (framed modes); a client that sends more is disconnected
             and :class:`MessageTooLarge` goes to ``on_exception_occurred``.
         length_prefix: 4 or 8, the width of the length prefix.
+        idle_timeout: seconds without a byte either way after which a
+            connection is closed (``close_reason == "idle_timeout"``); None,
+            the default, never closes an idle connection.
+        max_connections: connections beyond this many are accepted and closed
+            at once (counted in ``stats()["connections_rejected"]``, reported
+            through ``on_exception_occurred`` at most once a second). Default:
+            the file descriptor limit less 32 kept for the server's own use.
+        message_timeout: framed modes: seconds within which a message, once
+            started, must be complete, else the connection is closed
+            (``"message_timeout"``); this defeats clients that announce a
+            large message and trickle it. None disables it; raw mode has no
+            messages and ignores it.
     """
 
     def __init__(
@@ -110,11 +122,18 @@ class Server(ServerCore):
         framing: str = "raw",
         max_message_size: int = 1 << 20,
         length_prefix: int = 4,
+        idle_timeout: float | None = None,
+        message_timeout: float | None = 30.0,
+        max_connections: int | None = None,
     ) -> None:
         if max_fds <= 0:
             raise ValueError(f"max_fds must be positive, got {max_fds}")
         self.max_fds = max_fds
-        _raise_fd_limit(max_fds)
+        fd_limit = _raise_fd_limit(max_fds)
+        if max_connections is None:
+            max_connections = max(1, fd_limit - _RESERVED_FDS)
+        elif max_connections <= 0:
+            raise ValueError(f"max_connections must be positive, got {max_connections}")
         if backend is None:
             backend = os.environ.get("RSEPOLL_BACKEND") or None
         self._configure(
@@ -126,6 +145,9 @@ class Server(ServerCore):
             framing,
             max_message_size,
             length_prefix,
+            idle_timeout,
+            message_timeout,
+            max_connections,
         )
 
     def register_listener_socket(self, sock: AnyListener) -> bool:
@@ -199,25 +221,33 @@ class Server(ServerCore):
         logger.debug("shut down")
 
 
-def _raise_fd_limit(max_fds: int) -> None:
-    """Raises the soft RLIMIT_NOFILE toward ``max_fds``, as far as allowed."""
+#: File descriptors the default ``max_connections`` leaves for the server's
+#: own use: listeners, the poller, its waker, the reserve descriptor, and the
+#: files and sockets the application opens.
+_RESERVED_FDS = 32
+
+
+def _raise_fd_limit(max_fds: int) -> int:
+    """Raises the soft RLIMIT_NOFILE toward ``max_fds``, as far as allowed, and
+    returns how many descriptors the process may have (``max_fds`` where the
+    system sets no such limit)."""
     if sys.platform == "win32":
-        return
+        return max_fds
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft >= max_fds:
-        return
-    if soft == resource.RLIM_INFINITY:
-        return
+    if soft == resource.RLIM_INFINITY or soft >= max_fds:
+        return max_fds
     target = max_fds if hard == resource.RLIM_INFINITY else min(max_fds, hard)
     if target < max_fds:
         logger.warning(
             "max_fds=%d exceeds the hard RLIMIT_NOFILE (%d); using %d", max_fds, hard, target
         )
     if target <= soft:
-        return
+        return soft
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ValueError, OSError) as exc:
         logger.warning("could not raise RLIMIT_NOFILE to %d: %s", target, exc)
+        return soft
+    return target

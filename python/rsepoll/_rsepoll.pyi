@@ -1,6 +1,7 @@
 """Type stubs for the compiled core of rsepoll (``rsepoll._rsepoll``)."""
 
 from types import TracebackType
+from typing import Any
 
 from typing_extensions import disjoint_base, final
 
@@ -81,7 +82,12 @@ class ServerCore:
         framing: str | None = None,
         max_message_size: int | None = None,
         length_prefix: int | None = None,
+        idle_timeout: float | None = None,
+        message_timeout: float | None = None,
+        max_connections: int | None = None,
     ) -> None: ...
+    def stats(self) -> dict[str, Any]:
+        """The server's counters (see rsepoll.Server.stats)."""
     @property
     def framing(self) -> str:
         """``"raw"``, ``"line"`` or ``"length"``."""

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyMemoryView, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyMemoryView, PyString, PyTuple};
 use socket2::Socket;
 
 use super::connection::Connection;
@@ -17,6 +17,7 @@ use crate::conn::CloseReason;
 use crate::core::{Config, Request, Running, SendError, Sender, WeakSender, DEFAULT_STOP_TIMEOUT};
 use crate::framing::{self, Framing, PrefixWidth};
 use crate::message::{Delivery, DeliveryKind};
+use crate::stats::Snapshot;
 use crate::sys::Backend;
 
 /// Longest the listening thread waits with the GIL released before it checks
@@ -54,6 +55,8 @@ pub struct ServerCore {
     current: Mutex<Option<Sender>>,
     /// The timeout of the first `stop_server()` since the last run.
     stop_timeout: Mutex<Duration>,
+    /// The counters as the last run left them.
+    last_stats: Mutex<Snapshot>,
 }
 
 #[pymethods]
@@ -69,6 +72,7 @@ impl ServerCore {
             stop_requested: AtomicBool::new(false),
             current: Mutex::new(None),
             stop_timeout: Mutex::new(DEFAULT_STOP_TIMEOUT),
+            last_stats: Mutex::new(Snapshot::default()),
         }
     }
 
@@ -82,6 +86,9 @@ impl ServerCore {
         framing = None,
         max_message_size = None,
         length_prefix = None,
+        idle_timeout = None,
+        message_timeout = None,
+        max_connections = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn _configure(
@@ -94,6 +101,9 @@ impl ServerCore {
         framing: Option<&str>,
         max_message_size: Option<usize>,
         length_prefix: Option<usize>,
+        idle_timeout: Option<f64>,
+        message_timeout: Option<f64>,
+        max_connections: Option<usize>,
     ) -> PyResult<()> {
         let mut config = lock(&self.config).clone();
         if let Some(name) = backend {
@@ -104,6 +114,14 @@ impl ServerCore {
         config.write_buffer_high = write_buffer_high.unwrap_or(config.write_buffer_high);
         config.write_buffer_low = write_buffer_low.unwrap_or(config.write_buffer_low);
         config.max_message_size = max_message_size.unwrap_or(config.max_message_size);
+        config.max_connections = max_connections.unwrap_or(config.max_connections);
+        // Unlike the options above, None here means no timeout.
+        config.idle_timeout = idle_timeout
+            .map(|t| seconds("idle_timeout", t))
+            .transpose()?;
+        config.message_timeout = message_timeout
+            .map(|t| seconds("message_timeout", t))
+            .transpose()?;
         let width = match length_prefix {
             None => PrefixWidth::Four,
             Some(bytes) => PrefixWidth::from_bytes(bytes).ok_or_else(|| {
@@ -140,6 +158,36 @@ impl ServerCore {
     #[getter]
     fn backend(&self) -> &'static str {
         lock(&self.config).backend.name()
+    }
+
+    /// The server's counters: a dict of `connections_open`,
+    /// `connections_accepted`, `connections_closed`, `connections_rejected`,
+    /// `bytes_received`, `bytes_sent`, `messages_received`, `messages_sent`,
+    /// `ring_high_water`, and `closes` (a dict of close reason to count).
+    /// While `listen()` runs, they are at most one I/O turn old; after, they
+    /// are the last run's. Cheap, and safe from any thread.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let snapshot = match lock(&self.current).as_ref() {
+            Some(sender) => sender.stats(),
+            None => *lock(&self.last_stats),
+        };
+        let counters = &snapshot.counters;
+        let dict = PyDict::new(py);
+        dict.set_item("connections_open", snapshot.connections_open())?;
+        dict.set_item("connections_accepted", counters.connections_accepted)?;
+        dict.set_item("connections_closed", counters.connections_closed)?;
+        dict.set_item("connections_rejected", counters.connections_rejected)?;
+        dict.set_item("bytes_received", counters.bytes_received)?;
+        dict.set_item("bytes_sent", counters.bytes_sent)?;
+        dict.set_item("messages_received", counters.messages_received)?;
+        dict.set_item("messages_sent", snapshot.messages_sent)?;
+        dict.set_item("ring_high_water", counters.ring_high_water)?;
+        let closes = PyDict::new(py);
+        for (reason, count) in snapshot.closes() {
+            closes.set_item(reason, count)?;
+        }
+        dict.set_item("closes", closes)?;
+        Ok(dict)
     }
 
     /// True while `listen()` runs.
@@ -306,12 +354,26 @@ impl ServerCore {
     }
 }
 
+/// A positive number of seconds as a `Duration`.
+fn seconds(name: &str, value: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "{name} must be a positive number of seconds or None, got {value}"
+            ))
+        })
+}
+
 /// Resets the server's run state however `listen()` ends.
 struct RunningGuard<'a>(&'a ServerCore);
 
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
-        lock(&self.0.current).take();
+        if let Some(sender) = lock(&self.0.current).take() {
+            *lock(&self.0.last_stats) = sender.stats();
+        }
         *lock(&self.0.stop_timeout) = DEFAULT_STOP_TIMEOUT;
         self.0.stop_requested.store(false, SeqCst);
         self.0.running.store(false, SeqCst);

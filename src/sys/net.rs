@@ -100,3 +100,42 @@ pub fn local_addr(socket: &Socket) -> Option<SocketAddr> {
 pub fn peer_addr(socket: &Socket) -> Option<SocketAddr> {
     socket.peer_addr().ok().and_then(|a| a.as_socket())
 }
+
+/// True if `error` says the process or the system is out of file descriptors.
+pub fn is_out_of_descriptors(error: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+    }
+    #[cfg(not(unix))]
+    {
+        // Windows has no per-process descriptor table to exhaust.
+        let _ = error;
+        false
+    }
+}
+
+/// A file descriptor held in reserve, to be closed when the process runs out
+/// of them (see the reactor's accept path). Elsewhere than Unix it is never
+/// needed, and holds nothing.
+#[derive(Debug)]
+pub struct ReserveFd {
+    #[cfg(unix)]
+    _file: std::fs::File,
+}
+
+impl ReserveFd {
+    /// Opens one (close-on-exec, as Rust opens every file), if it can.
+    pub fn open() -> Option<ReserveFd> {
+        #[cfg(unix)]
+        {
+            std::fs::File::open("/dev/null")
+                .ok()
+                .map(|file| ReserveFd { _file: file })
+        }
+        #[cfg(not(unix))]
+        {
+            None
+        }
+    }
+}

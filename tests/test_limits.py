@@ -1,0 +1,200 @@
+"""Protection from any client: idle and message timeouts, the connection cap,
+and the counters that show what happened."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+
+import pytest
+import rsepoll
+from conftest import connect, recv_exactly, running, wait_until
+
+
+class Tracker(rsepoll.Server):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.reasons: dict[int, str | None] = {}
+        self.opened = 0
+
+    def on_connection_opened(self, conn: rsepoll.Connection) -> None:
+        self.opened += 1
+
+    def on_connection_closed(self, conn: rsepoll.Connection) -> None:
+        self.reasons[conn.id] = conn.close_reason
+
+    def on_exception_occurred(self, exc: BaseException) -> None:
+        pass  # rejections are reported here; the tests read stats()
+
+
+def test_an_idle_connection_is_closed_and_an_active_one_is_not() -> None:
+    with running(Tracker, idle_timeout=0.5) as (server, port):
+        idle = connect(port)
+        active = connect(port)
+        started = time.monotonic()
+        while time.monotonic() - started < 1.2:
+            active.sendall(b"tick")
+            assert recv_exactly(active, 4) == b"tick"
+            time.sleep(0.1)
+        assert idle.recv(1) == b"", "the idle connection was not closed"
+        assert wait_until(lambda: list(server.reasons.values()) == ["idle_timeout"], 5.0)
+        active.sendall(b"still here")
+        assert recv_exactly(active, 10) == b"still here"
+        idle.close()
+        active.close()
+
+
+def test_idle_timeout_is_off_by_default() -> None:
+    with running(Tracker) as (_server, port):
+        client = connect(port)
+        time.sleep(0.3)
+        client.sendall(b"x")
+        assert recv_exactly(client, 1) == b"x"
+        client.close()
+
+
+@pytest.mark.timeout(60)
+def test_slowloris_clients_are_closed_and_never_stop_a_normal_client() -> None:
+    """200 clients announce a message and trickle it a byte at a time; a
+    normal client keeps being served, and every trickler is closed by the
+    message timeout."""
+    tricklers = 200
+    with running(Tracker, framing="length", message_timeout=1.5) as (server, port):
+        slow = [connect(port) for _ in range(tricklers)]
+        normal = connect(port)
+        for sock in slow:
+            sock.sendall(struct.pack(">I", 1000) + b"a")
+        worst = 0.0
+        started = time.monotonic()
+        trickling = True
+        while trickling:
+            for sock in slow:
+                with contextlib.suppress(OSError):
+                    sock.send(b"b")
+            begin = time.monotonic()
+            normal.sendall(struct.pack(">I", 5) + b"hello")
+            assert recv_exactly(normal, 9) == struct.pack(">I", 5) + b"hello"
+            worst = max(worst, time.monotonic() - begin)
+            time.sleep(0.2)
+            trickling = time.monotonic() - started < 2.5
+        assert worst < 1.0, f"a normal request took {worst:.2f} s among tricklers"
+        assert wait_until(lambda: len(server.reasons) == tricklers, 10.0)
+        assert set(server.reasons.values()) == {"message_timeout"}
+        for sock in slow:
+            sock.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1) == b""
+            sock.close()
+        assert server.stats()["closes"]["message_timeout"] == tricklers
+        normal.close()
+
+
+def test_a_slow_but_steady_message_within_the_timeout_is_delivered() -> None:
+    with running(Tracker, framing="line", message_timeout=2.0) as (_server, port):
+        client = connect(port)
+        for byte in b"slow line":
+            client.send(bytes([byte]))
+            time.sleep(0.05)
+        client.sendall(b"\n")
+        assert recv_exactly(client, 10) == b"slow line\n"
+        client.close()
+
+
+def test_connections_beyond_max_connections_are_turned_away() -> None:
+    with running(Tracker, max_connections=3, expect_errors=True) as (server, port):
+        kept = [connect(port) for _ in range(3)]
+        for sock in kept:
+            sock.sendall(b"hi")
+            assert recv_exactly(sock, 2) == b"hi"
+        extra = [connect(port) for _ in range(5)]
+        for sock in extra:
+            sock.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1) == b""
+            sock.close()
+        assert server.opened == 3
+        # Counters are published once per I/O turn: a moment after the fact.
+        assert wait_until(lambda: server.stats()["connections_rejected"] == 5, 5.0)
+        assert server.stats()["closes"]["limit"] == 5
+        # The server stays responsive, and takes new clients once some leave.
+        kept[0].sendall(b"ok")
+        assert recv_exactly(kept[0], 2) == b"ok"
+        kept.pop().close()
+        assert wait_until(lambda: server.stats()["connections_open"] == 2, 5.0)
+        newcomer = connect(port)
+        newcomer.sendall(b"in")
+        assert recv_exactly(newcomer, 2) == b"in"
+        for sock in [*kept, newcomer]:
+            sock.close()
+
+
+def test_max_connections_defaults_from_max_fds() -> None:
+    with pytest.raises(ValueError, match="max_connections"):
+        rsepoll.Server(max_connections=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"idle_timeout": 0}, "idle_timeout"),
+        ({"idle_timeout": -1.0}, "idle_timeout"),
+        ({"message_timeout": 0}, "message_timeout"),
+    ],
+)
+def test_bad_timeouts_are_rejected(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        rsepoll.Server(**kwargs)  # type: ignore[arg-type]
+
+
+def test_stats_count_traffic_and_closes() -> None:
+    with running(Tracker, framing="line") as (server, port):
+        before = server.stats()
+        assert before["connections_open"] == 0
+        clients = [connect(port) for _ in range(3)]
+        for sock in clients:
+            sock.sendall(b"one\ntwo\n")
+            assert recv_exactly(sock, 8) == b"one\ntwo\n"
+        # Counters are published once per I/O turn: a moment after the fact.
+        assert wait_until(lambda: server.stats()["bytes_sent"] == 24, 5.0)
+        stats = server.stats()
+        assert stats["connections_open"] == 3
+        assert stats["connections_accepted"] == 3
+        assert stats["messages_received"] == 6
+        assert stats["messages_sent"] == 6
+        assert stats["bytes_received"] == 24
+        assert stats["ring_high_water"] >= 1
+        for sock in clients:
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1) == b""
+            sock.close()
+        assert wait_until(lambda: server.stats()["closes"]["peer"] == 3, 5.0)
+        assert server.stats()["connections_open"] == 0
+    # After listen() returns, stats() keeps the last run's counters.
+    assert server.stats()["connections_closed"] == 3
+
+
+def test_stats_can_be_read_from_another_thread_while_serving() -> None:
+    seen: list[int] = []
+    with running(Tracker) as (server, port):
+        client = connect(port)
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set():
+                seen.append(server.stats()["bytes_received"])
+                time.sleep(0.001)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        for _ in range(50):
+            client.sendall(b"12345678")
+            assert recv_exactly(client, 8) == b"12345678"
+        stop.set()
+        poller.join(5)
+        client.close()
+    assert seen == sorted(seen), "a counter went backwards"
+    assert seen[-1] <= 400
+    assert server.stats()["bytes_received"] == 400
