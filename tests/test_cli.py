@@ -29,23 +29,26 @@ def error_lines(text: str) -> list[str]:
 
 
 def reverse_round_trip(port: int, msg: bytes) -> None:
+    """One line, reversed (the default line framing)."""
     with connect(port) as c:
-        c.sendall(msg)
-        assert recv_exactly(c, len(msg)) == msg[::-1]
+        c.sendall(msg + b"\n")
+        assert recv_exactly(c, len(msg) + 1) == msg[::-1] + b"\n"
 
 
-def test_reverse_round_trip_and_prints_received_bytes():
+def test_reverse_round_trip_and_prints_received_lines():
     with rsepoll_cli("0") as child:
         port = wait_listening(child)
         assert port > 0
         output = child.stdout + "\n" + child.stderr
         listening = next(line for line in output.splitlines() if "listening on" in line)
         assert f"127.0.0.1:{port}" in listening
+        assert "line framing" in listening
         with connect(port) as c:
-            c.sendall(b"hello\n")
-            assert recv_exactly(c, 6) == b"\nolleh"
-            c.sendall(b"zyx_token_42")
-            assert recv_exactly(c, 12) == b"24_nekot_xyz"
+            # Two lines in one read, a third split across reads.
+            c.sendall(b"hello\nworld\nzyx_to")
+            time.sleep(0.05)
+            c.sendall(b"ken_42\r\n")
+            assert recv_exactly(c, 25) == b"olleh\ndlrow\n24_nekot_xyz\n"
         child.wait_for_output(r"hello", stream="out")
         child.wait_for_output(r"zyx_token_42", stream="out")
         child.signal(signal.SIGTERM)
@@ -53,10 +56,67 @@ def test_reverse_round_trip_and_prints_received_bytes():
         assert no_traceback(child.stderr), child.stderr
 
 
+def test_raw_framing_reverses_each_read():
+    with rsepoll_cli("0", "--framing", "raw", "--quiet") as child:
+        port = wait_listening(child)
+        with connect(port) as c:
+            c.sendall(b"hello\n")
+            assert recv_exactly(c, 6) == b"\nolleh"
+            c.sendall(b"exit\n")
+            recv_until_eof(c, limit=1 << 16)
+        child.signal(signal.SIGTERM)
+        assert child.wait(5) == 0
+
+
+def test_printf_piped_into_nc_gets_every_line_back():
+    """printf 'hello\nworld\n' | nc -q1 localhost PORT: the client sends and
+    half-closes; every reply arrives before the close."""
+    with rsepoll_cli("0", "--quiet") as child:
+        port = wait_listening(child)
+        with connect(port) as c:
+            c.sendall(b"hello\nworld\n")
+            c.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(c) == b"olleh\ndlrow\n"
+        child.signal(signal.SIGTERM)
+        assert child.wait(5) == 0
+
+
+def test_exit_line_anywhere_in_a_read_ends_the_connection():
+    with rsepoll_cli("0", "--quiet") as child:
+        port = wait_listening(child)
+        with connect(port) as c:
+            c.sendall(b"abc\nexit\nnever answered\n")
+            assert recv_until_eof(c, limit=1 << 16) == b"cba\n"
+        child.signal(signal.SIGTERM)
+        assert child.wait(5) == 0
+
+
+def test_length_framing_and_limits_options():
+    args = ["--framing", "length", "--max-message-size", "100", "--quiet"]
+    with rsepoll_cli("0", *args, "--max-connections", "5", "--idle-timeout", "30") as child:
+        port = wait_listening(child)
+        with connect(port) as c:
+            c.sendall(b"\x00\x00\x00\x03abc")
+            assert recv_exactly(c, 7) == b"\x00\x00\x00\x03cba"
+            c.sendall(b"\x00\x00\x01\x00")  # 256 bytes: over the limit
+            assert recv_until_eof(c, limit=1 << 16) == b""
+        child.wait_for_output(r"MessageTooLarge", stream="err")
+        child.signal(signal.SIGTERM)
+        assert child.wait(5) == 0
+
+
+def test_bad_option_values_fail_with_status_2():
+    for args in (["--idle-timeout", "0"], ["--max-connections", "0"], ["--max-message-size", "0"]):
+        with rsepoll_cli("0", *args) as child:
+            assert child.wait(10) == 2
+            assert "rsepoll: error:" in child.stderr
+            assert no_traceback(child.stderr), child.stderr
+
+
 def test_quiet_does_not_print_messages():
     with rsepoll_cli("0", "--quiet") as child:
         port = wait_listening(child)
-        reverse_round_trip(port, b"quiet_token_77\n")
+        reverse_round_trip(port, b"quiet_token_77")
         child.signal(signal.SIGTERM)
         assert child.wait(5) == 0
         assert "quiet_token_77" not in child.stdout
@@ -77,12 +137,12 @@ def test_exit_ends_only_that_connection():
         port = wait_listening(child)
         with connect(port) as leaver, connect(port) as stayer:
             reverse_round_trip(port, b"warm-up")
-            stayer.sendall(b"before")
-            assert recv_exactly(stayer, 6) == b"erofeb"
+            stayer.sendall(b"before\n")
+            assert recv_exactly(stayer, 7) == b"erofeb\n"
             leaver.sendall(b"  exit \r\n")
             recv_until_eof(leaver, limit=1 << 16)  # whatever it says, then EOF
-            stayer.sendall(b"after")
-            assert recv_exactly(stayer, 5) == b"retfa"
+            stayer.sendall(b"after\n")
+            assert recv_exactly(stayer, 6) == b"retfa\n"
             # A new client is still welcome.
             reverse_round_trip(port, b"newcomer")
         assert child.proc.poll() is None
@@ -110,8 +170,8 @@ def test_sigint_stops_cleanly(with_client):
         c = connect(port) if with_client else None
         try:
             if c is not None:
-                c.sendall(b"ping")
-                assert recv_exactly(c, 4) == b"gnip"
+                c.sendall(b"ping\n")
+                assert recv_exactly(c, 5) == b"gnip\n"
             t0 = time.monotonic()
             child.signal(signal.SIGINT)
             rc = child.wait(5)
@@ -129,8 +189,8 @@ def test_sigterm_exits_zero_without_traceback():
     with rsepoll_cli("0") as child:
         port = wait_listening(child)
         with connect(port) as c:
-            c.sendall(b"xy")
-            assert recv_exactly(c, 2) == b"yx"
+            c.sendall(b"xy\n")
+            assert recv_exactly(c, 3) == b"yx\n"
             child.signal(signal.SIGTERM)
             assert child.wait(5) == 0
             assert_eof(c)

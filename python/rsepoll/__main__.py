@@ -1,8 +1,11 @@
 """``python -m rsepoll PORT``: the reverse server.
 
 Every message a client sends is printed (unless ``--quiet``), reversed and sent
-back, so ``nc localhost 9090`` shows each typed line reversed. A line ``exit``
-ends that client's connection (``--exit-stops-server``: stops the server).
+back, so ``nc localhost 9090`` shows each typed line reversed. Messages are
+lines by default (``--framing line``); ``--framing raw`` reverses each read
+as it arrives, as the original epoll example did, and ``--framing length``
+speaks length-prefixed messages. A message ``exit`` ends that client's
+connection (``--exit-stops-server``: stops the server).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ _LINE_TAIL = 64
 
 
 class ReverseServer(Server):
-    """Reverses what each client sends, at whatever boundaries it arrives."""
+    """Reverses each message a client sends (in raw mode, each read)."""
 
     def __init__(self, *, quiet: bool, exit_stops_server: bool, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -29,7 +32,10 @@ class ReverseServer(Server):
         self.address = ""
 
     def on_listen_success(self) -> None:
-        print(f"rsepoll: listening on {self.address} (Ctrl-C to stop)", flush=True)
+        print(
+            f"rsepoll: listening on {self.address}, {self.framing} framing (Ctrl-C to stop)",
+            flush=True,
+        )
 
     def on_connection_opened(self, conn: Connection) -> None:
         conn.line_tail = b""  # type: ignore[attr-defined]
@@ -38,7 +44,7 @@ class ReverseServer(Server):
         if not self.quiet:
             host, port = conn.remote_address or ("?", 0)
             print(f"[{host}:{port}] {data!r}", flush=True)
-        if self._ends_with_exit_line(conn, data):
+        if self._is_exit(conn, data):
             if self.exit_stops_server:
                 self.stop_server()
             else:
@@ -46,10 +52,11 @@ class ReverseServer(Server):
             return
         self.send_message(conn, data[::-1])
 
-    @staticmethod
-    def _ends_with_exit_line(conn: Connection, data: bytes) -> bool:
-        """True if ``data`` completes a line that reads ``exit``; a line may
-        arrive in several pieces."""
+    def _is_exit(self, conn: Connection, data: bytes) -> bool:
+        """True if ``data`` is the message ``exit`` (in raw mode: completes a
+        line that reads ``exit``; a line may arrive in several pieces)."""
+        if self.framing != "raw":
+            return data.strip() == b"exit"
         text = conn.line_tail + data  # type: ignore[attr-defined]
         lines = text.split(b"\n")
         conn.line_tail = lines[-1][-_LINE_TAIL:]  # type: ignore[attr-defined]
@@ -63,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
             "Run the rsepoll reverse server: every message a client sends is printed, "
             "reversed and sent back. Try it with: nc localhost PORT"
         ),
-        epilog="A client that sends the line 'exit' ends its own connection. "
+        epilog="A client that sends the message 'exit' ends its own connection. "
         "Ctrl-C or SIGTERM stops the server.",
     )
     parser.add_argument("port", type=int, help="TCP port to listen on (0 picks a free one)")
@@ -86,6 +93,34 @@ def _parser() -> argparse.ArgumentParser:
         help="a client's 'exit' line stops the whole server instead of its connection",
     )
     parser.add_argument(
+        "--framing",
+        choices=["line", "raw", "length"],
+        default="line",
+        help="how messages are cut: lines (the default), each read as it comes, "
+        "or a 4-byte big-endian length prefix",
+    )
+    parser.add_argument(
+        "--max-message-size",
+        type=int,
+        default=1 << 20,
+        metavar="BYTES",
+        help="longest line or message a client may send (default 1 MiB)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="close connections with no traffic for this long (default: never)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="turn away connections beyond N (default: the fd limit less 32)",
+    )
+    parser.add_argument(
         "--backend",
         choices=["epoll", "portable"],
         default=None,
@@ -106,15 +141,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_fds <= 0:
         return _fail(f"--max-fds must be positive, got {args.max_fds}")
     try:
+        server = ReverseServer(
+            quiet=args.quiet,
+            exit_stops_server=args.exit_stops_server,
+            max_fds=args.max_fds,
+            backend=args.backend,
+            framing=args.framing,
+            max_message_size=args.max_message_size,
+            idle_timeout=args.idle_timeout,
+            max_connections=args.max_connections,
+        )
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:
         listener = make_listener_socket(args.port, args.host)
     except (OSError, ValueError) as exc:
         return _fail(str(exc))
-    server = ReverseServer(
-        quiet=args.quiet,
-        exit_stops_server=args.exit_stops_server,
-        max_fds=args.max_fds,
-        backend=args.backend,
-    )
     host, port = listener.address
     server.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     server.register_listener_socket(listener)
