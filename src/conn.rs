@@ -299,6 +299,8 @@ pub struct Connection {
     pub message_started: Option<Instant>,
     /// A message-timeout entry is scheduled for this connection.
     pub message_timer_armed: bool,
+    /// Its data deliveries in the ring that the consumer has not released.
+    pub in_ring: u32,
 }
 
 impl Connection {
@@ -318,6 +320,7 @@ impl Connection {
             last_activity: now,
             message_started: None,
             message_timer_armed: false,
+            in_ring: 0,
         }
     }
 

@@ -56,6 +56,10 @@ const LINGER: Duration = Duration::from_secs(5);
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The I/O thread's wait while it cannot hand its last deliveries over.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
+/// One connection may hold at most this fraction of the delivery ring ...
+const RING_SHARE_DIVISOR: usize = 8;
+/// ... but never fewer slots than this.
+const MIN_RING_SHARE: usize = 4;
 /// The smallest buffer a message being assembled takes from the pool: what a
 /// connection in the middle of a small message costs.
 const SMALLEST_ASSEMBLY: usize = 4096;
@@ -131,9 +135,15 @@ struct Io<S: Selector> {
     slot_size: usize,
     /// Buffers of messages larger than a slot.
     large: LargeMessages,
-    /// A large message waits for the consumer to release slots (their
-    /// buffers count against the budget): the consumer's release count then.
-    large_blocked_at: Option<usize>,
+    /// Input waits for the consumer to release slots, though some are free: a
+    /// large message over the budget of buffers in the ring, or a connection
+    /// at its share of the ring. The consumer's release count then.
+    consumer_blocked_at: Option<usize>,
+    /// Data deliveries in the ring, oldest first: the producer position of
+    /// each and its connection, to keep each connection's share exact.
+    in_flight: VecDeque<(usize, ConnKey)>,
+    /// The most data deliveries one connection may have in the ring.
+    ring_share: u32,
     /// Per-connection deadlines, at most one entry per connection and kind;
     /// whether a deadline really passed is checked when its entry fires.
     timers: Timers<(ConnKey, Deadline)>,
@@ -194,7 +204,9 @@ impl<S: Selector> Reactor<S> {
                 (config.ring_slots * config.slot_size).max(2 * config.max_message_size),
                 config.ring_slots,
             ),
-            large_blocked_at: None,
+            consumer_blocked_at: None,
+            in_flight: VecDeque::with_capacity(config.ring_slots),
+            ring_share: (config.ring_slots / RING_SHARE_DIVISOR).max(MIN_RING_SHARE) as u32,
             timers: Timers::with_capacity(1024),
             expired: Vec::with_capacity(64),
             idle_timeout: config.idle_timeout,
@@ -647,7 +659,7 @@ impl<S: Selector> Io<S> {
     fn read_into_ring(&mut self, key: ConnKey) {
         let now = self.now;
         for _ in 0..READ_BUDGET {
-            if !self.backlog.is_empty() || self.deliveries.free() == 0 {
+            if !self.backlog.is_empty() || self.deliveries.free() == 0 || !self.has_share(key) {
                 return self.mark_unread(key);
             }
             let Some(conn) = self.table.get_mut(key) else {
@@ -668,7 +680,10 @@ impl<S: Selector> Io<S> {
                 // The slot stays unstaged, so it is still free.
                 Ok(0) => return self.on_eof(key),
                 Ok(n) => {
+                    let position = slot.position();
                     slot.stage();
+                    self.in_flight.push_back((position, key));
+                    conn.in_ring += 1;
                     conn.last_activity = now;
                     self.counters.bytes_received += n as u64;
                     self.counters.messages_received += 1;
@@ -706,9 +721,12 @@ impl<S: Selector> Io<S> {
             let (outcome, read) = if decoder.has_backlog() {
                 (self.deliver_messages(key, None), None)
             } else {
-                if !self.backlog.is_empty() || self.deliveries.free() == 0 {
+                if !self.backlog.is_empty() || self.deliveries.free() == 0 || !self.has_share(key) {
                     return self.mark_unread(key);
                 }
+                let Some(conn) = self.table.get_mut(key) else {
+                    return;
+                };
                 match net::recv(&conn.socket, &mut self.scratch) {
                     Ok(0) => return self.on_eof(key),
                     Ok(n) => {
@@ -748,6 +766,38 @@ impl<S: Selector> Io<S> {
             }
         }
         self.mark_unread(key);
+    }
+
+    /// True if `key` may put another delivery in the ring: it holds less than
+    /// its share. Otherwise the consumer must move on first, and the loop
+    /// waits for it (see `consumer_blocked_at`), serving other connections.
+    fn has_share(&mut self, key: ConnKey) -> bool {
+        let below = |io: &Self| io.table.get(key).is_some_and(|c| c.in_ring < io.ring_share);
+        if below(self) {
+            return true;
+        }
+        self.settle_in_flight();
+        if below(self) {
+            return true;
+        }
+        self.consumer_blocked_at = Some(self.deliveries.released());
+        false
+    }
+
+    /// Forgets the deliveries the consumer has released, so that each
+    /// connection's count of deliveries in the ring is exact.
+    fn settle_in_flight(&mut self) {
+        let released = self.deliveries.released();
+        while let Some(&(position, key)) = self.in_flight.front() {
+            // Positions wrap: compare distances, not values.
+            if released.wrapping_sub(position) as isize <= 0 {
+                break;
+            }
+            self.in_flight.pop_front();
+            if let Some(conn) = self.table.get_mut(key) {
+                conn.in_ring -= 1;
+            }
+        }
     }
 
     /// Notes when the message `key` is receiving started, and arms its
@@ -845,17 +895,28 @@ impl<S: Selector> Io<S> {
             backlog,
             large,
             scratch,
-            large_blocked_at,
+            consumer_blocked_at,
             counters,
+            in_flight,
+            ring_share,
             ..
         } = self;
-        let Some(decoder) = table.get_mut(key).and_then(|c| c.decoder.as_mut()) else {
+        let Some(conn) = table.get_mut(key) else {
+            return Ok(());
+        };
+        let share = ring_share.saturating_sub(conn.in_ring);
+        let Some(decoder) = conn.decoder.as_mut() else {
             return Ok(());
         };
         let account = &mut large.account;
         let mut blocked = false;
+        let mut staged = 0;
         let sink = |message: Message<'_>| -> Result<(), Refused> {
             if !backlog.is_empty() || deliveries.free() == 0 {
+                return Err(message.into());
+            }
+            if staged >= share {
+                blocked = true;
                 return Err(message.into());
             }
             if let Message::Owned(buffer) = &message {
@@ -879,7 +940,9 @@ impl<S: Selector> Io<S> {
                     Message::Owned(buffer) => account.place(delivery, buffer),
                 }
             });
+            in_flight.push_back((slot.position(), key));
             slot.stage();
+            staged += 1;
             counters.messages_received += 1;
             Ok(())
         };
@@ -887,9 +950,10 @@ impl<S: Selector> Io<S> {
             Some(n) => decoder.feed(&scratch[..n], &mut large.pool, sink),
             None => decoder.pump(&mut large.pool, sink),
         };
+        conn.in_ring += staged;
         large.settle();
         if blocked {
-            *large_blocked_at = Some(deliveries.released());
+            *consumer_blocked_at = Some(deliveries.released());
         }
         outcome
     }
@@ -1123,11 +1187,12 @@ impl<S: Selector> Io<S> {
     /// Serves what earlier turns left: backlog, ready connections, listeners.
     fn serve_leftovers(&mut self) {
         self.drain_backlog();
+        self.settle_in_flight();
         if self
-            .large_blocked_at
+            .consumer_blocked_at
             .is_some_and(|at| self.deliveries.released() != at)
         {
-            self.large_blocked_at = None;
+            self.consumer_blocked_at = None;
         }
         let now = Instant::now();
         for index in 0..self.listeners.len() {
@@ -1189,7 +1254,7 @@ impl<S: Selector> Io<S> {
     fn ring_has_room(&mut self) -> bool {
         self.deliveries.free() > 0
             && self
-                .large_blocked_at
+                .consumer_blocked_at
                 .is_none_or(|at| self.deliveries.released() != at)
     }
 

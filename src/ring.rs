@@ -186,6 +186,13 @@ impl<T> Vacant<'_, T> {
         })
     }
 
+    /// The slot's position: how many slots the producer staged before it (a
+    /// running count that wraps). The consumer has released it once
+    /// [`Producer::released`] has passed it.
+    pub fn position(&self) -> usize {
+        self.producer.next
+    }
+
     /// Adds the slot to the next [`Producer::publish`].
     pub fn stage(self) {
         self.producer.next = self.producer.next.wrapping_add(1);
