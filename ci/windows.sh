@@ -85,11 +85,14 @@ PY
     rm -rf "$embed" && mv "$embed.tmp" "$embed"
     rm -rf "$download"
 fi
-tools=$cache/win-site-3.11
+# The test extra's packages, for Windows (psutil reads handle counts and CPU
+# times there). A new list makes a new directory.
+requirements=("pytest>=8" "pytest-timeout>=2.3" "psutil>=5.9")
+tools=$cache/win-site-3.11-$(printf '%s\n' "${requirements[@]}" | sha1sum | cut -c1-12)
 if [ ! -f "$tools/.complete" ]; then
     rm -rf "$tools"
     "$python" -m pip install --quiet --target "$tools" --platform win_amd64 --python-version 3.11 \
-        --implementation cp --only-binary=:all: 'pytest>=8' 'pytest-timeout>=2.3'
+        --implementation cp --only-binary=:all: "${requirements[@]}"
     touch "$tools/.complete"
 fi
 rm -rf "$work/site"
@@ -102,9 +105,9 @@ rm -rf "$work/site"
     winepath -w "$tools"
     echo "import site"
 } | tr -d '\r' | sed 's/$/\r/' >"$embed/python311._pth"
-wine "$embed/python.exe" -c "import sys, rsepoll; print(sys.version.split()[0], sys.platform, rsepoll.__file__)" </dev/null | cat
+wine "$embed/python.exe" -c "import sys, rsepoll; print(sys.version.split()[0], sys.platform, rsepoll.__file__)" </dev/null 2>&1 | tr -d "\r" | cat
 
 step "pytest under Wine (Windows CPython, the wheel, the portable backend)"
 # Under Wine, CPython sets up its standard streams only with stdin from
-# /dev/null and stdout a pipe (not a file).
+# /dev/null and stdout and stderr pipes (not files).
 wine "$embed/python.exe" -m pytest -p no:cacheprovider -q tests </dev/null 2>&1 | tr -d '\r' | cat

@@ -72,7 +72,7 @@ class ServerCore:
     ) -> None: ...
     @property
     def backend(self) -> str:
-        """``"epoll"`` or ``"portable"``."""
+        """The backend that runs: ``"epoll"`` or ``"portable"`` (never ``"auto"``)."""
     @property
     def is_running(self) -> bool:
         """True while listen() runs."""
