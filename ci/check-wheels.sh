@@ -7,6 +7,7 @@
 #      the intended builds for linux, macos and windows;
 #   2. both workflows validate against the GitHub workflow schema;
 #   3. (full run only) a release wheel for each CPython in $CHECK_PYTHONS,
+#      linked by zig against glibc 2.17 (this machine's glibc is newer),
 #      tagged manylinux2014 and confirmed by `auditwheel show`, passes the
 #      whole pytest suite installed in a fresh venv outside the source tree;
 #   4. (full run only) `pip install` of the sdist (`maturin sdist`) builds and
@@ -26,11 +27,13 @@ python=${PYTHON:-python3}
 work=$root/target/check-wheels
 mkdir -p "$work"
 
-step "tools (cibuildwheel, check-jsonschema, auditwheel, maturin) in target/wheel-tools"
+step "tools (cibuildwheel, check-jsonschema, auditwheel, maturin, zig) in target/wheel-tools"
 tools=$root/target/wheel-tools
 [ -x "$tools/bin/python" ] || "$python" -m venv "$tools"
 "$tools/bin/python" -m pip install --quiet --disable-pip-version-check \
-    cibuildwheel==4.3.5 check-jsonschema==0.39.0 auditwheel==6.8.2 'maturin>=1.9.4,<2'
+    cibuildwheel==4.3.5 check-jsonschema==0.39.0 auditwheel==6.8.2 'maturin>=1.9.4,<2' \
+    ziglang==0.17.1
+export PATH=$tools/bin:$PATH # maturin --zig runs this venv's `python -m ziglang`
 
 step "cibuildwheel plans exactly the intended builds"
 versions="cp39 cp310 cp311 cp312 cp313 cp314 cp315"
@@ -86,7 +89,7 @@ for v in $pythons; do
     step "release wheel for CPython $v (manylinux2014), installed outside the tree"
     rm -rf "$work/wheels-$v"
     CARGO_TARGET_DIR=$root/target/release-wheels "$tools/bin/maturin" build --quiet --release \
-        --compatibility manylinux2014 -i "$py" --out "$work/wheels-$v"
+        --zig --compatibility manylinux2014 -i "$py" --out "$work/wheels-$v"
     wheel=$(ls "$work/wheels-$v"/*.whl)
     echo "$(basename "$wheel")"
     case "$wheel" in *manylinux2014_x86_64*|*manylinux_2_17_x86_64*) ;; *)
