@@ -491,3 +491,10 @@ def no_traceback(text: str) -> bool:
 
 
 SIGNALS_OK = hasattr(signal, "SIGINT") and hasattr(signal, "SIGTERM")
+
+#: Why the Ctrl-C tests do not run on Windows.
+CTRL_C_ON_WINDOWS = (
+    "Ctrl-C on Windows is a console control event (CTRL_C_EVENT) for a process "
+    "group sharing a console; under Wine, without a console, GenerateConsoleCtrlEvent "
+    "fails (WinError 12), so it is untested"
+)

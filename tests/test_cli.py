@@ -11,6 +11,7 @@ import time
 
 import pytest
 from conftest import (
+    CTRL_C_ON_WINDOWS,
     ChildProcess,
     assert_eof,
     connect,
@@ -22,6 +23,13 @@ from conftest import (
 )
 
 pytestmark = pytest.mark.timeout(60)
+
+#: Tests that stop the CLI with SIGTERM, which Windows does not have;
+#: test_exit_stops_server_option covers the CLI there.
+stops_with_sigterm = pytest.mark.skipif(
+    sys.platform == "win32",
+    reason="stops the CLI with SIGTERM; test_exit_stops_server_option covers Windows",
+)
 
 
 def error_lines(text: str) -> list[str]:
@@ -35,6 +43,7 @@ def reverse_round_trip(port: int, msg: bytes) -> None:
         assert recv_exactly(c, len(msg) + 1) == msg[::-1] + b"\n"
 
 
+@stops_with_sigterm
 def test_reverse_round_trip_and_prints_received_lines():
     with rsepoll_cli("0") as child:
         port = wait_listening(child)
@@ -56,6 +65,7 @@ def test_reverse_round_trip_and_prints_received_lines():
         assert no_traceback(child.stderr), child.stderr
 
 
+@stops_with_sigterm
 def test_raw_framing_reverses_each_read():
     with rsepoll_cli("0", "--framing", "raw", "--quiet") as child:
         port = wait_listening(child)
@@ -68,6 +78,7 @@ def test_raw_framing_reverses_each_read():
         assert child.wait(5) == 0
 
 
+@stops_with_sigterm
 def test_printf_piped_into_nc_gets_every_line_back():
     """printf 'hello\nworld\n' | nc -q1 localhost PORT: the client sends and
     half-closes; every reply arrives before the close."""
@@ -81,6 +92,7 @@ def test_printf_piped_into_nc_gets_every_line_back():
         assert child.wait(5) == 0
 
 
+@stops_with_sigterm
 def test_exit_line_anywhere_in_a_read_ends_the_connection():
     with rsepoll_cli("0", "--quiet") as child:
         port = wait_listening(child)
@@ -91,6 +103,7 @@ def test_exit_line_anywhere_in_a_read_ends_the_connection():
         assert child.wait(5) == 0
 
 
+@stops_with_sigterm
 def test_length_framing_and_limits_options():
     args = ["--framing", "length", "--max-message-size", "100", "--quiet"]
     with rsepoll_cli("0", *args, "--max-connections", "5", "--idle-timeout", "30") as child:
@@ -113,6 +126,7 @@ def test_bad_option_values_fail_with_status_2():
             assert no_traceback(child.stderr), child.stderr
 
 
+@stops_with_sigterm
 def test_quiet_does_not_print_messages():
     with rsepoll_cli("0", "--quiet") as child:
         port = wait_listening(child)
@@ -124,6 +138,7 @@ def test_quiet_does_not_print_messages():
         assert no_traceback(child.stderr), child.stderr
 
 
+@stops_with_sigterm
 def test_host_and_max_fds_options():
     with rsepoll_cli("0", "--host", "127.0.0.1", "--max-fds", "2048", "--quiet") as child:
         port = wait_listening(child)
@@ -132,6 +147,7 @@ def test_host_and_max_fds_options():
         assert child.wait(5) == 0
 
 
+@stops_with_sigterm
 def test_exit_ends_only_that_connection():
     with rsepoll_cli("0") as child:
         port = wait_listening(child)
@@ -163,6 +179,7 @@ def test_exit_stops_server_option():
         assert no_traceback(child.stderr), child.stderr
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason=CTRL_C_ON_WINDOWS)
 @pytest.mark.parametrize("with_client", [False, True])
 def test_sigint_stops_cleanly(with_client):
     with rsepoll_cli("0") as child:
@@ -185,6 +202,7 @@ def test_sigint_stops_cleanly(with_client):
                 c.close()
 
 
+@stops_with_sigterm
 def test_sigterm_exits_zero_without_traceback():
     with rsepoll_cli("0") as child:
         port = wait_listening(child)

@@ -5,21 +5,33 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import resource
+import sys
 import threading
 
 import pytest
 import rsepoll
 from conftest import connect, make_server, recv_exactly, start, wait_until
 
+if sys.platform != "win32":
+    import resource
+
 pytestmark = pytest.mark.timeout(60)
 
 
 def fd_count() -> int:
+    """Open fds (Linux), or open handles (Windows)."""
+    if sys.platform == "win32":
+        import psutil
+
+        return psutil.Process().num_handles()
     return len(os.listdir("/proc/self/fd"))
 
 
 def native_thread_count() -> int:
+    if sys.platform == "win32":
+        import psutil
+
+        return psutil.Process().num_threads()
     return len(os.listdir("/proc/self/task"))
 
 
@@ -60,8 +72,20 @@ def one_server_cycle(backend: str | None) -> None:
     gc.collect()
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
-@pytest.mark.parametrize("backend", [None, "epoll", "portable"])
+@pytest.mark.skipif(
+    sys.platform != "win32" and not os.path.isdir("/proc/self/fd"), reason="needs /proc"
+)
+@pytest.mark.parametrize(
+    "backend",
+    [
+        None,
+        pytest.param(
+            "epoll",
+            marks=pytest.mark.skipif(sys.platform != "linux", reason="epoll is Linux-only"),
+        ),
+        "portable",
+    ],
+)
 def test_no_fd_or_thread_left_behind(backend):
     base = snapshot()
     # Warm-up: one-time, process-wide initialisation is not a leak, so the
@@ -99,6 +123,7 @@ def restore_nofile():
         resource.setrlimit(resource.RLIMIT_NOFILE, original)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_NOFILE is POSIX; Windows has none")
 def test_max_fds_raises_soft_limit(restore_nofile):
     _soft, hard = restore_nofile
     limit = hard if hard != resource.RLIM_INFINITY else 1 << 16
@@ -114,12 +139,14 @@ def test_max_fds_raises_soft_limit(restore_nofile):
     assert new_hard >= new_soft
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_NOFILE is POSIX; Windows has none")
 def test_max_fds_below_soft_limit_does_not_lower_it(restore_nofile):
     soft, _hard = restore_nofile
     rsepoll.Server(max_fds=64)
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= soft
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_NOFILE is POSIX; Windows has none")
 def test_max_fds_beyond_what_is_possible_warns_instead_of_failing(restore_nofile, caplog):
     soft, hard = restore_nofile
     try:

@@ -12,7 +12,12 @@ import time
 import pytest
 from conftest import ChildProcess, assert_eof, connect, no_traceback, recv_exactly
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(
+        sys.platform == "win32", reason="POSIX signals (SIGINT by kill, SIGUSR1, SIGPIPE)"
+    ),
+]
 
 SERVER_SCRIPT = textwrap.dedent(
     """

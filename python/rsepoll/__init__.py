@@ -72,9 +72,13 @@ class Server(ServerCore):
         max_fds: the number of file descriptors the process should be able to
             open. The soft ``RLIMIT_NOFILE`` is raised toward it (never above the
             hard limit; a warning is logged when the hard limit is lower).
-        backend: ``"epoll"`` (Linux) or ``"portable"`` (the fallback poller used
-            on macOS and Windows, available everywhere). Default: the
-            ``RSEPOLL_BACKEND`` environment variable, else the platform's best.
+        backend: ``"auto"``, ``"epoll"`` (Linux only) or ``"portable"`` (the
+            fallback poller used on macOS and Windows, available everywhere).
+            ``"auto"`` (the default; ``None`` means the same) takes the
+            ``RSEPOLL_BACKEND`` environment variable if it is set, else the
+            platform's best: ``"epoll"`` on Linux, ``"portable"`` elsewhere.
+            ``"epoll"`` where it does not exist raises ``ValueError``. The
+            ``backend`` property says which one runs.
         ring_slots: slots in each of the two rings between the threads (a power
             of two). With ``slot_size``, this bounds the memory in flight
             between the threads: the I/O thread stops reading, and TCP slows
@@ -114,7 +118,7 @@ class Server(ServerCore):
         self,
         max_fds: int = 8192,
         *,
-        backend: str | None = None,
+        backend: str | None = "auto",
         ring_slots: int = 512,
         slot_size: int = 16384,
         write_buffer_high: int = 1 << 20,
@@ -134,8 +138,8 @@ class Server(ServerCore):
             max_connections = max(1, fd_limit - _RESERVED_FDS)
         elif max_connections <= 0:
             raise ValueError(f"max_connections must be positive, got {max_connections}")
-        if backend is None:
-            backend = os.environ.get("RSEPOLL_BACKEND") or None
+        if backend is None or backend == "auto":
+            backend = os.environ.get("RSEPOLL_BACKEND") or "auto"
         self._configure(
             backend,
             ring_slots,

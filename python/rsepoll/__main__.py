@@ -122,9 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--backend",
-        choices=["epoll", "portable"],
-        default=None,
-        help="I/O backend (default: $RSEPOLL_BACKEND, else the platform's best)",
+        choices=["auto", "epoll", "portable"],
+        default="auto",
+        help="I/O backend (default: auto, which is $RSEPOLL_BACKEND if set, else epoll on "
+        "Linux and portable elsewhere)",
     )
     return parser
 

@@ -93,7 +93,7 @@ class ServerCore:
         """``"raw"``, ``"line"`` or ``"length"``."""
     @property
     def backend(self) -> str:
-        """``"epoll"`` or ``"portable"``."""
+        """The backend that runs: ``"epoll"`` or ``"portable"`` (never ``"auto"``)."""
     @property
     def is_running(self) -> bool:
         """True while listen() runs."""

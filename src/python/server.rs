@@ -482,10 +482,9 @@ fn duplicate_fd(fd: i64) -> PyResult<Socket> {
 /// makes it non-blocking. A duplicate shares the file status flags, so the
 /// caller's socket becomes non-blocking too (as with asyncio's `sock=`).
 fn checked_listener(socket: Socket) -> PyResult<Socket> {
-    let is_ip = matches!(
-        socket.domain(),
-        Ok(domain) if domain == socket2::Domain::IPV4 || domain == socket2::Domain::IPV6
-    );
+    // The bound address tells the family on every platform (`Socket::domain`
+    // exists only on Linux, Android and Fuchsia). A listener is always bound.
+    let is_ip = crate::sys::net::local_addr(&socket).is_some();
     if !is_ip || socket.r#type()? != socket2::Type::STREAM {
         return Err(PyValueError::new_err(
             "not a TCP socket: expected an IPv4 or IPv6 SOCK_STREAM socket",

@@ -51,14 +51,19 @@ impl Backend {
         }
     }
 
-    /// Parses `"epoll"` or `"portable"`; `"epoll"` only where it exists.
+    /// Parses `"auto"` (the platform's best), `"epoll"` or `"portable"`;
+    /// `"epoll"` only where it exists.
     pub fn from_name(name: &str) -> Result<Backend, String> {
         match name {
+            "auto" => Ok(Backend::platform_default()),
             "epoll" if cfg!(target_os = "linux") => Ok(Backend::Epoll),
-            "epoll" => Err("the epoll backend exists only on Linux; use 'portable'".into()),
+            "epoll" => Err(format!(
+                "the epoll backend exists only on Linux, not on {}; use 'auto' or 'portable'",
+                std::env::consts::OS
+            )),
             "portable" => Ok(Backend::Portable),
             other => Err(format!(
-                "unknown backend {other:?}: expected 'epoll' or 'portable'"
+                "unknown backend {other:?}: expected 'auto', 'epoll' or 'portable'"
             )),
         }
     }

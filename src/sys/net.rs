@@ -53,14 +53,27 @@ pub fn accept(listener: &Socket) -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// `recv` into `buf`, retried on EINTR.
+/// `recv` into `buf`, retried on EINTR. Urgent (out-of-band) data is not part
+/// of the stream, as on Unix without `SO_OOBINLINE`.
 pub fn recv(socket: &Socket, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         match (&*socket).read(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            #[cfg(windows)]
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && discard_urgent(socket) => continue,
             other => return other,
         }
     }
+}
+
+/// Reads and drops a pending urgent byte; true if there was one. Windows keeps
+/// an urgent byte apart until it is read with `MSG_OOB`, and meanwhile AFD
+/// reports the socket readable at every poll, which would spin a one-shot
+/// loop. Unix drops the byte from the stream by itself.
+#[cfg(windows)]
+fn discard_urgent(socket: &Socket) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(socket.recv_out_of_band(&mut byte), Ok(n) if n > 0)
 }
 
 /// `send` from `buf`, retried on EINTR; never raises SIGPIPE.

@@ -66,13 +66,17 @@ impl Selector for Portable {
         }
         for event in self.events.iter() {
             let failed = event.is_err().unwrap_or(false) || event.is_interrupt();
+            // Urgent data splits the stream at its mark (a short read), and on
+            // Windows its byte is dropped only once in-band reading would block
+            // (`net::recv`): read on to EAGAIN. A peer's shutdown is not
+            // reported portably; one-shot re-arming re-checks readiness, so
+            // whatever a short read left behind is reported again.
+            let urgent = event.is_priority();
             events.push(Event {
                 token: Token(event.key as u64),
-                readable: event.readable || failed,
+                readable: event.readable || failed || urgent,
                 writable: event.writable || failed,
-                // Not reported portably. One-shot re-arming re-checks readiness,
-                // so whatever a short read left behind is reported again.
-                read_fully: failed,
+                read_fully: failed || urgent,
                 hangup: failed,
             });
         }
