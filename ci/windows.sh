@@ -87,7 +87,7 @@ PY
 fi
 # The test extra's packages, for Windows (psutil reads handle counts and CPU
 # times there). A new list makes a new directory.
-requirements=("pytest>=8" "pytest-timeout>=2.3" "psutil>=5.9")
+requirements=("pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" "psutil>=5.9")
 tools=$cache/win-site-3.11-$(printf '%s\n' "${requirements[@]}" | sha1sum | cut -c1-12)
 if [ ! -f "$tools/.complete" ]; then
     rm -rf "$tools"

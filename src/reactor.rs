@@ -1353,10 +1353,13 @@ fn is_transient_accept_error(error: &io::Error) -> bool {
     }
     #[cfg(not(unix))]
     {
+        // A connection reset before it was accepted can also surface as
+        // WSAENOTCONN (seen under Wine).
         matches!(
             error.kind(),
             io::ErrorKind::ConnectionAborted
                 | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::NotConnected
                 | io::ErrorKind::Interrupted
         )
     }

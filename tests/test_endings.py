@@ -15,6 +15,7 @@ import pytest
 import rsepoll
 from conftest import (
     connect,
+    needs_visible_resets,
     recv_exactly,
     recv_until_eof,
     running,
@@ -98,6 +99,7 @@ def test_a_reset_after_a_half_close_is_noticed_without_sending() -> None:
         assert server.send_message(conn, b"late") is False
 
 
+@needs_visible_resets
 def test_abort_resets_the_connection_and_drops_the_queue() -> None:
     with running(Recorder) as (server, port):
         # A small receive window keeps most of the reply in the server's queue.
@@ -112,6 +114,7 @@ def test_abort_resets_the_connection_and_drops_the_queue() -> None:
         client.close()
 
 
+@needs_visible_resets
 def test_abort_cuts_a_graceful_close_short() -> None:
     with running(Recorder) as (server, port):
         client = connect(port, rcvbuf=4096)
@@ -240,6 +243,7 @@ def test_stop_server_flushes_queued_output_to_a_client_that_reads_late() -> None
         assert closed_reason(server, conn) == "shutdown"
 
 
+@needs_visible_resets
 def test_stop_server_resets_a_client_that_never_reads_after_the_timeout() -> None:
     with running(Recorder) as (server, port):
         client = connect(port, rcvbuf=4096)

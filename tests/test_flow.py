@@ -12,7 +12,7 @@ import time
 
 import pytest
 import rsepoll
-from conftest import connect, recv_exactly, running, wait_until
+from conftest import connect, needs_visible_resets, recv_exactly, running, wait_until
 
 HIGH = 1 << 20
 LOW = 256 << 10
@@ -143,6 +143,7 @@ def test_pause_reading_holds_input_until_resume() -> None:
         assert server.pause_reading(server.conn) is False
 
 
+@needs_visible_resets
 def test_a_paused_connection_still_delivers_input_sent_before_a_reset() -> None:
     received: list[bytes] = []
     reasons: list[str | None] = []
