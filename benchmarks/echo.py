@@ -15,6 +15,20 @@ time, and in full every 32nd time.
 The server's CPU time (utime + stime from /proc/<pid>/stat) is sampled when the
 load generator enters and leaves its measured window. The client runs on the
 same CPUs as the servers: both compete for the machine's cores.
+
+``--framing raw|line|length`` makes every request one well-formed message of
+exactly ``--size`` bytes on the wire and starts the rsepoll servers with that
+``framing``; the asyncio and uvloop servers echo the bytes as they come, which
+for one message at a time is the same reply. ``--servers`` takes contenders of
+the form ``KIND[/FRAMING][@SOURCE]``, where ``/FRAMING`` overrides ``--framing``
+for that contender and ``@SOURCE`` names a ``--rsepoll-from SOURCE=DIR``: a
+directory put first on that server's PYTHONPATH, to run an older build side by
+side with the current one, e.g.::
+
+    python benchmarks/echo.py --rounds 5 \\
+        --rsepoll-from base=/tmp/venv-base/lib/python3.11/site-packages \\
+        --servers rsepoll-epoll@base,rsepoll-epoll,rsepoll-epoll/line,rsepoll-epoll/length \\
+        --ratios-against rsepoll-epoll@base,rsepoll-epoll
 """
 
 from __future__ import annotations
@@ -44,26 +58,55 @@ LOADGEN = LOADGEN_DIR / "target" / "release" / "echo-loadgen"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SERVERS = ("rsepoll-epoll", "rsepoll-portable", "asyncio", "uvloop")
+FRAMINGS = ("raw", "line", "length")
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One entry of ``--servers``: ``KIND[/FRAMING][@SOURCE]``."""
+
+    label: str
+    kind: str  # one of SERVERS
+    framing: str  # what the load generator sends; the rsepoll server's framing
+    source: str  # a name from --rsepoll-from ("" = the default)
+    pythonpath: str | None  # the directory put first on the server's PYTHONPATH
+
+
+def parse_contender(spec: str, framing: str, sources: dict[str, str]) -> Contender:
+    rest, _, source = spec.partition("@")
+    kind, _, own_framing = rest.partition("/")
+    if kind not in SERVERS:
+        raise ValueError(f"unknown server {kind!r} in {spec!r} (one of {', '.join(SERVERS)})")
+    if own_framing and own_framing not in FRAMINGS:
+        raise ValueError(f"unknown framing {own_framing!r} in {spec!r}")
+    if source and source not in sources:
+        raise ValueError(f"{spec!r}: no --rsepoll-from {source}=DIR was given")
+    if source and not kind.startswith("rsepoll-"):
+        raise ValueError(f"{spec!r}: @SOURCE is for the rsepoll servers only")
+    path = sources.get(source) if kind.startswith("rsepoll-") else None
+    return Contender(spec, kind, own_framing or framing, source, path)
 
 
 # --------------------------------------------------------------------------
 # The servers (run as ``echo.py --serve KIND``).
 
 
-def serve(kind: str) -> None:
-    """Runs one echo server on a free loopback port; prints ``ready PORT``."""
+def serve(kind: str, framing: str) -> None:
+    """Runs one echo server on a free loopback port; prints ``ready PORT ...``."""
     if kind.startswith("rsepoll-"):
-        serve_rsepoll(kind.split("-", 1)[1])
+        serve_rsepoll(kind.split("-", 1)[1], framing)
     else:
         serve_asyncio(kind)
 
 
-def serve_rsepoll(backend: str) -> None:
+def serve_rsepoll(backend: str, framing: str) -> None:
     import rsepoll
+
+    where = Path(rsepoll.__file__).parent
 
     class Echo(rsepoll.Server):
         def on_listen_success(self) -> None:
-            print(f"ready {self.port}", flush=True)
+            print(f"ready {self.port} rsepoll {rsepoll.__version__} {where}", flush=True)
 
         def on_message_received(self, conn: rsepoll.Connection, data: bytes) -> None:
             self.send_message(conn, data)
@@ -71,7 +114,9 @@ def serve_rsepoll(backend: str) -> None:
         def on_exception_occurred(self, exc: BaseException) -> None:
             print(f"rsepoll server: {exc!r}", file=sys.stderr, flush=True)
 
-    server = Echo(backend=backend)
+    # Builds from before framing existed take no `framing` argument: raw is theirs.
+    kwargs = {"backend": backend} if framing == "raw" else {"backend": backend, "framing": framing}
+    server = Echo(**kwargs)
     listener = rsepoll.make_listener_socket(0, "127.0.0.1")
     server.port = listener.port  # type: ignore[attr-defined]
     server.register_listener_socket(listener)
@@ -137,6 +182,7 @@ class Result:
     kind: str
     ok: bool = False
     note: str = ""
+    loaded: str = ""  # which rsepoll the server imported (its "ready" line)
     requests: int = 0
     seconds: float = 0.0
     mean_us: float = 0.0
@@ -262,25 +308,44 @@ def pinner(pin: bool, index: int) -> Callable[[], None] | None:
     return lambda: os.sched_setaffinity(0, {cpu})
 
 
-def run_one(kind: str, args: argparse.Namespace) -> Result:
+def server_env(pythonpath: str | None) -> dict[str, str] | None:
+    """The environment for a server whose rsepoll comes from ``pythonpath``."""
+    if pythonpath is None:
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_one(who: Contender, args: argparse.Namespace) -> Result:
     """Starts the server, runs the load generator against it, stops both."""
-    result = Result(kind)
+    result = Result(who.label)
     with tempfile.TemporaryFile("w+") as server_err, tempfile.TemporaryFile("w+") as client_err:
-        measure(kind, args, result, server_err, client_err)
+        measure(who, args, result, server_err, client_err)
     return result
 
 
 def measure(
-    kind: str, args: argparse.Namespace, result: Result, server_err: IO[str], client_err: IO[str]
+    who: Contender,
+    args: argparse.Namespace,
+    result: Result,
+    server_err: IO[str],
+    client_err: IO[str],
 ) -> None:
     server: subprocess.Popen[bytes] | None = None
     client: subprocess.Popen[bytes] | None = None
     try:
         server = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve", kind],
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                *("--serve", who.kind),
+                *("--framing", who.framing),
+            ],
             stdout=subprocess.PIPE,
             stderr=server_err,
             bufsize=0,
+            env=server_env(who.pythonpath),
             preexec_fn=pinner(args.pin, 0),
         )
         assert server.stdout is not None
@@ -289,12 +354,14 @@ def measure(
             result.note = f"server did not start (said {line!r})"
             return
         port = int(line.split()[1])
+        result.loaded = " ".join(line.split()[2:])
         client = subprocess.Popen(
             [
                 str(LOADGEN),
                 *("--port", str(port)),
                 *("--connections", str(args.connections)),
                 *("--size", str(args.size)),
+                *("--framing", who.framing),
                 *("--threads", str(args.client_threads)),
                 *("--warmup", str(args.warmup)),
                 *("--duration", str(args.duration)),
@@ -404,14 +471,33 @@ def median_result(runs: list[Result]) -> Result:
     return good[(len(good) - 1) // 2]
 
 
-def versions() -> dict[str, str]:
-    out = {"python": f"{platform.python_version()} ({sys.executable})"}
+def rsepoll_version(pythonpath: str | None) -> str:
+    """Which rsepoll a server started with ``pythonpath`` first would import."""
+    code = (
+        "import rsepoll, pathlib; print(rsepoll.__version__, pathlib.Path(rsepoll.__file__).parent)"
+    )
     try:
-        import rsepoll
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=server_env(pythonpath),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        return "not installed (import timed out)"
+    if out.returncode:
+        return "not installed"
+    version, _, where = out.stdout.strip().partition(" ")
+    return f"{version} ({where})"
 
-        out["rsepoll"] = f"{rsepoll.__version__} ({Path(rsepoll.__file__).parent})"
-    except ImportError:
-        out["rsepoll"] = "not installed"
+
+def versions(sources: dict[str, str]) -> dict[str, str]:
+    out = {"python": f"{platform.python_version()} ({sys.executable})"}
+    out["rsepoll"] = rsepoll_version(sources.get(""))
+    for name, path in sources.items():
+        if name:
+            out[f"rsepoll@{name}"] = rsepoll_version(path)
     try:
         import uvloop
 
@@ -447,12 +533,14 @@ def print_environment(args: argparse.Namespace, vers: dict[str, str]) -> None:
         f"{cpu_model()}, Linux {platform.release()}"
     )
     print(f"python:      {vers['python']}")
-    print(f"rsepoll:     {vers['rsepoll']}")
+    for key, value in vers.items():
+        if key.startswith("rsepoll"):
+            print(f"{key + ':':<12} {value}")
     print(f"uvloop:      {vers['uvloop']}")
     print(
         f"workload:    {args.connections} connections x {args.size}-byte echoes, one in flight "
-        f"each; warmup {args.warmup:g} s, measured {args.duration:g} s, "
-        f"{args.rounds} round(s)"
+        f"each; framing {args.framing} (unless a contender says /FRAMING); "
+        f"warmup {args.warmup:g} s, measured {args.duration:g} s, {args.rounds} round(s)"
     )
     if args.pin:
         where = "pinned to its own CPU; the server (all threads) is pinned to another"
@@ -487,8 +575,9 @@ vs asyncio / vs uvloop: this server's value / theirs (req/s: higher is better;
 def print_table(results: dict[str, Result], size: int) -> None:
     base_a = results.get("asyncio")
     base_u = results.get("uvloop")
+    w = max(17, *(len(k) for k in results))
     head = (
-        f"{'server':<17} {'req/s':>9} {'MB/s':>7} {'mean µs':>8} {'p99 µs':>8} "
+        f"{'server':<{w}} {'req/s':>9} {'MB/s':>7} {'mean µs':>8} {'p99 µs':>8} "
         f"{'vs asyncio':>10} {'vs uvloop':>9} {'srv CPU':>8} {'CPU-µs/req':>10} "
         f"{'vs asyncio':>10} {'vs uvloop':>9} {'client CPU':>10} {'other':>6}"
     )
@@ -496,11 +585,11 @@ def print_table(results: dict[str, Result], size: int) -> None:
     print("-" * len(head))
     for kind, r in results.items():
         if not r.ok:
-            print(f"{kind:<17} {'(no result: ' + r.note + ')'}")
+            print(f"{kind:<{w}} {'(no result: ' + r.note + ')'}")
             continue
         cpu = r.cpu_us_per_request()
         print(
-            f"{kind:<17} {r.rps:>9,.0f} {r.rps * size / 1e6:>7.1f} {r.mean_us:>8.0f} "
+            f"{kind:<{w}} {r.rps:>9,.0f} {r.rps * size / 1e6:>7.1f} {r.mean_us:>8.0f} "
             f"{r.p99_us:>8.0f} {ratio(r.rps, base_a):>10} {ratio(r.rps, base_u):>9} "
             f"{r.server_cpu / r.window:>7.0%} {cpu:>10.2f} "
             f"{ratio(cpu, base_a, 'cpu_us_per_request'):>10} "
@@ -508,7 +597,7 @@ def print_table(results: dict[str, Result], size: int) -> None:
             f"{r.client_cpu / r.window:>10.0%} {r.other_cpu / r.window:>6.0%}"
         )
         if r.errors or r.stalled:
-            print(f"{'':<17} ^ {r.errors} errors, {r.stalled} stalled connections: see details")
+            print(f"{'':<{w}} ^ {r.errors} errors, {r.stalled} stalled connections: see details")
     print()
     print(LEGEND)
 
@@ -531,16 +620,17 @@ def print_details(all_runs: dict[str, list[Result]]) -> None:
                     f"machine {r.machine_busy_frac:.0%} busy, "
                     f"{r.errors} errors, {r.stalled} stalled, {r.full_checks} full-body checks; "
                     f"server CPU {r.server_cpu:.2f} s ({user:.0%} user), "
-                    f"by thread: {threads or '-'}"
+                    f"by thread: {threads or '-'}" + (f"; rsepoll {r.loaded}" if r.loaded else "")
                 )
             for problem in r.problems:
                 print(f"    ! {problem}")
 
 
-def print_paired_ratios(all_runs: dict[str, list[Result]]) -> None:
-    """req/s of each server / uvloop's (or asyncio's) in the same round: the servers
-    of one round run back to back, so this is less exposed to drift than medians."""
-    for base in ("uvloop", "asyncio"):
+def print_paired_ratios(all_runs: dict[str, list[Result]], bases: list[str]) -> None:
+    """req/s of each server / a base's (uvloop's, asyncio's, or those of --ratios-against)
+    in the same round: the servers of one round run back to back, so this is less
+    exposed to drift than medians."""
+    for base in bases:
         if base not in all_runs:
             continue
         for kind, runs in all_runs.items():
@@ -560,7 +650,15 @@ def print_paired_ratios(all_runs: dict[str, list[Result]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=100)
-    parser.add_argument("--size", type=int, default=1024, help="message size in bytes")
+    parser.add_argument(
+        "--size", type=int, default=1024, help="request size in bytes on the wire, framing included"
+    )
+    parser.add_argument(
+        "--framing",
+        choices=FRAMINGS,
+        default="raw",
+        help="the load generator's requests and the rsepoll servers' framing (default raw)",
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--rounds", type=int, default=1, help="run every server this often")
@@ -570,7 +668,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--servers",
         default=",".join(SERVERS),
-        help=f"comma-separated subset of {','.join(SERVERS)}",
+        help=f"comma-separated contenders KIND[/FRAMING][@SOURCE]; KIND is one of "
+        f"{','.join(SERVERS)} (default: all of them)",
+    )
+    parser.add_argument(
+        "--rsepoll-from",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a directory with an importable rsepoll, put first on the PYTHONPATH of the "
+        "rsepoll servers named @NAME (or, without NAME=, of those with no @); repeatable",
+    )
+    parser.add_argument(
+        "--ratios-against",
+        default="uvloop,asyncio",
+        help="contenders to print round-by-round req/s ratios against (default uvloop,asyncio)",
     )
     parser.add_argument(
         "--pin",
@@ -580,25 +692,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve)
+        serve(args.serve, args.framing)
         return 0
 
-    kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
-    unknown = sorted(set(kinds) - set(SERVERS))
-    if unknown:
-        parser.error(f"unknown server(s): {', '.join(unknown)}")
+    sources: dict[str, str] = {}
+    for entry in args.rsepoll_from:
+        name, _, path = entry.rpartition("=")
+        if not Path(path).is_dir():
+            parser.error(f"--rsepoll-from {entry}: {path} is not a directory")
+        sources[name] = str(Path(path).resolve())
+    specs = [k.strip() for k in args.servers.split(",") if k.strip()]
+    if len(set(specs)) != len(specs):
+        parser.error("--servers names a contender twice")
+    try:
+        contenders = [parse_contender(spec, args.framing, sources) for spec in specs]
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.pin and len(os.sched_getaffinity(0)) < 2:
         parser.error("--pin needs at least 2 usable CPUs")
     if args.connections < 1 or args.size < 1 or args.duration <= 0 or args.warmup < 0:
         parser.error("--connections and --size must be positive, --duration > 0, --warmup >= 0")
-    vers = versions()
+    vers = versions(sources)
     notes = []
-    if "uvloop" in kinds and vers["uvloop"] == "not installed":
-        kinds.remove("uvloop")
+    if vers["uvloop"] == "not installed" and any(c.kind == "uvloop" for c in contenders):
+        contenders = [c for c in contenders if c.kind != "uvloop"]
         notes.append("uvloop is not installed: skipped (pip install uvloop)")
-    if any(k.startswith("rsepoll") for k in kinds) and vers["rsepoll"] == "not installed":
-        kinds = [k for k in kinds if not k.startswith("rsepoll")]
-        notes.append("rsepoll is not installed in this Python: skipped")
+    for c in list(contenders):
+        key = f"rsepoll@{c.source}" if c.source else "rsepoll"
+        if c.kind.startswith("rsepoll") and vers[key].startswith("not installed"):
+            contenders.remove(c)
+            notes.append(f"{c.label}: no importable rsepoll ({key}): skipped")
     ensure_loadgen()
     load = background_load()
     if load > 0.05:
@@ -610,28 +733,32 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(f"note: {note}")
 
-    all_runs: dict[str, list[Result]] = {k: [] for k in kinds}
+    all_runs: dict[str, list[Result]] = {c.label: [] for c in contenders}
     for round_ in range(args.rounds):
-        for kind in kinds:
+        for who in contenders:
             if args.rounds > 1:
-                print(f"round {round_ + 1}/{args.rounds}: {kind} ...", flush=True)
+                print(f"round {round_ + 1}/{args.rounds}: {who.label} ...", flush=True)
             else:
-                print(f"{kind} ...", flush=True)
-            all_runs[kind].append(run_one(kind, args))
+                print(f"{who.label} ...", flush=True)
+            all_runs[who.label].append(run_one(who, args))
     print()
     if args.rounds > 1:
         print(f"median of {args.rounds} rounds (by req/s) per server:")
     print_table({k: median_result(v) for k, v in all_runs.items()}, args.size)
     print_details(all_runs)
     if args.rounds > 1:
-        print_paired_ratios(all_runs)
+        bases = [b.strip() for b in args.ratios_against.split(",") if b.strip()]
+        print_paired_ratios(all_runs, bases)
         for kind, runs in all_runs.items():
             rates = [r.rps for r in runs if r.ok]
             if len(rates) > 1:
+                mid = statistics.median(rates)
                 print(
                     f"  {kind}: req/s over rounds: "
                     + ", ".join(f"{x:,.0f}" for x in rates)
-                    + f" (stdev {statistics.stdev(rates):,.0f})"
+                    + f" (median {mid:,.0f}, min {min(rates):,.0f}, max {max(rates):,.0f}, "
+                    f"spread {(max(rates) - min(rates)) / mid:.1%} of the median, "
+                    f"stdev {statistics.stdev(rates):,.0f})"
                 )
     bad = any(not r.ok or r.errors or r.stalled for runs in all_runs.values() for r in runs)
     return 1 if bad else 0

@@ -30,7 +30,7 @@ use crate::reactor::Reactor;
 use crate::ring::{ring, Consumer, Producer};
 use crate::stats::{Snapshot, Stats};
 use crate::sys::{Backend, Selector, Wake};
-use crate::wake::{Bell, SleepFlag};
+use crate::wake::{Bell, IoSleep};
 
 /// How a server is built.
 #[derive(Clone, Debug)]
@@ -142,10 +142,8 @@ pub(crate) struct Shared {
     pub(crate) command_space: Bell,
     /// Rung by the I/O thread after it publishes deliveries.
     pub(crate) deliveries: Bell,
-    /// The I/O thread's announcement that it is about to sleep in the selector.
-    pub(crate) io_sleep: SleepFlag,
-    /// The I/O thread stopped reading because the delivery ring was full.
-    pub(crate) inbound_stalled: AtomicBool,
+    /// The I/O thread's sleep in the selector, and who wakes it.
+    pub(crate) io_sleep: IoSleep,
     /// Set to ask the I/O thread to shut down.
     pub(crate) stop: AtomicBool,
     /// How long a stop may take to flush output, in nanoseconds; written
@@ -166,7 +164,7 @@ impl Shared {
 
     /// Wakes the I/O thread if it sleeps (after publishing commands).
     fn wake_io(&self) {
-        if self.io_sleep.take_wake() {
+        if self.io_sleep.wake_for_commands() {
             let _ = self.waker.wake();
         }
     }
@@ -440,8 +438,7 @@ impl Running {
             slot_size: config.slot_size,
             command_space: Bell::new(),
             deliveries: Bell::new(),
-            io_sleep: SleepFlag::new(),
-            inbound_stalled: AtomicBool::new(false),
+            io_sleep: IoSleep::new(),
             stop: AtomicBool::new(false),
             stop_timeout_ns: AtomicU64::new(DEFAULT_STOP_TIMEOUT.as_nanos() as u64),
             finished: AtomicBool::new(false),
@@ -521,9 +518,8 @@ impl Running {
             return;
         }
         self.deliveries.release();
-        fence(SeqCst);
-        if self.shared.inbound_stalled.load(Relaxed) {
-            self.shared.wake_io();
+        if self.shared.io_sleep.wake_for_room() {
+            let _ = self.shared.waker.wake();
         }
     }
 

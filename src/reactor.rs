@@ -26,7 +26,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::{Acquire, Release};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -309,12 +309,20 @@ impl<S: Selector> Reactor<S> {
         let stalled = timeout != Some(Duration::ZERO) && self.io.has_deferred_work();
         let io = &mut self.io;
         if timeout != Some(Duration::ZERO) {
-            io.shared.inbound_stalled.store(stalled, Relaxed);
-            io.shared.io_sleep.announce();
-            if !self.commands.is_empty()
-                || (io.stopping.is_none() && io.shared.stop.load(Acquire))
-                || (stalled && io.ring_has_room())
-            {
+            let Io {
+                shared,
+                deliveries,
+                consumer_blocked_at,
+                stopping,
+                ..
+            } = io;
+            let commands = &mut self.commands;
+            let may_sleep = shared.io_sleep.prepare(stalled, || {
+                !commands.is_empty()
+                    || (stopping.is_none() && shared.stop.load(Acquire))
+                    || (stalled && ring_has_room(deliveries, *consumer_blocked_at))
+            });
+            if !may_sleep {
                 timeout = Some(Duration::ZERO);
             }
         }
@@ -1249,17 +1257,9 @@ impl<S: Selector> Io<S> {
             || self.listeners.iter().any(|l| l.pending)
     }
 
-    /// True if the delivery ring can take what waits: it has free slots, and
-    /// a large message blocked by the budget has seen the consumer move on.
-    fn ring_has_room(&mut self) -> bool {
-        self.deliveries.free() > 0
-            && self
-                .consumer_blocked_at
-                .is_none_or(|at| self.deliveries.released() != at)
-    }
-
     fn poll_timeout(&mut self) -> Option<Duration> {
-        if self.has_deferred_work() && self.ring_has_room() {
+        if self.has_deferred_work() && ring_has_room(&mut self.deliveries, self.consumer_blocked_at)
+        {
             return Some(Duration::ZERO);
         }
         let deadlines = self
@@ -1339,6 +1339,13 @@ impl<S: Selector> Io<S> {
             self.shared.deliveries.ring();
         }
     }
+}
+
+/// True if the delivery ring can take what waits: it has free slots, and
+/// input blocked on the consumer (`blocked_at`: its release count then) has
+/// seen the consumer move on.
+fn ring_has_room(deliveries: &mut Producer<Delivery>, blocked_at: Option<usize>) -> bool {
+    deliveries.free() > 0 && blocked_at.is_none_or(|at| deliveries.released() != at)
 }
 
 /// Accept errors that concern one connection only (it was reset or refused

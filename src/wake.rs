@@ -19,8 +19,12 @@
 //! sees the other's store. `tests/loom.rs` checks both kinds under loom.
 //!
 //! [`Bell`] is for threads that block on a condition variable (the Python side);
-//! [`SleepFlag`] is for the I/O thread, which blocks in the poller and is woken
-//! through the poller's own waker (an eventfd on Linux).
+//! [`SleepFlag`] is for a thread that blocks in the poller and is woken
+//! through the poller's own waker (an eventfd on Linux). [`IoSleep`] is the I/O
+//! thread's whole handshake built on it: woken for commands by any sender, and
+//! for ring space by the consumer when it stalled waiting for that. The reactor
+//! and the consumer call exactly these methods, and `tests/loom.rs` checks
+//! them, so the model and the shipped code cannot drift apart.
 
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::time::Duration;
@@ -106,6 +110,54 @@ impl SleepFlag {
     pub fn take_wake(&self) -> bool {
         fence(SeqCst);
         self.sleeping.load(Relaxed) && self.sleeping.swap(false, Relaxed)
+    }
+}
+
+/// The I/O thread's sleep in the poller, and the two reasons to end it.
+///
+/// Senders publish commands, then call [`IoSleep::wake_for_commands`]. The
+/// consumer releases delivery slots, then calls [`IoSleep::wake_for_room`],
+/// which wakes the I/O thread only if it said it was stalled on the consumer:
+/// a release per batch must not cost a syscall when nobody waits for it.
+#[derive(Debug, Default)]
+pub struct IoSleep {
+    flag: SleepFlag,
+    /// The sleeper waits for the consumer to release slots.
+    stalled: AtomicBool,
+}
+
+impl IoSleep {
+    /// Creates the handshake for an I/O thread that is awake.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// I/O thread: announces a sleep (`stalled` if it waits for ring space),
+    /// then re-checks with `work_arrived` whether a command or the space came
+    /// in meanwhile. Returns true if it may sleep; either way, call
+    /// [`IoSleep::awake`] once back at work.
+    pub fn prepare(&self, stalled: bool, work_arrived: impl FnOnce() -> bool) -> bool {
+        // Ordered before the announcement's fence, so that a consumer that
+        // sees the announcement sees this too.
+        self.stalled.store(stalled, Relaxed);
+        self.flag.announce();
+        !work_arrived()
+    }
+
+    /// I/O thread: back at work.
+    pub fn awake(&self) {
+        self.flag.awake();
+    }
+
+    /// Sender, after publishing commands: true if it must wake the I/O thread.
+    pub fn wake_for_commands(&self) -> bool {
+        self.flag.take_wake()
+    }
+
+    /// Consumer, after releasing slots: true if it must wake the I/O thread.
+    pub fn wake_for_room(&self) -> bool {
+        fence(SeqCst);
+        self.stalled.load(Relaxed) && self.flag.take_wake()
     }
 }
 

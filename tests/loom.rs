@@ -9,11 +9,8 @@
 //! loom reports as a failure.
 #![cfg(loom)]
 
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-
 use _rsepoll::ring::{ring, Consumer, Producer};
-use _rsepoll::wake::{Bell, SleepFlag};
-use loom::sync::atomic::{fence, AtomicBool};
+use _rsepoll::wake::{Bell, IoSleep};
 use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
 
@@ -150,22 +147,23 @@ impl EventFd {
     }
 }
 
-/// The I/O thread's wait for commands: it announces its sleep on a
-/// `SleepFlag`, re-checks the command ring, then blocks in the poller; a
-/// sender publishes, then wakes the poller only if the flag says it sleeps.
+/// The I/O thread's wait for commands, as `Reactor::wait` makes it: it
+/// prepares its sleep with `IoSleep`, re-checking the command ring, then
+/// blocks in the poller; a sender publishes, then wakes the poller only if
+/// `wake_for_commands` says it sleeps.
 #[test]
-fn sleep_flag_never_misses_a_command() {
+fn io_thread_never_misses_a_command() {
     loom::model(|| {
         let (mut tx, mut rx) = ring(2, || 0usize);
-        let flag = Arc::new(SleepFlag::new());
+        let sleep = Arc::new(IoSleep::new());
         let poller = Arc::new(EventFd::new());
         let sender = {
-            let (flag, poller) = (Arc::clone(&flag), Arc::clone(&poller));
+            let (sleep, poller) = (Arc::clone(&sleep), Arc::clone(&poller));
             thread::spawn(move || {
                 for value in 1..=2 {
                     assert!(push(&mut tx, value));
                     tx.publish();
-                    if flag.take_wake() {
+                    if sleep.wake_for_commands() {
                         poller.wake();
                     }
                 }
@@ -178,29 +176,27 @@ fn sleep_flag_never_misses_a_command() {
                 expected += 1;
                 continue;
             }
-            flag.announce();
-            if rx.is_empty() {
+            if sleep.prepare(false, || !rx.is_empty()) {
                 poller.wait();
             }
-            flag.awake();
+            sleep.awake();
         }
         sender.join().unwrap();
     });
 }
 
-/// The I/O thread stalled on a full delivery ring: it marks itself stalled,
-/// announces its sleep and re-checks for space; the Python side releases slots
-/// and then wakes it only if it is stalled and asleep.
+/// The I/O thread stalled on a full delivery ring, as `Reactor::wait` makes
+/// it: it prepares a stalled sleep, re-checking for space; the consumer
+/// releases slots and wakes it through `wake_for_room` (`Running::release`),
+/// which wakes only a stalled sleeper.
 #[test]
-fn stalled_producer_is_woken_by_release() {
+fn stalled_io_thread_is_woken_by_release() {
     loom::model(|| {
         let (mut tx, mut rx) = ring(1, || 0usize);
-        let flag = Arc::new(SleepFlag::new());
-        let stalled = Arc::new(AtomicBool::new(false));
+        let sleep = Arc::new(IoSleep::new());
         let poller = Arc::new(EventFd::new());
         let io_thread = {
-            let (flag, stalled, poller) =
-                (Arc::clone(&flag), Arc::clone(&stalled), Arc::clone(&poller));
+            let (sleep, poller) = (Arc::clone(&sleep), Arc::clone(&poller));
             thread::spawn(move || {
                 for value in 1..=2 {
                     loop {
@@ -208,13 +204,10 @@ fn stalled_producer_is_woken_by_release() {
                             tx.publish();
                             break;
                         }
-                        stalled.store(true, Relaxed);
-                        flag.announce();
-                        if tx.free() == 0 {
+                        if sleep.prepare(true, || tx.free() > 0) {
                             poller.wait();
                         }
-                        flag.awake();
-                        stalled.store(false, Relaxed);
+                        sleep.awake();
                     }
                 }
             })
@@ -226,8 +219,7 @@ fn stalled_producer_is_woken_by_release() {
                     assert_eq!(value, expected);
                     expected += 1;
                     rx.release();
-                    fence(SeqCst);
-                    if stalled.load(Relaxed) && flag.take_wake() {
+                    if sleep.wake_for_room() {
                         poller.wake();
                     }
                 }

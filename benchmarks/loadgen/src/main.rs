@@ -10,6 +10,18 @@
 //! `measure-start` and `measure-end` lines at the window's edges (so a caller
 //! can sample the server's CPU time there) and finally one `result {json}`
 //! line. Problems go to stderr as `error: ...` lines and are counted.
+//!
+//! `--framing` makes each request one well-formed message of exactly `--size`
+//! bytes on the wire, so that an echo server that answers each message with
+//! `send_message(conn, data)` sends back the very same bytes:
+//!
+//! - `raw` (the default): the whole request is payload.
+//! - `line`: `size - 1` payload bytes, none of them `\n` or `\r` (the
+//!   sequence stamps included), then `\n`.
+//! - `length`: a 4-byte big-endian length holding `size - 4`, then the
+//!   payload.
+//!
+//! The sequence stamps go in the first and last 8 bytes of the payload.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -20,8 +32,8 @@ use std::time::{Duration, Instant};
 use polling::{Event, Events, PollMode, Poller};
 
 /// Every this many responses per connection, compare the whole body. (The
-/// sequence number stamped in a request's first and last 8 bytes is compared
-/// on every response.)
+/// sequence number stamped in the first and last 8 bytes of a request's
+/// payload, and the framing bytes, are compared on every response.)
 const FULL_CHECK_EVERY: u64 = 32;
 /// A request still unanswered this long at the end counts as stalled.
 const STALL: Duration = Duration::from_secs(1);
@@ -30,10 +42,38 @@ const MAX_ERROR_LINES: usize = 10;
 
 static ERROR_LINES: AtomicUsize = AtomicUsize::new(0);
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Raw,
+    Line,
+    Length,
+}
+
+impl Framing {
+    /// The payload's range in a request of `size` bytes.
+    fn payload(self, size: usize) -> std::ops::Range<usize> {
+        match self {
+            Framing::Raw => 0..size,
+            Framing::Line => 0..size - 1,
+            Framing::Length => 4..size,
+        }
+    }
+
+    /// The sequence stamp for `seq`. In line framing every byte has its high
+    /// bit set (7 bits of `seq` each), so no stamp contains `\n` or `\r`.
+    fn stamp(self, seq: u64) -> [u8; 8] {
+        match self {
+            Framing::Line => std::array::from_fn(|i| 0x80 | ((seq >> (7 * i)) & 0x7f) as u8),
+            Framing::Raw | Framing::Length => seq.to_le_bytes(),
+        }
+    }
+}
+
 struct Config {
     addr: SocketAddr,
     connections: usize,
     size: usize,
+    framing: Framing,
     threads: usize,
     warmup: Duration,
     duration: Duration,
@@ -52,6 +92,9 @@ struct Conn {
     id: usize,
     stream: TcpStream,
     request: Vec<u8>,
+    framing: Framing,
+    /// The payload's range in `request` (where the stamps go).
+    payload: std::ops::Range<usize>,
     /// Room for the response plus slack, so that extra bytes are noticed.
     response: Vec<u8>,
     written: usize,
@@ -69,7 +112,8 @@ fn main() -> ExitCode {
             eprintln!("echo-loadgen: {message}");
             eprintln!(
                 "usage: echo-loadgen --port P [--host 127.0.0.1] [--connections 100] \
-                 [--size 1024] [--threads 1] [--warmup 1] [--duration 5]"
+                 [--size 1024] [--framing raw|line|length] [--threads 1] [--warmup 1] \
+                 [--duration 5]"
             );
             return ExitCode::from(2);
         }
@@ -88,7 +132,7 @@ fn run(config: &Config) -> io::Result<bool> {
     let mut groups: Vec<Vec<Conn>> = (0..config.threads).map(|_| Vec::new()).collect();
     for id in 0..config.connections {
         let stream = connect(config.addr)?;
-        groups[id % config.threads].push(Conn::new(id, stream, config.size));
+        groups[id % config.threads].push(Conn::new(id, stream, config.size, config.framing));
     }
     let start = Instant::now() + config.warmup;
     let end = start + config.duration;
@@ -132,11 +176,17 @@ fn run(config: &Config) -> io::Result<bool> {
     };
     println!(
         "result {{\"requests\": {requests}, \"seconds\": {seconds}, \"size\": {size}, \
-         \"connections\": {conns}, \"threads\": {threads}, \"mean_us\": {mean_us:.3}, \
+         \"framing\": \"{framing}\", \"connections\": {conns}, \"threads\": {threads}, \
+         \"mean_us\": {mean_us:.3}, \
          \"p50_us\": {p50:.3}, \"p99_us\": {p99:.3}, \"p999_us\": {p999:.3}, \
          \"max_us\": {max:.3}, \"errors\": {errors}, \"stalled\": {stalled}, \
          \"full_checks\": {full_checks}}}",
         size = config.size,
+        framing = match config.framing {
+            Framing::Raw => "raw",
+            Framing::Line => "line",
+            Framing::Length => "length",
+        },
         conns = config.connections,
         threads = config.threads,
         p50 = pct(50.0),
@@ -205,13 +255,33 @@ fn drive(mut conns: Vec<Conn>, start: Instant, end: Instant) -> io::Result<Tally
 }
 
 impl Conn {
-    fn new(id: usize, stream: TcpStream, size: usize) -> Conn {
+    fn new(id: usize, stream: TcpStream, size: usize, framing: Framing) -> Conn {
         // A body that differs between connections, so crossed streams show.
-        let request = (0..size).map(|i| (i * 31 + id * 7 + 1) as u8).collect();
+        let mut request: Vec<u8> = (0..size).map(|i| (i * 31 + id * 7 + 1) as u8).collect();
+        let payload = framing.payload(size);
+        match framing {
+            Framing::Raw => {}
+            Framing::Line => {
+                // No line ends inside the payload: `\n` would cut the message
+                // short, and a `\r` before the final `\n` would be dropped.
+                for b in &mut request[payload.clone()] {
+                    if *b == b'\n' || *b == b'\r' {
+                        *b ^= 0x20;
+                    }
+                }
+                request[size - 1] = b'\n';
+            }
+            Framing::Length => {
+                let len = u32::try_from(size - 4).expect("checked in parse_args");
+                request[..4].copy_from_slice(&len.to_be_bytes());
+            }
+        }
         Conn {
             id,
             stream,
             request,
+            framing,
+            payload,
             response: vec![0; size + 4096],
             written: 0,
             received: 0,
@@ -225,11 +295,11 @@ impl Conn {
     /// Stamps the next sequence number into the request and starts sending it.
     fn send_next(&mut self, poller: &Poller, key: usize, tally: &mut Tally) {
         self.seq += 1;
-        let stamp = self.seq.to_le_bytes();
-        let n = self.request.len().min(8);
-        let len = self.request.len();
-        self.request[..n].copy_from_slice(&stamp[..n]);
-        self.request[len - n..].copy_from_slice(&stamp[..n]);
+        let stamp = self.framing.stamp(self.seq);
+        let (lo, hi) = (self.payload.start, self.payload.end);
+        let n = (hi - lo).min(8);
+        self.request[lo..lo + n].copy_from_slice(&stamp[..n]);
+        self.request[hi - n..hi].copy_from_slice(&stamp[..n]);
         self.written = 0;
         self.received = 0;
         self.sent_at = Instant::now();
@@ -293,9 +363,24 @@ impl Conn {
             }
         }
         let done = Instant::now();
-        let n = size.min(8);
-        let ends_match = self.response[..n] == self.request[..n]
-            && self.response[size - n..size] == self.request[size - n..];
+        let (lo, hi) = (self.payload.start, self.payload.end);
+        let n = (hi - lo).min(8);
+        // The framing bytes (the length prefix or the `\n`), checked every
+        // time; empty in raw framing.
+        let frame_match = self.response[..lo] == self.request[..lo]
+            && self.response[hi..size] == self.request[hi..];
+        if !frame_match {
+            return self.fail(
+                poller,
+                tally,
+                format!(
+                    "wrong framing bytes in the response to request {}",
+                    self.seq
+                ),
+            );
+        }
+        let ends_match = self.response[lo..lo + n] == self.request[lo..lo + n]
+            && self.response[hi - n..hi] == self.request[hi - n..hi];
         if !ends_match {
             return self.fail(
                 poller,
@@ -382,6 +467,7 @@ fn parse_args() -> Result<Config, String> {
         addr: "127.0.0.1:1".parse().unwrap(),
         connections: 100,
         size: 1024,
+        framing: Framing::Raw,
         threads: 1,
         warmup: Duration::from_secs(1),
         duration: Duration::from_secs(5),
@@ -402,6 +488,14 @@ fn parse_args() -> Result<Config, String> {
             "--port" => port = Some(value.parse().map_err(bad)?),
             "--connections" => config.connections = value.parse().map_err(bad)?,
             "--size" => config.size = value.parse().map_err(bad)?,
+            "--framing" => {
+                config.framing = match value.as_str() {
+                    "raw" => Framing::Raw,
+                    "line" => Framing::Line,
+                    "length" => Framing::Length,
+                    _ => return Err(format!("bad value for {flag}: {value:?} (raw|line|length)")),
+                }
+            }
             "--threads" => config.threads = value.parse().map_err(bad)?,
             "--warmup" => config.warmup = seconds(&value)?,
             "--duration" => config.duration = seconds(&value)?,
@@ -411,6 +505,17 @@ fn parse_args() -> Result<Config, String> {
     let port = port.ok_or("--port is required")?;
     if config.connections == 0 || config.size == 0 || config.threads == 0 {
         return Err("--connections, --size and --threads must be positive".into());
+    }
+    // At least one payload byte, so that every request carries a stamp.
+    match config.framing {
+        Framing::Line if config.size < 2 => return Err("--framing line needs --size >= 2".into()),
+        Framing::Length if config.size < 5 => {
+            return Err("--framing length needs --size >= 5".into())
+        }
+        Framing::Length if config.size - 4 > u32::MAX as usize => {
+            return Err("--framing length needs --size - 4 to fit in 4 bytes".into())
+        }
+        _ => {}
     }
     if config.duration.is_zero() {
         return Err("--duration must be positive".into());
