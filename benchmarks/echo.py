@@ -9,8 +9,8 @@ loopback port. The load comes from ``loadgen/`` (a small Rust program, built
 with cargo if missing): ``--connections`` connections, each sending ``--size``
 bytes, reading exactly ``--size`` bytes back and sending again, one message in
 flight per connection, like vmbench's echo client. Responses are checked by
-length and by a sequence number in their first and last 8 bytes every
-time, and in full every 32nd time.
+length, framing bytes and a sequence number in the first and last 8 bytes of
+their payload every time, and in full every 32nd time.
 
 The server's CPU time (utime + stime from /proc/<pid>/stat) is sampled when the
 load generator enters and leaves its measured window. The client runs on the
@@ -620,7 +620,7 @@ def print_details(all_runs: dict[str, list[Result]]) -> None:
                     f"machine {r.machine_busy_frac:.0%} busy, "
                     f"{r.errors} errors, {r.stalled} stalled, {r.full_checks} full-body checks; "
                     f"server CPU {r.server_cpu:.2f} s ({user:.0%} user), "
-                    f"by thread: {threads or '-'}" + (f"; rsepoll {r.loaded}" if r.loaded else "")
+                    f"by thread: {threads or '-'}" + (f"; loaded {r.loaded}" if r.loaded else "")
                 )
             for problem in r.problems:
                 print(f"    ! {problem}")

@@ -123,3 +123,51 @@ pub fn make_listener_socket(port: i64, host: &str, backlog: i64) -> PyResult<Lis
         address,
     })
 }
+
+/// A duplicate of the listening socket with descriptor (or handle) `fd`,
+/// checked to be a TCP socket and made non-blocking.
+#[cfg(unix)]
+pub(super) fn duplicate_fd(fd: i64) -> PyResult<Socket> {
+    use std::os::fd::{BorrowedFd, RawFd};
+    let fd = RawFd::try_from(fd).map_err(|_| PyValueError::new_err("invalid file descriptor"))?;
+    if fd < 0 {
+        return Err(PyValueError::new_err("the socket is closed"));
+    }
+    // SAFETY: the borrow lives for one `dup` call and nothing is read or written
+    // through it. rsepoll.Server.register_listener_socket passes the fileno() of
+    // a socket object it holds open during the call; any other caller's bad
+    // number makes `dup` fail with EBADF, or yields a duplicate that
+    // `checked_listener` rejects unless it is a TCP socket.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let owned = borrowed.try_clone_to_owned()?;
+    checked_listener(Socket::from(owned))
+}
+
+/// As on Unix, for a `SOCKET` handle.
+#[cfg(windows)]
+pub(super) fn duplicate_fd(fd: i64) -> PyResult<Socket> {
+    use std::os::windows::io::{BorrowedSocket, RawSocket};
+    let handle =
+        RawSocket::try_from(fd).map_err(|_| PyValueError::new_err("invalid socket handle"))?;
+    // SAFETY: as on Unix: a live socket held by the caller, only borrowed to
+    // duplicate it.
+    let borrowed = unsafe { BorrowedSocket::borrow_raw(handle) };
+    let owned = borrowed.try_clone_to_owned()?;
+    checked_listener(Socket::from(owned))
+}
+
+/// Accepts a duplicated socket only if it is an IPv4/IPv6 stream socket, and
+/// makes it non-blocking. A duplicate shares the file status flags, so the
+/// caller's socket becomes non-blocking too (as with asyncio's `sock=`).
+fn checked_listener(socket: Socket) -> PyResult<Socket> {
+    // The bound address tells the family on every platform (`Socket::domain`
+    // exists only on Linux, Android and Fuchsia). A listener is always bound.
+    let is_ip = crate::sys::net::local_addr(&socket).is_some();
+    if !is_ip || socket.r#type()? != socket2::Type::STREAM {
+        return Err(PyValueError::new_err(
+            "not a TCP socket: expected an IPv4 or IPv6 SOCK_STREAM socket",
+        ));
+    }
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}

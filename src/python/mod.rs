@@ -1,12 +1,13 @@
 //! The Python module `rsepoll._rsepoll`: a thin layer over [`crate::core`].
 //!
-//! - [`server::ServerCore`] is the base class of `rsepoll.Server`. Its
-//!   `listen()` runs the delivery loop on the calling thread and turns each
-//!   delivery into a call of the instance's callback method, so overrides in
-//!   Python subclasses are honoured;
+//! - [`server::ServerCore`] is the base class of `rsepoll.Server`: its
+//!   options, the send path, and `listen()`;
+//! - [`dispatch::Dispatcher`] is the loop `listen()` runs on the calling
+//!   thread: it turns each delivery into a call of the instance's callback
+//!   method, so overrides in Python subclasses are honoured;
 //! - [`connection::Connection`] is the handle callbacks receive;
 //! - [`listener::ListenerSocket`] and `make_listener_socket` make listening
-//!   sockets.
+//!   sockets, and registered sockets are duplicated and checked there.
 //!
 //! The class is `frozen`: all its state is behind atomics and mutexes, so a
 //! callback may call back into the server (`send_message` inside
@@ -15,6 +16,7 @@
 use pyo3::prelude::*;
 
 mod connection;
+mod dispatch;
 mod listener;
 mod server;
 

@@ -1,32 +1,24 @@
-//! `ServerCore`, the base class of `rsepoll.Server`, and the loop `listen()`
-//! runs on the calling thread.
+//! `ServerCore`, the base class of `rsepoll.Server`: its configuration, the
+//! send path (`send_message`, `close_connection`, ...) and `listen()`, which
+//! starts the engine and hands the calling thread to [`Dispatcher`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyMemoryView, PyString, PyTuple};
 use socket2::Socket;
 
 use super::connection::Connection;
+use super::dispatch::Dispatcher;
 use super::listener::ListenerSocket;
-use crate::conn::CloseReason;
-use crate::core::{Config, Request, Running, SendError, Sender, WeakSender, DEFAULT_STOP_TIMEOUT};
+use crate::core::{Config, Request, Running, SendError, Sender, DEFAULT_STOP_TIMEOUT};
 use crate::framing::{self, Framing, PrefixWidth};
-use crate::message::{Delivery, DeliveryKind};
 use crate::stats::Snapshot;
 use crate::sys::Backend;
-
-/// Longest the listening thread waits with the GIL released before it checks
-/// for signals (Ctrl-C) and stop requests.
-const SIGNAL_SLICE: Duration = Duration::from_millis(50);
-/// Deliveries dispatched per batch before signals are checked again.
-const DISPATCH_BATCH: usize = 256;
-/// Deliveries dispatched before their slots go back to the I/O thread.
-const RELEASE_BATCH: usize = 32;
 
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -34,7 +26,7 @@ static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
 const _: () =
     assert!(DEFAULT_STOP_TIMEOUT.as_secs() == 5 && DEFAULT_STOP_TIMEOUT.subsec_nanos() == 0);
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -43,18 +35,18 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The engine of `rsepoll.Server`; subclass `rsepoll.Server`, not this.
 #[pyclass(subclass, frozen, module = "rsepoll._rsepoll", name = "ServerCore")]
 pub struct ServerCore {
-    id: u64,
-    config: Mutex<Config>,
+    pub(super) id: u64,
+    pub(super) config: Mutex<Config>,
     /// Listening sockets registered for the next `listen()`.
     listeners: Mutex<Vec<Socket>>,
     /// A `listen()` is running.
     running: AtomicBool,
     /// `stop_server()` was called and the running `listen()` has not ended yet.
-    stop_requested: AtomicBool,
+    pub(super) stop_requested: AtomicBool,
     /// The running server's command handle, for `stop_server()`.
     current: Mutex<Option<Sender>>,
     /// The timeout of the first `stop_server()` since the last run.
-    stop_timeout: Mutex<Duration>,
+    pub(super) stop_timeout: Mutex<Duration>,
     /// The counters as the last run left them.
     last_stats: Mutex<Snapshot>,
 }
@@ -208,7 +200,7 @@ impl ServerCore {
     /// (validated by the Python caller).
     fn _add_listener_fd(&self, fd: i64) -> PyResult<()> {
         self.check_not_running("register a listener")?;
-        let socket = duplicate_fd(fd)?;
+        let socket = super::listener::duplicate_fd(fd)?;
         lock(&self.listeners).push(socket);
         Ok(())
     }
@@ -386,7 +378,7 @@ impl Drop for RunningGuard<'_> {
 /// Python threads and can never deadlock with a thread that holds the ring's
 /// lock. Returns whether it was queued: not once the connection's close was
 /// requested (see `Sender::request`), nor once the server has stopped.
-fn queue(py: Python<'_>, conn: &Connection, request: Request<'_>) -> bool {
+pub(super) fn queue(py: Python<'_>, conn: &Connection, request: Request<'_>) -> bool {
     let Some(sender) = conn.sender() else {
         return false;
     };
@@ -445,387 +437,6 @@ impl<'a> Payload<'a> {
         match self {
             Payload::Borrowed(bytes) => bytes,
             Payload::Owned(bytes) => bytes,
-        }
-    }
-}
-
-#[cfg(unix)]
-fn duplicate_fd(fd: i64) -> PyResult<Socket> {
-    use std::os::fd::{BorrowedFd, RawFd};
-    let fd = RawFd::try_from(fd).map_err(|_| PyValueError::new_err("invalid file descriptor"))?;
-    if fd < 0 {
-        return Err(PyValueError::new_err("the socket is closed"));
-    }
-    // SAFETY: the borrow lives for one `dup` call and nothing is read or written
-    // through it. rsepoll.Server.register_listener_socket passes the fileno() of
-    // a socket object it holds open during the call; any other caller's bad
-    // number makes `dup` fail with EBADF, or yields a duplicate that
-    // `checked_listener` rejects unless it is a TCP socket.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let owned = borrowed.try_clone_to_owned()?;
-    checked_listener(Socket::from(owned))
-}
-
-#[cfg(windows)]
-fn duplicate_fd(fd: i64) -> PyResult<Socket> {
-    use std::os::windows::io::{BorrowedSocket, RawSocket};
-    let handle =
-        RawSocket::try_from(fd).map_err(|_| PyValueError::new_err("invalid socket handle"))?;
-    // SAFETY: as on Unix: a live socket held by the caller, only borrowed to
-    // duplicate it.
-    let borrowed = unsafe { BorrowedSocket::borrow_raw(handle) };
-    let owned = borrowed.try_clone_to_owned()?;
-    checked_listener(Socket::from(owned))
-}
-
-/// Accepts a duplicated socket only if it is an IPv4/IPv6 stream socket, and
-/// makes it non-blocking. A duplicate shares the file status flags, so the
-/// caller's socket becomes non-blocking too (as with asyncio's `sock=`).
-fn checked_listener(socket: Socket) -> PyResult<Socket> {
-    // The bound address tells the family on every platform (`Socket::domain`
-    // exists only on Linux, Android and Fuchsia). A listener is always bound.
-    let is_ip = crate::sys::net::local_addr(&socket).is_some();
-    if !is_ip || socket.r#type()? != socket2::Type::STREAM {
-        return Err(PyValueError::new_err(
-            "not a TCP socket: expected an IPv4 or IPv6 SOCK_STREAM socket",
-        ));
-    }
-    socket.set_nonblocking(true)?;
-    Ok(socket)
-}
-
-/// Turns deliveries into callbacks, on the thread that called `listen()`.
-struct Dispatcher<'py, 'a> {
-    server: &'a Bound<'py, ServerCore>,
-    running: Running,
-    /// Python-side handles of the open connections, by table slot.
-    connections: Vec<Option<Py<Connection>>>,
-    /// What new `Connection` objects are made with.
-    factory: ConnectionFactory,
-    idle_timeout: Duration,
-    logger: Bound<'py, PyAny>,
-    /// A stop was asked for.
-    stopping: bool,
-    /// Ctrl-C, `KeyboardInterrupt`/`SystemExit` from a callback, or a failed
-    /// I/O thread: input still in the ring is not handed to callbacks.
-    interrupted: bool,
-    /// What `listen()` will raise once the server has shut down.
-    exit_error: Option<PyErr>,
-}
-
-impl<'py, 'a> Dispatcher<'py, 'a> {
-    fn new(
-        server: &'a Bound<'py, ServerCore>,
-        running: Running,
-        idle_timeout: Duration,
-    ) -> PyResult<Self> {
-        let py = server.py();
-        let logger = py
-            .import(intern!(py, "logging"))?
-            .call_method1(intern!(py, "getLogger"), ("rsepoll",))?;
-        let factory = ConnectionFactory {
-            server_id: server.get().id,
-            framing: lock(&server.get().config).framing,
-            sender: running.sender().downgrade(),
-        };
-        Ok(Dispatcher {
-            server,
-            running,
-            connections: Vec::new(),
-            factory,
-            idle_timeout,
-            logger,
-            stopping: false,
-            interrupted: false,
-            exit_error: None,
-        })
-    }
-
-    fn py(&self) -> Python<'py> {
-        self.server.py()
-    }
-
-    fn run(mut self) -> PyResult<()> {
-        let py = self.py();
-        if self.server.get().stop_requested.load(SeqCst) {
-            self.begin_stop();
-        }
-        self.callback(intern!(py, "on_listen_success"), ());
-        let mut idle_since = Instant::now();
-        let vanished = loop {
-            let dispatched = self.dispatch_batch();
-            if self.running.has_stopped() {
-                break false;
-            }
-            if self.running.io_thread_vanished() {
-                break true;
-            }
-            if let Err(interrupt) = py.check_signals() {
-                self.fail_with(interrupt);
-            }
-            if self.server.get().stop_requested.load(SeqCst) {
-                self.begin_stop();
-            }
-            if dispatched > 0 {
-                idle_since = Instant::now();
-                continue;
-            }
-            let due = idle_since + self.idle_timeout;
-            let now = Instant::now();
-            if now >= due {
-                if !self.stopping {
-                    self.callback(intern!(py, "on_waiting_for_activity"), ());
-                }
-                idle_since = Instant::now();
-                continue;
-            }
-            let slice = SIGNAL_SLICE.min(due - now);
-            let running = &mut self.running;
-            py.detach(|| running.wait(slice));
-        };
-        if vanished {
-            // The I/O thread could not report its own end: close the books here.
-            self.report_error::<PyRuntimeError>("the rsepoll I/O thread exited unexpectedly");
-            let open: Vec<Py<Connection>> = self.connections.drain(..).flatten().collect();
-            for conn in open {
-                self.close_and_report(conn);
-            }
-        }
-        let running = &mut self.running;
-        py.detach(|| running.join());
-        self.callback(intern!(py, "on_shutdown_success"), ());
-        match self.exit_error.take() {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
-    }
-
-    /// Dispatches up to a batch of ready deliveries; returns how many.
-    fn dispatch_batch(&mut self) -> usize {
-        let mut dispatched = 0;
-        while dispatched < DISPATCH_BATCH {
-            let py = self.py();
-            let Dispatcher {
-                running,
-                connections,
-                factory,
-                ..
-            } = self;
-            // Copy out what the callback needs, so the slot can go back to the
-            // I/O thread before the callback runs.
-            let Some(item) = running.take_with(|d| Item::read(py, factory, connections, d)) else {
-                break;
-            };
-            dispatched += 1;
-            if self.running.taken() >= RELEASE_BATCH {
-                self.running.release();
-            }
-            self.handle(item);
-        }
-        self.running.release();
-        dispatched
-    }
-
-    fn handle(&mut self, item: Item<'py>) {
-        let py = self.py();
-        match item {
-            Item::Opened(conn) => {
-                let conn = conn.into_bound(py);
-                self.callback(intern!(py, "on_connection_opened"), (conn,));
-            }
-            Item::Data(conn, data) => {
-                if !self.interrupted {
-                    self.callback(intern!(py, "on_message_received"), (conn, data));
-                }
-            }
-            Item::Eof(conn) => {
-                // After the callbacks for what came before the EOF, so their
-                // replies are queued ahead of the default close.
-                self.callback(intern!(py, "on_eof_received"), (conn,));
-            }
-            Item::Closed(conn, reason) => {
-                let _ = conn.get().close_reason.set(reason);
-                self.close_and_report(conn);
-            }
-            Item::Error(detail) => self.report_error::<PyOSError>(&detail),
-            Item::TooLarge(conn, detail) => {
-                let message = format!(
-                    "{}: {detail}",
-                    conn.bind(py)
-                        .repr()
-                        .map_or_else(|_| "a connection".to_owned(), |r| r.to_string(),)
-                );
-                let error = py
-                    .import(intern!(py, "rsepoll"))
-                    .and_then(|module| module.getattr(intern!(py, "MessageTooLarge")))
-                    .and_then(|class| class.call1((message, conn.clone_ref(py))))
-                    .map_or_else(|e| e, PyErr::from_value);
-                self.on_callback_error(error);
-                // After the replies to the messages before it, as for EOF.
-                queue(py, conn.get(), Request::Close);
-            }
-            Item::Failed(detail) => {
-                self.report_error::<PyRuntimeError>(&detail);
-                self.stopping = true;
-                self.interrupted = true;
-            }
-            Item::Nothing => {}
-        }
-    }
-
-    fn close_and_report(&mut self, conn: Py<Connection>) {
-        let py = self.py();
-        conn.get().open.store(false, Relaxed);
-        self.callback(intern!(py, "on_connection_closed"), (conn,));
-    }
-
-    fn report_error<E: pyo3::PyTypeInfo>(&mut self, detail: &str) {
-        let error = PyErr::from_type(E::type_object(self.py()), detail.to_owned());
-        self.on_callback_error(error);
-    }
-
-    /// Calls the instance's method `name`; exceptions go to
-    /// `on_exception_occurred`, `KeyboardInterrupt`/`SystemExit` stop the server.
-    fn callback<A>(&mut self, name: &Bound<'py, PyString>, args: A)
-    where
-        A: pyo3::call::PyCallArgs<'py>,
-    {
-        if let Err(error) = self.server.call_method1(name, args) {
-            self.on_callback_error(error);
-        }
-    }
-
-    fn on_callback_error(&mut self, error: PyErr) {
-        let py = self.py();
-        if !error.is_instance_of::<PyException>(py) {
-            return self.fail_with(error);
-        }
-        let value = error.into_value(py);
-        let Err(second) = self
-            .server
-            .call_method1(intern!(py, "on_exception_occurred"), (value,))
-        else {
-            return;
-        };
-        if !second.is_instance_of::<PyException>(py) {
-            return self.fail_with(second);
-        }
-        let kwargs = [("exc_info", second.into_value(py))];
-        let logged = pyo3::types::IntoPyDict::into_py_dict(kwargs, py).and_then(|kwargs| {
-            self.logger.call_method(
-                intern!(py, "error"),
-                ("on_exception_occurred raised an exception",),
-                Some(&kwargs),
-            )
-        });
-        if let Err(error) = logged {
-            error.write_unraisable(py, None);
-        }
-    }
-
-    /// Stops the server and makes `listen()` raise `error` once it has.
-    fn fail_with(&mut self, error: PyErr) {
-        if self.exit_error.is_none() {
-            self.exit_error = Some(error);
-        }
-        self.interrupted = true;
-        self.begin_stop();
-    }
-
-    fn begin_stop(&mut self) {
-        if !self.stopping {
-            self.stopping = true;
-            let timeout = *lock(&self.server.get().stop_timeout);
-            self.running.stop(timeout);
-        }
-    }
-}
-
-/// Makes the `Connection` objects of one `listen()` run.
-struct ConnectionFactory {
-    server_id: u64,
-    framing: Framing,
-    sender: WeakSender,
-}
-
-/// A delivery, read out of its slot.
-enum Item<'py> {
-    Opened(Py<Connection>),
-    Data(Py<Connection>, Bound<'py, PyBytes>),
-    Eof(Py<Connection>),
-    Closed(Py<Connection>, CloseReason),
-    Error(String),
-    TooLarge(Py<Connection>, String),
-    Failed(String),
-    Nothing,
-}
-
-impl<'py> Item<'py> {
-    fn read(
-        py: Python<'py>,
-        factory: &ConnectionFactory,
-        connections: &mut Vec<Option<Py<Connection>>>,
-        delivery: &Delivery,
-    ) -> Item<'py> {
-        let index = delivery.conn.index as usize;
-        let known = |connections: &Vec<Option<Py<Connection>>>| {
-            connections
-                .get(index)
-                .and_then(Option::as_ref)
-                .filter(|c| c.get().key == delivery.conn)
-                .map(|c| c.clone_ref(py))
-        };
-        match delivery.kind {
-            DeliveryKind::Opened => {
-                let Some(opened) = delivery.opened.clone() else {
-                    return Item::Nothing;
-                };
-                let conn = Connection::new(
-                    delivery.conn,
-                    factory.server_id,
-                    opened,
-                    factory.framing,
-                    factory.sender.clone(),
-                );
-                match Py::new(py, conn) {
-                    Ok(conn) => {
-                        if connections.len() <= index {
-                            connections.resize_with(index + 1, || None);
-                        }
-                        connections[index] = Some(conn.clone_ref(py));
-                        Item::Opened(conn)
-                    }
-                    Err(_) => Item::Error("could not create a Connection object".into()),
-                }
-            }
-            DeliveryKind::Data => match known(connections) {
-                Some(conn) => Item::Data(conn, PyBytes::new(py, delivery.data())),
-                None => Item::Nothing,
-            },
-            DeliveryKind::Eof => known(connections).map_or(Item::Nothing, Item::Eof),
-            DeliveryKind::Closed(reason) => match known(connections) {
-                Some(conn) => {
-                    connections[index] = None;
-                    Item::Closed(conn, reason)
-                }
-                None => Item::Nothing,
-            },
-            DeliveryKind::Error => Item::Error(delivery.detail.clone().unwrap_or_default()),
-            DeliveryKind::TooLarge => match known(connections) {
-                Some(conn) => Item::TooLarge(conn, delivery.detail.clone().unwrap_or_default()),
-                None => Item::Nothing,
-            },
-            DeliveryKind::Failed => Item::Failed(delivery.detail.clone().unwrap_or_default()),
-            DeliveryKind::Draining => {
-                // Every connection is about to close: sends from now on are
-                // refused. `Running` answers with `Shutdown` right after this,
-                // so the latch is set before that command is queued.
-                for conn in connections.iter().flatten() {
-                    conn.get().closing.store(true, SeqCst);
-                }
-                Item::Nothing
-            }
-            DeliveryKind::Stopped => Item::Nothing,
         }
     }
 }

@@ -1,0 +1,367 @@
+//! The loop `listen()` runs on the calling thread: it takes deliveries from
+//! the I/O thread in batches and turns each into a call of the instance's
+//! callback method, so that overrides in Python subclasses are honoured.
+//!
+//! It waits with the GIL released, in slices short enough for Ctrl-C to be
+//! seen, and holds the GIL only while it dispatches a batch. An exception
+//! from a callback goes to `on_exception_occurred`; `KeyboardInterrupt` and
+//! `SystemExit` stop the server and leave `listen()` once it has shut down.
+
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+
+use super::connection::Connection;
+use super::server::{lock, queue, ServerCore};
+use crate::conn::CloseReason;
+use crate::core::{Request, Running, WeakSender};
+use crate::framing::Framing;
+use crate::message::{Delivery, DeliveryKind};
+
+/// Longest the listening thread waits with the GIL released before it checks
+/// for signals (Ctrl-C) and stop requests.
+const SIGNAL_SLICE: Duration = Duration::from_millis(50);
+/// Deliveries dispatched per batch before signals are checked again.
+const DISPATCH_BATCH: usize = 256;
+/// Deliveries dispatched before their slots go back to the I/O thread.
+const RELEASE_BATCH: usize = 32;
+
+/// Turns deliveries into callbacks, on the thread that called `listen()`.
+pub(super) struct Dispatcher<'py, 'a> {
+    server: &'a Bound<'py, ServerCore>,
+    running: Running,
+    /// Python-side handles of the open connections, by table slot.
+    connections: Vec<Option<Py<Connection>>>,
+    /// What new `Connection` objects are made with.
+    factory: ConnectionFactory,
+    idle_timeout: Duration,
+    logger: Bound<'py, PyAny>,
+    /// A stop was asked for.
+    stopping: bool,
+    /// Ctrl-C, `KeyboardInterrupt`/`SystemExit` from a callback, or a failed
+    /// I/O thread: input still in the ring is not handed to callbacks.
+    interrupted: bool,
+    /// What `listen()` will raise once the server has shut down.
+    exit_error: Option<PyErr>,
+}
+
+impl<'py, 'a> Dispatcher<'py, 'a> {
+    pub(super) fn new(
+        server: &'a Bound<'py, ServerCore>,
+        running: Running,
+        idle_timeout: Duration,
+    ) -> PyResult<Self> {
+        let py = server.py();
+        let logger = py
+            .import(intern!(py, "logging"))?
+            .call_method1(intern!(py, "getLogger"), ("rsepoll",))?;
+        let factory = ConnectionFactory {
+            server_id: server.get().id,
+            framing: lock(&server.get().config).framing,
+            sender: running.sender().downgrade(),
+        };
+        Ok(Dispatcher {
+            server,
+            running,
+            connections: Vec::new(),
+            factory,
+            idle_timeout,
+            logger,
+            stopping: false,
+            interrupted: false,
+            exit_error: None,
+        })
+    }
+
+    fn py(&self) -> Python<'py> {
+        self.server.py()
+    }
+
+    pub(super) fn run(mut self) -> PyResult<()> {
+        let py = self.py();
+        if self.server.get().stop_requested.load(SeqCst) {
+            self.begin_stop();
+        }
+        self.callback(intern!(py, "on_listen_success"), ());
+        let mut idle_since = Instant::now();
+        let vanished = loop {
+            let dispatched = self.dispatch_batch();
+            if self.running.has_stopped() {
+                break false;
+            }
+            if self.running.io_thread_vanished() {
+                break true;
+            }
+            if let Err(interrupt) = py.check_signals() {
+                self.fail_with(interrupt);
+            }
+            if self.server.get().stop_requested.load(SeqCst) {
+                self.begin_stop();
+            }
+            if dispatched > 0 {
+                idle_since = Instant::now();
+                continue;
+            }
+            let due = idle_since + self.idle_timeout;
+            let now = Instant::now();
+            if now >= due {
+                if !self.stopping {
+                    self.callback(intern!(py, "on_waiting_for_activity"), ());
+                }
+                idle_since = Instant::now();
+                continue;
+            }
+            let slice = SIGNAL_SLICE.min(due - now);
+            let running = &mut self.running;
+            py.detach(|| running.wait(slice));
+        };
+        if vanished {
+            // The I/O thread could not report its own end: close the books here.
+            self.report_error::<PyRuntimeError>("the rsepoll I/O thread exited unexpectedly");
+            let open: Vec<Py<Connection>> = self.connections.drain(..).flatten().collect();
+            for conn in open {
+                self.close_and_report(conn);
+            }
+        }
+        let running = &mut self.running;
+        py.detach(|| running.join());
+        self.callback(intern!(py, "on_shutdown_success"), ());
+        match self.exit_error.take() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Dispatches up to a batch of ready deliveries; returns how many.
+    fn dispatch_batch(&mut self) -> usize {
+        let mut dispatched = 0;
+        while dispatched < DISPATCH_BATCH {
+            let py = self.py();
+            let Dispatcher {
+                running,
+                connections,
+                factory,
+                ..
+            } = self;
+            // Copy out what the callback needs, so the slot can go back to the
+            // I/O thread before the callback runs.
+            let Some(item) = running.take_with(|d| Item::read(py, factory, connections, d)) else {
+                break;
+            };
+            dispatched += 1;
+            if self.running.taken() >= RELEASE_BATCH {
+                self.running.release();
+            }
+            self.handle(item);
+        }
+        self.running.release();
+        dispatched
+    }
+
+    fn handle(&mut self, item: Item<'py>) {
+        let py = self.py();
+        match item {
+            Item::Opened(conn) => {
+                let conn = conn.into_bound(py);
+                self.callback(intern!(py, "on_connection_opened"), (conn,));
+            }
+            Item::Data(conn, data) => {
+                if !self.interrupted {
+                    self.callback(intern!(py, "on_message_received"), (conn, data));
+                }
+            }
+            Item::Eof(conn) => {
+                // After the callbacks for what came before the EOF, so their
+                // replies are queued ahead of the default close.
+                self.callback(intern!(py, "on_eof_received"), (conn,));
+            }
+            Item::Closed(conn, reason) => {
+                let _ = conn.get().close_reason.set(reason);
+                self.close_and_report(conn);
+            }
+            Item::Error(detail) => self.report_error::<PyOSError>(&detail),
+            Item::TooLarge(conn, detail) => {
+                let message = format!(
+                    "{}: {detail}",
+                    conn.bind(py)
+                        .repr()
+                        .map_or_else(|_| "a connection".to_owned(), |r| r.to_string(),)
+                );
+                let error = py
+                    .import(intern!(py, "rsepoll"))
+                    .and_then(|module| module.getattr(intern!(py, "MessageTooLarge")))
+                    .and_then(|class| class.call1((message, conn.clone_ref(py))))
+                    .map_or_else(|e| e, PyErr::from_value);
+                self.on_callback_error(error);
+                // After the replies to the messages before it, as for EOF.
+                queue(py, conn.get(), Request::Close);
+            }
+            Item::Failed(detail) => {
+                self.report_error::<PyRuntimeError>(&detail);
+                self.stopping = true;
+                self.interrupted = true;
+            }
+            Item::Nothing => {}
+        }
+    }
+
+    fn close_and_report(&mut self, conn: Py<Connection>) {
+        let py = self.py();
+        conn.get().open.store(false, Relaxed);
+        self.callback(intern!(py, "on_connection_closed"), (conn,));
+    }
+
+    fn report_error<E: pyo3::PyTypeInfo>(&mut self, detail: &str) {
+        let error = PyErr::from_type(E::type_object(self.py()), detail.to_owned());
+        self.on_callback_error(error);
+    }
+
+    /// Calls the instance's method `name`; exceptions go to
+    /// `on_exception_occurred`, `KeyboardInterrupt`/`SystemExit` stop the server.
+    fn callback<A>(&mut self, name: &Bound<'py, PyString>, args: A)
+    where
+        A: pyo3::call::PyCallArgs<'py>,
+    {
+        if let Err(error) = self.server.call_method1(name, args) {
+            self.on_callback_error(error);
+        }
+    }
+
+    fn on_callback_error(&mut self, error: PyErr) {
+        let py = self.py();
+        if !error.is_instance_of::<PyException>(py) {
+            return self.fail_with(error);
+        }
+        let value = error.into_value(py);
+        let Err(second) = self
+            .server
+            .call_method1(intern!(py, "on_exception_occurred"), (value,))
+        else {
+            return;
+        };
+        if !second.is_instance_of::<PyException>(py) {
+            return self.fail_with(second);
+        }
+        let kwargs = [("exc_info", second.into_value(py))];
+        let logged = pyo3::types::IntoPyDict::into_py_dict(kwargs, py).and_then(|kwargs| {
+            self.logger.call_method(
+                intern!(py, "error"),
+                ("on_exception_occurred raised an exception",),
+                Some(&kwargs),
+            )
+        });
+        if let Err(error) = logged {
+            error.write_unraisable(py, None);
+        }
+    }
+
+    /// Stops the server and makes `listen()` raise `error` once it has.
+    fn fail_with(&mut self, error: PyErr) {
+        if self.exit_error.is_none() {
+            self.exit_error = Some(error);
+        }
+        self.interrupted = true;
+        self.begin_stop();
+    }
+
+    fn begin_stop(&mut self) {
+        if !self.stopping {
+            self.stopping = true;
+            let timeout = *lock(&self.server.get().stop_timeout);
+            self.running.stop(timeout);
+        }
+    }
+}
+
+/// Makes the `Connection` objects of one `listen()` run.
+struct ConnectionFactory {
+    server_id: u64,
+    framing: Framing,
+    sender: WeakSender,
+}
+
+/// A delivery, read out of its slot.
+enum Item<'py> {
+    Opened(Py<Connection>),
+    Data(Py<Connection>, Bound<'py, PyBytes>),
+    Eof(Py<Connection>),
+    Closed(Py<Connection>, CloseReason),
+    Error(String),
+    TooLarge(Py<Connection>, String),
+    Failed(String),
+    Nothing,
+}
+
+impl<'py> Item<'py> {
+    fn read(
+        py: Python<'py>,
+        factory: &ConnectionFactory,
+        connections: &mut Vec<Option<Py<Connection>>>,
+        delivery: &Delivery,
+    ) -> Item<'py> {
+        let index = delivery.conn.index as usize;
+        let known = |connections: &Vec<Option<Py<Connection>>>| {
+            connections
+                .get(index)
+                .and_then(Option::as_ref)
+                .filter(|c| c.get().key == delivery.conn)
+                .map(|c| c.clone_ref(py))
+        };
+        match delivery.kind {
+            DeliveryKind::Opened => {
+                let Some(opened) = delivery.opened.clone() else {
+                    return Item::Nothing;
+                };
+                let conn = Connection::new(
+                    delivery.conn,
+                    factory.server_id,
+                    opened,
+                    factory.framing,
+                    factory.sender.clone(),
+                );
+                match Py::new(py, conn) {
+                    Ok(conn) => {
+                        if connections.len() <= index {
+                            connections.resize_with(index + 1, || None);
+                        }
+                        connections[index] = Some(conn.clone_ref(py));
+                        Item::Opened(conn)
+                    }
+                    Err(_) => Item::Error("could not create a Connection object".into()),
+                }
+            }
+            DeliveryKind::Data => match known(connections) {
+                Some(conn) => Item::Data(conn, PyBytes::new(py, delivery.data())),
+                None => Item::Nothing,
+            },
+            DeliveryKind::Eof => known(connections).map_or(Item::Nothing, Item::Eof),
+            DeliveryKind::Closed(reason) => match known(connections) {
+                Some(conn) => {
+                    connections[index] = None;
+                    Item::Closed(conn, reason)
+                }
+                None => Item::Nothing,
+            },
+            DeliveryKind::Error => Item::Error(delivery.detail.clone().unwrap_or_default()),
+            DeliveryKind::TooLarge => match known(connections) {
+                Some(conn) => Item::TooLarge(conn, delivery.detail.clone().unwrap_or_default()),
+                None => Item::Nothing,
+            },
+            DeliveryKind::Failed => Item::Failed(delivery.detail.clone().unwrap_or_default()),
+            DeliveryKind::Draining => {
+                // Every connection is about to close: sends from now on are
+                // refused. `Running` answers with `Shutdown` right after this,
+                // so the latch is set before that command is queued.
+                for conn in connections.iter().flatten() {
+                    conn.get().closing.store(true, SeqCst);
+                }
+                Item::Nothing
+            }
+            DeliveryKind::Stopped => Item::Nothing,
+        }
+    }
+}
