@@ -515,9 +515,14 @@ impl Connection {
             // After EOF a socket stays readable for good; watching it would spin.
             Input::Ended => false,
         };
+        let readable = wants_input && !self.unread_input;
+        let writable = !self.queue.is_empty();
         Interest {
-            readable: wants_input && !self.unread_input,
-            writable: !self.queue.is_empty(),
+            readable,
+            writable,
+            // A connection with input still to read finds out about a reset
+            // by reading; reports until then would only repeat.
+            hangup: readable || writable || !self.unread_input,
         }
     }
 }
@@ -686,6 +691,7 @@ mod tests {
         let none = Interest {
             readable: false,
             writable: false,
+            hangup: true,
         };
         assert!(conn.interest(true).readable);
         assert_eq!(

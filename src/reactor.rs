@@ -367,6 +367,7 @@ impl<S: Selector> Reactor<S> {
 const READABLE: Interest = Interest {
     readable: true,
     writable: false,
+    hangup: true,
 };
 
 impl<S: Selector> Io<S> {
@@ -1001,26 +1002,17 @@ impl<S: Selector> Io<S> {
         }
     }
 
-    /// Re-arms a one-shot registration with what the connection wants now.
-    /// Hangups and errors are always watched, so a registration with no
-    /// interest still hears of a reset (see [`Io::on_hangup`]), except on a
-    /// connection waiting on the ready list: its next read finds out, and
-    /// until then a reset would be reported again and again.
+    /// Tells the selector what the connection wants now (see
+    /// [`Connection::interest`](crate::conn::Connection::interest)).
     fn update_interest(&mut self, key: ConnKey) {
-        if !S::ONESHOT {
-            return;
-        }
         let reading = self.reading();
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
         let interest = conn.interest(reading);
-        if !interest.readable && !interest.writable && conn.unread_input {
-            return;
-        }
         if let Err(e) =
             self.selector
-                .rearm(&conn.socket, Token::connection(key.index, key.id), interest)
+                .set_interest(&conn.socket, Token::connection(key.index, key.id), interest)
         {
             self.close_now(key, Some(CloseReason::of_error(&e)));
         }
@@ -1105,11 +1097,9 @@ impl<S: Selector> Io<S> {
 
     fn rearm_listener(&mut self, index: usize) {
         let listener = &self.listeners[index];
-        if S::ONESHOT {
-            let _ = self
-                .selector
-                .rearm(&listener.socket, Token::listener(index), READABLE);
-        }
+        let _ = self
+            .selector
+            .set_interest(&listener.socket, Token::listener(index), READABLE);
     }
 
     fn report_accept_error(&mut self, error: io::Error) {

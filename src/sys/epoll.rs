@@ -52,8 +52,6 @@ fn edge_flags() -> u32 {
 }
 
 impl Selector for Epoll {
-    const ONESHOT: bool = false;
-
     fn new() -> io::Result<Self> {
         let fd = syscall!(libc::epoll_create1(libc::EPOLL_CLOEXEC))?;
         // SAFETY: `epoll_create1` returned a fresh fd that nothing else owns.
@@ -81,7 +79,8 @@ impl Selector for Epoll {
         )
     }
 
-    fn rearm(&self, _socket: &Socket, _token: Token, _interest: Interest) -> io::Result<()> {
+    /// Every socket stays registered for everything: nothing to change.
+    fn set_interest(&self, _socket: &Socket, _token: Token, _interest: Interest) -> io::Result<()> {
         Ok(())
     }
 

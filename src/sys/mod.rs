@@ -11,8 +11,9 @@
 //! - [`portable`] (every platform, the only one off Linux): the `polling` crate,
 //!   which is kqueue on macOS and IOCP/AFD on Windows (the technique of wepoll,
 //!   rewritten in Rust). None of those offers edge triggering everywhere, so the
-//!   backend is one-shot: an event disarms the socket, and the reactor re-arms
-//!   it, with the interest it has now, once it has handled the event. On Linux
+//!   backend is one-shot: an event disarms the socket, and the backend re-arms
+//!   it with the interest the reactor reports once it has handled the event
+//!   ([`Selector::set_interest`], which epoll ignores). On Linux
 //!   this backend runs over epoll in one-shot mode, which is how the test suite
 //!   exercises the re-arming logic on Linux.
 //!
@@ -77,13 +78,16 @@ impl Backend {
     }
 }
 
-/// What a socket is watched for.
+/// What a socket wants to hear about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Interest {
     /// Report when reading would not block.
     pub readable: bool,
     /// Report when writing would not block.
     pub writable: bool,
+    /// Report hangups and errors (a reset). False only for a socket that will
+    /// be read soon anyway and must not be reported meanwhile.
+    pub hangup: bool,
 }
 
 /// One readiness report. Hangups and errors are reported as both readable and
@@ -113,19 +117,22 @@ pub trait Wake: Send + Sync {
 }
 
 /// A readiness poller, owned by the I/O thread.
+///
+/// The reactor tells the selector what each socket wants after every change
+/// ([`Selector::set_interest`]); how a backend honours it is its own affair.
+/// Edge-triggered epoll watches everything once and for all and ignores it.
+/// The one-shot portable backend re-arms the socket with it, since each event
+/// disarms its socket.
 pub trait Selector: Send + Sized + 'static {
-    /// True if an event disarms its socket until [`Selector::rearm`].
-    const ONESHOT: bool;
-
     /// Creates the poller and its waker.
     fn new() -> io::Result<Self>;
 
     /// Starts watching `socket`.
     fn register(&self, socket: &Socket, token: Token, interest: Interest) -> io::Result<()>;
 
-    /// Re-arms a one-shot registration with the interest the socket has now. A
-    /// no-op for edge-triggered backends, which never disarm.
-    fn rearm(&self, socket: &Socket, token: Token, interest: Interest) -> io::Result<()>;
+    /// Says what `socket` wants now; call it after handling each event and
+    /// whenever the socket's wants change.
+    fn set_interest(&self, socket: &Socket, token: Token, interest: Interest) -> io::Result<()>;
 
     /// Stops watching `socket`; call it before the socket is closed.
     fn deregister(&self, socket: &Socket) -> io::Result<()>;

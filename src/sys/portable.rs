@@ -2,9 +2,9 @@
 //!
 //! `polling` uses kqueue on macOS and the BSDs, IOCP with the AFD poll driver on
 //! Windows (what wepoll does, in Rust) and epoll elsewhere. Its portable
-//! denominator is one-shot interest, so every event disarms its socket and the
-//! reactor re-arms it ([`Selector::rearm`]) with its current interest after
-//! handling the event.
+//! denominator is one-shot interest, so every event disarms its socket, and
+//! [`Selector::set_interest`], which the reactor calls once it has handled the
+//! event, re-arms it with what the socket wants now.
 
 use std::io;
 use std::num::NonZeroUsize;
@@ -25,16 +25,16 @@ pub struct Portable {
     events: polling::Events,
 }
 
-/// Hangups are always watched (on epoll, IOCP/AFD and poll; kqueue has no
-/// such filter), so that a connection that reads no more still hears of a
+/// Hangups are watched where asked (on epoll, IOCP/AFD and poll; kqueue has
+/// no such filter), so that a connection that reads no more still hears of a
 /// reset.
 fn to_polling(token: Token, interest: Interest) -> polling::Event {
-    polling::Event::new(token.0 as usize, interest.readable, interest.writable).with_interrupt()
+    let mut event = polling::Event::new(token.0 as usize, interest.readable, interest.writable);
+    event.set_interrupt(interest.hangup);
+    event
 }
 
 impl Selector for Portable {
-    const ONESHOT: bool = true;
-
     fn new() -> io::Result<Self> {
         Ok(Portable {
             poller: Arc::new(polling::Poller::new()?),
@@ -48,7 +48,12 @@ impl Selector for Portable {
         unsafe { self.poller.add(socket, to_polling(token, interest)) }
     }
 
-    fn rearm(&self, socket: &Socket, token: Token, interest: Interest) -> io::Result<()> {
+    /// Re-arms the one-shot registration. A socket that wants nothing at
+    /// all, not even hangups, stays disarmed: whatever next wants it re-arms it.
+    fn set_interest(&self, socket: &Socket, token: Token, interest: Interest) -> io::Result<()> {
+        if !interest.readable && !interest.writable && !interest.hangup {
+            return Ok(());
+        }
         self.poller.modify(socket, to_polling(token, interest))
     }
 
