@@ -144,6 +144,8 @@ pub enum Phase {
     InputFailed {
         /// What the close will report.
         reason: CloseReason,
+        /// The peer's EOF was read since: there is nothing left to discard.
+        peer_eof: bool,
     },
 }
 
@@ -237,6 +239,15 @@ impl PendingBytes {
     pub fn sub(&self, n: usize) {
         self.0.fetch_sub(n, Relaxed);
     }
+
+    /// `n` bytes the sender counted were not queued after all. Saturating:
+    /// when the server stops in the middle of a long send, the I/O thread may
+    /// have subtracted the parts it applied already.
+    pub fn withdraw(&self, n: usize) {
+        let _ = self
+            .0
+            .fetch_update(Relaxed, Relaxed, |count| Some(count.saturating_sub(n)));
+    }
 }
 
 /// Per-connection output limits: reading a connection stops while more than
@@ -301,6 +312,10 @@ pub struct Connection {
     pub message_timer_armed: bool,
     /// Its data deliveries in the ring that the consumer has not released.
     pub in_ring: u32,
+    /// The last send applied was a part of a message whose other parts are
+    /// still to come: a close the I/O thread starts now must be a reset, or
+    /// the peer would take half a message for a whole one.
+    pub mid_message: bool,
 }
 
 impl Connection {
@@ -321,6 +336,7 @@ impl Connection {
             message_started: None,
             message_timer_armed: false,
             in_ring: 0,
+            mid_message: false,
         }
     }
 
@@ -371,7 +387,9 @@ impl Connection {
     pub fn input(&self) -> Input {
         match self.phase {
             Phase::Open | Phase::WriteFailed => Input::Deliver,
-            Phase::PeerDone | Phase::Closing { peer_eof: true, .. } => Input::Ended,
+            Phase::PeerDone
+            | Phase::Closing { peer_eof: true, .. }
+            | Phase::InputFailed { peer_eof: true, .. } => Input::Ended,
             Phase::Closing { .. } | Phase::Lingering { .. } | Phase::InputFailed { .. } => {
                 Input::Discard
             }
@@ -411,9 +429,15 @@ impl Connection {
             }
             Phase::Lingering { .. } => AfterEof::Forget,
             Phase::WriteFailed => AfterEof::Close(CloseReason::Reset),
-            // The application was told of the failure and closes; the
-            // peer's EOF changes nothing.
-            Phase::InputFailed { .. } => AfterEof::Continue,
+            // The application was told of the failure and closes; until
+            // then there is nothing more to read.
+            Phase::InputFailed { reason, .. } => {
+                self.phase = Phase::InputFailed {
+                    reason,
+                    peer_eof: true,
+                };
+                AfterEof::Continue
+            }
         }
     }
 
@@ -423,8 +447,12 @@ impl Connection {
         if self.phase != Phase::Open {
             return false;
         }
-        self.phase = Phase::InputFailed { reason };
+        self.phase = Phase::InputFailed {
+            reason,
+            peer_eof: false,
+        };
         self.unread_input = false;
+        self.message_started = None;
         true
     }
 
@@ -452,15 +480,15 @@ impl Connection {
                 };
                 true
             }
-            Phase::InputFailed { reason: failure } => {
+            Phase::InputFailed {
+                reason: failure,
+                peer_eof,
+            } => {
                 let reason = match reason {
                     CloseReason::Local => failure,
                     other => other,
                 };
-                self.phase = Phase::Closing {
-                    reason,
-                    peer_eof: false,
-                };
+                self.phase = Phase::Closing { reason, peer_eof };
                 true
             }
             Phase::Closing { .. } | Phase::Lingering { .. } | Phase::WriteFailed => false,

@@ -173,6 +173,9 @@ impl Shared {
 /// How long a stop may flush output unless told otherwise.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a server dropped without being stopped gives queued output.
+pub const ABANDON_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Why a command was not queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendError {
@@ -332,12 +335,14 @@ impl Sender {
         for _ in 0..chunks {
             let len = rest.min(shared.slot_size);
             rest -= len;
+            let more = rest > 0;
             loop {
                 if let Some(mut slot) = producer.vacant() {
                     slot.with_mut(|command| {
                         command.kind = kind;
                         command.conn = conn;
                         command.len = len;
+                        command.more = more;
                         fill(&mut command.buf[..len], &mut parts);
                     });
                     slot.stage();
@@ -557,13 +562,15 @@ impl Running {
 
     /// Waits for the I/O thread to exit. Call after `Stopped` was taken (or the
     /// thread vanished); otherwise this stops the server first, discarding
-    /// deliveries.
+    /// deliveries (it answers `Draining` as any consumer does, so connections
+    /// whose output has gone out end with FIN, and output still queued gets
+    /// [`ABANDON_TIMEOUT`] before a reset).
     pub fn join(&mut self) {
         let Some(thread) = self.thread.take() else {
             return;
         };
         if !self.stopped_seen {
-            self.stop(Duration::ZERO);
+            self.stop(ABANDON_TIMEOUT);
             while !self.stopped_seen && !thread.is_finished() {
                 while self.take_with(|_| ()).is_some() {}
                 self.release();

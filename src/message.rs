@@ -144,6 +144,8 @@ pub struct Command {
     pub conn: ConnKey,
     /// For `Send`: how many bytes of `buf` are valid.
     pub len: usize,
+    /// For `Send`: more parts of the same message follow in later slots.
+    pub more: bool,
     /// Pre-allocated payload buffer.
     pub buf: Box<[u8]>,
 }
@@ -155,6 +157,7 @@ impl Command {
             kind: CommandKind::default(),
             conn: ConnKey::default(),
             len: 0,
+            more: false,
             buf: vec![0; slot_size].into_boxed_slice(),
         }
     }

@@ -51,6 +51,9 @@ const ACCEPT_BUDGET: usize = 128;
 const PUBLISH_BATCH: usize = 64;
 /// How long a closed connection waits for the peer's EOF before it is dropped.
 const LINGER: Duration = Duration::from_secs(5);
+/// How long a close this thread started may go without progress before it
+/// becomes a reset.
+const CLOSE_PROGRESS: Duration = Duration::from_secs(5);
 /// After an accept failure such as EMFILE, how long before trying again. Under
 /// edge triggering the listener would otherwise never be reported again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -88,6 +91,9 @@ enum Deadline {
     Idle,
     /// A message started and not finished within `message_timeout`.
     Message,
+    /// A close this thread started (a timeout) made no progress for
+    /// `CLOSE_PROGRESS`: the peer takes nothing, so the close becomes a reset.
+    Drain,
 }
 
 /// A stop under way.
@@ -97,6 +103,9 @@ struct Stopping {
     /// Every connection has been told to close (the consumer answered
     /// `Draining`, or the deadline came first).
     closing_all: bool,
+    /// `Draining` was delivered (or needs not be): it goes out once the
+    /// messages decoders already hold are in the ring.
+    announced: bool,
 }
 
 /// The I/O thread's state; see the module docs.
@@ -148,7 +157,7 @@ struct Io<S: Selector> {
     /// whether a deadline really passed is checked when its entry fires.
     timers: Timers<(ConnKey, Deadline)>,
     /// Connections whose deadline passed, found by the last expiry.
-    expired: Vec<(ConnKey, CloseReason)>,
+    expired: Vec<(ConnKey, Deadline, CloseReason)>,
     idle_timeout: Option<Duration>,
     message_timeout: Option<Duration>,
     /// The time this turn's work started.
@@ -243,9 +252,11 @@ impl<S: Selector> Reactor<S> {
                 self.io.begin_stop(Instant::now() + timeout, true);
             }
             self.apply_commands();
-            if let Some(stopping) = &self.io.stopping {
+            if let Some(stopping) = &mut self.io.stopping {
                 if Instant::now() >= stopping.deadline {
-                    self.io.close_all();
+                    // Whatever has not finished by now (output, replies the
+                    // consumer has not made) is cut, and the peers can tell.
+                    stopping.closing_all = true;
                     self.io.abort_all();
                 }
                 if self.io.stopping.as_ref().is_some_and(|s| s.closing_all)
@@ -255,6 +266,7 @@ impl<S: Selector> Reactor<S> {
                 }
             }
             self.io.serve_leftovers();
+            self.io.announce_draining();
             self.io.publish();
             let timeout = self.io.poll_timeout();
             self.wait(timeout)?;
@@ -373,7 +385,12 @@ const READABLE: Interest = Interest {
 impl<S: Selector> Io<S> {
     fn apply(&mut self, command: &Command) {
         match command.kind {
-            CommandKind::Send => self.send(command.conn, command.data()),
+            CommandKind::Send => {
+                self.send(command.conn, command.data());
+                if let Some(conn) = self.table.get_mut(command.conn) {
+                    conn.mid_message = command.more;
+                }
+            }
             CommandKind::Close => self.close(command.conn, CloseReason::Local),
             CommandKind::Abort => self.abort(command.conn, CloseReason::Local),
             CommandKind::Shutdown => self.close_all(),
@@ -561,11 +578,11 @@ impl<S: Selector> Io<S> {
             } else if conn.closing_reason().is_some() {
                 // Already closing: it goes on, and finishes now if drained.
                 self.flush(key);
-            } else if !conn.begin_close(CloseReason::Shutdown) {
+            } else if !conn.accepts_output() {
                 // Its output failed: what it sent will not be delivered now.
                 self.close_now(key, Some(CloseReason::Reset));
             } else {
-                self.flush(key);
+                self.close_or_cut(key, CloseReason::Shutdown);
             }
         }
     }
@@ -575,7 +592,46 @@ impl<S: Selector> Io<S> {
     fn abort_all(&mut self) {
         let keys: Vec<ConnKey> = self.table.keys().collect();
         for key in keys {
-            self.abort(key, CloseReason::Shutdown);
+            match self.table.get(key) {
+                // FIN went out after all of its output: close it quietly.
+                Some(conn) if conn.reported_closed() => self.close_now(key, None),
+                Some(_) => self.abort(key, CloseReason::Shutdown),
+                None => {}
+            }
+        }
+    }
+
+    /// Delivers `Draining` once a stop has begun and no decoder holds
+    /// messages it has read but not yet put in the ring (those are still
+    /// delivered, ahead of it).
+    fn announce_draining(&mut self) {
+        if self.stopping.as_ref().is_none_or(|s| s.announced) {
+            return;
+        }
+        let holding = self.table.keys().any(|key| {
+            self.table.get(key).is_some_and(|conn| {
+                conn.reads_input() && conn.decoder.as_ref().is_some_and(Decoder::has_backlog)
+            })
+        });
+        if !holding {
+            if let Some(stopping) = &mut self.stopping {
+                stopping.announced = true;
+            }
+            self.emit(DeliveryKind::Draining, ConnKey::default(), None, None);
+        }
+    }
+
+    /// Closes `key` for `reason` on this thread's own initiative: gracefully,
+    /// unless it is in the middle of sending a message, which only a reset
+    /// can tell the peer.
+    fn close_or_cut(&mut self, key: ConnKey, reason: CloseReason) {
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        if conn.mid_message {
+            self.abort(key, reason);
+        } else {
+            self.close(key, reason);
         }
     }
 
@@ -588,13 +644,11 @@ impl<S: Selector> Io<S> {
         self.stopping = Some(Stopping {
             deadline,
             closing_all: false,
+            announced: !announce,
         });
         // New connections are refused from here on.
         for listener in self.listeners.drain(..) {
             let _ = self.selector.deregister(&listener.socket);
-        }
-        if announce {
-            self.emit(DeliveryKind::Draining, ConnKey::default(), None, None);
         }
         // One-shot registrations stop watching input that will not be read.
         let keys: Vec<ConnKey> = self.table.keys().collect();
@@ -608,7 +662,13 @@ impl<S: Selector> Io<S> {
             return;
         };
         match conn.input() {
-            Input::Deliver if self.stopping.is_none() && conn.reads_input() => {
+            // While stopping, no new input is read, but messages a decoder
+            // already holds are still delivered.
+            Input::Deliver
+                if conn.reads_input()
+                    && (self.stopping.is_none()
+                        || conn.decoder.as_ref().is_some_and(Decoder::has_backlog)) =>
+            {
                 if conn.decoder.is_some() {
                     self.read_framed(key)
                 } else {
@@ -755,13 +815,15 @@ impl<S: Selector> Io<S> {
             self.track_message(key);
             if let Err(error) = outcome {
                 // The consumer closes it once it has answered what came before.
-                if let Some(conn) = self.table.get_mut(key) {
-                    if conn.input_failed(CloseReason::TooLarge) {
-                        self.emit(DeliveryKind::TooLarge, key, None, Some(error.to_string()));
-                        self.discard_input(key);
-                    }
+                let Some(conn) = self.table.get_mut(key) else {
+                    return;
+                };
+                if conn.input_failed(CloseReason::TooLarge) {
+                    self.emit(DeliveryKind::TooLarge, key, None, Some(error.to_string()));
+                    return self.discard_input(key);
                 }
-                return;
+                // Its output had failed already: the peer is gone.
+                return self.close_now(key, Some(CloseReason::Reset));
             }
             let Some(conn) = self.table.get_mut(key) else {
                 return;
@@ -836,8 +898,9 @@ impl<S: Selector> Io<S> {
         }
     }
 
-    /// Closes the connections whose idle or message deadline has passed, and
-    /// schedules again the entries whose deadline moved later.
+    /// Closes the connections whose idle or message deadline has passed,
+    /// resets those whose close made no progress, and schedules again the
+    /// entries whose deadline moved later.
     fn expire_timers(&mut self) {
         let Io {
             timers,
@@ -846,9 +909,11 @@ impl<S: Selector> Io<S> {
             idle_timeout,
             message_timeout,
             now,
+            stopping,
             ..
         } = self;
         let now = *now;
+        let stopping = stopping.is_some();
         timers.expire(now, |(key, deadline), _| {
             let conn = table.get_mut(key)?;
             if conn.reported_closed() {
@@ -860,11 +925,35 @@ impl<S: Selector> Io<S> {
                     CloseReason::IdleTimeout,
                 ),
                 Deadline::Message => {
+                    let timeout = (*message_timeout)?;
                     let Some(started) = conn.message_started else {
                         conn.message_timer_armed = false;
                         return None;
                     };
-                    (started + (*message_timeout)?, CloseReason::MessageTimeout)
+                    if conn.input() != Input::Deliver {
+                        // Its input has ended: the message can never finish,
+                        // and the close under way decides what follows.
+                        conn.message_started = None;
+                        conn.message_timer_armed = false;
+                        return None;
+                    }
+                    let server_behind = stopping
+                        || !conn.reads_input()
+                        || conn.unread_input
+                        || conn.decoder.as_ref().is_some_and(Decoder::has_backlog);
+                    if server_behind {
+                        // The server, not the peer, holds the message up.
+                        conn.message_started = Some(now);
+                        return Some(now + timeout);
+                    }
+                    (started + timeout, CloseReason::MessageTimeout)
+                }
+                Deadline::Drain => {
+                    conn.closing_reason()?;
+                    (
+                        conn.last_activity + CLOSE_PROGRESS,
+                        CloseReason::IdleTimeout,
+                    )
                 }
             };
             if due > now {
@@ -873,19 +962,28 @@ impl<S: Selector> Io<S> {
             if deadline == Deadline::Message {
                 conn.message_timer_armed = false;
             }
-            expired.push((key, reason));
+            expired.push((key, deadline, reason));
             None
         });
         let mut expired = std::mem::take(&mut self.expired);
-        for (key, reason) in expired.drain(..) {
+        for (key, deadline, reason) in expired.drain(..) {
             let Some(conn) = self.table.get_mut(key) else {
                 continue;
             };
-            if conn.closing_reason().is_some() {
+            if deadline == Deadline::Drain || conn.closing_reason().is_some() {
                 // Its close cannot finish (the peer takes nothing): reset it.
                 self.abort(key, reason);
-            } else {
-                self.close(key, reason);
+                continue;
+            }
+            self.close_or_cut(key, reason);
+            if self
+                .table
+                .get(key)
+                .is_some_and(|conn| conn.closing_reason().is_some())
+            {
+                // Output is still queued: the close must make progress.
+                self.timers
+                    .schedule((key, Deadline::Drain), self.now + CLOSE_PROGRESS);
             }
         }
         self.expired = expired;
@@ -999,6 +1097,8 @@ impl<S: Selector> Io<S> {
     fn mark_drained(&mut self, key: ConnKey) {
         if let Some(conn) = self.table.get_mut(key) {
             conn.unread_input = false;
+            // Read to EAGAIN: whatever the poller warned of has been read.
+            conn.read_fully = false;
         }
     }
 

@@ -128,7 +128,11 @@ pub struct Snapshot {
 impl Snapshot {
     /// Connections open now: accepted and not yet reported closed.
     pub fn connections_open(&self) -> u64 {
-        self.counters.connections_accepted - self.counters.connections_closed
+        // The two are published one after the other: a reader may see a close
+        // before the accept it belongs to.
+        self.counters
+            .connections_accepted
+            .saturating_sub(self.counters.connections_closed)
     }
 
     /// Closes of each reason, by name.

@@ -289,3 +289,66 @@ def test_stop_server_rejects_a_negative_timeout() -> None:
     server = rsepoll.Server()
     with pytest.raises(ValueError, match="non-negative"):
         server.stop_server(timeout=-1)
+
+
+def test_stop_server_still_answers_framed_messages_a_decoder_holds() -> None:
+    """A client pipelines many lines that arrive in one read; the server stops
+    from the first callback. Every line it had read is still delivered and
+    answered, although only part of them fit in the ring at once."""
+    lines = 2000
+
+    class StopEarly(Recorder):
+        def on_message_received(self, conn: rsepoll.Connection, data: bytes) -> None:
+            if self.received == 0:
+                self.stop_server()
+            self.received += 1
+            self.send_message(conn, data)
+
+    with running(StopEarly, framing="line") as (server, port):
+        client = connect(port)
+        wire = b"".join(b"line %5d\n" % i for i in range(lines))
+        client.sendall(wire)
+        assert recv_until_eof(client) == wire
+        client.close()
+        server.test_thread.join(5)
+        assert server.received == lines
+
+
+@needs_visible_resets
+def test_an_idle_timeout_on_a_client_that_reads_nothing_ends_in_a_reset() -> None:
+    """The idle close cannot flush to a client that reads nothing; it must not
+    wait for ever: without progress it becomes a reset."""
+    with running(Recorder, idle_timeout=0.5) as (server, port):
+        client = connect(port, rcvbuf=4096)
+        conn = first_conn(server)
+        assert server.send_message(conn, b"q" * (8 << 20))
+        assert wait_until(lambda: conn.id in server.reasons, 10.0)
+        assert server.reasons[conn.id] == "idle_timeout"
+        with pytest.raises(ConnectionResetError):
+            recv_until_eof(client, limit=16 << 20)
+        client.close()
+
+
+def test_no_spin_while_a_too_large_client_that_ended_waits_for_its_close() -> None:
+    """A client sends an oversized line and shuts down its side; while the
+    application takes its time over the report, the I/O thread must not spin
+    on the ended connection."""
+    cpu: list[float] = []
+
+    class Slow(Recorder):
+        def on_exception_occurred(self, exc: BaseException) -> None:
+            started = time.process_time()
+            time.sleep(0.5)
+            cpu.append(time.process_time() - started)
+
+    with running(Slow, framing="line", max_message_size=100, expect_errors=True) as (
+        _server,
+        port,
+    ):
+        client = connect(port)
+        client.sendall(b"z" * 1000)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(client) == b""
+        client.close()
+    assert cpu, "no report of the oversized line"
+    assert cpu[0] < 0.2, f"{cpu[0]:.2f} s of CPU while the listening thread slept 0.5 s"

@@ -396,7 +396,7 @@ pub(super) fn queue(py: Python<'_>, conn: &Connection, request: Request<'_>) -> 
         Err(SendError::WouldBlock) => py.detach(|| push(true).is_ok()),
     };
     if !queued {
-        conn.opened.pending.sub(sending);
+        conn.opened.pending.withdraw(sending);
     }
     queued
 }
