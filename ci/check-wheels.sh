@@ -105,7 +105,7 @@ for v in $pythons; do
     rm -rf "$venv"
     "$py" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$wheel" \
-        'pytest>=8' 'pytest-timeout>=2.3'
+        'pytest>=8' 'pytest-timeout>=2.3' 'hypothesis>=6.100'
     RSEPOLL_BACKEND=epoll run_suite "$venv"
     RSEPOLL_BACKEND=portable run_suite "$venv"
 done
@@ -120,7 +120,7 @@ venv=$work/venv-sdist
 rm -rf "$venv"
 "$py" -m venv "$venv"
 CARGO_TARGET_DIR=$root/target/sdist-build "$venv/bin/python" -m pip install --quiet \
-    --disable-pip-version-check "$sdist" 'pytest>=8' 'pytest-timeout>=2.3'
+    --disable-pip-version-check "$sdist" 'pytest>=8' 'pytest-timeout>=2.3' 'hypothesis>=6.100'
 run_suite "$venv" -k "test_echo or test_platform"
 
 step "all wheel checks passed"
