@@ -2,12 +2,11 @@
 //! `core::Running`, on both backends. This test thread plays the Python side.
 #![cfg(not(loom))]
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -19,57 +18,9 @@ use _rsepoll::message::DeliveryKind;
 use socket2::Socket;
 
 mod common;
+mod counting_alloc;
 use common::{backends, connect, next_delivery, start};
-
-/// Counts heap allocations made on threads that opted in (the I/O thread, via
-/// `Config::on_io_thread_start`).
-struct CountingAllocator;
-
-thread_local! {
-    static COUNTED_THREAD: Cell<bool> = const { Cell::new(false) };
-}
-static IO_THREAD_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-fn count_allocation() {
-    if COUNTED_THREAD.try_with(Cell::get).unwrap_or(false) {
-        IO_THREAD_ALLOCATIONS.fetch_add(1, SeqCst);
-    }
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; the counting
-// touches only an atomic and a const-initialised thread-local without
-// destructor, neither of which allocates.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count_allocation();
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count_allocation();
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count_allocation();
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: CountingAllocator = CountingAllocator;
-
-fn count_this_thread() {
-    COUNTED_THREAD.with(|c| c.set(true));
-}
+use counting_alloc::count_this_thread;
 
 /// What the echo driver saw.
 #[derive(Default)]
@@ -332,11 +283,11 @@ fn allocations_in_steady_state(config: &Config, size: usize) {
         &mut running,
         || {
             if baseline.get().is_none() && warmed.load(SeqCst) == CLIENTS {
-                baseline.set(Some(IO_THREAD_ALLOCATIONS.load(SeqCst)));
+                baseline.set(Some(counting_alloc::allocations()));
                 measuring.store(true, SeqCst);
             }
             if at_end.get().is_none() && finished.load(SeqCst) == CLIENTS {
-                at_end.set(Some(IO_THREAD_ALLOCATIONS.load(SeqCst)));
+                at_end.set(Some(counting_alloc::allocations()));
             }
         },
         || at_end.get().is_some(),

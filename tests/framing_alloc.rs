@@ -4,65 +4,18 @@
 //! a global allocator, which is why this test has a binary of its own.
 #![cfg(not(loom))]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-
 use _rsepoll::framing::{envelope, Decoder, Framing, Message, PrefixWidth};
 use _rsepoll::pool::BufferPool;
 
-/// Counts heap allocations made on threads that opted in.
-struct CountingAllocator;
-
-thread_local! {
-    static COUNTED_THREAD: Cell<bool> = const { Cell::new(false) };
-}
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-fn count_allocation() {
-    if COUNTED_THREAD.try_with(Cell::get).unwrap_or(false) {
-        ALLOCATIONS.fetch_add(1, SeqCst);
-    }
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; the counting
-// touches only an atomic and a const-initialised thread-local without
-// destructor, neither of which allocates.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count_allocation();
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        count_allocation();
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count_allocation();
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: CountingAllocator = CountingAllocator;
+mod counting_alloc;
 
 /// Allocations this thread makes while running `f`.
 fn allocations_during(f: impl FnOnce()) -> u64 {
-    let before = ALLOCATIONS.load(SeqCst);
-    COUNTED_THREAD.with(|c| c.set(true));
+    let before = counting_alloc::allocations();
+    counting_alloc::count_this_thread();
     f();
-    COUNTED_THREAD.with(|c| c.set(false));
-    ALLOCATIONS.load(SeqCst) - before
+    counting_alloc::stop_counting_this_thread();
+    counting_alloc::allocations() - before
 }
 
 const SLOT: usize = 4096;
