@@ -26,6 +26,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use polling::Poller;
+
 mod connect;
 mod exchange;
 pub mod histogram;
@@ -514,12 +516,15 @@ fn work(shared: &Shared, index: usize) -> io::Result<()> {
     let mut tally = Tally::new(shared);
     let deadline = shared.began + config.connect_timeout;
     let ids = (index..config.connections).step_by(shared.threads);
+    // Before the connections, which may take every descriptor left.
+    let poller = Poller::new()?;
     let streams = connect::connect_all(shared, ids, deadline, &mut tally);
     shared.connected.fetch_add(streams.len(), Relaxed);
+    let (w, t) = (&mut worker, &mut tally);
     match config.mode {
-        Mode::Rr => rr::run(shared, &mut worker, &mut tally, streams),
-        Mode::Stream => stream::run(shared, &mut worker, &mut tally, streams, index),
-        Mode::Idle => idle::run(shared, &mut worker, &mut tally, streams, deadline),
+        Mode::Rr => rr::run(shared, w, t, poller, streams),
+        Mode::Stream => stream::run(shared, w, t, poller, streams, index),
+        Mode::Idle => idle::run(shared, w, t, poller, streams, deadline),
     }
 }
 

@@ -18,6 +18,7 @@ pub(super) fn run(
     shared: &Shared,
     worker: &mut Worker<'_>,
     tally: &mut Tally<'_>,
+    poller: Poller,
     streams: Vec<(usize, TcpStream)>,
 ) -> io::Result<()> {
     let config = &shared.config;
@@ -26,8 +27,8 @@ pub(super) fn run(
         .into_iter()
         .map(|(id, stream)| Exchange::new(id, stream, config))
         .collect();
-    // Declared after `conns`, so dropped (closed) before the streams.
-    let poller = Poller::new()?;
+    // Moved here, after `conns`, so that it is dropped (closed) before the streams.
+    let poller = poller;
     for (key, conn) in conns.iter().enumerate() {
         conn.register(&poller, key)?;
     }

@@ -53,6 +53,7 @@ pub(super) fn run(
     shared: &Shared,
     worker: &mut Worker<'_>,
     tally: &mut Tally<'_>,
+    poller: Poller,
     streams: Vec<(usize, TcpStream)>,
     index: usize,
 ) -> io::Result<()> {
@@ -79,8 +80,8 @@ pub(super) fn run(
             alive: true,
         })
         .collect();
-    // Declared after `flows`, so dropped (closed) before the streams.
-    let poller = Poller::new()?;
+    // Moved here, after `flows`, so that it is dropped (closed) before the streams.
+    let poller = poller;
     for (key, flow) in flows.iter().enumerate() {
         // SAFETY: a stream must leave the poller before it is closed: failed
         // flows are deleted in `close`, the others at the end; on an early
