@@ -145,7 +145,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _us(value: float) -> str:
-    return f"{value / 1000:.2f} ms" if value >= 10_000 else f"{value:.1f} us"
+    return f"{value / 1000:.2f} ms" if value >= 1000 else f"{value:.1f} us"
 
 
 def _progress_printer() -> Callable[[dict[str, Any]], None]:
