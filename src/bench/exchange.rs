@@ -7,7 +7,7 @@ use std::time::Instant;
 use polling::{Event, PollMode, Poller};
 
 use super::message::{Message, Verify};
-use super::Config;
+use super::{Config, Tally};
 
 /// A connection that sends one request at a time and checks each reply.
 pub(super) struct Exchange {
@@ -65,7 +65,7 @@ impl Exchange {
     }
 
     /// Writes what the socket takes of the request.
-    pub(super) fn on_writable(&mut self, poller: &Poller, key: usize) -> Result<(), String> {
+    fn on_writable(&mut self, poller: &Poller, key: usize) -> Result<(), String> {
         let request = self.message.request();
         while self.written < request.len() {
             match self.stream.write(&request[self.written..]) {
@@ -95,9 +95,26 @@ impl Exchange {
             .map_err(|e| format!("poller: {e}"))
     }
 
+    /// Handles readiness: writes what is left of the request, reads what has
+    /// come of the reply; returns when the reply completed, if it did.
+    pub(super) fn on_event(
+        &mut self,
+        poller: &Poller,
+        event: Event,
+        scratch: &mut [u8],
+    ) -> Result<Option<Instant>, String> {
+        if event.writable {
+            self.on_writable(poller, event.key)?;
+        }
+        if event.readable {
+            return self.on_readable(scratch);
+        }
+        Ok(None)
+    }
+
     /// Reads what has come of the reply, checking it; returns when the reply
     /// completed, if it did.
-    pub(super) fn on_readable(&mut self, scratch: &mut [u8]) -> Result<Option<Instant>, String> {
+    fn on_readable(&mut self, scratch: &mut [u8]) -> Result<Option<Instant>, String> {
         let size = self.message.len();
         loop {
             let n = match self.stream.read(scratch) {
@@ -140,14 +157,11 @@ impl Exchange {
             .zip(expected)
             .position(|(a, b)| a != b)
             .unwrap_or(0);
-        let what = match self.verify {
-            Verify::Reverse => "the request with its payload reversed",
-            Verify::Echo | Verify::None => "the request",
-        };
         format!(
-            "the reply to request {} is not {what} (--verify {}): byte {} is {:#04x}, \
+            "the reply to request {} is not {} (--verify {}): byte {} is {:#04x}, \
              expected {:#04x}",
             self.seq,
+            self.verify.expectation(),
             self.verify.name(),
             self.received + at,
             chunk[at],
@@ -166,6 +180,12 @@ impl Exchange {
             self.message.len(),
             self.received
         )
+    }
+
+    /// Counts the connection as failed, for `message`, and closes it.
+    pub(super) fn fail(&mut self, poller: &Poller, tally: &mut Tally<'_>, message: &str) {
+        self.close(poller);
+        tally.fail(format!("connection {}: {message}", self.id));
     }
 
     /// Leaves the poller: a failed connection, or the end of the run.

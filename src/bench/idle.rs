@@ -14,7 +14,7 @@ use polling::{Events, Poller};
 
 use super::exchange::Exchange;
 use super::rr::SCRATCH;
-use super::{slice_until, Shared, Tally, Worker, GRACE};
+use super::{Shared, Tally, Worker, GRACE};
 
 pub(super) fn run(
     shared: &Shared,
@@ -77,32 +77,16 @@ impl Idle<'_> {
             }
             match conn.send_next(&self.poller, key) {
                 Ok(()) => pending += 1,
-                Err(message) => fail(&self.poller, tally, conn, message),
+                Err(message) => conn.fail(&self.poller, tally, &message),
             }
         }
-        loop {
-            let now = Instant::now();
-            tally.tick(now);
-            if pending == 0 || now >= deadline || self.shared.stopping() {
-                break;
-            }
-            self.events.clear();
-            self.poller
-                .wait(&mut self.events, Some(slice_until(deadline, now)))?;
+        while pending > 0 && tally.wait(&self.poller, &mut self.events, deadline)? {
             for event in self.events.iter() {
-                let key = event.key;
-                let conn = &mut conns[key];
+                let conn = &mut conns[event.key];
                 if !conn.alive || !conn.in_flight {
                     continue;
                 }
-                let mut outcome = Ok(None);
-                if event.writable {
-                    outcome = conn.on_writable(&self.poller, key).map(|()| None);
-                }
-                if event.readable && outcome.is_ok() {
-                    outcome = conn.on_readable(&mut self.scratch);
-                }
-                match outcome {
+                match conn.on_event(&self.poller, event, &mut self.scratch) {
                     Ok(None) => continue,
                     Ok(Some(done)) => {
                         let size = self.shared.config.size as u64;
@@ -112,7 +96,7 @@ impl Idle<'_> {
                         let nanos = done.duration_since(conn.sent_at).as_nanos();
                         tally.latency.record(nanos as u64);
                     }
-                    Err(message) => fail(&self.poller, tally, conn, message),
+                    Err(message) => conn.fail(&self.poller, tally, &message),
                 }
                 pending -= 1;
             }
@@ -122,7 +106,7 @@ impl Idle<'_> {
         }
         let now = Instant::now();
         for conn in conns.iter_mut().filter(|c| c.alive && c.in_flight) {
-            let message = format!("no reply to the {which} check: {}", conn.stall(now));
+            let message = format!("{} at the {which} check", conn.stall(now));
             conn.close(&self.poller);
             tally.fail(message);
         }
@@ -136,15 +120,7 @@ impl Idle<'_> {
         tally: &mut Tally<'_>,
         end: Instant,
     ) -> io::Result<()> {
-        loop {
-            let now = Instant::now();
-            tally.tick(now);
-            if now >= end || self.shared.stopping() {
-                return Ok(());
-            }
-            self.events.clear();
-            self.poller
-                .wait(&mut self.events, Some(slice_until(end, now)))?;
+        while tally.wait(&self.poller, &mut self.events, end)? {
             for event in self.events.iter() {
                 let conn = &mut conns[event.key];
                 if !conn.alive {
@@ -157,13 +133,9 @@ impl Idle<'_> {
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(e) => format!("read while idle: {e}"),
                 };
-                fail(&self.poller, tally, conn, message);
+                conn.fail(&self.poller, tally, &message);
             }
         }
+        Ok(())
     }
-}
-
-fn fail(poller: &Poller, tally: &mut Tally<'_>, conn: &mut Exchange, message: String) {
-    conn.close(poller);
-    tally.fail(format!("connection {}: {message}", conn.id));
 }

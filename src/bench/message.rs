@@ -98,6 +98,14 @@ impl Verify {
         }
     }
 
+    /// What a reply must be, in words.
+    pub fn expectation(self) -> &'static str {
+        match self {
+            Verify::Reverse => "the request with its payload reversed",
+            Verify::Echo | Verify::None => "the request",
+        }
+    }
+
     /// The name the command line uses.
     pub fn name(self) -> &'static str {
         match self {

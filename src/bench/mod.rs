@@ -26,7 +26,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use polling::Poller;
+use polling::{Events, Poller};
 
 mod connect;
 mod exchange;
@@ -391,11 +391,21 @@ impl<'a> Tally<'a> {
         self.shared.sample(message);
     }
 
-    /// Publishes if it is time to.
-    fn tick(&mut self, now: Instant) {
+    /// Publishes if it is time to, then waits for `events` (at most
+    /// [`POLL_SLICE`]); false, without waiting, once `until` has come or a
+    /// stop was asked for.
+    fn wait(&mut self, poller: &Poller, events: &mut Events, until: Instant) -> io::Result<bool> {
+        let now = Instant::now();
         if now.duration_since(self.published) >= PUBLISH_EVERY {
             self.publish(now);
         }
+        if now >= until || self.shared.stopping() {
+            return Ok(false);
+        }
+        events.clear();
+        let slice = until.saturating_duration_since(now).min(POLL_SLICE);
+        poller.wait(events, Some(slice))?;
+        Ok(true)
     }
 
     fn publish(&mut self, now: Instant) {
@@ -614,9 +624,4 @@ impl Bench {
             latency: std::mem::take(&mut *lock(&shared.latency)),
         })
     }
-}
-
-/// The time until `deadline`, at most [`POLL_SLICE`].
-fn slice_until(deadline: Instant, now: Instant) -> Duration {
-    deadline.saturating_duration_since(now).min(POLL_SLICE)
 }

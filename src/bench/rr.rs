@@ -9,7 +9,7 @@ use std::time::Instant;
 use polling::{Events, Poller};
 
 use super::exchange::Exchange;
-use super::{slice_until, Shared, Tally, Worker, STALL};
+use super::{Shared, Tally, Worker, STALL};
 
 /// Bytes read per `read` call (a reply may take several).
 pub(super) const SCRATCH: usize = 64 << 10;
@@ -36,35 +36,19 @@ pub(super) fn run(
     let mut alive = conns.len();
     for (key, conn) in conns.iter_mut().enumerate() {
         if let Err(message) = conn.send_next(&poller, key) {
-            conn.close(&poller);
+            conn.fail(&poller, tally, &message);
             alive -= 1;
-            tally.fail(format!("connection {}: {message}", conn.id));
         }
     }
     let mut scratch = vec![0u8; SCRATCH];
     let mut events = Events::new();
-    loop {
-        let now = Instant::now();
-        tally.tick(now);
-        if alive == 0 || now >= window.end || shared.stopping() {
-            break;
-        }
-        events.clear();
-        poller.wait(&mut events, Some(slice_until(window.end, now)))?;
+    while alive > 0 && tally.wait(&poller, &mut events, window.end)? {
         for event in events.iter() {
-            let key = event.key;
-            let conn = &mut conns[key];
+            let conn = &mut conns[event.key];
             if !conn.alive {
                 continue;
             }
-            let mut outcome = Ok(None);
-            if event.writable {
-                outcome = conn.on_writable(&poller, key).map(|()| None);
-            }
-            if event.readable && outcome.is_ok() {
-                outcome = conn.on_readable(&mut scratch);
-            }
-            let outcome = match outcome {
+            let outcome = match conn.on_event(&poller, event, &mut scratch) {
                 Ok(Some(done)) => {
                     if window.contains(done) {
                         tally.requests += 1;
@@ -74,7 +58,7 @@ pub(super) fn run(
                         tally.latency.record(nanos as u64);
                     }
                     if done < window.end {
-                        conn.send_next(&poller, key)
+                        conn.send_next(&poller, event.key)
                     } else {
                         Ok(())
                     }
@@ -83,9 +67,8 @@ pub(super) fn run(
                 Err(message) => Err(message),
             };
             if let Err(message) = outcome {
-                conn.close(&poller);
+                conn.fail(&poller, tally, &message);
                 alive -= 1;
-                tally.fail(format!("connection {}: {message}", conn.id));
             }
         }
     }

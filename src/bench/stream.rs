@@ -17,7 +17,7 @@ use polling::{Event, Events, PollMode, Poller};
 
 use super::message::{self, Verify};
 use super::rr::SCRATCH;
-use super::{slice_until, Shared, Tally, Window, Worker, STALL};
+use super::{Shared, Tally, Window, Worker, STALL};
 
 /// Requests per cycle: enough for 64 KiB.
 const CYCLE_BYTES: usize = 64 << 10;
@@ -92,14 +92,7 @@ pub(super) fn run(
     let mut alive = flows.len();
     let mut scratch = vec![0u8; SCRATCH];
     let mut events = Events::new();
-    loop {
-        let now = Instant::now();
-        tally.tick(now);
-        if alive == 0 || now >= window.end || shared.stopping() {
-            break;
-        }
-        events.clear();
-        poller.wait(&mut events, Some(slice_until(window.end, now)))?;
+    while alive > 0 && tally.wait(&poller, &mut events, window.end)? {
         for event in events.iter() {
             let flow = &mut flows[event.key];
             if !flow.alive {
@@ -205,12 +198,9 @@ impl Flow {
                 ));
             }
             if let Some(at) = mismatch(&cycle.replies, before, &scratch[..n]) {
-                let what = match cycle.verify {
-                    Verify::Reverse => "the requests with their payloads reversed",
-                    Verify::Echo | Verify::None => "the requests",
-                };
                 return Err(format!(
-                    "the replies are not {what} (--verify {}): byte {} of the stream differs",
+                    "a reply is not {} (--verify {}): byte {} of the stream differs",
+                    cycle.verify.expectation(),
                     cycle.verify.name(),
                     before + at as u64
                 ));

@@ -9,12 +9,10 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use super::dispatch::SIGNAL_SLICE;
 use crate::bench::message::{Framing, Verify};
 use crate::bench::{self, Bench, Config, Mode, Report};
 
-/// Longest the calling thread waits with the GIL released before it checks
-/// for signals (Ctrl-C).
-const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 /// How long an interrupted run is given to wind down before its threads are
 /// left to finish on their own (a connect under way ends at its timeout).
 const STOP_WAIT: Duration = Duration::from_secs(1);
