@@ -17,11 +17,14 @@
 //! batches and answers with commands. Neither side blocks the other: each
 //! sleeps only when it has nothing to do and is woken through [`wake`].
 //!
+//! [`bench`] is the load generator behind `python -m rsepoll.bench`.
+//!
 //! The Python bindings live in `python` (behind the `python` feature); every
 //! other module is plain Rust, tested with `cargo test`.
 
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod conn;
 pub mod core;
 pub mod framing;

@@ -1,11 +1,19 @@
 """Type stubs for the compiled core of rsepoll (``rsepoll._rsepoll``)."""
 
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 from typing_extensions import disjoint_base, final
 
-__all__ = ["Connection", "ListenerSocket", "ServerCore", "__version__", "make_listener_socket"]
+__all__ = [
+    "Connection",
+    "ListenerSocket",
+    "ServerCore",
+    "__version__",
+    "make_listener_socket",
+    "run_bench",
+]
 __version__: str
 
 @final
@@ -66,6 +74,31 @@ class ListenerSocket:
 
 def make_listener_socket(port: int, host: str = "0.0.0.0", backlog: int = 1024) -> ListenerSocket:
     """A TCP socket bound to ``(host, port)`` and listening; port 0 picks one."""
+
+def run_bench(
+    host: str,
+    port: int,
+    *,
+    mode: str = "rr",
+    connections: int = 100,
+    size: int = 1024,
+    duration: float = 10.0,
+    warmup: float = 0.0,
+    threads: int = 0,
+    verify: str = "echo",
+    framing: str = "raw",
+    connect_timeout: float = 10.0,
+    progress: Callable[[dict[str, Any]], object] | None = None,
+    progress_interval: float = 1.0,
+) -> dict[str, Any]:
+    """Runs the load of ``python -m rsepoll.bench`` against ``host`` (an IP
+    address) and ``port`` with the GIL released; returns the report.
+
+    ``progress``, if given, is called about every ``progress_interval``
+    seconds with a dict (``phase``, ``elapsed``, ``requests``, ``errors``,
+    ``p99_us``). Raises ValueError for bad arguments, OSError if no
+    connection could be made, KeyboardInterrupt on Ctrl-C.
+    """
 
 @disjoint_base
 class ServerCore:

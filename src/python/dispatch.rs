@@ -24,7 +24,7 @@ use crate::message::{Delivery, DeliveryKind};
 
 /// Longest the listening thread waits with the GIL released before it checks
 /// for signals (Ctrl-C) and stop requests.
-const SIGNAL_SLICE: Duration = Duration::from_millis(50);
+pub(super) const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 /// Deliveries dispatched per batch before signals are checked again.
 const DISPATCH_BATCH: usize = 256;
 /// Deliveries dispatched before their slots go back to the I/O thread.

@@ -7,7 +7,8 @@
 //!   method, so overrides in Python subclasses are honoured;
 //! - [`connection::Connection`] is the handle callbacks receive;
 //! - [`listener::ListenerSocket`] and `make_listener_socket` make listening
-//!   sockets, and registered sockets are duplicated and checked there.
+//!   sockets, and registered sockets are duplicated and checked there;
+//! - [`bench::run_bench`] runs the load generator of `python -m rsepoll.bench`.
 //!
 //! The class is `frozen`: all its state is behind atomics and mutexes, so a
 //! callback may call back into the server (`send_message` inside
@@ -15,6 +16,7 @@
 
 use pyo3::prelude::*;
 
+mod bench;
 mod connection;
 mod dispatch;
 mod listener;
@@ -30,5 +32,6 @@ fn _rsepoll(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<listener::ListenerSocket>()?;
     m.add_class::<server::ServerCore>()?;
     m.add_function(wrap_pyfunction!(listener::make_listener_socket, m)?)?;
+    m.add_function(wrap_pyfunction!(bench::run_bench, m)?)?;
     Ok(())
 }

@@ -1,0 +1,250 @@
+"""``python -m rsepoll.bench HOST:PORT``: a TCP load generator.
+
+The load runs in Rust threads (``rsepoll._rsepoll.run_bench``) with the GIL
+released, so the client is not the bottleneck and Ctrl-C works. Modes:
+
+- ``rr``: each connection sends ``--size`` bytes and waits for the whole
+  reply, one request in flight; every round trip goes into a latency
+  histogram.
+- ``stream``: every connection writes continuously and reads what comes
+  back; MB/s each way.
+- ``idle``: open the connections, check each with one round trip, hold them
+  for ``--duration``, check each again.
+
+Every reply is checked (``--verify``), and every request is one message in
+``--framing``. A run never takes longer than ``--connect-timeout`` +
+``--warmup`` + ``--duration`` + 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any, Callable
+
+from . import _raise_fd_limit
+from ._rsepoll import run_bench
+
+_PROG = "python -m rsepoll.bench"
+#: Descriptors kept for everything but the connections.
+_SPARE_FDS = 64
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Load a TCP echo (or reverse) server and measure it: requests/s, "
+        "MB/s, latency percentiles and errors.",
+        epilog="Exit status: 0 if every connection ran clean, 1 if any failed or stalled "
+        "(or none could connect), 2 for bad arguments.",
+    )
+    parser.add_argument("address", metavar="HOST:PORT", help="the server, e.g. 127.0.0.1:9090")
+    parser.add_argument(
+        "--mode",
+        choices=["rr", "stream", "idle"],
+        default="rr",
+        help="rr: request/response, one in flight per connection (default); stream: "
+        "write continuously, read what comes back; idle: hold connections, checked "
+        "before and after",
+    )
+    parser.add_argument("--connections", type=int, default=100, metavar="N", help="default 100")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=1024,
+        metavar="BYTES",
+        help="bytes per request on the wire, framing included (default 1024)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="measured time; idle: how long connections are held (default 10)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="unmeasured load before the measured time (rr, stream; default 0)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        metavar="T",
+        help="client threads (default: half the CPUs, at least 1)",
+    )
+    parser.add_argument(
+        "--verify",
+        choices=["echo", "reverse", "none"],
+        default="echo",
+        help="echo: a reply must equal its request (default); reverse: the request "
+        "with its payload reversed (python -m rsepoll's server); none: only its length",
+    )
+    parser.add_argument(
+        "--framing",
+        choices=["raw", "line", "length"],
+        default="raw",
+        help="raw: SIZE bytes (default); line: SIZE-1 bytes without line ends, then "
+        "\\n; length: a 4-byte big-endian length, then SIZE-4 bytes",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="the longest connecting may take, all connections together (default 10)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+class _BadArgument(Exception):
+    pass
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port_text = address.rpartition(":")
+    if not sep:
+        raise _BadArgument(f"expected HOST:PORT, got {address!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise _BadArgument(f"bad port in {address!r}") from None
+    if not 1 <= port <= 65535:
+        raise _BadArgument(f"port must be from 1 to 65535, got {port}")
+    return host or "127.0.0.1", port
+
+
+def _resolve(host: str, port: int) -> str:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise _BadArgument(f"cannot resolve {host!r}: {exc}") from None
+    return str(infos[0][4][0])
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("connections", "size"):
+        if getattr(args, name) <= 0:
+            raise _BadArgument(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.threads < 0:
+        raise _BadArgument(f"--threads must not be negative, got {args.threads}")
+    for name in ("duration", "connect_timeout"):
+        value = getattr(args, name)
+        if not value > 0:
+            raise _BadArgument(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not args.warmup >= 0:
+        raise _BadArgument(f"--warmup must not be negative, got {args.warmup}")
+
+
+def _us(value: float) -> str:
+    return f"{value / 1000:.2f} ms" if value >= 1000 else f"{value:.1f} us"
+
+
+def _progress_printer() -> Callable[[dict[str, Any]], None]:
+    last = {"elapsed": 0.0, "requests": 0}
+
+    def show(p: dict[str, Any]) -> None:
+        if p["phase"] != "running":
+            line = f"{p['phase']}..."
+        else:
+            dt = p["elapsed"] - last["elapsed"]
+            rate = (p["requests"] - last["requests"]) / dt if dt > 0 else 0.0
+            line = (
+                f"{p['elapsed']:6.1f} s  {rate:12,.0f} req/s  p99 {_us(p['p99_us'])}  "
+                f"errors {p['errors']}"
+            )
+        last.update(elapsed=p["elapsed"], requests=p["requests"])
+        sys.stderr.write(f"\r\033[K{line}")
+        sys.stderr.flush()
+
+    return show
+
+
+def format_table(r: dict[str, Any]) -> str:
+    """The summary ``python -m rsepoll.bench`` prints for a report ``r``."""
+    threads = f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}"
+    host = f"[{r['host']}]" if ":" in r["host"] else r["host"]
+    rows = [
+        ("target", f"{host}:{r['port']}"),
+        ("mode", f"{r['mode']}, {r['framing']} framing, --verify {r['verify']}"),
+        (
+            "connections",
+            f"{r['connections']} ({r['connected']} connected, {r['held']} held to the end), "
+            f"{threads}",
+        ),
+        ("size", f"{r['size']} bytes"),
+        ("duration", f"{r['duration_s']:.2f} s measured (connected in {r['connect_s']:.2f} s)"),
+        ("requests/s", f"{r['requests_per_s']:,.1f} ({r['requests']:,} requests)"),
+        ("MB/s", f"{r['mb_per_s_out']:,.2f} out, {r['mb_per_s_in']:,.2f} in"),
+        (
+            "latency",
+            f"p50 {_us(r['p50_us'])}   p99 {_us(r['p99_us'])}   p99.9 {_us(r['p999_us'])}   "
+            f"max {_us(r['max_us'])}   (mean {_us(r['mean_us'])})",
+        ),
+        ("errors", f"{r['errors']}" + (f" ({r['stalled']} stalled)" if r["stalled"] else "")),
+    ]
+    return "\n".join(f"{name:<13}{value}" for name, value in rows)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _check(args)
+        host, port = _split_address(args.address)
+        ip = _resolve(host, port)
+    except _BadArgument as exc:
+        return _fail(str(exc), 2)
+    _raise_fd_limit(args.connections + _SPARE_FDS)
+    progress = None
+    if not args.json and sys.stderr.isatty():
+        progress = _progress_printer()
+    try:
+        report = run_bench(
+            ip,
+            port,
+            mode=args.mode,
+            connections=args.connections,
+            size=args.size,
+            duration=args.duration,
+            warmup=args.warmup,
+            threads=args.threads,
+            verify=args.verify,
+            framing=args.framing,
+            connect_timeout=args.connect_timeout,
+            progress=progress,
+        )
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    except OSError as exc:
+        return _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        print(f"\n{_PROG}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if progress is not None:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_table(report))
+    for sample in report["error_samples"]:
+        print(f"error: {sample}", file=sys.stderr)
+    return 0 if report["errors"] == 0 and report["stalled"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

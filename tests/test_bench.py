@@ -1,0 +1,234 @@
+"""``python -m rsepoll.bench``: the load generator, against rsepoll servers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rsepoll
+from conftest import (
+    CTRL_C_ON_WINDOWS,
+    ChildProcess,
+    no_traceback,
+    rsepoll_cli,
+    running,
+    wait_listening,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+ROOT = Path(__file__).resolve().parent.parent
+LOADGEN_DIR = ROOT / "benchmarks" / "loadgen"
+#: Fields the JSON report must have.
+FIELDS = ("requests_per_s", "mb_per_s", "p50_us", "p99_us", "p999_us", "errors")
+
+
+def bench(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
+    """Runs ``python -m rsepoll.bench ARGS``; returns (status, stdout, stderr)."""
+    with ChildProcess([sys.executable, "-m", "rsepoll.bench", *args]) as child:
+        status = child.wait(timeout)
+        return status, child.stdout, child.stderr
+
+
+def bench_json(port: int, *args: str) -> tuple[int, dict[str, Any], str]:
+    status, out, err = bench(f"127.0.0.1:{port}", "--json", "--threads", "1", *args)
+    assert out.strip(), f"no report (status {status}); stderr={err!r}"
+    return status, json.loads(out), err
+
+
+def assert_clean(status: int, report: dict[str, Any], err: str, connections: int) -> None:
+    for field in FIELDS:
+        assert isinstance(report[field], (int, float)), field
+    assert report["errors"] == 0, report["error_samples"]
+    assert report["stalled"] == 0, report["error_samples"]
+    assert status == 0, err
+    assert report["connected"] == report["held"] == connections
+    assert report["requests"] > 0
+    assert report["requests_per_s"] > 0
+    assert report["mb_per_s"] > 0
+    assert 0 < report["p50_us"] <= report["p99_us"] <= report["p999_us"] <= report["max_us"]
+    assert no_traceback(err), err
+
+
+class Closer(rsepoll.Server):
+    """Closes every connection on its first message, unanswered."""
+
+    def on_message_received(self, conn: rsepoll.Connection, data: bytes) -> None:
+        self.close_connection(conn)
+
+
+@pytest.mark.parametrize(
+    "mode,framing",
+    [
+        ("rr", "raw"),
+        ("rr", "line"),
+        ("rr", "length"),
+        ("stream", "raw"),
+        ("stream", "length"),
+        ("idle", "raw"),
+        ("idle", "line"),
+    ],
+)
+def test_modes_against_an_echo_server(mode, framing):
+    with running(framing=framing) as (_, port):
+        args = ["--mode", mode, "--framing", framing, "--connections", "4", "--duration", "1"]
+        status, report, err = bench_json(port, *args, "--size", "700")
+    assert_clean(status, report, err, 4)
+    assert (report["mode"], report["framing"], report["size"]) == (mode, framing, 700)
+    assert 0.9 <= report["duration_s"] <= 1.1
+    if mode == "idle":
+        assert report["requests"] == 8  # two checks of 4 connections
+    if mode == "stream":
+        assert report["mb_per_s_out"] > 0 and report["mb_per_s_in"] > 0
+
+
+@pytest.mark.parametrize("mode", ["rr", "stream", "idle"])
+def test_modes_against_the_reverse_cli(mode):
+    # The CLI reverses whole lines; the payload before "\n" comes back reversed.
+    with rsepoll_cli("0", "--quiet") as server:
+        port = wait_listening(server)
+        args = ["--mode", mode, "--framing", "line", "--verify", "reverse", "--connections", "3"]
+        status, report, err = bench_json(port, *args, "--duration", "1")
+    assert_clean(status, report, err, 3)
+
+
+def test_raw_reverse_against_the_reverse_cli():
+    # In raw framing the CLI reverses each read: a small request is one read.
+    with rsepoll_cli("0", "--quiet", "--framing", "raw") as server:
+        port = wait_listening(server)
+        args = ["--verify", "reverse", "--connections", "2", "--size", "200", "--duration", "1"]
+        status, report, err = bench_json(port, *args)
+    assert_clean(status, report, err, 2)
+
+
+def test_the_table_is_printed_without_json():
+    with running() as (_, port):
+        status, out, err = bench(f"127.0.0.1:{port}", "--connections", "2", "--duration", "0.5")
+    assert status == 0, err
+    for row in ("requests/s", "MB/s", "p50", "p99", "p99.9", "errors       0"):
+        assert row in out, out
+    # Not a terminal: no progress line.
+    assert err == "", err
+
+
+@pytest.mark.parametrize("mode", ["rr", "stream", "idle"])
+def test_a_wrong_verify_counts_errors(mode):
+    # An echo server is not a reverse server.
+    with running(framing="line") as (_, port):
+        args = ["--mode", mode, "--framing", "line", "--verify", "reverse"]
+        status, report, err = bench_json(port, *args, "--connections", "3", "--duration", "1")
+    assert status == 1
+    assert report["errors"] == 3
+    assert "payload reversed" in err or "payloads reversed" in err, err
+    assert no_traceback(err), err
+
+
+def test_a_server_that_closes_counts_errors():
+    with running(Closer) as (_, port):
+        t0 = time.monotonic()
+        status, report, err = bench_json(port, "--connections", "3", "--duration", "1")
+    assert time.monotonic() - t0 < 10
+    assert status == 1
+    assert report["errors"] == 3 and report["requests"] == 0
+    assert "closed the connection" in err, err
+
+
+def test_a_refused_port_is_a_clear_error():
+    with running() as (_, port):
+        pass  # now nothing listens on port
+    t0 = time.monotonic()
+    status, out, err = bench(f"127.0.0.1:{port}", "--duration", "5", "--connections", "3")
+    assert time.monotonic() - t0 < 10
+    assert status == 1
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("python -m rsepoll.bench: error: no connection could be made"), err
+    assert f"connect to 127.0.0.1:{port}" in lines[0], err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["127.0.0.1:9", "--connections", "0"], "--connections must be positive"),
+        (["127.0.0.1:9", "--size", "-1"], "--size must be positive"),
+        (["127.0.0.1:9", "--duration", "0"], "--duration must be positive"),
+        (["127.0.0.1:9", "--framing", "length", "--size", "4"], "at least 5"),
+        (["127.0.0.1:9", "--mode", "stream", "--verify", "reverse"], "needs --framing"),
+        (["nonsense"], "expected HOST:PORT"),
+        (["127.0.0.1:70000"], "port must be from 1 to 65535"),
+        (["127.0.0.1:x"], "bad port"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args, message):
+    status, out, err = bench(*args)
+    assert status == 2
+    assert out == ""
+    assert err.count("\n") == 1 and message in err, err
+    assert err.startswith("python -m rsepoll.bench: error: "), err
+
+
+def test_unknown_options_exit_2():
+    status, _, err = bench("127.0.0.1:9", "--mode", "nope")
+    assert status == 2 and "invalid choice" in err, err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason=CTRL_C_ON_WINDOWS)
+def test_ctrl_c_stops_a_run():
+    with running() as (_, port):
+        cmd = [sys.executable, "-m", "rsepoll.bench", f"127.0.0.1:{port}", "--duration", "60"]
+        with ChildProcess(cmd) as child:
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            child.signal(signal.SIGINT)
+            status = child.wait(5)
+            assert time.monotonic() - t0 < 3
+    assert status == 130, child.stderr
+    assert "interrupted" in child.stderr and no_traceback(child.stderr), child.stderr
+
+
+def _loadgen() -> Path:
+    """benchmarks/loadgen, built (release) into its own target directory."""
+    target = LOADGEN_DIR / "target"
+    subprocess.run(
+        ["cargo", "build", "--release", "--quiet", "--target-dir", str(target)],
+        cwd=LOADGEN_DIR,
+        check=True,
+        timeout=240,
+    )
+    return target / "release" / "echo-loadgen"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(shutil.which("cargo") is None, reason="benchmarks/loadgen needs cargo")
+@pytest.mark.skipif(sys.platform == "win32", reason="benchmarks/loadgen is built on the host")
+def test_rr_rate_agrees_with_benchmarks_loadgen():
+    """Both clients, one thread each, on the same server, alternately; the
+    medians of their req/s agree within 2x (on a quiet machine they agree
+    within a few percent)."""
+    loadgen = _loadgen()
+    ours: list[float] = []
+    theirs: list[float] = []
+    with running() as (_, port):
+        common = ["--connections", "10", "--size", "1024", "--warmup", "0.5", "--duration", "1.5"]
+        for _ in range(3):
+            argv = [str(loadgen), "--port", str(port), "--threads", "1", *common]
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True)
+            line = next(x for x in out.stdout.splitlines() if x.startswith("result "))
+            result = json.loads(line[len("result ") :])
+            assert result["errors"] == 0
+            theirs.append(result["requests"] / result["seconds"])
+            status, report, err = bench_json(port, *common)
+            assert_clean(status, report, err, 10)
+            ours.append(report["requests_per_s"])
+    ratio = statistics.median(ours) / statistics.median(theirs)
+    print(f"rr req/s: rsepoll.bench {ours}, loadgen {theirs}, ratio {ratio:.3f}")
+    assert 0.5 <= ratio <= 2.0, (ours, theirs)
