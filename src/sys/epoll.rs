@@ -116,7 +116,9 @@ impl Selector for Epoll {
             // Copy out of the packed struct before use: no references into it.
             let (flags, data) = (raw.events, raw.u64);
             if data == WAKE_TOKEN {
-                self.waker.reset();
+                // Edge-triggered: every write to the eventfd raises a new
+                // edge, so its counter need not be read back here (a syscall
+                // per wake-up saved); `wake` resets it the day it is full.
                 continue;
             }
             let hangup = flags & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
@@ -156,6 +158,18 @@ impl EventFd {
         Ok(EventFd { fd })
     }
 
+    /// Adds one to the counter: the epoll instance reports a new edge.
+    fn add_one(&self) -> io::Result<()> {
+        let one: u64 = 1;
+        // Writes the 8 bytes of `one`.
+        syscall!(libc::write(
+            self.fd.as_raw_fd(),
+            (&one as *const u64).cast(),
+            8
+        ))?;
+        Ok(())
+    }
+
     /// Zeroes the counter. EAGAIN (already zero) is fine.
     fn reset(&self) {
         let mut value: u64 = 0;
@@ -170,17 +184,53 @@ impl EventFd {
 
 impl Wake for EventFd {
     fn wake(&self) -> io::Result<()> {
-        let one: u64 = 1;
-        // Writes the 8 bytes of `one`.
-        match syscall!(libc::write(
-            self.fd.as_raw_fd(),
-            (&one as *const u64).cast(),
-            8
-        )) {
-            Ok(_) => Ok(()),
-            // The counter is saturated: a wake-up is pending anyway.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        match self.add_one() {
+            Ok(()) => Ok(()),
+            // The counter would overflow (after some 2^64 wake-ups, since it
+            // is never read otherwise): zero it, and add again so that this
+            // wake-up still raises an edge.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.reset();
+                self.add_one()
+            }
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A wait returns early when woken, however many wake-ups came before
+    /// (the counter is never read back), and still when the counter is full.
+    #[test]
+    fn every_wake_ends_a_wait_even_with_a_full_counter() {
+        let mut epoll = Epoll::new().unwrap();
+        let waker = epoll.waker();
+        let mut events = Vec::new();
+        let woken_quickly = |epoll: &mut Epoll, events: &mut Vec<Event>| {
+            let started = Instant::now();
+            epoll.select(events, Some(Duration::from_secs(5))).unwrap();
+            started.elapsed() < Duration::from_secs(1)
+        };
+        for _ in 0..3 {
+            waker.wake().unwrap();
+            assert!(woken_quickly(&mut epoll, &mut events));
+        }
+        // Fill the counter to its largest value: the next write would block.
+        epoll.waker.reset();
+        let full: u64 = u64::MAX - 1;
+        // Writes the 8 bytes of `full`.
+        syscall!(libc::write(
+            epoll.waker.fd.as_raw_fd(),
+            (&full as *const u64).cast(),
+            8
+        ))
+        .unwrap();
+        assert!(woken_quickly(&mut epoll, &mut events));
+        waker.wake().unwrap();
+        assert!(woken_quickly(&mut epoll, &mut events));
     }
 }
