@@ -638,6 +638,11 @@ impl ConnectionTable {
         }
     }
 
+    /// Every connection in the table.
+    pub fn connections(&self) -> impl Iterator<Item = &Connection> + '_ {
+        self.slots.iter().flatten()
+    }
+
     /// Keys of every connection in the table.
     pub fn keys(&self) -> impl Iterator<Item = ConnKey> + '_ {
         self.slots.iter().enumerate().filter_map(|(index, slot)| {

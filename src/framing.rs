@@ -846,6 +846,18 @@ mod tests {
         Err(message.into())
     }
 
+    /// A sink that takes one message into `taken`, then refuses.
+    fn take_one(taken: &mut Vec<Vec<u8>>) -> impl FnMut(Message<'_>) -> Result<(), Refused> + '_ {
+        let mut first = true;
+        move |message| {
+            if !std::mem::take(&mut first) {
+                return Err(message.into());
+            }
+            taken.push(message.as_bytes().to_vec());
+            Ok(())
+        }
+    }
+
     fn pool() -> BufferPool {
         BufferPool::new(16, 1 << 20, usize::MAX)
     }
@@ -1180,16 +1192,7 @@ mod tests {
         let mut taken = Vec::new();
         decoder.feed(b"a\nb\nc\nd", &mut pool, refuse).unwrap();
         for expected in [&b"a"[..], b"b", b"c"] {
-            let mut first = true;
-            decoder
-                .pump(&mut pool, |message| {
-                    if !std::mem::take(&mut first) {
-                        return Err(message.into());
-                    }
-                    taken.push(message.as_bytes().to_vec());
-                    Ok(())
-                })
-                .unwrap();
+            decoder.pump(&mut pool, take_one(&mut taken)).unwrap();
             assert_eq!(taken.last().unwrap(), expected);
         }
         // "d" is unfinished: not a backlog, but a message in progress.
@@ -1219,16 +1222,7 @@ mod tests {
                 let mut taken = Vec::new();
                 if pump_first {
                     // Takes "one"; "two" stays behind, partly consumed backlog.
-                    let mut first = true;
-                    decoder
-                        .pump(&mut pool, |message| {
-                            if !std::mem::take(&mut first) {
-                                return Err(message.into());
-                            }
-                            taken.push(message.as_bytes().to_vec());
-                            Ok(())
-                        })
-                        .unwrap();
+                    decoder.pump(&mut pool, take_one(&mut taken)).unwrap();
                     assert!(decoder.has_backlog());
                 }
                 decoder

@@ -385,12 +385,7 @@ const READABLE: Interest = Interest {
 impl<S: Selector> Io<S> {
     fn apply(&mut self, command: &Command) {
         match command.kind {
-            CommandKind::Send => {
-                self.send(command.conn, command.data());
-                if let Some(conn) = self.table.get_mut(command.conn) {
-                    conn.mid_message = command.more;
-                }
-            }
+            CommandKind::Send => self.send(command.conn, command.data(), command.more),
             CommandKind::Close => self.close(command.conn, CloseReason::Local),
             CommandKind::Abort => self.abort(command.conn, CloseReason::Local),
             CommandKind::Shutdown => self.close_all(),
@@ -408,11 +403,13 @@ impl<S: Selector> Io<S> {
 
     /// Writes `data` now if the socket takes it and nothing is queued ahead of
     /// it; queues the rest.
-    fn send(&mut self, key: ConnKey, data: &[u8]) {
+    /// `more`: other parts of the same message follow in later commands.
+    fn send(&mut self, key: ConnKey, data: &[u8], more: bool) {
         let now = self.now;
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
+        conn.mid_message = more;
         if !conn.accepts_output() {
             conn.pending.sub(data.len());
             return;
@@ -608,10 +605,8 @@ impl<S: Selector> Io<S> {
         if self.stopping.as_ref().is_none_or(|s| s.announced) {
             return;
         }
-        let holding = self.table.keys().any(|key| {
-            self.table.get(key).is_some_and(|conn| {
-                conn.reads_input() && conn.decoder.as_ref().is_some_and(Decoder::has_backlog)
-            })
+        let holding = self.table.connections().any(|conn| {
+            conn.reads_input() && conn.decoder.as_ref().is_some_and(Decoder::has_backlog)
         });
         if !holding {
             if let Some(stopping) = &mut self.stopping {
