@@ -66,6 +66,12 @@ const MIN_RING_SHARE: usize = 4;
 /// The smallest buffer a message being assembled takes from the pool: what a
 /// connection in the middle of a small message costs.
 const SMALLEST_ASSEMBLY: usize = 4096;
+/// In raw mode, a read that fills a delivery slot goes on into a buffer of
+/// this size, so that a burst arrives as one message (asyncio and uvloop read
+/// up to 256 KiB at a time too). A slot at least this large never spills.
+const LARGE_READ: usize = 256 * 1024;
+/// The most of one message gathered before it is written (see `send_part`).
+const MAX_GATHER: usize = 256 * 1024;
 
 /// A listening socket and what the loop owes it.
 struct Listener {
@@ -131,6 +137,10 @@ struct Io<S: Selector> {
     events: Vec<Event>,
     /// Where discarded input goes.
     scratch: Box<[u8]>,
+    /// The parts of a message larger than a slot, gathered so far, and the
+    /// connection they are for (see `send_part`).
+    gathered: Vec<u8>,
+    gathered_for: Option<ConnKey>,
     /// When an accept error was last reported, to report at most one a second.
     last_accept_error: Option<Instant>,
     /// Set once a stop has begun.
@@ -144,6 +154,9 @@ struct Io<S: Selector> {
     slot_size: usize,
     /// Buffers of messages larger than a slot.
     large: LargeMessages,
+    /// Raw mode: the size of the buffer a read that fills its slot goes on
+    /// into ([`LARGE_READ`]); 0 where reads do not spill.
+    spill_size: usize,
     /// Input waits for the consumer to release slots, though some are free: a
     /// large message over the budget of buffers in the ring, or a connection
     /// at its share of the ring. The consumer's release count then.
@@ -185,6 +198,10 @@ impl<S: Selector> Reactor<S> {
         commands: Consumer<Command>,
         listeners: Vec<Socket>,
     ) -> io::Result<Self> {
+        let spill_size = match config.framing {
+            Framing::Raw if config.slot_size < LARGE_READ => LARGE_READ,
+            _ => 0,
+        };
         let mut io = Io {
             selector,
             shared,
@@ -196,6 +213,8 @@ impl<S: Selector> Reactor<S> {
             lingering: VecDeque::with_capacity(64),
             events: Vec::with_capacity(1024),
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
+            gathered: Vec::new(),
+            gathered_for: None,
             last_accept_error: None,
             stopping: None,
             watermarks: Watermarks {
@@ -207,12 +226,16 @@ impl<S: Selector> Reactor<S> {
             slot_size: config.slot_size,
             large: LargeMessages::new(
                 SMALLEST_ASSEMBLY.min(config.slot_size),
-                config.max_message_size,
+                match config.framing {
+                    Framing::Raw => spill_size,
+                    _ => config.max_message_size,
+                },
                 // As many bytes as the ring carries in its own slots, and
                 // room for two of the largest messages.
                 (config.ring_slots * config.slot_size).max(2 * config.max_message_size),
                 config.ring_slots,
             ),
+            spill_size,
             consumer_blocked_at: None,
             in_flight: VecDeque::with_capacity(config.ring_slots),
             ring_share: (config.ring_slots / RING_SHARE_DIVISOR).max(MIN_RING_SHARE) as u32,
@@ -385,7 +408,7 @@ const READABLE: Interest = Interest {
 impl<S: Selector> Io<S> {
     fn apply(&mut self, command: &Command) {
         match command.kind {
-            CommandKind::Send => self.send(command.conn, command.data(), command.more),
+            CommandKind::Send => self.send_part(command.conn, command.data(), command.more),
             CommandKind::Close => self.close(command.conn, CloseReason::Local),
             CommandKind::Abort => self.abort(command.conn, CloseReason::Local),
             CommandKind::Shutdown => self.close_all(),
@@ -399,6 +422,31 @@ impl<S: Selector> Io<S> {
     /// True unless a stop has begun: then no input is delivered any more.
     fn reading(&self) -> bool {
         self.stopping.is_none()
+    }
+
+    /// Sends one command's part of a message. A message larger than a slot
+    /// comes in consecutive commands (a sender holds the command ring for a
+    /// whole message), and its parts are gathered here and written with one
+    /// call, as much as [`MAX_GATHER`] at a time, instead of one call per slot.
+    fn send_part(&mut self, key: ConnKey, data: &[u8], more: bool) {
+        if self.gathered.is_empty() && !more {
+            return self.send(key, data, false);
+        }
+        debug_assert!(self.gathered_for.is_none_or(|k| k == key));
+        self.gathered.extend_from_slice(data);
+        if more && self.gathered.len() < MAX_GATHER {
+            self.gathered_for = Some(key);
+            if let Some(conn) = self.table.get_mut(key) {
+                // Part of a message is held back: a close now must cut.
+                conn.mid_message = true;
+            }
+            return;
+        }
+        let gathered = std::mem::take(&mut self.gathered);
+        self.send(key, &gathered, more);
+        self.gathered = gathered;
+        self.gathered.clear();
+        self.gathered_for = None;
     }
 
     /// Writes `data` now if the socket takes it and nothing is queued ahead of
@@ -719,27 +767,50 @@ impl<S: Selector> Io<S> {
     }
 
     /// Reads into delivery slots until the socket is drained, the ring is full,
-    /// or the budget is spent.
+    /// or the budget is spent. A read that fills a slot goes on into a larger
+    /// buffer (see [`LARGE_READ`]), so that a burst of input reaches the
+    /// consumer as one message rather than a slot's worth at a time.
     fn read_into_ring(&mut self, key: ConnKey) {
         let now = self.now;
         for _ in 0..READ_BUDGET {
             if !self.backlog.is_empty() || self.deliveries.free() == 0 || !self.has_share(key) {
                 return self.mark_unread(key);
             }
+            let spill = self.spill_size > 0
+                && self
+                    .large
+                    .account
+                    .admit(self.spill_size, &mut self.deliveries);
             let Some(conn) = self.table.get_mut(key) else {
                 return;
             };
             let read_fully = conn.read_fully;
+            let LargeMessages { pool, account } = &mut self.large;
+            let spill_size = self.spill_size;
             let mut slot = self.deliveries.vacant().expect("free() > 0");
-            let (result, capacity) = slot.with_mut(|delivery| {
-                let result = net::recv(&conn.socket, &mut delivery.buf);
+            let (result, end) = slot.with_mut(|delivery| {
+                account.reclaim(delivery);
                 delivery.kind = DeliveryKind::Data;
                 delivery.conn = key;
                 delivery.opened = None;
                 delivery.detail = None;
+                let result = net::recv(&conn.socket, &mut delivery.buf);
                 delivery.len = *result.as_ref().unwrap_or(&0);
-                (result, delivery.buf.len())
+                let end = match result {
+                    Ok(n) if n == delivery.buf.len() && spill => {
+                        let mut buffer = pool.take(spill_size);
+                        buffer.extend_from_slice(&delivery.buf[..n]);
+                        let end = read_on(&conn.socket, &mut buffer, read_fully);
+                        account.place(delivery, buffer);
+                        end
+                    }
+                    Ok(n) if n < delivery.buf.len() && !read_fully => ReadEnd::Drained,
+                    _ => ReadEnd::Full,
+                };
+                (result.map(|_| delivery.len), end)
             });
+            // The buffer the slot held before goes back for the next spill.
+            self.large.settle();
             match result {
                 // The slot stays unstaged, so it is still free.
                 Ok(0) => return self.on_eof(key),
@@ -754,12 +825,21 @@ impl<S: Selector> Io<S> {
                     if self.deliveries.staged() >= PUBLISH_BATCH {
                         self.publish();
                     }
-                    // A short read drained the socket: anything that arrives later
-                    // raises a new edge (and re-arms a one-shot registration).
-                    // Unless the poller said otherwise (an EOF behind the data,
-                    // urgent data): then read on to EAGAIN.
-                    if n < capacity && !read_fully {
-                        return self.mark_drained(key);
+                    match end {
+                        // A short read drained the socket: anything that
+                        // arrives later raises a new edge (and re-arms a
+                        // one-shot registration). Unless the poller said
+                        // otherwise (an EOF behind the data, urgent data):
+                        // then read on to EAGAIN.
+                        ReadEnd::Drained => return self.mark_drained(key),
+                        // A spilled read has had a turn's worth (16 slots'
+                        // worth before); the ready list brings it back.
+                        ReadEnd::Full if n > self.slot_size => return self.mark_unread(key),
+                        ReadEnd::Full => {}
+                        ReadEnd::Eof => return self.on_eof(key),
+                        ReadEnd::Failed(e) => {
+                            return self.close_now(key, Some(CloseReason::of_error(&e)))
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -1424,6 +1504,35 @@ impl<S: Selector> Io<S> {
             self.shared.deliveries.ring();
         }
     }
+}
+
+/// How a read into a delivery ended, when it read something.
+enum ReadEnd {
+    /// The socket has nothing more now (a short read, or `EAGAIN`).
+    Drained,
+    /// The buffer filled up: more may wait.
+    Full,
+    /// The peer's EOF came right behind the data.
+    Eof,
+    /// An error came right behind the data.
+    Failed(io::Error),
+}
+
+/// Reads on into `buffer`'s spare capacity until the socket is drained or
+/// the buffer is full. With `read_fully`, a short read does not count as
+/// drained (see `read_into_ring`).
+fn read_on(socket: &Socket, buffer: &mut Vec<u8>, read_fully: bool) -> ReadEnd {
+    while buffer.len() < buffer.capacity() {
+        let room = buffer.capacity() - buffer.len();
+        match net::recv_spare(socket, buffer) {
+            Ok(0) => return ReadEnd::Eof,
+            Ok(n) if n < room && !read_fully => return ReadEnd::Drained,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadEnd::Drained,
+            Err(e) => return ReadEnd::Failed(e),
+        }
+    }
+    ReadEnd::Full
 }
 
 /// True if the delivery ring can take what waits: it has free slots, and

@@ -221,6 +221,9 @@ fn the_io_thread_allocates_nothing_per_message_in_steady_state() {
         (Framing::Length(PrefixWidth::Four), 1024),
         // Larger than a slot: assembled in pooled buffers that come back.
         (Framing::Length(PrefixWidth::Four), 40_000),
+        // Raw reads that fill a slot go on into a pooled buffer; the reply
+        // spans several command slots, gathered into one write.
+        (Framing::Raw, 40_000),
     ];
     for backend in backends() {
         for (framing, size) in cases {

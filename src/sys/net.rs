@@ -66,6 +66,27 @@ pub fn recv(socket: &Socket, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// `recv` into the spare capacity of `buf`, which grows by what was read;
+/// retried on EINTR. Reading into spare capacity spares zeroing a large
+/// buffer before every read.
+pub fn recv_spare(socket: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
+    loop {
+        match socket.recv(buf.spare_capacity_mut()) {
+            Ok(n) => {
+                // SAFETY: `recv` wrote `n` bytes at the start of the spare
+                // capacity (it never reports more than the slice it was
+                // given), so the first `len + n` bytes are initialised.
+                unsafe { buf.set_len(buf.len() + n) };
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            #[cfg(windows)]
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && discard_urgent(socket) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Reads and drops a pending urgent byte; true if there was one. Windows keeps
 /// an urgent byte apart until it is read with `MSG_OOB`, and meanwhile AFD
 /// reports the socket readable at every poll, which would spin a one-shot
