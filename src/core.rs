@@ -39,8 +39,8 @@ pub struct Config {
     pub backend: Backend,
     /// Slots in each ring (a power of two).
     pub ring_slots: usize,
-    /// Bytes of payload per slot: the most one `recv` reads, and the chunk size
-    /// of sends.
+    /// Bytes of payload per slot, and the chunk size of copied sends. In raw
+    /// mode, a read that fills a slot goes on into a larger pooled buffer.
     pub slot_size: usize,
     /// How input is cut into messages, and sends are framed.
     pub framing: Framing,

@@ -83,13 +83,16 @@ class Server(ServerCore):
             of two). With ``slot_size``, this bounds the memory in flight
             between the threads: the I/O thread stops reading, and TCP slows
             the clients, while the Python thread is behind.
-        slot_size: bytes per slot: the most a single read delivers.
+        slot_size: bytes per slot. In raw mode a read that fills a slot goes
+            on into a pooled 256 KiB buffer, so one ``on_message_received``
+            gets up to 256 KiB (or ``slot_size``, if larger).
         write_buffer_high: reading a connection stops while more than this
             many bytes wait in its output queue, so that a client that sends
             without reading the replies is slowed by TCP itself ...
         write_buffer_low: ... and resumes once at most this many do.
         framing: how the byte stream is cut into messages. ``"raw"``: each
-            ``on_message_received`` gets the bytes of one read, and
+            ``on_message_received`` gets the bytes at hand (one read, up to
+            256 KiB), and
             ``send_message`` sends its bytes as they are. ``"line"``: each
             call gets one line without its ``\n`` or ``\r\n``, and
             ``send_message`` appends ``\n``. ``"length"``: each message is a
