@@ -25,9 +25,9 @@ use std::time::Duration;
 use socket2::Socket;
 
 use crate::framing::{Envelope, Framing};
-use crate::message::{Command, CommandKind, ConnKey, Delivery, DeliveryKind};
+use crate::message::{Command, CommandKind, ConnKey, Delivery, DeliveryKind, Loan};
 use crate::reactor::Reactor;
-use crate::ring::{ring, Consumer, Producer};
+use crate::ring::{ring, Consumer, Producer, ReleaseWatch};
 use crate::stats::{Snapshot, Stats};
 use crate::sys::{Backend, Selector, Wake};
 use crate::wake::{Bell, IoSleep};
@@ -137,6 +137,8 @@ impl Config {
 pub(crate) struct Shared {
     /// Producer of the command ring; see the module docs for the locking rule.
     commands: Mutex<Producer<Command>>,
+    /// How far the I/O thread has consumed commands: when lent bytes are free.
+    commands_released: ReleaseWatch<Command>,
     slot_size: usize,
     /// Rung by the I/O thread after it frees command slots.
     pub(crate) command_space: Bell,
@@ -241,7 +243,43 @@ impl Sender {
             Request::PauseReading => (CommandKind::PauseReading, [none; 3]),
             Request::ResumeReading => (CommandKind::ResumeReading, [none; 3]),
         };
-        self.push(kind, conn, parts, latch, wait)
+        self.push(kind, conn, parts, None, latch, wait).map(|_| ())
+    }
+
+    /// Queues, like [`Request::Send`] (or [`Request::SendFramed`] with
+    /// `envelope`), a send of `bytes` that the I/O thread writes from where
+    /// they are instead of from a copy in the ring: one command, whatever the
+    /// size. Returns the [`Ticket`] that says when the bytes are free again.
+    ///
+    /// # Safety
+    /// `bytes` must stay valid and unchanged until
+    /// [`has_returned`](Sender::has_returned) says so for the ticket, or until
+    /// the I/O thread is gone (the server joined).
+    pub unsafe fn lend(
+        &self,
+        conn: ConnKey,
+        envelope: Option<&Envelope>,
+        bytes: &[u8],
+        latch: Option<&AtomicBool>,
+        wait: bool,
+    ) -> Result<Ticket, SendError> {
+        let (header, trailer) = envelope.map_or((&[][..], &[][..]), |e| (e.header(), e.trailer()));
+        // SAFETY: the caller's promise, which `Ticket` lets it keep.
+        let loan = unsafe { Loan::new(bytes, header.len()) };
+        self.push(
+            CommandKind::Send,
+            conn,
+            [header, trailer, &[]],
+            Some(loan),
+            latch,
+            wait,
+        )
+        .map(Ticket)
+    }
+
+    /// True once the I/O thread is done with the bytes lent for `ticket`.
+    pub fn has_returned(&self, ticket: Ticket) -> bool {
+        self.shared.commands_released.has_released(ticket.0)
     }
 
     /// The server's counters now.
@@ -289,18 +327,29 @@ impl Sender {
 
     #[cfg(test)]
     pub(crate) fn inject_panic(&self) {
-        self.push(CommandKind::Panic, ConnKey::default(), [&[]; 3], None, true)
-            .expect("server running");
+        self.push(
+            CommandKind::Panic,
+            ConnKey::default(),
+            [&[]; 3],
+            None,
+            None,
+            true,
+        )
+        .expect("server running");
     }
 
+    /// Queues a command (several, for `parts` longer than a slot) and returns
+    /// the ring position of the last one. A `loan` goes in one command with
+    /// `parts`, its header and trailer, which must fit a slot.
     fn push(
         &self,
         kind: CommandKind,
         conn: ConnKey,
         mut parts: [&[u8]; 3],
+        loan: Option<Loan>,
         latch: Option<&AtomicBool>,
         wait: bool,
-    ) -> Result<(), SendError> {
+    ) -> Result<usize, SendError> {
         let shared = &*self.shared;
         if shared.finished.load(Acquire) {
             return Err(SendError::Stopped);
@@ -319,6 +368,7 @@ impl Sender {
         };
         let total: usize = parts.iter().map(|part| part.len()).sum();
         let chunks = total.div_ceil(shared.slot_size).max(1);
+        debug_assert!(loan.is_none() || chunks == 1);
         if !wait && !producer.has_room_for(chunks) {
             return Err(SendError::WouldBlock);
         }
@@ -332,6 +382,7 @@ impl Sender {
             }
         }
         let mut rest = total;
+        let mut position = 0;
         for _ in 0..chunks {
             let len = rest.min(shared.slot_size);
             rest -= len;
@@ -343,8 +394,10 @@ impl Sender {
                         command.conn = conn;
                         command.len = len;
                         command.more = more;
+                        command.loan = loan;
                         fill(&mut command.buf[..len], &mut parts);
                     });
+                    position = slot.position();
                     slot.stage();
                     break;
                 }
@@ -366,9 +419,13 @@ impl Sender {
         if kind == CommandKind::Send {
             shared.stats.message_sent();
         }
-        Ok(())
+        Ok(position)
     }
 }
+
+/// Says when bytes lent with [`Sender::lend`] are free again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket(usize);
 
 /// Fills `buf` from the front of `parts`, in order, advancing them past what
 /// was copied.
@@ -439,6 +496,7 @@ impl Running {
             Delivery::with_capacity(config.slot_size)
         });
         let shared = Arc::new(Shared {
+            commands_released: command_tx.release_watch(),
             commands: Mutex::new(command_tx),
             slot_size: config.slot_size,
             command_space: Bell::new(),
@@ -503,6 +561,7 @@ impl Running {
                     ConnKey::default(),
                     [&[]; 3],
                     None,
+                    None,
                     true,
                 );
             }
@@ -537,6 +596,11 @@ impl Running {
             || deliveries.is_empty() && !shared.finished.load(Acquire),
             Some(timeout),
         );
+    }
+
+    /// True once the I/O thread is done with the bytes lent for `ticket`.
+    pub fn has_returned(&self, ticket: Ticket) -> bool {
+        self.shared.commands_released.has_released(ticket.0)
     }
 
     /// True once the `Stopped` delivery has been taken: the I/O thread has
@@ -716,6 +780,66 @@ mod tests {
                 Err(SendError::Stopped)
             );
             running.join();
+        }
+    }
+
+    #[test]
+    fn lent_bytes_go_out_whole_with_their_envelope_and_come_back() {
+        use crate::framing::{envelope, PrefixWidth};
+        // Larger than the socket takes at once: the rest is copied into the
+        // connection's queue, and the loan returns before it is all written.
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        for backend in [Backend::Portable, Backend::platform_default()] {
+            for framing in [
+                Framing::Raw,
+                Framing::Line,
+                Framing::Length(PrefixWidth::Four),
+            ] {
+                let (socket, port) = listener();
+                let config = Config {
+                    backend,
+                    ..Config::default()
+                };
+                let mut running = Running::start(&config, vec![socket]).unwrap();
+                let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                client
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let key = loop {
+                    assert!(Instant::now() < deadline, "connection not accepted");
+                    match running.take_with(|d| (d.kind, d.conn)) {
+                        Some((DeliveryKind::Opened, key)) => break key,
+                        _ => running.wait(Duration::from_millis(10)),
+                    }
+                };
+                running.release();
+                let payload = if framing == Framing::Line {
+                    &payload[..payload.len() / 2]
+                        .iter()
+                        .map(|b| b | 0x80)
+                        .collect::<Vec<u8>>()
+                } else {
+                    &payload
+                };
+                let envelope = envelope(framing, payload.len()).unwrap();
+                let framed = (framing != Framing::Raw).then_some(&envelope);
+                let sender = running.sender();
+                // SAFETY: `payload` outlives the server, which is joined below.
+                let ticket = unsafe { sender.lend(key, framed, payload, None, true) }.unwrap();
+                let mut wire = vec![0; envelope.overhead() + payload.len()];
+                client.read_exact(&mut wire).unwrap();
+                let expected = [envelope.header(), payload, envelope.trailer()].concat();
+                assert!(wire == expected, "{backend:?} {framing:?}: bytes differ");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !sender.has_returned(ticket) {
+                    assert!(Instant::now() < deadline, "the loan never came back");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                running.stop(Duration::from_secs(1));
+                drain_to_stopped(&mut running);
+                running.join();
+            }
         }
     }
 }

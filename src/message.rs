@@ -135,6 +135,48 @@ pub enum CommandKind {
     Panic,
 }
 
+/// Bytes a `Send` command points to instead of carrying them: lent by the
+/// sender, which keeps them alive and unchanged until the I/O thread has
+/// released the command's slot (see [`Sender::lend`](crate::core::Sender::lend)).
+#[derive(Clone, Copy, Debug)]
+pub struct Loan {
+    ptr: *const u8,
+    len: usize,
+    /// How many of the command's own bytes go before the lent ones (a
+    /// framing header); the rest of them go after (a trailer).
+    pub head: usize,
+}
+
+// SAFETY: a loan is a pointer to bytes that nobody writes while it exists
+// (the lender's promise), so reading them from the I/O thread is sound.
+unsafe impl Send for Loan {}
+
+impl Loan {
+    /// A loan of `bytes`, with `head` of the command's own bytes before them.
+    ///
+    /// # Safety
+    /// `bytes` must stay valid and unchanged until the command that carries
+    /// the loan has been released by the I/O thread.
+    pub unsafe fn new(bytes: &[u8], head: usize) -> Loan {
+        Loan {
+            ptr: bytes.as_ptr(),
+            len: bytes.len(),
+            head,
+        }
+    }
+
+    /// The lent bytes.
+    ///
+    /// # Safety
+    /// Only while the command that carries the loan has not been released.
+    pub unsafe fn bytes<'a>(self) -> &'a [u8] {
+        // SAFETY: `ptr` and `len` came from a valid slice, which the lender
+        // keeps alive and unchanged until the command is released (the
+        // caller's promise).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
 /// One slot of the Python → I/O thread ring.
 #[derive(Debug)]
 pub struct Command {
@@ -146,6 +188,9 @@ pub struct Command {
     pub len: usize,
     /// For `Send`: more parts of the same message follow in later slots.
     pub more: bool,
+    /// For `Send`: bytes sent from where the sender keeps them, around which
+    /// the `len` bytes of `buf` go (see [`Loan::head`]).
+    pub loan: Option<Loan>,
     /// Pre-allocated payload buffer.
     pub buf: Box<[u8]>,
 }
@@ -158,6 +203,7 @@ impl Command {
             conn: ConnKey::default(),
             len: 0,
             more: false,
+            loan: None,
             buf: vec![0; slot_size].into_boxed_slice(),
         }
     }

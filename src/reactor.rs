@@ -408,7 +408,17 @@ const READABLE: Interest = Interest {
 impl<S: Selector> Io<S> {
     fn apply(&mut self, command: &Command) {
         match command.kind {
-            CommandKind::Send => self.send_part(command.conn, command.data(), command.more),
+            CommandKind::Send => match command.loan {
+                Some(loan) => {
+                    let (header, trailer) = command.data().split_at(loan.head);
+                    // SAFETY: the command's slot is not released before this
+                    // returns, and the lender keeps the bytes until then.
+                    let lent = unsafe { loan.bytes() };
+                    debug_assert!(self.gathered.is_empty(), "a message arrives whole");
+                    self.send(command.conn, &[header, lent, trailer], false);
+                }
+                None => self.send_part(command.conn, command.data(), command.more),
+            },
             CommandKind::Close => self.close(command.conn, CloseReason::Local),
             CommandKind::Abort => self.abort(command.conn, CloseReason::Local),
             CommandKind::Shutdown => self.close_all(),
@@ -430,7 +440,7 @@ impl<S: Selector> Io<S> {
     /// call, as much as [`MAX_GATHER`] at a time, instead of one call per slot.
     fn send_part(&mut self, key: ConnKey, data: &[u8], more: bool) {
         if self.gathered.is_empty() && !more {
-            return self.send(key, data, false);
+            return self.send(key, &[data], false);
         }
         debug_assert!(self.gathered_for.is_none_or(|k| k == key));
         self.gathered.extend_from_slice(data);
@@ -443,29 +453,31 @@ impl<S: Selector> Io<S> {
             return;
         }
         let gathered = std::mem::take(&mut self.gathered);
-        self.send(key, &gathered, more);
+        self.send(key, &[&gathered], more);
         self.gathered = gathered;
         self.gathered.clear();
         self.gathered_for = None;
     }
 
-    /// Writes `data` now if the socket takes it and nothing is queued ahead of
-    /// it; queues the rest.
+    /// Writes `parts`, one message in order, now if the socket takes them and
+    /// nothing is queued ahead of them; queues the rest (a copy, so that what
+    /// the parts point to is free once this returns).
     /// `more`: other parts of the same message follow in later commands.
-    fn send(&mut self, key: ConnKey, data: &[u8], more: bool) {
+    fn send(&mut self, key: ConnKey, parts: &[&[u8]], more: bool) {
         let now = self.now;
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
         conn.mid_message = more;
+        let total: usize = parts.iter().map(|part| part.len()).sum();
         if !conn.accepts_output() {
-            conn.pending.sub(data.len());
+            conn.pending.sub(total);
             return;
         }
         let mut sent = 0;
         if conn.queue.is_empty() {
-            while sent < data.len() {
-                match net::send(&conn.socket, &data[sent..]) {
+            while sent < total {
+                match send_from(&conn.socket, parts, sent) {
                     Ok(n) => {
                         sent += n;
                         conn.wrote(n);
@@ -474,14 +486,19 @@ impl<S: Selector> Io<S> {
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        conn.pending.sub(data.len() - sent);
+                        conn.pending.sub(total - sent);
                         return self.on_write_error(key, &e);
                     }
                 }
             }
         }
-        if sent < data.len() {
-            conn.queue.push(&data[sent..]);
+        if sent < total {
+            let mut skip = sent;
+            for part in parts {
+                let from = skip.min(part.len());
+                skip -= from;
+                conn.queue.push(&part[from..]);
+            }
             conn.check_watermarks(self.watermarks);
             self.update_interest(key);
         }
@@ -1503,6 +1520,24 @@ impl<S: Selector> Io<S> {
             self.deliveries.publish();
             self.shared.deliveries.ring();
         }
+    }
+}
+
+/// Sends what follows the first `skip` bytes of `parts`, with one call.
+fn send_from(socket: &Socket, parts: &[&[u8]], mut skip: usize) -> io::Result<usize> {
+    let mut slices = [io::IoSlice::new(&[]); 3];
+    let mut count = 0;
+    for part in parts {
+        let from = skip.min(part.len());
+        skip -= from;
+        if from < part.len() {
+            slices[count] = io::IoSlice::new(&part[from..]);
+            count += 1;
+        }
+    }
+    match &slices[..count] {
+        [one] => net::send(socket, one),
+        several => net::send_vectored(socket, several),
     }
 }
 

@@ -151,6 +151,14 @@ impl<T> Producer<T> {
         self.head_seen
     }
 
+    /// A handle that follows the consumer's progress without the producer:
+    /// for whoever must know when a slot it filled has been consumed.
+    pub fn release_watch(&self) -> ReleaseWatch<T> {
+        ReleaseWatch {
+            ring: Arc::clone(&self.ring),
+        }
+    }
+
     /// Number of slots staged but not yet published.
     pub fn staged(&self) -> usize {
         self.next.wrapping_sub(self.published)
@@ -162,6 +170,22 @@ impl<T> Producer<T> {
             self.ring.tail.store(self.next, Release);
             self.published = self.next;
         }
+    }
+}
+
+/// Follows how far the consumer of a ring has released its slots.
+pub struct ReleaseWatch<T> {
+    ring: Arc<Ring<T>>,
+}
+
+impl<T> ReleaseWatch<T> {
+    /// True once the consumer has released the slot staged at `position`
+    /// (see [`Vacant::position`]). The Acquire load orders everything the
+    /// consumer did with that slot before whatever the caller does next.
+    pub fn has_released(&self, position: usize) -> bool {
+        let head = self.ring.head.load(Acquire);
+        // Positions wrap: compare distances, not values.
+        head.wrapping_sub(position) as isize > 0
     }
 }
 

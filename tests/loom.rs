@@ -58,6 +58,50 @@ fn ring_delivers_every_item_in_order() {
     });
 }
 
+/// Lent bytes: the consumer reads memory the producer's side owns (as the
+/// I/O thread writes a `bytes` object lent by `send_message`), and the owner
+/// reuses that memory once `ReleaseWatch` says the slot is released. Loom
+/// reports a data race if the release does not order the read before the
+/// owner's write.
+#[test]
+fn a_released_slot_frees_what_its_item_borrowed() {
+    loom::model(|| {
+        let lent = Arc::new(loom::cell::UnsafeCell::new(7u8));
+        let (mut tx, mut rx) = ring(2, || 0usize);
+        let watch = tx.release_watch();
+        let owner = {
+            let lent = Arc::clone(&lent);
+            thread::spawn(move || {
+                let mut slot = tx.vacant().expect("an empty ring");
+                slot.with_mut(|v| *v = 1);
+                let position = slot.position();
+                slot.stage();
+                tx.publish();
+                while !watch.has_released(position) {
+                    thread::yield_now();
+                }
+                // SAFETY: the consumer is done with the loan (checked above).
+                lent.with_mut(|byte| unsafe { *byte = 0 });
+            })
+        };
+        loop {
+            let read = rx.take_with(|_| {
+                // SAFETY: the owner writes only after the slot is released.
+                lent.with(|byte| unsafe { *byte })
+            });
+            match read {
+                Some(byte) => {
+                    assert_eq!(byte, 7);
+                    rx.release();
+                    break;
+                }
+                None => thread::yield_now(),
+            }
+        }
+        owner.join().unwrap();
+    });
+}
+
 /// Batches: two slots staged and published with one store, consumed and
 /// released with one store.
 #[test]

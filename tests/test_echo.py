@@ -39,6 +39,38 @@ def test_default_server_echoes():
             assert recv_exactly(c, len(msg)) == msg
 
 
+@pytest.mark.parametrize("framing", ["raw", "length"])
+def test_large_bytes_replies_go_out_whole_in_order_and_are_let_go(framing):
+    """Large ``bytes`` replies are written from the objects themselves rather
+    than copied into the command ring: they must still arrive whole and in
+    order with copied ones, and the server must let go of every object."""
+    lent = [bytes([i + 1]) * size for i, size in enumerate((5000, 70_000, 4096, 1_000_000))]
+    replies = [
+        lent[0],
+        b"small",
+        lent[1],
+        bytearray(b"\x07" * 9000),
+        lent[2],
+        memoryview(b"\x08" * 20_000),
+        lent[3],
+    ]
+    refs_before = [sys.getrefcount(p) for p in lent]
+
+    class Replier(rsepoll.Server):
+        def on_message_received(self, conn, data):
+            for reply in replies:
+                assert self.send_message(conn, reply)
+
+    def framed(data):
+        return len(data).to_bytes(4, "big") + bytes(data) if framing == "length" else bytes(data)
+
+    expected = b"".join(framed(r) for r in replies)
+    with running(Replier, framing=framing) as (_server, port), connect(port) as c:
+        c.sendall(framed(b"go"))
+        assert recv_exactly(c, len(expected)) == expected
+        assert wait_until(lambda: [sys.getrefcount(p) for p in lent] == refs_before)
+
+
 def test_reverse_round_trip_subclass():
     with running(Reverser) as (_server, port), connect(port) as c:
         # One small send() on loopback arrives as one segment; each reply is

@@ -2,10 +2,11 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::OnceLock;
+use std::sync::{OnceLock, Weak};
 
 use pyo3::prelude::*;
 
+use super::loans::Loans;
 use crate::conn::CloseReason;
 use crate::core::{Sender, WeakSender};
 use crate::framing::Framing;
@@ -33,6 +34,8 @@ pub struct Connection {
     /// Why it closed; set just before `on_connection_closed`.
     pub(super) close_reason: OnceLock<CloseReason>,
     sender: WeakSender,
+    /// Where large `bytes` payloads wait while the I/O thread writes them.
+    loans: Weak<Loans>,
 }
 
 impl Connection {
@@ -43,6 +46,7 @@ impl Connection {
         opened: Opened,
         framing: Framing,
         sender: WeakSender,
+        loans: Weak<Loans>,
     ) -> Self {
         Connection {
             key,
@@ -53,12 +57,18 @@ impl Connection {
             closing: AtomicBool::new(false),
             close_reason: OnceLock::new(),
             sender,
+            loans,
         }
     }
 
     /// The running server's command handle, unless the server has ended.
     pub(super) fn sender(&self) -> Option<Sender> {
         self.sender.upgrade()
+    }
+
+    /// The running server's keeper of lent payloads, unless it has ended.
+    pub(super) fn loans(&self) -> Option<std::sync::Arc<Loans>> {
+        self.loans.upgrade()
     }
 
     /// True while sends to this connection are still accepted.

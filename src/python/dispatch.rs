@@ -8,6 +8,7 @@
 //! `SystemExit` stop the server and leave `listen()` once it has shut down.
 
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError};
@@ -16,6 +17,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
 use super::connection::Connection;
+use super::loans::Loans;
 use super::server::{lock, queue, ServerCore};
 use crate::conn::CloseReason;
 use crate::core::{Request, Running, WeakSender};
@@ -34,6 +36,9 @@ const RELEASE_BATCH: usize = 32;
 pub(super) struct Dispatcher<'py, 'a> {
     server: &'a Bound<'py, ServerCore>,
     running: Running,
+    /// Payloads lent to the I/O thread. Declared after `running`, so that it
+    /// is dropped after `running` has joined the I/O thread.
+    loans: Arc<Loans>,
     /// Python-side handles of the open connections, by table slot.
     connections: Vec<Option<Py<Connection>>>,
     /// What new `Connection` objects are made with.
@@ -59,14 +64,17 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
         let logger = py
             .import(intern!(py, "logging"))?
             .call_method1(intern!(py, "getLogger"), ("rsepoll",))?;
+        let loans = Arc::new(Loans::default());
         let factory = ConnectionFactory {
             server_id: server.get().id,
             framing: lock(&server.get().config).framing,
             sender: running.sender().downgrade(),
+            loans: Arc::downgrade(&loans),
         };
         Ok(Dispatcher {
             server,
             running,
+            loans,
             connections: Vec::new(),
             factory,
             idle_timeout,
@@ -129,6 +137,8 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
         }
         let running = &mut self.running;
         py.detach(|| running.join());
+        // The I/O thread is gone: nothing reads what was lent any more.
+        self.loans.clear(py);
         self.callback(intern!(py, "on_shutdown_success"), ());
         match self.exit_error.take() {
             Some(error) => Err(error),
@@ -159,6 +169,9 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
             self.handle(item);
         }
         self.running.release();
+        let running = &self.running;
+        self.loans
+            .settle(self.py(), |ticket| running.has_returned(ticket));
         dispatched
     }
 
@@ -282,6 +295,7 @@ struct ConnectionFactory {
     server_id: u64,
     framing: Framing,
     sender: WeakSender,
+    loans: std::sync::Weak<Loans>,
 }
 
 /// A delivery, read out of its slot.
@@ -322,6 +336,7 @@ impl<'py> Item<'py> {
                     opened,
                     factory.framing,
                     factory.sender.clone(),
+                    factory.loans.clone(),
                 );
                 match Py::new(py, conn) {
                     Ok(conn) => {

@@ -6,6 +6,8 @@
 //!   thread: it turns each delivery into a call of the instance's callback
 //!   method, so overrides in Python subclasses are honoured;
 //! - [`connection::Connection`] is the handle callbacks receive;
+//! - [`loans::Loans`] keeps large `bytes` payloads alive while the I/O thread
+//!   writes them from where they are;
 //! - [`listener::ListenerSocket`] and `make_listener_socket` make listening
 //!   sockets, and registered sockets are duplicated and checked there;
 //! - [`bench::run_bench`] runs the load generator of `python -m rsepoll.bench`.
@@ -20,6 +22,7 @@ mod bench;
 mod connection;
 mod dispatch;
 mod listener;
+mod loans;
 mod server;
 
 /// The compiled part of rsepoll; import `rsepoll` instead.

@@ -15,8 +15,9 @@ use socket2::Socket;
 use super::connection::Connection;
 use super::dispatch::Dispatcher;
 use super::listener::ListenerSocket;
+use super::loans::{Loans, LEND_MIN};
 use crate::core::{Config, Request, Running, SendError, Sender, DEFAULT_STOP_TIMEOUT};
-use crate::framing::{self, Framing, PrefixWidth};
+use crate::framing::{self, Envelope, Framing, PrefixWidth};
 use crate::stats::Snapshot;
 use crate::sys::Backend;
 
@@ -250,17 +251,29 @@ impl ServerCore {
             return Ok(false);
         }
         let bytes = payload.as_bytes();
-        if conn.framing == Framing::Raw {
-            if bytes.is_empty() {
-                return Ok(true);
+        let envelope = match conn.framing {
+            Framing::Raw if bytes.is_empty() => return Ok(true),
+            Framing::Raw => None,
+            // A framed message is never empty on the wire: an empty line, or
+            // a zero length.
+            framing => Some(
+                framing::envelope(framing, bytes.len())
+                    .map_err(|e| PyValueError::new_err(e.to_string()))?,
+            ),
+        };
+        if bytes.len() >= LEND_MIN {
+            if let (Ok(object), Some(loans)) = (data.cast_exact::<PyBytes>(), conn.loans()) {
+                return Ok(lend(py, conn, envelope.as_ref(), object, &loans));
             }
-            return Ok(queue(py, conn, Request::Send(bytes)));
         }
-        // A framed message is never empty on the wire: an empty line, or a
-        // zero length.
-        let envelope = framing::envelope(conn.framing, bytes.len())
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        Ok(queue(py, conn, Request::SendFramed(&envelope, bytes)))
+        Ok(queue(
+            py,
+            conn,
+            match &envelope {
+                Some(envelope) => Request::SendFramed(envelope, bytes),
+                None => Request::Send(bytes),
+            },
+        ))
     }
 
     /// Closes `conn` once what is queued for it has been sent (FIN), or at
@@ -379,23 +392,61 @@ impl Drop for RunningGuard<'_> {
 /// lock. Returns whether it was queued: not once the connection's close was
 /// requested (see `Sender::request`), nor once the server has stopped.
 pub(super) fn queue(py: Python<'_>, conn: &Connection, request: Request<'_>) -> bool {
-    let Some(sender) = conn.sender() else {
-        return false;
-    };
-    let push = |wait| sender.request(conn.key, request, Some(&conn.closing), wait);
     // Counted before it is queued: the I/O thread subtracts once it is written.
     let sending = match request {
         Request::Send(bytes) => bytes.len(),
         Request::SendFramed(envelope, payload) => envelope.overhead() + payload.len(),
         _ => 0,
     };
+    submit(py, conn, sending, |sender, wait| {
+        sender.request(conn.key, request, Some(&conn.closing), wait)
+    })
+    .is_some()
+}
+
+/// Sends the `bytes` object `object` (framed by `envelope`, if any) from its
+/// own buffer, without copying it into the command ring; `loans` keeps it
+/// alive until the I/O thread is done with it. Otherwise as [`queue`].
+fn lend(
+    py: Python<'_>,
+    conn: &Connection,
+    envelope: Option<&Envelope>,
+    object: &Bound<'_, PyBytes>,
+    loans: &Loans,
+) -> bool {
+    let bytes = object.as_bytes();
+    let sending = envelope.map_or(0, Envelope::overhead) + bytes.len();
+    let ticket = submit(py, conn, sending, |sender, wait| {
+        // SAFETY: `bytes` belongs to an exact `bytes` object, which is
+        // immutable; the caller holds it until this returns, and then
+        // `loans` does until the I/O thread has returned the ticket, or has
+        // been joined (see `Loans`).
+        unsafe { sender.lend(conn.key, envelope, bytes, Some(&conn.closing), wait) }
+    });
+    if let Some(ticket) = ticket {
+        loans.keep(ticket, object.clone().unbind());
+    }
+    ticket.is_some()
+}
+
+/// Runs `push` for `conn`'s sender, first without waiting and then, if it
+/// would block, waiting with the GIL released (see [`queue`]). `sending`
+/// bytes are counted as pending meanwhile, and withdrawn if nothing was
+/// queued.
+fn submit<T: Send>(
+    py: Python<'_>,
+    conn: &Connection,
+    sending: usize,
+    push: impl Fn(&Sender, bool) -> Result<T, SendError> + Sync,
+) -> Option<T> {
+    let sender = conn.sender()?;
     conn.opened.pending.add(sending);
-    let queued = match push(false) {
-        Ok(()) => true,
-        Err(SendError::Stopped | SendError::Closing) => false,
-        Err(SendError::WouldBlock) => py.detach(|| push(true).is_ok()),
+    let queued = match push(&sender, false) {
+        Ok(done) => Some(done),
+        Err(SendError::Stopped | SendError::Closing) => None,
+        Err(SendError::WouldBlock) => py.detach(|| push(&sender, true).ok()),
     };
-    if !queued {
+    if queued.is_none() {
         conn.opened.pending.withdraw(sending);
     }
     queued

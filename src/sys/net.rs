@@ -111,6 +111,21 @@ pub fn send(socket: &Socket, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// `send` from several buffers in order, with one call (`sendmsg`,
+/// `WSASend`); retried on EINTR; never raises SIGPIPE.
+pub fn send_vectored(socket: &Socket, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let flags = libc::MSG_NOSIGNAL;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let flags = 0; // As in `send`.
+    loop {
+        match socket.send_vectored_with_flags(bufs, flags) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// The socket's fd (SOCKET handle on Windows), for display.
 pub fn raw_handle(socket: &Socket) -> i64 {
     #[cfg(unix)]
