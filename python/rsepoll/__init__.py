@@ -16,6 +16,8 @@ socket and call :meth:`Server.listen`::
 An I/O thread in Rust accepts, reads and writes (edge-triggered epoll on Linux,
 a portable poller elsewhere) and never takes the GIL; the callbacks run on the
 thread that called ``listen()``.
+
+To serve one port from several processes (Linux), see :mod:`rsepoll.workers`.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ lines by default (``--framing line``); ``--framing raw`` reverses each read
 as it arrives, as the original epoll example did, and ``--framing length``
 speaks length-prefixed messages. A message ``exit`` ends that client's
 connection (``--exit-stops-server``: stops the server).
+
+``--workers N`` runs the server in N processes on one port (Linux only; see
+:mod:`rsepoll.workers`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import argparse
 import contextlib
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import Connection, Server, make_listener_socket
+from .workers import WorkerError, WorkersReady, WorkerStartupError, serve_workers
 
 #: The longest partial line kept per connection to recognise "exit".
 _LINE_TAIL = 64
@@ -25,13 +29,19 @@ _LINE_TAIL = 64
 class ReverseServer(Server):
     """Reverses each message a client sends (in raw mode, each read)."""
 
-    def __init__(self, *, quiet: bool, exit_stops_server: bool, **kwargs: object) -> None:
+    def __init__(
+        self, *, quiet: bool, exit_stops_server: bool, announce: bool = True, **kwargs: object
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.quiet = quiet
         self.exit_stops_server = exit_stops_server
+        #: Print the "listening on" line; with --workers, the supervisor does.
+        self.announce = announce
         self.address = ""
 
     def on_listen_success(self) -> None:
+        if not self.announce:
+            return
         print(
             f"rsepoll: listening on {self.address}, {self.framing} framing (Ctrl-C to stop)",
             flush=True,
@@ -127,7 +137,25 @@ def _parser() -> argparse.ArgumentParser:
         help="I/O backend (default: auto, which is $RSEPOLL_BACKEND if set, else epoll on "
         "Linux and portable elsewhere)",
     )
+    parser.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        metavar="N",
+        help="serve with N processes sharing the port (SO_REUSEPORT; Linux only; default 1: "
+        "this process serves)",
+    )
     return parser
+
+
+def _worker_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {count}")
+    return count
 
 
 def _fail(message: str) -> int:
@@ -141,10 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"port must be from 0 to 65535, got {args.port}")
     if args.max_fds <= 0:
         return _fail(f"--max-fds must be positive, got {args.max_fds}")
-    try:
-        server = ReverseServer(
+
+    def make_server(announce: bool = True) -> ReverseServer:
+        return ReverseServer(
             quiet=args.quiet,
             exit_stops_server=args.exit_stops_server,
+            announce=announce,
             max_fds=args.max_fds,
             backend=args.backend,
             framing=args.framing,
@@ -152,14 +182,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             idle_timeout=args.idle_timeout,
             max_connections=args.max_connections,
         )
+
+    try:
+        # With --workers too: a bad option fails here, before any fork.
+        server = make_server()
     except ValueError as exc:
         return _fail(str(exc))
+    if args.workers > 1:
+        return _serve_workers(args, lambda: make_server(announce=False), server.framing)
     try:
         listener = make_listener_socket(args.port, args.host)
     except (OSError, ValueError) as exc:
         return _fail(str(exc))
-    host, port = listener.address
-    server.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    server.address = _host_port(*listener.address)
     server.register_listener_socket(listener)
     listener.close()
 
@@ -170,6 +205,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.listen()
     print("rsepoll: stopped", file=sys.stderr)
     return 0
+
+
+def _serve_workers(
+    args: argparse.Namespace, make_server: Callable[[], Server], framing: str
+) -> int:
+    """``--workers N`` for N > 1: N processes, this one supervising."""
+
+    def announce(ready: WorkersReady) -> None:
+        pids = ", ".join(str(pid) for pid in ready.pids)
+        print(
+            f"rsepoll: listening on {_host_port(*ready.address)}, {framing} framing, "
+            f"{len(ready.pids)} workers (pids {pids}) (Ctrl-C to stop)",
+            flush=True,
+        )
+
+    try:
+        serve_workers(make_server, args.port, args.host, workers=args.workers, on_ready=announce)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C before the supervisor took over SIGINT: nothing had started
+    except (OSError, ValueError, NotImplementedError, WorkerStartupError) as exc:
+        return _fail(str(exc))
+    except WorkerError as exc:
+        print(f"rsepoll: error: {exc}", file=sys.stderr)
+        return 1
+    print("rsepoll: stopped", file=sys.stderr)
+    return 0
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 if __name__ == "__main__":
