@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import shutil
 import socket
 import subprocess
@@ -100,6 +99,8 @@ def test_chart_is_redrawn_from_saved_json(quick, tmp_path):
 
 
 def test_a_cell_that_cannot_run_here_is_skipped_with_the_reason(tmp_path):
+    import resource  # POSIX only: imported here so that collection works anywhere
+
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard == resource.RLIM_INFINITY or hard > 10_000_000:
         pytest.skip("this machine allows 10 million descriptors")
