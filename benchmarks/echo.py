@@ -91,15 +91,17 @@ def parse_contender(spec: str, framing: str, sources: dict[str, str]) -> Contend
 # The servers (run as ``echo.py --serve KIND``).
 
 
-def serve(kind: str, framing: str) -> None:
-    """Runs one echo server on a free loopback port; prints ``ready PORT ...``."""
+def serve(kind: str, framing: str, max_fds: int | None = None) -> None:
+    """Runs one echo server on a free loopback port; prints ``ready PORT ...``.
+    ``max_fds`` goes to the rsepoll servers (suite.py's idle cells need more
+    than the default 8192); the asyncio servers take the limit they inherit."""
     if kind.startswith("rsepoll-"):
-        serve_rsepoll(kind.split("-", 1)[1], framing)
+        serve_rsepoll(kind.split("-", 1)[1], framing, max_fds)
     else:
         serve_asyncio(kind)
 
 
-def serve_rsepoll(backend: str, framing: str) -> None:
+def serve_rsepoll(backend: str, framing: str, max_fds: int | None = None) -> None:
     import rsepoll
 
     where = Path(rsepoll.__file__).parent
@@ -115,7 +117,11 @@ def serve_rsepoll(backend: str, framing: str) -> None:
             print(f"rsepoll server: {exc!r}", file=sys.stderr, flush=True)
 
     # Builds from before framing existed take no `framing` argument: raw is theirs.
-    kwargs = {"backend": backend} if framing == "raw" else {"backend": backend, "framing": framing}
+    kwargs: dict[str, object] = {"backend": backend}
+    if framing != "raw":
+        kwargs["framing"] = framing
+    if max_fds is not None:
+        kwargs["max_fds"] = max_fds
     server = Echo(**kwargs)
     listener = rsepoll.make_listener_socket(0, "127.0.0.1")
     server.port = listener.port  # type: ignore[attr-defined]
@@ -724,9 +730,10 @@ def main(argv: list[str] | None = None) -> int:
         "--reruns", type=int, default=3, help="at most this many reruns per run (default 3)"
     )
     parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
+    parser.add_argument("--max-fds", type=int, help=argparse.SUPPRESS)  # with --serve
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.framing)
+        serve(args.serve, args.framing, args.max_fds)
         return 0
 
     sources: dict[str, str] = {}

@@ -208,3 +208,35 @@ fn stop_ends_a_run_early() {
     assert!(began.elapsed() < Duration::from_secs(1));
     assert!(report.seconds < 1.0 && report.requests > 0);
 }
+
+#[test]
+fn the_window_is_known_before_it_starts_and_is_what_the_report_measures() {
+    let addr = server(Behaviour::Echo);
+    let mut config = config(addr, Mode::Rr);
+    config.warmup = Duration::from_millis(300);
+    let began = Instant::now();
+    let run = bench::start(config).unwrap();
+    let (start, end) = run
+        .window(Duration::from_secs(5))
+        .expect("fixed once every worker has connected");
+    // Four loopback connections take far less than the warmup: a caller
+    // learns the start before it comes, so it can be there on time.
+    assert!(Instant::now() < start);
+    assert!(start >= began + Duration::from_millis(300));
+    assert_eq!(end - start, Duration::from_millis(400));
+    assert!(run.wait(Duration::from_secs(3)));
+    let report = run.join().unwrap();
+    assert_eq!(report.seconds, (end - start).as_secs_f64());
+}
+
+#[test]
+fn the_window_is_fixed_even_when_nothing_connects() {
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let run = bench::start(config(addr, Mode::Idle)).unwrap();
+    assert!(run.window(Duration::from_secs(5)).is_some());
+    assert!(run.wait(Duration::from_secs(5)));
+    assert!(run.join().is_err());
+}

@@ -109,6 +109,31 @@ def test_raw_reverse_against_the_reverse_cli():
     assert_clean(status, report, err, 2)
 
 
+def test_marks_bracket_the_measured_time():
+    # benchmarks/suite.py samples the server's CPU time when these lines come:
+    # they must arrive in order, about --duration apart, and after the warmup.
+    with running() as (_, port):
+        argv = [sys.executable, "-m", "rsepoll.bench", f"127.0.0.1:{port}", "--marks", "--json"]
+        argv += ["--connections", "2", "--warmup", "0.5", "--duration", "1"]
+        with subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as child:
+            try:
+                began = time.monotonic()
+                assert child.stderr is not None and child.stdout is not None
+                marks = [(line.strip(), time.monotonic() - began) for line in child.stderr]
+                report = json.loads(child.stdout.read())
+                status = child.wait(10)
+            finally:
+                child.kill()
+    assert status == 0, marks
+    assert [name for name, _ in marks] == ["measure-start", "measure-end"], marks
+    (_, start), (_, end) = marks
+    assert start >= 0.5, marks
+    assert 0.9 <= end - start <= 1.2, marks
+    assert report["duration_s"] == 1.0 and report["errors"] == 0
+
+
 def test_the_table_is_printed_without_json():
     with running() as (_, port):
         status, out, err = bench(f"127.0.0.1:{port}", "--connections", "2", "--duration", "0.5")

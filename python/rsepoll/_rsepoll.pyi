@@ -90,13 +90,16 @@ def run_bench(
     connect_timeout: float = 10.0,
     progress: Callable[[dict[str, Any]], object] | None = None,
     progress_interval: float = 1.0,
+    marks: Callable[[str], object] | None = None,
 ) -> dict[str, Any]:
     """Runs the load of ``python -m rsepoll.bench`` against ``host`` (an IP
     address) and ``port`` with the GIL released; returns the report.
 
     ``progress``, if given, is called about every ``progress_interval``
     seconds with a dict (``phase``, ``elapsed``, ``requests``, ``errors``,
-    ``p99_us``). Raises ValueError for bad arguments, OSError if no
+    ``p99_us``). ``marks``, if given, is called with ``"start"`` and then
+    ``"end"`` at the edges of the measured time (a run that ends early gets
+    them when it ends). Raises ValueError for bad arguments, OSError if no
     connection could be made, KeyboardInterrupt on Ctrl-C.
     """
 

@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
         help="the longest connecting may take, all connections together (default 10)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    # For benchmarks/suite.py, which samples the server's CPU time when these
+    # lines arrive: "measure-start" and "measure-end" on stderr at the edges of
+    # the measured time. Not for users, hence hidden.
+    parser.add_argument("--marks", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -168,6 +172,11 @@ def _progress_printer() -> Callable[[dict[str, Any]], None]:
     return show
 
 
+def _print_mark(name: str) -> None:
+    sys.stderr.write(f"measure-{name}\n")
+    sys.stderr.flush()
+
+
 def format_table(r: dict[str, Any]) -> str:
     """The summary ``python -m rsepoll.bench`` prints for a report ``r``."""
     threads = f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}"
@@ -225,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             framing=args.framing,
             connect_timeout=args.connect_timeout,
             progress=progress,
+            marks=_print_mark if args.marks else None,
         )
     except ValueError as exc:
         return _fail(str(exc), 2)

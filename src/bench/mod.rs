@@ -558,6 +558,22 @@ impl Bench {
         }
     }
 
+    /// The measured time as (start, end), waiting up to `timeout` for it to
+    /// be fixed (it is once every worker has connected; `None` until then).
+    /// A caller that samples something at the window's edges, such as the
+    /// server's CPU time, learns them here the moment they are known. The
+    /// window is always fixed before the run ends: every worker arrives at
+    /// the gate, even one that failed.
+    pub fn window(&self, timeout: Duration) -> Option<(Instant, Instant)> {
+        let gate = lock(&self.shared.gate);
+        let (gate, _) = self
+            .shared
+            .gate_open
+            .wait_timeout_while(gate, timeout, |gate| gate.1.is_none())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        gate.1.map(|w| (w.start, w.end))
+    }
+
     /// Waits up to `timeout` for the run to end; true once it has.
     pub fn wait(&self, timeout: Duration) -> bool {
         let finished = lock(&self.shared.finished);

@@ -1,6 +1,7 @@
 //! `run_bench`: runs [`crate::bench`] with the GIL released, in slices short
 //! enough for Ctrl-C to be seen, calling an optional progress callback
-//! between slices; returns the report as a dict.
+//! between slices, and an optional `marks` callback at the edges of the
+//! measured time; returns the report as a dict.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -41,14 +42,15 @@ fn choice<T>(name: &str, value: &str, parse: fn(&str) -> Option<T>, names: &str)
 /// Runs a load against `host` (an IP address) and `port`; see
 /// `python -m rsepoll.bench --help`. `progress`, if given, is called about
 /// every `progress_interval` seconds with a dict (`phase`, `elapsed`,
-/// `requests`, `errors`, `p99_us`). Raises `ValueError` for bad arguments,
-/// `OSError` if no connection could be made, and `KeyboardInterrupt` on
-/// Ctrl-C.
+/// `requests`, `errors`, `p99_us`). `marks`, if given, is called with
+/// `"start"` when the measured time starts and `"end"` when it ends (see
+/// [`Marks`]). Raises `ValueError` for bad arguments, `OSError` if no
+/// connection could be made, and `KeyboardInterrupt` on Ctrl-C.
 #[pyfunction]
 #[pyo3(signature = (
     host, port, *, mode="rr", connections=100, size=1024, duration=10.0, warmup=0.0,
     threads=0, verify="echo", framing="raw", connect_timeout=10.0, progress=None,
-    progress_interval=1.0,
+    progress_interval=1.0, marks=None,
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run_bench<'py>(
@@ -66,6 +68,7 @@ pub(super) fn run_bench<'py>(
     connect_timeout: f64,
     progress: Option<Bound<'py, PyAny>>,
     progress_interval: f64,
+    marks: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let ip: IpAddr = host
         .parse()
@@ -87,11 +90,19 @@ pub(super) fn run_bench<'py>(
 
     let run = bench::start(config).map_err(|e| PyOSError::new_err(e.to_string()))?;
     let mut next_progress = Instant::now() + progress_interval;
+    let mut marks = marks.map(Marks::new);
     loop {
-        if py.detach(|| run.wait(SIGNAL_SLICE)) {
+        let mut slice = SIGNAL_SLICE;
+        if let Some(marks) = &mut marks {
+            slice = marks.slice(py, &run);
+        }
+        if py.detach(|| run.wait(slice)) {
             break;
         }
         let mut result = py.check_signals();
+        if let (Ok(()), Some(marks)) = (&result, &mut marks) {
+            result = marks.call_due(&run, false);
+        }
         if let (Ok(()), Some(callback)) = (&result, &progress) {
             let now = Instant::now();
             if now >= next_progress {
@@ -107,10 +118,77 @@ pub(super) fn run_bench<'py>(
             return Err(error);
         }
     }
+    if let Some(marks) = &mut marks {
+        marks.call_due(&run, true)?;
+    }
     let report = py
         .detach(|| run.join())
         .map_err(|e| PyOSError::new_err(e.to_string()))?;
     report_dict(py, &report)
+}
+
+/// The `marks` callback of `run_bench`, called with `"start"` and then
+/// `"end"` as close as the loop can to the edges of the measured time, so
+/// that a caller (`python -m rsepoll.bench --marks`, and through it
+/// `benchmarks/suite.py`) can sample the server's CPU time over exactly the
+/// time the report counts. The loop sleeps until the next edge rather than
+/// for a whole slice; a run that ends early gets its marks when it ends.
+struct Marks<'py> {
+    callback: Bound<'py, PyAny>,
+    window: Option<(Instant, Instant)>,
+    /// Marks called so far: 0, 1 (start) or 2 (start and end).
+    called: usize,
+}
+
+impl<'py> Marks<'py> {
+    fn new(callback: Bound<'py, PyAny>) -> Self {
+        Marks {
+            callback,
+            window: None,
+            called: 0,
+        }
+    }
+
+    /// How long the loop may wait for the run before the next mark is due.
+    /// Until the window is known, waits (up to a slice) for it instead:
+    /// it is fixed before the run can end, and the start may be due at once.
+    fn slice(&mut self, py: Python<'py>, run: &Bench) -> Duration {
+        if self.window.is_none() {
+            self.window = py.detach(|| run.window(SIGNAL_SLICE));
+            return Duration::ZERO;
+        }
+        match self.due() {
+            Some(due) => SIGNAL_SLICE.min(due.saturating_duration_since(Instant::now())),
+            None => SIGNAL_SLICE,
+        }
+    }
+
+    /// When the next mark is due, if the window is known and a mark is left.
+    fn due(&self) -> Option<Instant> {
+        let (start, end) = self.window?;
+        match self.called {
+            0 => Some(start),
+            1 => Some(end),
+            _ => None,
+        }
+    }
+
+    /// Calls the marks that are due; with `all` (the run has ended), every
+    /// mark not yet called.
+    fn call_due(&mut self, run: &Bench, all: bool) -> PyResult<()> {
+        if self.window.is_none() {
+            self.window = run.window(Duration::ZERO);
+        }
+        while self.called < 2 {
+            let is_due = all || self.due().is_some_and(|due| Instant::now() >= due);
+            if !is_due {
+                break;
+            }
+            self.callback.call1((["start", "end"][self.called],))?;
+            self.called += 1;
+        }
+        Ok(())
+    }
 }
 
 fn progress_dict<'py>(py: Python<'py>, run: &Bench) -> PyResult<Bound<'py, PyDict>> {
