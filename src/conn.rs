@@ -24,6 +24,7 @@
 //!    └── the framing broke ──▶ InputFailed ──the application closes──▶ Closing
 //! ```
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -162,57 +163,50 @@ pub enum Input {
 
 /// Bytes accepted for sending that the socket has not taken yet, in order.
 ///
-/// Allocated the first time a send is partial and reused after that; a
-/// connection whose sends always go through at once never allocates.
+/// A ring buffer: bytes go in at the back and leave from the front without
+/// ever being moved, so a queue that stays busy (a client that reads slower
+/// than it is answered) costs one copy per byte. Allocated the first time a
+/// send is partial and reused after that; a connection whose sends always go
+/// through at once never allocates.
 #[derive(Debug, Default)]
 pub struct WriteQueue {
-    bytes: Vec<u8>,
-    start: usize,
+    bytes: VecDeque<u8>,
 }
 
 impl WriteQueue {
     /// True if nothing is waiting.
     pub fn is_empty(&self) -> bool {
-        self.start == self.bytes.len()
+        self.bytes.is_empty()
     }
 
     /// Number of bytes waiting.
     pub fn len(&self) -> usize {
-        self.bytes.len() - self.start
+        self.bytes.len()
     }
 
-    /// The bytes to send next.
-    pub fn front(&self) -> &[u8] {
-        &self.bytes[self.start..]
+    /// The bytes to send next, in order: at most two runs, where the ring
+    /// wraps.
+    pub fn fronts(&self) -> [&[u8]; 2] {
+        let (first, second) = self.bytes.as_slices();
+        [first, second]
     }
 
     /// Appends `data` behind everything already waiting.
     pub fn push(&mut self, data: &[u8]) {
-        // Reclaim the sent prefix before growing, so a queue that keeps cycling
-        // stays within the size it needed once.
-        if self.start > 0 && self.bytes.capacity() - self.bytes.len() < data.len() {
-            self.bytes.drain(..self.start);
-            self.start = 0;
-        }
-        self.bytes.extend_from_slice(data);
+        self.bytes.extend(data);
     }
 
     /// Drops the first `n` bytes, which the socket took.
     pub fn consume(&mut self, n: usize) {
-        self.start += n;
-        debug_assert!(self.start <= self.bytes.len());
-        if self.start == self.bytes.len() {
-            self.bytes.clear();
-            self.start = 0;
-        }
+        debug_assert!(n <= self.bytes.len());
+        self.bytes.drain(..n);
     }
 
     /// Drops what waits and frees the memory; returns how many bytes were
     /// dropped.
     pub fn discard(&mut self) -> usize {
         let dropped = self.len();
-        self.bytes = Vec::new();
-        self.start = 0;
+        self.bytes = VecDeque::new();
         dropped
     }
 }
@@ -750,11 +744,11 @@ mod tests {
         queue.push(b"hello ");
         queue.consume(3);
         queue.push(b"world");
-        assert_eq!(queue.front(), b"lo world");
+        assert_eq!(queue.fronts().concat(), b"lo world");
         queue.consume(queue.len());
         assert!(queue.is_empty());
         queue.push(b"again");
-        assert_eq!(queue.front(), b"again");
+        assert_eq!(queue.fronts().concat(), b"again");
     }
 
     #[test]
@@ -768,5 +762,27 @@ mod tests {
         }
         assert_eq!(queue.len(), 1000);
         assert_eq!(queue.bytes.capacity(), capacity);
+    }
+
+    #[test]
+    fn write_queue_keeps_order_where_the_ring_wraps() {
+        let mut queue = WriteQueue::default();
+        let mut expected: VecDeque<u8> = VecDeque::new();
+        let mut next = 0u8;
+        for round in 0..200usize {
+            let chunk: Vec<u8> = (0..(round % 37) + 1)
+                .map(|_| {
+                    next = next.wrapping_add(1);
+                    next
+                })
+                .collect();
+            queue.push(&chunk);
+            expected.extend(&chunk);
+            let taken = (round * 7) % (queue.len() + 1);
+            queue.consume(taken);
+            expected.drain(..taken);
+            let [first, second] = queue.fronts();
+            assert_eq!([first, second].concat(), Vec::from(expected.clone()));
+        }
     }
 }

@@ -523,7 +523,7 @@ impl<S: Selector> Io<S> {
             return;
         };
         while !conn.queue.is_empty() {
-            match net::send(&conn.socket, conn.queue.front()) {
+            match send_from(&conn.socket, &conn.queue.fronts(), 0) {
                 Ok(n) => {
                     conn.queue.consume(n);
                     conn.wrote(n);
