@@ -555,15 +555,16 @@ impl Connection {
 pub struct ConnectionTable {
     slots: Vec<Option<Connection>>,
     free: Vec<u32>,
-    next_id: u64,
+    /// The I/O thread whose table this is, for the keys it hands out.
+    engine: u16,
     len: usize,
 }
 
 impl ConnectionTable {
-    /// An empty table.
-    pub fn new() -> Self {
+    /// An empty table of I/O thread `engine`.
+    pub fn new(engine: u16) -> Self {
         ConnectionTable {
-            next_id: 1,
+            engine,
             ..Default::default()
         }
     }
@@ -578,10 +579,9 @@ impl ConnectionTable {
         self.len == 0
     }
 
-    /// Adds a connection for `socket`, opened at `now`, and returns its key.
-    pub fn insert(&mut self, socket: Socket, now: Instant) -> ConnKey {
-        let id = self.next_id;
-        self.next_id += 1;
+    /// Adds a connection for `socket`, opened at `now`, under `id` (unique
+    /// for the server's life), and returns its key.
+    pub fn insert(&mut self, socket: Socket, id: u64, now: Instant) -> ConnKey {
         let connection = Connection::new(socket, id, now);
         let index = match self.free.pop() {
             Some(index) => {
@@ -595,7 +595,11 @@ impl ConnectionTable {
             }
         };
         self.len += 1;
-        ConnKey { index, id }
+        ConnKey {
+            index,
+            engine: self.engine,
+            id,
+        }
     }
 
     /// The connection `key` names, unless it has gone.
@@ -642,6 +646,7 @@ impl ConnectionTable {
         self.slots.iter().enumerate().filter_map(|(index, slot)| {
             slot.as_ref().map(|c| ConnKey {
                 index: index as u32,
+                engine: self.engine,
                 id: c.id,
             })
         })
@@ -659,10 +664,11 @@ mod tests {
 
     #[test]
     fn a_reused_slot_does_not_answer_to_the_old_key() {
-        let mut table = ConnectionTable::new();
-        let old = table.insert(socket(), Instant::now());
+        let mut table = ConnectionTable::new(3);
+        let old = table.insert(socket(), 1, Instant::now());
         assert!(table.remove(old).is_some());
-        let new = table.insert(socket(), Instant::now());
+        let new = table.insert(socket(), 2, Instant::now());
+        assert_eq!((old.engine, new.engine), (3, 3));
         assert_eq!(new.index, old.index);
         assert_ne!(new.id, old.id);
         assert!(table.get_mut(old).is_none());

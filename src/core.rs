@@ -1,5 +1,14 @@
 //! A running server, as the thread that drives it sees it: start the I/O
-//! thread, take [`Delivery`]s from it, send it commands, stop it.
+//! threads, take [`Delivery`]s from them, send them commands, stop them.
+//!
+//! A server runs `Config::io_threads` I/O threads ("engines"), each with its
+//! own poller, connection table and pair of rings, so that every ring stays
+//! single-producer/single-consumer. The first engine owns the listeners and
+//! hands accepted connections to the engines in turn (see
+//! [`crate::reactor`]); a [`ConnKey`] names its engine, and a [`Sender`]
+//! routes each command to the engine of its connection. One [`Hub`] holds
+//! what the engines share: the stop request, the bell the consumer waits on,
+//! connection ids and counts, and each engine's counters.
 //!
 //! This is the whole engine without Python: the PyO3 layer
 //! (`crate::python`) is a thin loop around [`Running`] that turns deliveries
@@ -17,7 +26,7 @@
 
 use std::io;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
-use std::sync::atomic::{fence, AtomicBool, AtomicU64};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, TryLockError, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -59,7 +68,9 @@ pub struct Config {
     pub write_buffer_high: usize,
     /// ... and resumes once at most this many do.
     pub write_buffer_low: usize,
-    /// Called first thing on the I/O thread (instrumentation, tests).
+    /// I/O threads, each with its own poller and rings.
+    pub io_threads: usize,
+    /// Called first thing on each I/O thread (instrumentation, tests).
     pub on_io_thread_start: Option<fn()>,
 }
 
@@ -76,6 +87,7 @@ impl Default for Config {
             message_timeout: Some(Duration::from_secs(30)),
             write_buffer_high: 1 << 20,
             write_buffer_low: 256 << 10,
+            io_threads: 1,
             on_io_thread_start: None,
         }
     }
@@ -88,6 +100,8 @@ impl Config {
     pub const MAX_MESSAGE_SIZE_RANGE: (usize, usize) = (1, 1 << 30);
     /// Smallest and largest accepted `ring_slots`.
     pub const RING_SLOTS_RANGE: (usize, usize) = (2, 1 << 16);
+    /// Smallest and largest accepted `io_threads`.
+    pub const IO_THREADS_RANGE: (usize, usize) = (1, 256);
 
     /// Explains what is wrong with the configuration, if anything.
     pub fn validate(&self) -> Result<(), String> {
@@ -103,6 +117,13 @@ impl Config {
             return Err(format!(
                 "slot_size must be from {min} to {max} bytes, got {}",
                 self.slot_size
+            ));
+        }
+        let (min, max) = Self::IO_THREADS_RANGE;
+        if !(min..=max).contains(&self.io_threads) {
+            return Err(format!(
+                "io_threads must be from {min} to {max}, got {}",
+                self.io_threads
             ));
         }
         if self.max_connections == 0 {
@@ -133,8 +154,68 @@ impl Config {
     }
 }
 
-/// State shared by the I/O thread and every thread that sends.
+/// What the engines of one server share.
+pub(crate) struct Hub {
+    /// Set to ask every engine to shut down.
+    pub(crate) stop: AtomicBool,
+    /// How long a stop may take to flush output, in nanoseconds; written
+    /// before `stop` is set.
+    stop_timeout_ns: AtomicU64,
+    /// Rung by an engine after it publishes deliveries: the consumer waits
+    /// on all the delivery rings with this one bell.
+    pub(crate) deliveries: Bell,
+    /// The next connection id, unique across engines.
+    next_id: AtomicU64,
+    /// Connections accepted and not yet closed, across engines (checked
+    /// against `max_connections` by the accepting engine).
+    pub(crate) open: AtomicUsize,
+    /// Each engine's counters.
+    stats: Box<[Stats]>,
+    /// Each engine's poller waker.
+    wakers: Box<[Arc<dyn Wake>]>,
+}
+
+impl Hub {
+    /// How long the stop under way may take to flush output.
+    pub(crate) fn stop_timeout(&self) -> Duration {
+        Duration::from_nanos(self.stop_timeout_ns.load(Acquire))
+    }
+
+    /// A fresh connection id.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Relaxed)
+    }
+
+    /// The server's counters: every engine's, added up.
+    fn snapshot(&self) -> Snapshot {
+        self.stats
+            .iter()
+            .map(Stats::snapshot)
+            .fold(Snapshot::default(), |total, one| total.merge(&one))
+    }
+
+    /// Asks every engine to shut down; see [`Sender::stop`].
+    fn stop(&self, timeout: Duration) {
+        let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        if !self.stop.load(Acquire) {
+            self.stop_timeout_ns.store(nanos, Release);
+        }
+        self.stop.store(true, Release);
+        // Pairs with the fence in each I/O thread's sleep announcement, as
+        // for commands: either it sees the flag before sleeping or it is woken.
+        fence(SeqCst);
+        for waker in self.wakers.iter() {
+            let _ = waker.wake();
+        }
+    }
+}
+
+/// State shared by one engine's I/O thread and every thread that sends to it.
 pub(crate) struct Shared {
+    /// What all the engines share.
+    pub(crate) hub: Arc<Hub>,
+    /// This engine's number, counting from 0.
+    pub(crate) engine: u16,
     /// Producer of the command ring; see the module docs for the locking rule.
     commands: Mutex<Producer<Command>>,
     /// How far the I/O thread has consumed commands: when lent bytes are free.
@@ -142,26 +223,21 @@ pub(crate) struct Shared {
     slot_size: usize,
     /// Rung by the I/O thread after it frees command slots.
     pub(crate) command_space: Bell,
-    /// Rung by the I/O thread after it publishes deliveries.
-    pub(crate) deliveries: Bell,
     /// The I/O thread's sleep in the selector, and who wakes it.
     pub(crate) io_sleep: IoSleep,
-    /// Set to ask the I/O thread to shut down.
-    pub(crate) stop: AtomicBool,
-    /// How long a stop may take to flush output, in nanoseconds; written
-    /// before `stop` is set.
-    stop_timeout_ns: AtomicU64,
     /// The I/O thread no longer applies commands.
     pub(crate) finished: AtomicBool,
-    /// The server's counters.
-    pub(crate) stats: Stats,
+    /// Connections another engine accepted for this one, and a flag that
+    /// says the list may be non-empty (read without the lock).
+    arrivals: Mutex<Vec<Socket>>,
+    pub(crate) has_arrivals: AtomicBool,
     waker: Arc<dyn Wake>,
 }
 
 impl Shared {
-    /// How long the stop under way may take to flush output.
-    pub(crate) fn stop_timeout(&self) -> Duration {
-        Duration::from_nanos(self.stop_timeout_ns.load(Acquire))
+    /// This engine's counters.
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.hub.stats[usize::from(self.engine)]
     }
 
     /// Wakes the I/O thread if it sleeps (after publishing commands).
@@ -170,6 +246,28 @@ impl Shared {
             let _ = self.waker.wake();
         }
     }
+
+    /// Hands `socket`, accepted by another engine, to this one.
+    pub(crate) fn hand_over(&self, socket: Socket) {
+        lock(&self.arrivals).push(socket);
+        self.has_arrivals.store(true, Release);
+        self.wake_io();
+    }
+
+    /// Takes the connections handed over so far, into `into`.
+    pub(crate) fn take_arrivals(&self, into: &mut Vec<Socket>) {
+        if self.has_arrivals.swap(false, Acquire) {
+            into.append(&mut lock(&self.arrivals));
+        }
+    }
+}
+
+/// Locks `mutex`, whether or not a thread panicked while holding it: what
+/// it guards stays consistent at every step.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// How long a stop may flush output unless told otherwise.
@@ -208,13 +306,26 @@ pub enum Request<'a> {
     ResumeReading,
 }
 
-/// Queues commands for the I/O thread; cheap to clone, usable from any thread.
+/// Queues commands for the I/O threads; cheap to clone, usable from any
+/// thread. Each command goes to the engine of its connection.
 #[derive(Clone)]
 pub struct Sender {
-    shared: Arc<Shared>,
+    engines: Arc<[Arc<Shared>]>,
 }
 
 impl Sender {
+    /// The engine that serves `conn`.
+    fn engine(&self, conn: ConnKey) -> Result<&Shared, SendError> {
+        self.engines
+            .get(usize::from(conn.engine))
+            .map(|shared| &**shared)
+            .ok_or(SendError::Stopped)
+    }
+
+    fn hub(&self) -> &Hub {
+        &self.engines[0].hub
+    }
+
     /// Queues `request` for `conn`. With `wait`, waits for ring space as long
     /// as needed; without, fails with [`SendError::WouldBlock`] instead.
     ///
@@ -243,7 +354,9 @@ impl Sender {
             Request::PauseReading => (CommandKind::PauseReading, [none; 3]),
             Request::ResumeReading => (CommandKind::ResumeReading, [none; 3]),
         };
-        self.push(kind, conn, parts, None, latch, wait).map(|_| ())
+        self.engine(conn)?
+            .push(kind, conn, parts, None, latch, wait)
+            .map(|_| ())
     }
 
     /// Queues, like [`Request::Send`] (or [`Request::SendFramed`] with
@@ -266,25 +379,30 @@ impl Sender {
         let (header, trailer) = envelope.map_or((&[][..], &[][..]), |e| (e.header(), e.trailer()));
         // SAFETY: the caller's promise, which `Ticket` lets it keep.
         let loan = unsafe { Loan::new(bytes, header.len()) };
-        self.push(
+        let position = self.engine(conn)?.push(
             CommandKind::Send,
             conn,
             [header, trailer, &[]],
             Some(loan),
             latch,
             wait,
-        )
-        .map(Ticket)
+        )?;
+        Ok(Ticket {
+            engine: conn.engine,
+            position,
+        })
     }
 
     /// True once the I/O thread is done with the bytes lent for `ticket`.
     pub fn has_returned(&self, ticket: Ticket) -> bool {
-        self.shared.commands_released.has_released(ticket.0)
+        self.engines[usize::from(ticket.engine)]
+            .commands_released
+            .has_released(ticket.position)
     }
 
-    /// The server's counters now.
+    /// The server's counters now, all engines together.
     pub fn stats(&self) -> Snapshot {
-        self.shared.stats.snapshot()
+        self.hub().snapshot()
     }
 
     /// Queues `data` for `conn` if that can be done without waiting.
@@ -307,37 +425,32 @@ impl Sender {
     /// to go out. Safe from any thread, any time; the first stop's timeout
     /// stands.
     pub fn stop(&self, timeout: Duration) {
-        let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        if !self.shared.stop.load(Acquire) {
-            self.shared.stop_timeout_ns.store(nanos, Release);
-        }
-        self.shared.stop.store(true, Release);
-        // Pairs with the fence in the I/O thread's sleep announcement, as for
-        // commands: either it sees the flag before sleeping or it is woken.
-        fence(SeqCst);
-        let _ = self.shared.waker.wake();
+        self.hub().stop(timeout);
     }
 
     /// A handle that does not keep the server's rings alive.
     pub fn downgrade(&self) -> WeakSender {
         WeakSender {
-            shared: Arc::downgrade(&self.shared),
+            engines: Arc::downgrade(&self.engines),
         }
     }
 
     #[cfg(test)]
     pub(crate) fn inject_panic(&self) {
-        self.push(
-            CommandKind::Panic,
-            ConnKey::default(),
-            [&[]; 3],
-            None,
-            None,
-            true,
-        )
-        .expect("server running");
+        self.engines[0]
+            .push(
+                CommandKind::Panic,
+                ConnKey::default(),
+                [&[]; 3],
+                None,
+                None,
+                true,
+            )
+            .expect("server running");
     }
+}
 
+impl Shared {
     /// Queues a command (several, for `parts` longer than a slot) and returns
     /// the ring position of the last one. A `loan` goes in one command with
     /// `parts`, its header and trailer, which must fit a slot.
@@ -350,7 +463,7 @@ impl Sender {
         latch: Option<&AtomicBool>,
         wait: bool,
     ) -> Result<usize, SendError> {
-        let shared = &*self.shared;
+        let shared = self;
         if shared.finished.load(Acquire) {
             return Err(SendError::Stopped);
         }
@@ -417,15 +530,19 @@ impl Sender {
         drop(producer);
         shared.wake_io();
         if kind == CommandKind::Send {
-            shared.stats.message_sent();
+            shared.stats().message_sent();
         }
         Ok(position)
     }
 }
 
-/// Says when bytes lent with [`Sender::lend`] are free again.
+/// Says when bytes lent with [`Sender::lend`] are free again: the command's
+/// engine and ring position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ticket(usize);
+pub struct Ticket {
+    engine: u16,
+    position: usize,
+}
 
 /// Fills `buf` from the front of `parts`, in order, advancing them past what
 /// was copied.
@@ -443,31 +560,61 @@ fn fill(buf: &mut [u8], parts: &mut [&[u8]]) {
 /// handles held by the application (one per connection) keep.
 #[derive(Clone)]
 pub struct WeakSender {
-    shared: Weak<Shared>,
+    engines: Weak<[Arc<Shared>]>,
 }
 
 impl WeakSender {
     /// The sender, unless the server has ended.
     pub fn upgrade(&self) -> Option<Sender> {
-        self.shared.upgrade().map(|shared| Sender { shared })
+        self.engines.upgrade().map(|engines| Sender { engines })
     }
 }
 
 /// A started server, held by the thread that consumes its deliveries.
 ///
-/// Dropping it stops the I/O thread and joins it, so no thread or socket
+/// Dropping it stops the I/O threads and joins them, so no thread or socket
 /// outlives it.
 pub struct Running {
+    engines: Vec<Engine>,
+    sender: Sender,
+    /// The engine deliveries are taken from now ...
+    cursor: usize,
+    /// ... and how many in a row, so that a busy engine cannot starve the
+    /// others' connections.
+    streak: usize,
+}
+
+/// The consumer's side of one engine.
+struct Engine {
     shared: Arc<Shared>,
     deliveries: Consumer<Delivery>,
     thread: Option<JoinHandle<()>>,
     stopped_seen: bool,
 }
 
+impl Engine {
+    /// True if the consumer may sleep as far as this engine goes: nothing to
+    /// take, and not finished without a `Stopped` still to take.
+    fn is_quiet(&mut self) -> bool {
+        self.deliveries.is_empty() && (self.stopped_seen || !self.shared.finished.load(Acquire))
+    }
+
+    /// True if its I/O thread exited without delivering `Stopped`.
+    fn vanished(&mut self) -> bool {
+        !self.stopped_seen
+            && self.shared.finished.load(Acquire)
+            && self.deliveries.is_empty()
+            && self.thread.as_ref().is_some_and(|t| t.is_finished())
+    }
+}
+
+/// Deliveries taken from one engine in a row while others have some.
+const ENGINE_STREAK: usize = 32;
+
 impl Running {
-    /// Starts the I/O thread serving `listeners`.
+    /// Starts the I/O threads serving `listeners`.
     ///
-    /// Errors come from creating the poller or registering the listeners, on
+    /// Errors come from creating the pollers or registering the listeners, on
     /// the calling thread.
     pub fn start(config: &Config, listeners: Vec<Socket>) -> io::Result<Running> {
         config
@@ -488,75 +635,134 @@ impl Running {
     }
 
     fn start_with<S: Selector>(config: &Config, listeners: Vec<Socket>) -> io::Result<Running> {
-        let selector = S::new()?;
-        let (command_tx, command_rx) = ring(config.ring_slots, || {
-            Command::with_capacity(config.slot_size)
-        });
-        let (delivery_tx, delivery_rx) = ring(config.ring_slots, || {
-            Delivery::with_capacity(config.slot_size)
-        });
-        let shared = Arc::new(Shared {
-            commands_released: command_tx.release_watch(),
-            commands: Mutex::new(command_tx),
-            slot_size: config.slot_size,
-            command_space: Bell::new(),
-            deliveries: Bell::new(),
-            io_sleep: IoSleep::new(),
+        let count = config.io_threads;
+        let selectors = (0..count)
+            .map(|_| S::new())
+            .collect::<io::Result<Vec<S>>>()?;
+        let hub = Arc::new(Hub {
             stop: AtomicBool::new(false),
             stop_timeout_ns: AtomicU64::new(DEFAULT_STOP_TIMEOUT.as_nanos() as u64),
-            finished: AtomicBool::new(false),
-            stats: Stats::default(),
-            waker: selector.waker(),
+            deliveries: Bell::new(),
+            next_id: AtomicU64::new(1),
+            open: AtomicUsize::new(0),
+            stats: (0..count).map(|_| Stats::default()).collect(),
+            wakers: selectors.iter().map(Selector::waker).collect(),
         });
-        let mut reactor = Reactor::new(
-            config,
-            selector,
-            Arc::clone(&shared),
-            delivery_tx,
-            command_rx,
-            listeners,
-        )?;
-        let on_start = config.on_io_thread_start;
-        let exit_guard = ExitGuard(Arc::clone(&shared));
-        let thread = std::thread::Builder::new()
-            .name("rsepoll-io".into())
-            .spawn(move || {
+        let mut rings = Vec::with_capacity(count);
+        let mut engines = Vec::with_capacity(count);
+        for (index, selector) in selectors.iter().enumerate() {
+            let (command_tx, command_rx) = ring(config.ring_slots, || {
+                Command::with_capacity(config.slot_size)
+            });
+            let (delivery_tx, delivery_rx) = ring(config.ring_slots, || {
+                Delivery::with_capacity(config.slot_size)
+            });
+            engines.push(Arc::new(Shared {
+                hub: Arc::clone(&hub),
+                engine: u16::try_from(index).expect("io_threads is validated"),
+                commands_released: command_tx.release_watch(),
+                commands: Mutex::new(command_tx),
+                slot_size: config.slot_size,
+                command_space: Bell::new(),
+                io_sleep: IoSleep::new(),
+                finished: AtomicBool::new(false),
+                arrivals: Mutex::new(Vec::new()),
+                has_arrivals: AtomicBool::new(false),
+                waker: selector.waker(),
+            }));
+            rings.push((delivery_tx, delivery_rx, command_rx));
+        }
+        let engines: Arc<[Arc<Shared>]> = engines.into();
+        // Every reactor is built (and the listeners registered) before any
+        // thread starts, so that an error leaves nothing running.
+        let mut listeners = Some(listeners);
+        let mut reactors = Vec::with_capacity(count);
+        let mut consumers = Vec::with_capacity(count);
+        for (selector, (shared, (delivery_tx, delivery_rx, command_rx))) in
+            selectors.into_iter().zip(engines.iter().zip(rings))
+        {
+            reactors.push(Reactor::new(
+                config,
+                selector,
+                Arc::clone(shared),
+                Arc::clone(&engines),
+                delivery_tx,
+                command_rx,
+                // The first engine accepts, for all of them.
+                listeners.take().unwrap_or_default(),
+            )?);
+            consumers.push(delivery_rx);
+        }
+        let mut running = Running {
+            engines: Vec::with_capacity(count),
+            sender: Sender {
+                engines: Arc::clone(&engines),
+            },
+            cursor: 0,
+            streak: 0,
+        };
+        for ((mut reactor, deliveries), shared) in
+            reactors.into_iter().zip(consumers).zip(engines.iter())
+        {
+            let on_start = config.on_io_thread_start;
+            let exit_guard = ExitGuard(Arc::clone(shared));
+            let name = match count {
+                1 => "rsepoll-io".to_owned(),
+                _ => format!("rsepoll-io-{}", shared.engine),
+            };
+            // On an error, dropping `running` stops and joins the threads
+            // started so far; the reactors not started drop their sockets.
+            let thread = std::thread::Builder::new().name(name).spawn(move || {
                 let _exit_guard = exit_guard;
                 block_signals();
                 run_io_thread(&mut reactor, on_start);
             })?;
-        Ok(Running {
-            shared,
-            deliveries: delivery_rx,
-            thread: Some(thread),
-            stopped_seen: false,
-        })
+            running.engines.push(Engine {
+                shared: Arc::clone(shared),
+                deliveries,
+                thread: Some(thread),
+                stopped_seen: false,
+            });
+        }
+        Ok(running)
     }
 
     /// A handle for sending commands from any thread.
     pub fn sender(&self) -> Sender {
-        Sender {
-            shared: Arc::clone(&self.shared),
-        }
+        self.sender.clone()
     }
 
     /// Takes the next delivery, if one is ready, and reads it with `f`. The
-    /// slot stays reserved until [`Running::release`].
+    /// slot stays reserved until [`Running::release`]. Engines take turns, at
+    /// most [`ENGINE_STREAK`] deliveries in a row while another has some.
     ///
     /// A `Draining` delivery is answered here, after `f` has seen it: every
     /// delivery before it has been handled by then, so the `Shutdown` command
-    /// queues behind every reply the consumer made to them.
+    /// queues behind every reply the consumer made to them. A `Failed` one
+    /// stops the other engines too.
     pub fn take_with<R>(&mut self, f: impl FnOnce(&Delivery) -> R) -> Option<R> {
+        let count = self.engines.len();
+        let mut tried = 0;
+        while self.streak >= ENGINE_STREAK || self.engines[self.cursor].deliveries.ready() == 0 {
+            tried += 1;
+            if tried > count {
+                return None;
+            }
+            self.cursor = (self.cursor + 1) % count;
+            self.streak = 0;
+        }
+        self.streak += 1;
+        let engine = &mut self.engines[self.cursor];
         let mut kind = None;
-        let result = self.deliveries.take_with(|delivery| {
+        let result = engine.deliveries.take_with(|delivery| {
             kind = Some(delivery.kind);
             f(delivery)
         });
         match kind {
-            Some(DeliveryKind::Stopped) => self.stopped_seen = true,
+            Some(DeliveryKind::Stopped) => engine.stopped_seen = true,
             Some(DeliveryKind::Draining) => {
                 // Fails only once the I/O thread has finished: nothing to answer.
-                let _ = self.sender().push(
+                let _ = engine.shared.push(
                     CommandKind::Shutdown,
                     ConnKey::default(),
                     [&[]; 3],
@@ -565,6 +771,7 @@ impl Running {
                     true,
                 );
             }
+            Some(DeliveryKind::Failed) => self.sender.stop(DEFAULT_STOP_TIMEOUT),
             _ => {}
         }
         result
@@ -572,95 +779,97 @@ impl Running {
 
     /// Number of deliveries taken since the last release.
     pub fn taken(&self) -> usize {
-        self.deliveries.taken()
+        self.engines.iter().map(|e| e.deliveries.taken()).sum()
     }
 
-    /// Returns the slots taken so far to the I/O thread, waking it if it waits
-    /// for them.
+    /// Returns the slots taken so far to the I/O threads, waking one that
+    /// waits for them.
     pub fn release(&mut self) {
-        if self.deliveries.taken() == 0 {
-            return;
-        }
-        self.deliveries.release();
-        if self.shared.io_sleep.wake_for_room() {
-            let _ = self.shared.waker.wake();
+        for engine in &mut self.engines {
+            if engine.deliveries.taken() == 0 {
+                continue;
+            }
+            engine.deliveries.release();
+            if engine.shared.io_sleep.wake_for_room() {
+                let _ = engine.shared.waker.wake();
+            }
         }
     }
 
     /// Blocks until a delivery is ready or `timeout` passes (or spuriously).
     pub fn wait(&mut self, timeout: Duration) {
         let Running {
-            shared, deliveries, ..
+            engines, sender, ..
         } = self;
-        shared.deliveries.wait_while(
-            || deliveries.is_empty() && !shared.finished.load(Acquire),
-            Some(timeout),
-        );
+        sender
+            .hub()
+            .deliveries
+            .wait_while(|| engines.iter_mut().all(Engine::is_quiet), Some(timeout));
     }
 
     /// True once the I/O thread is done with the bytes lent for `ticket`.
     pub fn has_returned(&self, ticket: Ticket) -> bool {
-        self.shared.commands_released.has_released(ticket.0)
+        self.sender.has_returned(ticket)
     }
 
-    /// True once the `Stopped` delivery has been taken: the I/O thread has
-    /// closed everything and will deliver nothing more.
+    /// True once every engine's `Stopped` delivery has been taken: the I/O
+    /// threads have closed everything and will deliver nothing more.
     pub fn has_stopped(&self) -> bool {
-        self.stopped_seen
+        self.engines.iter().all(|e| e.stopped_seen)
     }
 
-    /// True if the I/O thread exited without delivering `Stopped` (it could
+    /// True if an I/O thread exited without delivering `Stopped` (it could
     /// not even report its failure).
     pub fn io_thread_vanished(&mut self) -> bool {
-        !self.stopped_seen
-            && self.shared.finished.load(Acquire)
-            && self.deliveries.is_empty()
-            && self.thread.as_ref().is_some_and(|t| t.is_finished())
+        self.engines.iter_mut().any(Engine::vanished)
     }
 
-    /// Asks the I/O thread to shut down, giving queued output up to `timeout`
-    /// to go out; deliveries continue until `Stopped`.
+    /// Asks the I/O threads to shut down, giving queued output up to
+    /// `timeout` to go out; deliveries continue until `Stopped`.
     pub fn stop(&self, timeout: Duration) {
-        self.sender().stop(timeout);
+        self.sender.stop(timeout);
     }
 
-    /// Waits for the I/O thread to exit. Call after `Stopped` was taken (or the
-    /// thread vanished); otherwise this stops the server first, discarding
+    /// Waits for the I/O threads to exit. Call after `Stopped` was taken (or
+    /// a thread vanished); otherwise this stops the server first, discarding
     /// deliveries (it answers `Draining` as any consumer does, so connections
     /// whose output has gone out end with FIN, and output still queued gets
     /// [`ABANDON_TIMEOUT`] before a reset).
     pub fn join(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        if !self.stopped_seen {
+        let running =
+            |e: &Engine| !e.stopped_seen && e.thread.as_ref().is_some_and(|t| !t.is_finished());
+        if self.engines.iter().any(running) {
             self.stop(ABANDON_TIMEOUT);
-            while !self.stopped_seen && !thread.is_finished() {
+            while self.engines.iter().any(running) {
                 while self.take_with(|_| ()).is_some() {}
                 self.release();
                 self.wait(Duration::from_millis(10));
             }
         }
-        let _ = thread.join();
+        for engine in &mut self.engines {
+            if let Some(thread) = engine.thread.take() {
+                let _ = thread.join();
+            }
+        }
     }
 }
 
 /// Joining holds whatever the dropping thread holds (the GIL, on error paths of
-/// `listen()`); that is safe because the I/O thread never waits for it.
+/// `listen()`); that is safe because the I/O threads never wait for it.
 impl Drop for Running {
     fn drop(&mut self) {
         self.join();
     }
 }
 
-/// Marks the I/O thread finished however it ends, so that no sender or
+/// Marks an I/O thread finished however it ends, so that no sender or
 /// consumer waits for it again.
 struct ExitGuard(Arc<Shared>);
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
         self.0.finished.store(true, Release);
-        self.0.deliveries.ring();
+        self.0.hub.deliveries.ring();
         self.0.command_space.ring();
     }
 }

@@ -13,13 +13,16 @@ use crate::conn::{CloseReason, PendingBytes};
 
 /// Identifies one connection for the whole life of a server.
 ///
-/// `index` is the connection's slot in the I/O thread's table, for O(1) lookup;
-/// `id` is unique for the server's life and tells this connection from earlier
-/// and later tenants of the same slot (and of the same fd number).
+/// `engine` is the I/O thread that serves it, `index` its slot in that
+/// thread's table, for O(1) lookup; `id` is unique for the server's life
+/// (across its I/O threads) and tells this connection from earlier and later
+/// tenants of the same slot (and of the same fd number).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ConnKey {
     /// Slot in the connection table.
     pub index: u32,
+    /// The I/O thread, counting from 0.
+    pub engine: u16,
     /// Unique id, counting from 1.
     pub id: u64,
 }

@@ -26,7 +26,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::Ordering::{Acquire, Release};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -128,6 +128,13 @@ struct Io<S: Selector> {
     deliveries: Producer<Delivery>,
     listeners: Vec<Listener>,
     table: ConnectionTable,
+    /// Every engine of the server, this one included: the one with the
+    /// listeners hands accepted connections to each in turn.
+    engines: Arc<[Arc<Shared>]>,
+    /// The engine the next accepted connection goes to.
+    next_engine: usize,
+    /// Connections handed to this engine, being opened.
+    arrivals: Vec<Socket>,
     /// Connections with unread input, served round-robin.
     ready: VecDeque<ConnKey>,
     /// Control deliveries that found the ring full.
@@ -194,6 +201,7 @@ impl<S: Selector> Reactor<S> {
         config: &Config,
         selector: S,
         shared: Arc<Shared>,
+        engines: Arc<[Arc<Shared>]>,
         deliveries: Producer<Delivery>,
         commands: Consumer<Command>,
         listeners: Vec<Socket>,
@@ -204,10 +212,13 @@ impl<S: Selector> Reactor<S> {
         };
         let mut io = Io {
             selector,
-            shared,
+            shared: Arc::clone(&shared),
             deliveries,
             listeners: Vec::with_capacity(listeners.len()),
-            table: ConnectionTable::new(),
+            table: ConnectionTable::new(shared.engine),
+            engines,
+            next_engine: 0,
+            arrivals: Vec::new(),
             ready: VecDeque::with_capacity(1024),
             backlog: VecDeque::with_capacity(64),
             lingering: VecDeque::with_capacity(64),
@@ -270,11 +281,12 @@ impl<S: Selector> Reactor<S> {
     /// connection is closed and reported, then `Stopped` is delivered.
     pub(crate) fn run(&mut self) -> io::Result<()> {
         loop {
-            if self.io.stopping.is_none() && self.io.shared.stop.load(Acquire) {
-                let timeout = self.io.shared.stop_timeout();
+            if self.io.stopping.is_none() && self.io.shared.hub.stop.load(Acquire) {
+                let timeout = self.io.shared.hub.stop_timeout();
                 self.io.begin_stop(Instant::now() + timeout, true);
             }
             self.apply_commands();
+            self.io.open_arrivals();
             if let Some(stopping) = &mut self.io.stopping {
                 if Instant::now() >= stopping.deadline {
                     // Whatever has not finished by now (output, replies the
@@ -340,7 +352,7 @@ impl<S: Selector> Reactor<S> {
     /// Sleeps in the selector, unless the sleep protocol finds work first.
     fn wait(&mut self, mut timeout: Option<Duration>) -> io::Result<()> {
         // Whatever was counted is visible before this thread may sleep.
-        self.io.shared.stats.publish(&self.io.counters);
+        self.io.shared.stats().publish(&self.io.counters);
         let stalled = timeout != Some(Duration::ZERO) && self.io.has_deferred_work();
         let io = &mut self.io;
         if timeout != Some(Duration::ZERO) {
@@ -354,7 +366,8 @@ impl<S: Selector> Reactor<S> {
             let commands = &mut self.commands;
             let may_sleep = shared.io_sleep.prepare(stalled, || {
                 !commands.is_empty()
-                    || (stopping.is_none() && shared.stop.load(Acquire))
+                    || shared.has_arrivals.load(Acquire)
+                    || (stopping.is_none() && shared.hub.stop.load(Acquire))
                     || (stalled && ring_has_room(deliveries, *consumer_blocked_at))
             });
             if !may_sleep {
@@ -371,7 +384,7 @@ impl<S: Selector> Reactor<S> {
     fn finish(&mut self) {
         self.io.lingering.clear();
         self.io.ready.clear();
-        self.io.shared.stats.publish(&self.io.counters);
+        self.io.shared.stats().publish(&self.io.counters);
         // From here on, senders give up instead of waiting for ring space.
         self.io.shared.finished.store(true, Release);
         self.io
@@ -612,6 +625,7 @@ impl<S: Selector> Io<S> {
         let Some(mut conn) = self.table.remove(key) else {
             return;
         };
+        self.shared.hub.open.fetch_sub(1, Relaxed);
         let _ = self.selector.deregister(&conn.socket);
         if let Some(decoder) = conn.decoder.as_mut() {
             decoder.clear(&mut self.large.pool);
@@ -677,7 +691,12 @@ impl<S: Selector> Io<S> {
             if let Some(stopping) = &mut self.stopping {
                 stopping.announced = true;
             }
-            self.emit(DeliveryKind::Draining, ConnKey::default(), None, None);
+            // Names this engine: its connections are the ones closing.
+            let engine = ConnKey {
+                engine: self.shared.engine,
+                ..ConnKey::default()
+            };
+            self.emit(DeliveryKind::Draining, engine, None, None);
         }
     }
 
@@ -1218,11 +1237,11 @@ impl<S: Selector> Io<S> {
                 return;
             }
             match net::accept(&self.listeners[index].socket) {
-                Ok(socket) if self.table.len() >= self.max_connections => {
+                Ok(socket) if self.shared.hub.open.load(Relaxed) >= self.max_connections => {
                     drop(socket);
                     self.reject(CloseReason::Limit);
                 }
-                Ok(socket) => self.open(socket),
+                Ok(socket) => self.hand_out(socket),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.listeners[index].pending = false;
                     return self.rearm_listener(index);
@@ -1307,11 +1326,43 @@ impl<S: Selector> Io<S> {
         self.emit(DeliveryKind::Error, ConnKey::default(), None, Some(detail));
     }
 
+    /// Gives an accepted connection to the engines in turn: opens it here,
+    /// or hands it to another engine. Round-robin keeps the engines' shares
+    /// equal whatever the kernel's accept order, on every platform, with a
+    /// lock taken per connection, never per message.
+    fn hand_out(&mut self, socket: Socket) {
+        self.shared.hub.open.fetch_add(1, Relaxed);
+        let target = self.next_engine;
+        self.next_engine = (target + 1) % self.engines.len();
+        if target == usize::from(self.shared.engine) {
+            self.open(socket);
+        } else {
+            self.engines[target].hand_over(socket);
+        }
+    }
+
+    /// Opens the connections other engines handed to this one; while
+    /// stopping, closes them instead (the application never heard of them).
+    fn open_arrivals(&mut self) {
+        let mut arrivals = std::mem::take(&mut self.arrivals);
+        self.shared.take_arrivals(&mut arrivals);
+        for socket in arrivals.drain(..) {
+            if self.reading() {
+                self.open(socket);
+            } else {
+                self.shared.hub.open.fetch_sub(1, Relaxed);
+            }
+        }
+        self.arrivals = arrivals;
+    }
+
+    /// Starts serving `socket`, counted in `hub.open` already.
     fn open(&mut self, socket: Socket) {
         let fd = net::raw_handle(&socket);
         let peer = net::peer_addr(&socket);
         let local = net::local_addr(&socket);
-        let key = self.table.insert(socket, self.now);
+        let id = self.shared.hub.next_id();
+        let key = self.table.insert(socket, id, self.now);
         if let Some(idle) = self.idle_timeout {
             self.timers.schedule((key, Deadline::Idle), self.now + idle);
         }
@@ -1332,6 +1383,7 @@ impl<S: Selector> Io<S> {
         let token = Token::connection(key.index, key.id);
         if let Err(e) = self.selector.register(&conn.socket, token, READABLE) {
             self.table.remove(key);
+            self.shared.hub.open.fetch_sub(1, Relaxed);
             let detail = format!("watching an accepted connection failed: {e}");
             self.emit(DeliveryKind::Error, ConnKey::default(), None, Some(detail));
             return;
@@ -1358,7 +1410,11 @@ impl<S: Selector> Io<S> {
                         continue;
                     }
                     conn.read_fully |= event.read_fully;
-                    let key = ConnKey { index, id: conn.id };
+                    let key = ConnKey {
+                        index,
+                        engine: self.shared.engine,
+                        id: conn.id,
+                    };
                     if event.writable {
                         self.flush(key);
                     }
@@ -1518,7 +1574,7 @@ impl<S: Selector> Io<S> {
             let held = (self.deliveries.capacity() - self.deliveries.free()) as u64;
             self.counters.ring_high_water = self.counters.ring_high_water.max(held);
             self.deliveries.publish();
-            self.shared.deliveries.ring();
+            self.shared.hub.deliveries.ring();
         }
     }
 }

@@ -126,6 +126,29 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The counters of two I/O threads as one server's: sums, but the ring
+    /// high-water mark is the higher one (each thread has its own ring).
+    pub fn merge(&self, other: &Snapshot) -> Snapshot {
+        let (a, b) = (&self.counters, &other.counters);
+        let mut closes = a.closes;
+        for (count, more) in closes.iter_mut().zip(b.closes) {
+            *count += more;
+        }
+        Snapshot {
+            counters: Counters {
+                connections_accepted: a.connections_accepted + b.connections_accepted,
+                connections_closed: a.connections_closed + b.connections_closed,
+                connections_rejected: a.connections_rejected + b.connections_rejected,
+                bytes_received: a.bytes_received + b.bytes_received,
+                bytes_sent: a.bytes_sent + b.bytes_sent,
+                messages_received: a.messages_received + b.messages_received,
+                ring_high_water: a.ring_high_water.max(b.ring_high_water),
+                closes,
+            },
+            messages_sent: self.messages_sent + other.messages_sent,
+        }
+    }
+
     /// Connections open now: accepted and not yet reported closed.
     pub fn connections_open(&self) -> u64 {
         // The two are published one after the other: a reader may see a close

@@ -28,6 +28,9 @@ struct Tally {
     opened: usize,
     closed: usize,
     bytes: usize,
+    /// The I/O threads the connections went to, and their ids.
+    engines: std::collections::HashSet<u16>,
+    ids: std::collections::HashSet<u64>,
 }
 
 /// Echoes every byte back until `done()`, then stops the server and drains
@@ -45,7 +48,11 @@ fn run_echo(running: &mut Running, mut on_idle: impl FnMut(), done: impl Fn() ->
         {
             idle = false;
             match kind {
-                DeliveryKind::Opened => tally.opened += 1,
+                DeliveryKind::Opened => {
+                    tally.opened += 1;
+                    tally.engines.insert(conn.engine);
+                    tally.ids.insert(conn.id);
+                }
                 DeliveryKind::Closed(_) => tally.closed += 1,
                 DeliveryKind::Data => {
                     tally.bytes += data.len();
@@ -80,9 +87,10 @@ fn run_echo(running: &mut Running, mut on_idle: impl FnMut(), done: impl Fn() ->
 
 #[test]
 fn echo_is_byte_exact_for_many_clients_on_every_backend() {
-    for backend in backends() {
+    for (backend, io_threads) in backends().into_iter().flat_map(|b| [(b, 1), (b, 3)]) {
         let config = Config {
             backend,
+            io_threads,
             ..Config::default()
         };
         let (mut running, port) = start(&config);
@@ -121,6 +129,12 @@ fn echo_is_byte_exact_for_many_clients_on_every_backend() {
         assert_eq!(tally.opened, 16, "{backend:?}");
         assert_eq!(tally.closed, 16, "{backend:?}");
         assert_eq!(tally.bytes, 16 * 300_000, "{backend:?}");
+        // Dealt in turn: every I/O thread got some; ids unique across them.
+        assert_eq!(tally.engines.len(), io_threads, "{backend:?}");
+        assert_eq!(tally.ids.len(), 16, "{backend:?}");
+        let stats = running.sender().stats();
+        assert_eq!(stats.counters.connections_accepted, 16, "{backend:?}");
+        assert_eq!(stats.counters.bytes_received, 16 * 300_000, "{backend:?}");
     }
 }
 
@@ -216,20 +230,23 @@ fn framed_request(framing: Framing, payload: &[u8]) -> Vec<u8> {
 #[test]
 fn the_io_thread_allocates_nothing_per_message_in_steady_state() {
     let cases = [
-        (Framing::Raw, 1024),
-        (Framing::Line, 1024),
-        (Framing::Length(PrefixWidth::Four), 1024),
+        (Framing::Raw, 1024, 1),
+        (Framing::Line, 1024, 1),
+        (Framing::Length(PrefixWidth::Four), 1024, 1),
         // Larger than a slot: assembled in pooled buffers that come back.
-        (Framing::Length(PrefixWidth::Four), 40_000),
+        (Framing::Length(PrefixWidth::Four), 40_000, 1),
         // Raw reads that fill a slot go on into a pooled buffer; the reply
         // spans several command slots, gathered into one write.
-        (Framing::Raw, 40_000),
+        (Framing::Raw, 40_000, 1),
+        // Every I/O thread is counted.
+        (Framing::Raw, 1024, 2),
     ];
     for backend in backends() {
-        for (framing, size) in cases {
+        for (framing, size, io_threads) in cases {
             let config = Config {
                 backend,
                 framing,
+                io_threads,
                 on_io_thread_start: Some(count_this_thread),
                 ..Config::default()
             };

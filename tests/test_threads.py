@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -295,3 +297,63 @@ def test_stale_handles_never_deliver_to_a_reused_fd():
             assert server.buffers == {}
         finally:
             server.pool.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------------
+# Several I/O threads (io_threads); the whole suite also runs with
+# RSEPOLL_IO_THREADS=2 in .ci/run.
+# ---------------------------------------------------------------------------
+
+
+def test_io_threads_takes_a_positive_count_or_auto(monkeypatch):
+    monkeypatch.delenv("RSEPOLL_IO_THREADS", raising=False)
+    assert rsepoll.Server().io_threads == 1
+    assert rsepoll.Server(io_threads=3).io_threads == 3
+    assert rsepoll.Server(io_threads="auto").io_threads >= 1
+    monkeypatch.setenv("RSEPOLL_IO_THREADS", "2")
+    assert rsepoll.Server().io_threads == 2
+    assert rsepoll.Server(io_threads=1).io_threads == 1
+    for bad in (0, -1, "two", 1.5, True, 100_000):
+        with pytest.raises(ValueError, match="io_threads"):
+            rsepoll.Server(io_threads=bad)
+
+
+class IdRecorder(rsepoll.Server):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.ids = []
+
+    def on_connection_opened(self, conn):
+        self.ids.append(conn.id)
+
+
+def io_thread_names():
+    import os
+
+    names = set()
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as comm:
+            names.add(comm.read().strip())
+    return {name for name in names if name.startswith("rsepoll-io")}
+
+
+def test_three_io_threads_serve_one_listener_with_unique_ids():
+    clients = 12
+    with running(IdRecorder, io_threads=3) as (server, port):
+        socks = [connect(port) for _ in range(clients)]
+        try:
+            for i, sock in enumerate(socks):
+                sock.sendall(b"x" * (i + 1))
+            for i, sock in enumerate(socks):
+                assert recv_exactly(sock, i + 1) == b"x" * (i + 1)
+            assert wait_until(lambda: len(server.ids) == clients)
+            assert len(set(server.ids)) == clients
+            assert server.stats()["connections_open"] == clients
+            if sys.platform.startswith("linux"):
+                assert io_thread_names() == {"rsepoll-io-0", "rsepoll-io-1", "rsepoll-io-2"}
+        finally:
+            for sock in socks:
+                sock.close()
+    # Every I/O thread is gone with the server.
+    if sys.platform.startswith("linux"):
+        assert wait_until(lambda: not io_thread_names())

@@ -117,6 +117,12 @@ class Server(ServerCore):
             (``"message_timeout"``); this defeats clients that announce a
             large message and trickle it. None disables it; raw mode has no
             messages and ignores it.
+        io_threads: I/O threads, each with its own poller and rings; the
+            callbacks still all run on the thread that calls :meth:`listen`.
+            Connections are dealt to the I/O threads in turn as they are
+            accepted. ``"auto"``: one per CPU available to the process, less
+            one for the callbacks' thread, at least 1. None, the default,
+            takes ``$RSEPOLL_IO_THREADS`` if set, else 1.
     """
 
     def __init__(
@@ -134,6 +140,7 @@ class Server(ServerCore):
         idle_timeout: float | None = None,
         message_timeout: float | None = 30.0,
         max_connections: int | None = None,
+        io_threads: int | str | None = None,
     ) -> None:
         if max_fds <= 0:
             raise ValueError(f"max_fds must be positive, got {max_fds}")
@@ -145,6 +152,7 @@ class Server(ServerCore):
             raise ValueError(f"max_connections must be positive, got {max_connections}")
         if backend is None or backend == "auto":
             backend = os.environ.get("RSEPOLL_BACKEND") or "auto"
+        threads = _io_threads(io_threads)
         self._configure(
             backend,
             ring_slots,
@@ -157,6 +165,7 @@ class Server(ServerCore):
             idle_timeout,
             message_timeout,
             max_connections,
+            threads,
         )
 
     def register_listener_socket(self, sock: AnyListener) -> bool:
@@ -228,6 +237,28 @@ class Server(ServerCore):
     def on_shutdown_success(self) -> None:
         """The server has stopped: every connection was closed and reported."""
         logger.debug("shut down")
+
+
+def _io_threads(io_threads: int | str | None) -> int:
+    """The number of I/O threads ``io_threads`` asks for (see :class:`Server`)."""
+    if io_threads is None:
+        io_threads = os.environ.get("RSEPOLL_IO_THREADS") or 1
+    if io_threads == "auto":
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+        return max(1, cpus - 1)
+    if isinstance(io_threads, str):
+        try:
+            io_threads = int(io_threads)
+        except ValueError:
+            raise ValueError(
+                f"io_threads must be a positive integer or 'auto', got {io_threads!r}"
+            ) from None
+    if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
+        raise ValueError(f"io_threads must be a positive integer or 'auto', got {io_threads!r}")
+    return io_threads
 
 
 #: File descriptors the default ``max_connections`` leaves for the server's

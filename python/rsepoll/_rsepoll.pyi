@@ -121,12 +121,16 @@ class ServerCore:
         idle_timeout: float | None = None,
         message_timeout: float | None = None,
         max_connections: int | None = None,
+        io_threads: int | None = None,
     ) -> None: ...
     def stats(self) -> dict[str, Any]:
         """The server's counters (see rsepoll.Server.stats)."""
     @property
     def framing(self) -> str:
         """``"raw"``, ``"line"`` or ``"length"``."""
+    @property
+    def io_threads(self) -> int:
+        """How many I/O threads serve the connections."""
     @property
     def backend(self) -> str:
         """The backend that runs: ``"epoll"`` or ``"portable"`` (never ``"auto"``)."""

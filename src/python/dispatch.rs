@@ -22,7 +22,7 @@ use super::server::{lock, queue, ServerCore};
 use crate::conn::CloseReason;
 use crate::core::{Request, Running, WeakSender};
 use crate::framing::Framing;
-use crate::message::{Delivery, DeliveryKind};
+use crate::message::{ConnKey, Delivery, DeliveryKind};
 
 /// Longest the listening thread waits with the GIL released before it checks
 /// for signals (Ctrl-C) and stop requests.
@@ -39,8 +39,8 @@ pub(super) struct Dispatcher<'py, 'a> {
     /// Payloads lent to the I/O thread. Declared after `running`, so that it
     /// is dropped after `running` has joined the I/O thread.
     loans: Arc<Loans>,
-    /// Python-side handles of the open connections, by table slot.
-    connections: Vec<Option<Py<Connection>>>,
+    /// Python-side handles of the open connections, by engine and table slot.
+    connections: Connections,
     /// What new `Connection` objects are made with.
     factory: ConnectionFactory,
     idle_timeout: Duration,
@@ -75,7 +75,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
             server,
             running,
             loans,
-            connections: Vec::new(),
+            connections: Connections::default(),
             factory,
             idle_timeout,
             logger,
@@ -130,7 +130,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
         if vanished {
             // The I/O thread could not report its own end: close the books here.
             self.report_error::<PyRuntimeError>("the rsepoll I/O thread exited unexpectedly");
-            let open: Vec<Py<Connection>> = self.connections.drain(..).flatten().collect();
+            let open: Vec<Py<Connection>> = self.connections.drain().collect();
             for conn in open {
                 self.close_and_report(conn);
             }
@@ -298,6 +298,46 @@ struct ConnectionFactory {
     loans: std::sync::Weak<Loans>,
 }
 
+/// The `Connection` objects of the open connections, by engine and table
+/// slot: one lookup per delivery, without hashing.
+#[derive(Default)]
+struct Connections {
+    by_engine: Vec<Vec<Option<Py<Connection>>>>,
+}
+
+impl Connections {
+    fn slot(&mut self, key: ConnKey) -> &mut Option<Py<Connection>> {
+        let engine = usize::from(key.engine);
+        if self.by_engine.len() <= engine {
+            self.by_engine.resize_with(engine + 1, Vec::new);
+        }
+        let slots = &mut self.by_engine[engine];
+        let index = key.index as usize;
+        if slots.len() <= index {
+            slots.resize_with(index + 1, || None);
+        }
+        &mut slots[index]
+    }
+
+    /// The connection `key` names, if it is open.
+    fn get(&self, py: Python<'_>, key: ConnKey) -> Option<Py<Connection>> {
+        self.by_engine
+            .get(usize::from(key.engine))?
+            .get(key.index as usize)?
+            .as_ref()
+            .filter(|c| c.get().key == key)
+            .map(|c| c.clone_ref(py))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Py<Connection>> {
+        self.by_engine.iter().flatten().flatten()
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Py<Connection>> + '_ {
+        self.by_engine.drain(..).flatten().flatten()
+    }
+}
+
 /// A delivery, read out of its slot.
 enum Item<'py> {
     Opened(Py<Connection>),
@@ -314,24 +354,17 @@ impl<'py> Item<'py> {
     fn read(
         py: Python<'py>,
         factory: &ConnectionFactory,
-        connections: &mut Vec<Option<Py<Connection>>>,
+        connections: &mut Connections,
         delivery: &Delivery,
     ) -> Item<'py> {
-        let index = delivery.conn.index as usize;
-        let known = |connections: &Vec<Option<Py<Connection>>>| {
-            connections
-                .get(index)
-                .and_then(Option::as_ref)
-                .filter(|c| c.get().key == delivery.conn)
-                .map(|c| c.clone_ref(py))
-        };
+        let key = delivery.conn;
         match delivery.kind {
             DeliveryKind::Opened => {
                 let Some(opened) = delivery.opened.clone() else {
                     return Item::Nothing;
                 };
                 let conn = Connection::new(
-                    delivery.conn,
+                    key,
                     factory.server_id,
                     opened,
                     factory.framing,
@@ -340,38 +373,40 @@ impl<'py> Item<'py> {
                 );
                 match Py::new(py, conn) {
                     Ok(conn) => {
-                        if connections.len() <= index {
-                            connections.resize_with(index + 1, || None);
-                        }
-                        connections[index] = Some(conn.clone_ref(py));
+                        *connections.slot(key) = Some(conn.clone_ref(py));
                         Item::Opened(conn)
                     }
                     Err(_) => Item::Error("could not create a Connection object".into()),
                 }
             }
-            DeliveryKind::Data => match known(connections) {
+            DeliveryKind::Data => match connections.get(py, key) {
                 Some(conn) => Item::Data(conn, PyBytes::new(py, delivery.data())),
                 None => Item::Nothing,
             },
-            DeliveryKind::Eof => known(connections).map_or(Item::Nothing, Item::Eof),
-            DeliveryKind::Closed(reason) => match known(connections) {
+            DeliveryKind::Eof => connections.get(py, key).map_or(Item::Nothing, Item::Eof),
+            DeliveryKind::Closed(reason) => match connections.get(py, key) {
                 Some(conn) => {
-                    connections[index] = None;
+                    *connections.slot(key) = None;
                     Item::Closed(conn, reason)
                 }
                 None => Item::Nothing,
             },
             DeliveryKind::Error => Item::Error(delivery.detail.clone().unwrap_or_default()),
-            DeliveryKind::TooLarge => match known(connections) {
+            DeliveryKind::TooLarge => match connections.get(py, key) {
                 Some(conn) => Item::TooLarge(conn, delivery.detail.clone().unwrap_or_default()),
                 None => Item::Nothing,
             },
             DeliveryKind::Failed => Item::Failed(delivery.detail.clone().unwrap_or_default()),
             DeliveryKind::Draining => {
-                // Every connection is about to close: sends from now on are
-                // refused. `Running` answers with `Shutdown` right after this,
-                // so the latch is set before that command is queued.
-                for conn in connections.iter().flatten() {
+                // Every connection of this engine (`key.engine`) is about to
+                // close: sends from now on are refused. `Running` answers with
+                // `Shutdown` right after this, so the latch is set before that
+                // command is queued. Other engines' connections may still
+                // have input to answer, ahead of their own `Draining`.
+                for conn in connections
+                    .iter()
+                    .filter(|c| c.get().key.engine == key.engine)
+                {
                     conn.get().closing.store(true, SeqCst);
                 }
                 Item::Nothing

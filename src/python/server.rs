@@ -82,6 +82,7 @@ impl ServerCore {
         idle_timeout = None,
         message_timeout = None,
         max_connections = None,
+        io_threads = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn _configure(
@@ -97,6 +98,7 @@ impl ServerCore {
         idle_timeout: Option<f64>,
         message_timeout: Option<f64>,
         max_connections: Option<usize>,
+        io_threads: Option<usize>,
     ) -> PyResult<()> {
         let mut config = lock(&self.config).clone();
         if let Some(name) = backend {
@@ -108,6 +110,7 @@ impl ServerCore {
         config.write_buffer_low = write_buffer_low.unwrap_or(config.write_buffer_low);
         config.max_message_size = max_message_size.unwrap_or(config.max_message_size);
         config.max_connections = max_connections.unwrap_or(config.max_connections);
+        config.io_threads = io_threads.unwrap_or(config.io_threads);
         // Unlike the options above, None here means no timeout.
         config.idle_timeout = idle_timeout
             .map(|t| seconds("idle_timeout", t))
@@ -135,6 +138,12 @@ impl ServerCore {
         config.validate().map_err(PyValueError::new_err)?;
         *lock(&self.config) = config;
         Ok(())
+    }
+
+    /// How many I/O threads serve the connections.
+    #[getter]
+    fn io_threads(&self) -> usize {
+        lock(&self.config).io_threads
     }
 
     /// How messages are cut and framed: `"raw"`, `"line"` or `"length"`.
