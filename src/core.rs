@@ -14,14 +14,15 @@
 //! (`crate::python`) is a thin loop around [`Running`] that turns deliveries
 //! into callbacks, and the Rust tests drive [`Running`] directly.
 //!
-//! Threads and ownership: the I/O thread owns the sockets, the connection table,
-//! the delivery ring's producer and the command ring's consumer. The thread that
-//! called [`Running::start`] owns the delivery ring's consumer. The command
-//! ring's producer sits in a mutex in [`Shared`], so that any thread can send:
-//! the mutex is held only for a copy into the ring, never while waiting for a
-//! Python lock, and a sender that finds it taken or the ring full can step back
-//! (release the GIL) before it blocks. Holding it for a whole message keeps each
-//! message's bytes together and gives all senders one order, the order in which
+//! Threads and ownership: each I/O thread owns its sockets, its connection
+//! table, its delivery ring's producer and its command ring's consumer. The
+//! thread that called [`Running::start`] owns every delivery ring's consumer.
+//! A command ring's producer sits in a mutex in its engine's [`Shared`], so
+//! that any thread can send: the mutex is held only for a copy into the ring,
+//! never while waiting for a Python lock, and a sender that finds it taken or
+//! the ring full can step back (release the GIL) before it blocks. Holding it
+//! for a whole message keeps each message's bytes together and gives all
+//! senders to one engine (so to one connection) one order, the order in which
 //! they took the mutex.
 
 use std::io;
@@ -229,7 +230,8 @@ pub(crate) struct Shared {
     pub(crate) finished: AtomicBool,
     /// Connections another engine accepted for this one, and a flag that
     /// says the list may be non-empty (read without the lock).
-    arrivals: Mutex<Vec<Socket>>,
+    /// `None` once the engine's loop has ended: nothing is handed over then.
+    arrivals: Mutex<Option<Vec<Socket>>>,
     pub(crate) has_arrivals: AtomicBool,
     waker: Arc<dyn Wake>,
 }
@@ -248,16 +250,34 @@ impl Shared {
     }
 
     /// Hands `socket`, accepted by another engine, to this one.
-    pub(crate) fn hand_over(&self, socket: Socket) {
-        lock(&self.arrivals).push(socket);
+    /// Gives it back if this engine's loop has ended.
+    pub(crate) fn hand_over(&self, socket: Socket) -> Result<(), Socket> {
+        match lock(&self.arrivals).as_mut() {
+            Some(arrivals) => arrivals.push(socket),
+            None => return Err(socket),
+        }
         self.has_arrivals.store(true, Release);
         self.wake_io();
+        Ok(())
+    }
+
+    /// Refuses hand-overs from now on and closes the sockets still parked,
+    /// uncounting them from `hub.open`. Idempotent.
+    pub(crate) fn close_arrivals(&self) {
+        let parked = lock(&self.arrivals).take();
+        self.has_arrivals.store(false, Release);
+        if let Some(parked) = parked {
+            self.hub.open.fetch_sub(parked.len(), Relaxed);
+        }
     }
 
     /// Takes the connections handed over so far, into `into`.
     pub(crate) fn take_arrivals(&self, into: &mut Vec<Socket>) {
-        if self.has_arrivals.swap(false, Acquire) {
-            into.append(&mut lock(&self.arrivals));
+        // A load first: the swap's write is for the rare turn with arrivals.
+        if self.has_arrivals.load(Relaxed) && self.has_arrivals.swap(false, Acquire) {
+            if let Some(arrivals) = lock(&self.arrivals).as_mut() {
+                into.append(arrivals);
+            }
         }
     }
 }
@@ -594,9 +614,13 @@ struct Engine {
 
 impl Engine {
     /// True if the consumer may sleep as far as this engine goes: nothing to
-    /// take, and not finished without a `Stopped` still to take.
+    /// take, and not finished with a `Stopped` still to come (an engine whose
+    /// thread exited without one, `vanished`, is quiet too: nothing more
+    /// will come from it).
     fn is_quiet(&mut self) -> bool {
-        self.deliveries.is_empty() && (self.stopped_seen || !self.shared.finished.load(Acquire))
+        let gone = self.thread.as_ref().is_none_or(|t| t.is_finished());
+        self.deliveries.is_empty()
+            && (self.stopped_seen || !self.shared.finished.load(Acquire) || gone)
     }
 
     /// True if its I/O thread exited without delivering `Stopped`.
@@ -666,7 +690,7 @@ impl Running {
                 command_space: Bell::new(),
                 io_sleep: IoSleep::new(),
                 finished: AtomicBool::new(false),
-                arrivals: Mutex::new(Vec::new()),
+                arrivals: Mutex::new(Some(Vec::new())),
                 has_arrivals: AtomicBool::new(false),
                 waker: selector.waker(),
             }));
@@ -869,6 +893,7 @@ struct ExitGuard(Arc<Shared>);
 impl Drop for ExitGuard {
     fn drop(&mut self) {
         self.0.finished.store(true, Release);
+        self.0.close_arrivals();
         self.0.hub.deliveries.ring();
         self.0.command_space.ring();
     }
@@ -990,6 +1015,69 @@ mod tests {
             );
             running.join();
         }
+    }
+
+    /// A connection the accepting engine deals to an engine whose
+    /// loop has ended (here it failed, and the consumer has not taken
+    /// `Failed` yet, as while a long callback runs) must not be parked where
+    /// nobody serves or closes it: it is served by a live engine instead.
+    #[test]
+    fn a_connection_dealt_to_a_finished_engine_is_served_by_a_live_one() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (socket, port) = listener();
+        let config = Config {
+            io_threads: 2,
+            ..Config::default()
+        };
+        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let sender = running.sender();
+        sender.engines[1]
+            .push(
+                CommandKind::Panic,
+                ConnKey::default(),
+                [&[]; 3],
+                None,
+                None,
+                true,
+            )
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sender.engines[1].finished.load(Acquire) {
+            assert!(Instant::now() < deadline, "engine 1 did not end");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Dealt in turn: the first to engine 0, the second to engine 1.
+        let _served = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut stranded = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        // Engine 0's deliveries only: taking engine 1's `Failed` would stop
+        // the server.
+        let mut opened_on_0 = 0;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline && opened_on_0 < 2 {
+            match running.engines[0].deliveries.take_with(|d| d.kind) {
+                Some(DeliveryKind::Opened) => opened_on_0 += 1,
+                Some(_) => {}
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        running.engines[0].deliveries.release();
+        stranded
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let outcome = stranded.read(&mut byte);
+        let open = sender.hub().open.load(Relaxed);
+        // Set by every hand-over, cleared only by the engine taking them.
+        let parked = sender.engines[1].has_arrivals.load(Acquire);
+        running.join();
+        assert!(
+            !parked && opened_on_0 == 2 && open == 2,
+            "a socket parked in engine 1: {parked}; opened by engine 0: {opened_on_0} (2 expected); \
+             hub.open = {open}; the second client's read: {outcome:?}"
+        );
+        // Once engine 1 is gone for good, nothing is counted for it.
+        drop(running);
+        assert_eq!(sender.hub().open.load(Relaxed), 0);
     }
 
     #[test]

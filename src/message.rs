@@ -4,8 +4,11 @@
 //!
 //! Every slot owns a byte buffer allocated once, when the ring is made. Data is
 //! copied into it in place (by `recv` on the I/O thread, by `memcpy` from a
-//! Python `bytes` on the other side), so passing messages allocates nothing. A
-//! message larger than a slot spans several consecutive slots.
+//! Python object on the other side), so passing messages allocates nothing.
+//! A delivery larger than a slot carries a pooled buffer instead (see
+//! [`crate::inbound`]); a command larger than a slot spans several
+//! consecutive slots, unless its bytes are lent ([`Loan`]): then the slot
+//! points at them.
 
 use std::net::SocketAddr;
 

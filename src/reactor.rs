@@ -164,6 +164,9 @@ struct Io<S: Selector> {
     /// Raw mode: the size of the buffer a read that fills its slot goes on
     /// into ([`LARGE_READ`]); 0 where reads do not spill.
     spill_size: usize,
+    /// The budget had no room for a spill buffer: the consumer's release
+    /// count then (see `may_spill`).
+    spill_blocked_at: Option<usize>,
     /// Input waits for the consumer to release slots, though some are free: a
     /// large message over the budget of buffers in the ring, or a connection
     /// at its share of the ring. The consumer's release count then.
@@ -241,12 +244,16 @@ impl<S: Selector> Reactor<S> {
                     Framing::Raw => spill_size,
                     _ => config.max_message_size,
                 },
-                // As many bytes as the ring carries in its own slots, and
-                // room for two of the largest messages.
-                (config.ring_slots * config.slot_size).max(2 * config.max_message_size),
+                // As many bytes as the ring carries in its own slots, and in
+                // the framed modes room for two of the largest messages.
+                match config.framing {
+                    Framing::Raw => config.ring_slots * config.slot_size,
+                    _ => (config.ring_slots * config.slot_size).max(2 * config.max_message_size),
+                },
                 config.ring_slots,
             ),
             spill_size,
+            spill_blocked_at: None,
             consumer_blocked_at: None,
             in_flight: VecDeque::with_capacity(config.ring_slots),
             ring_share: (config.ring_slots / RING_SHARE_DIVISOR).max(MIN_RING_SHARE) as u32,
@@ -260,7 +267,8 @@ impl<S: Selector> Reactor<S> {
             max_connections: config.max_connections,
             unreported_rejections: 0,
             last_rejection_report: None,
-            reserve: net::ReserveFd::open(),
+            // Only the engine that accepts needs one (see `turn_away_queued`).
+            reserve: None,
             counters: Counters::default(),
         };
         for (index, socket) in listeners.into_iter().enumerate() {
@@ -273,6 +281,9 @@ impl<S: Selector> Reactor<S> {
                 pending: true,
                 retry_at: None,
             });
+        }
+        if !io.listeners.is_empty() {
+            io.reserve = net::ReserveFd::open();
         }
         Ok(Reactor { commands, io })
     }
@@ -387,6 +398,8 @@ impl<S: Selector> Reactor<S> {
         self.io.shared.stats().publish(&self.io.counters);
         // From here on, senders give up instead of waiting for ring space.
         self.io.shared.finished.store(true, Release);
+        // And the accepting engine serves what it would have handed over.
+        self.io.shared.close_arrivals();
         self.io
             .emit(DeliveryKind::Stopped, ConnKey::default(), None, None);
         // Keep draining commands meanwhile, so that no Python thread stays
@@ -812,11 +825,7 @@ impl<S: Selector> Io<S> {
             if !self.backlog.is_empty() || self.deliveries.free() == 0 || !self.has_share(key) {
                 return self.mark_unread(key);
             }
-            let spill = self.spill_size > 0
-                && self
-                    .large
-                    .account
-                    .admit(self.spill_size, &mut self.deliveries);
+            let spill = self.may_spill();
             let Some(conn) = self.table.get_mut(key) else {
                 return;
             };
@@ -885,6 +894,31 @@ impl<S: Selector> Io<S> {
             }
         }
         self.mark_unread(key);
+    }
+
+    /// True if a read that fills its slot may go on into a spill buffer: the
+    /// budget of buffers in the ring has room. When it has none, the check
+    /// (which takes back consumed slots' buffers) waits for the consumer to
+    /// move on before it runs again, so that it does not scan the ring at
+    /// every read.
+    fn may_spill(&mut self) -> bool {
+        if self.spill_size == 0 {
+            return false;
+        }
+        if let Some(at) = self.spill_blocked_at {
+            if self.deliveries.released() == at {
+                return false;
+            }
+            self.spill_blocked_at = None;
+        }
+        let admitted = self
+            .large
+            .account
+            .admit(self.spill_size, &mut self.deliveries);
+        if !admitted {
+            self.spill_blocked_at = Some(self.deliveries.released());
+        }
+        admitted
     }
 
     /// Reads into the I/O thread's scratch buffer and cuts what comes into
@@ -1336,8 +1370,10 @@ impl<S: Selector> Io<S> {
         self.next_engine = (target + 1) % self.engines.len();
         if target == usize::from(self.shared.engine) {
             self.open(socket);
-        } else {
-            self.engines[target].hand_over(socket);
+        } else if let Err(socket) = self.engines[target].hand_over(socket) {
+            // That engine's loop has ended (it failed, or finished a stop
+            // this one has not seen yet): serve it here.
+            self.open(socket);
         }
     }
 
@@ -1351,6 +1387,7 @@ impl<S: Selector> Io<S> {
                 self.open(socket);
             } else {
                 self.shared.hub.open.fetch_sub(1, Relaxed);
+                self.counters.rejected(CloseReason::Shutdown);
             }
         }
         self.arrivals = arrivals;

@@ -82,9 +82,12 @@ class Server(ServerCore):
             ``"epoll"`` where it does not exist raises ``ValueError``. The
             ``backend`` property says which one runs.
         ring_slots: slots in each of the two rings between the threads (a power
-            of two). With ``slot_size``, this bounds the memory in flight
-            between the threads: the I/O thread stops reading, and TCP slows
-            the clients, while the Python thread is behind.
+            of two; each I/O thread has its own pair). With ``slot_size``,
+            this bounds the bytes copied in flight between the threads: the
+            I/O thread stops reading, and TCP slows the clients, while the
+            Python thread is behind. (Large ``bytes`` sends are lent rather
+            than copied, and raw-mode reads that fill a slot travel in pooled
+            buffers capped at the ring's size; see the README's *Memory*.)
         slot_size: bytes per slot. In raw mode a read that fills a slot goes
             on into a pooled 256 KiB buffer, so one ``on_message_received``
             gets up to 256 KiB (or ``slot_size``, if larger).
@@ -111,7 +114,8 @@ class Server(ServerCore):
         max_connections: connections beyond this many are accepted and closed
             at once (counted in ``stats()["connections_rejected"]``, reported
             through ``on_exception_occurred`` at most once a second). Default:
-            the file descriptor limit less 32 kept for the server's own use.
+            the file descriptor limit less 32 kept for the server's own use
+            (and 3 more per I/O thread beyond the first).
         message_timeout: framed modes: seconds within which a message, once
             started, must be complete, else the connection is closed
             (``"message_timeout"``); this defeats clients that announce a
@@ -121,7 +125,7 @@ class Server(ServerCore):
             callbacks still all run on the thread that calls :meth:`listen`.
             Connections are dealt to the I/O threads in turn as they are
             accepted. ``"auto"``: one per CPU available to the process, less
-            one for the callbacks' thread, at least 1. None, the default,
+            one for the callbacks' thread, at least 1 (at most 256). None, the default,
             takes ``$RSEPOLL_IO_THREADS`` if set, else 1.
     """
 
@@ -146,13 +150,14 @@ class Server(ServerCore):
             raise ValueError(f"max_fds must be positive, got {max_fds}")
         self.max_fds = max_fds
         fd_limit = _raise_fd_limit(max_fds)
+        threads = _io_threads(io_threads)
         if max_connections is None:
-            max_connections = max(1, fd_limit - _RESERVED_FDS)
+            reserved = _RESERVED_FDS + _FDS_PER_IO_THREAD * (threads - 1)
+            max_connections = max(1, fd_limit - reserved)
         elif max_connections <= 0:
             raise ValueError(f"max_connections must be positive, got {max_connections}")
         if backend is None or backend == "auto":
             backend = os.environ.get("RSEPOLL_BACKEND") or "auto"
-        threads = _io_threads(io_threads)
         self._configure(
             backend,
             ring_slots,
@@ -248,7 +253,7 @@ def _io_threads(io_threads: int | str | None) -> int:
             cpus = len(os.sched_getaffinity(0))
         except AttributeError:  # not on Linux
             cpus = os.cpu_count() or 1
-        return max(1, cpus - 1)
+        return max(1, min(cpus - 1, _MAX_IO_THREADS))
     if isinstance(io_threads, str):
         try:
             io_threads = int(io_threads)
@@ -260,6 +265,13 @@ def _io_threads(io_threads: int | str | None) -> int:
         raise ValueError(f"io_threads must be a positive integer or 'auto', got {io_threads!r}")
     return io_threads
 
+
+#: The most I/O threads a server may have (and ``"auto"`` picks).
+_MAX_IO_THREADS = 256
+
+#: File descriptors each I/O thread beyond the first holds (its poller and
+#: its waker, with a spare), left out of the default ``max_connections``.
+_FDS_PER_IO_THREAD = 3
 
 #: File descriptors the default ``max_connections`` leaves for the server's
 #: own use: listeners, the poller, its waker, the reserve descriptor, and the

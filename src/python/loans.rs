@@ -40,9 +40,11 @@ impl Loans {
         lock(&self.kept).push_back((ticket, object));
     }
 
-    /// Lets go of the objects whose tickets have returned. Tickets are kept
-    /// in the order they were taken, except when threads race to send: then
-    /// one returned late only waits for the next call.
+    /// Lets go of the objects at the front whose tickets have returned. An
+    /// object behind one whose ticket has not (threads racing to send, a
+    /// busier I/O thread, or a command queued after its I/O thread ended)
+    /// waits for a later call, or for [`Loans::clear`]: held longer, never
+    /// let go early.
     pub(super) fn settle(&self, _py: Python<'_>, has_returned: impl Fn(Ticket) -> bool) {
         let mut kept = lock(&self.kept);
         while kept
