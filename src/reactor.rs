@@ -173,7 +173,12 @@ struct Io<S: Selector> {
     consumer_blocked_at: Option<usize>,
     /// Data deliveries in the ring, oldest first: the producer position of
     /// each and its connection, to keep each connection's share exact.
-    in_flight: VecDeque<(usize, ConnKey)>,
+    in_flight: VecDeque<(usize, ConnKey, usize)>,
+    /// Payload bytes of the data deliveries in the ring (the third field of
+    /// `in_flight`), and the most raw reads may bring it to: the ring's own
+    /// size, so that spilled reads do not raise what the ring holds.
+    ring_bytes: usize,
+    ring_byte_cap: usize,
     /// The most data deliveries one connection may have in the ring.
     ring_share: u32,
     /// Per-connection deadlines, at most one entry per connection and kind;
@@ -256,6 +261,8 @@ impl<S: Selector> Reactor<S> {
             spill_blocked_at: None,
             consumer_blocked_at: None,
             in_flight: VecDeque::with_capacity(config.ring_slots),
+            ring_bytes: 0,
+            ring_byte_cap: config.ring_slots * config.slot_size,
             ring_share: (config.ring_slots / RING_SHARE_DIVISOR).max(MIN_RING_SHARE) as u32,
             timers: Timers::with_capacity(1024),
             expired: Vec::with_capacity(64),
@@ -825,7 +832,11 @@ impl<S: Selector> Io<S> {
             if !self.backlog.is_empty() || self.deliveries.free() == 0 || !self.has_share(key) {
                 return self.mark_unread(key);
             }
-            let spill = self.may_spill();
+            let room = self.ring_room();
+            if room == 0 {
+                return self.mark_unread(key);
+            }
+            let spill = room > self.slot_size && self.may_spill();
             let Some(conn) = self.table.get_mut(key) else {
                 return;
             };
@@ -839,17 +850,19 @@ impl<S: Selector> Io<S> {
                 delivery.conn = key;
                 delivery.opened = None;
                 delivery.detail = None;
+                let want = delivery.buf.len();
                 let result = net::recv(&conn.socket, &mut delivery.buf);
                 delivery.len = *result.as_ref().unwrap_or(&0);
                 let end = match result {
-                    Ok(n) if n == delivery.buf.len() && spill => {
+                    Ok(n) if n == want && spill => {
                         let mut buffer = pool.take(spill_size);
                         buffer.extend_from_slice(&delivery.buf[..n]);
-                        let end = read_on(&conn.socket, &mut buffer, read_fully);
+                        let limit = buffer.capacity().min(room);
+                        let end = read_on(&conn.socket, &mut buffer, limit, read_fully);
                         account.place(delivery, buffer);
                         end
                     }
-                    Ok(n) if n < delivery.buf.len() && !read_fully => ReadEnd::Drained,
+                    Ok(n) if n < want && !read_fully => ReadEnd::Drained,
                     _ => ReadEnd::Full,
                 };
                 (result.map(|_| delivery.len), end)
@@ -862,7 +875,8 @@ impl<S: Selector> Io<S> {
                 Ok(n) => {
                     let position = slot.position();
                     slot.stage();
-                    self.in_flight.push_back((position, key));
+                    self.in_flight.push_back((position, key, n));
+                    self.ring_bytes += n;
                     conn.in_ring += 1;
                     conn.last_activity = now;
                     self.counters.bytes_received += n as u64;
@@ -894,6 +908,22 @@ impl<S: Selector> Io<S> {
             }
         }
         self.mark_unread(key);
+    }
+
+    /// How many more payload bytes raw reads may put in the ring now, within
+    /// the ring's own size: at least a slot's worth, or 0. At 0 the loop
+    /// waits for the consumer, as for a full ring (see `consumer_blocked_at`),
+    /// rather than cut reads smaller than a slot.
+    fn ring_room(&mut self) -> usize {
+        if self.ring_bytes + self.slot_size > self.ring_byte_cap {
+            self.settle_in_flight();
+        }
+        let room = self.ring_byte_cap.saturating_sub(self.ring_bytes);
+        if room < self.slot_size {
+            self.consumer_blocked_at = Some(self.deliveries.released());
+            return 0;
+        }
+        room
     }
 
     /// True if a read that fills its slot may go on into a spill buffer: the
@@ -1004,12 +1034,13 @@ impl<S: Selector> Io<S> {
     /// connection's count of deliveries in the ring is exact.
     fn settle_in_flight(&mut self) {
         let released = self.deliveries.released();
-        while let Some(&(position, key)) = self.in_flight.front() {
+        while let Some(&(position, key, len)) = self.in_flight.front() {
             // Positions wrap: compare distances, not values.
             if released.wrapping_sub(position) as isize <= 0 {
                 break;
             }
             self.in_flight.pop_front();
+            self.ring_bytes -= len;
             if let Some(conn) = self.table.get_mut(key) {
                 conn.in_ring -= 1;
             }
@@ -1150,6 +1181,7 @@ impl<S: Selector> Io<S> {
             consumer_blocked_at,
             counters,
             in_flight,
+            ring_bytes,
             ring_share,
             ..
         } = self;
@@ -1178,7 +1210,7 @@ impl<S: Selector> Io<S> {
                 }
             }
             let mut slot = deliveries.vacant().expect("free() > 0");
-            slot.with_mut(|delivery| {
+            let len = slot.with_mut(|delivery| {
                 account.reclaim(delivery);
                 delivery.kind = DeliveryKind::Data;
                 delivery.conn = key;
@@ -1191,8 +1223,10 @@ impl<S: Selector> Io<S> {
                     }
                     Message::Owned(buffer) => account.place(delivery, buffer),
                 }
+                delivery.len
             });
-            in_flight.push_back((slot.position(), key));
+            in_flight.push_back((slot.position(), key, len));
+            *ring_bytes += len;
             slot.stage();
             staged += 1;
             counters.messages_received += 1;
@@ -1647,12 +1681,13 @@ enum ReadEnd {
 }
 
 /// Reads on into `buffer`'s spare capacity until the socket is drained or
-/// the buffer is full. With `read_fully`, a short read does not count as
-/// drained (see `read_into_ring`).
-fn read_on(socket: &Socket, buffer: &mut Vec<u8>, read_fully: bool) -> ReadEnd {
-    while buffer.len() < buffer.capacity() {
-        let room = buffer.capacity() - buffer.len();
-        match net::recv_spare(socket, buffer) {
+/// the buffer holds `limit` bytes. With `read_fully`, a short read does not
+/// count as drained (see `read_into_ring`).
+fn read_on(socket: &Socket, buffer: &mut Vec<u8>, limit: usize, read_fully: bool) -> ReadEnd {
+    debug_assert!(limit <= buffer.capacity());
+    while buffer.len() < limit {
+        let room = limit - buffer.len();
+        match net::recv_spare(socket, buffer, room) {
             Ok(0) => return ReadEnd::Eof,
             Ok(n) if n < room && !read_fully => return ReadEnd::Drained,
             Ok(_) => {}

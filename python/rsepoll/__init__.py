@@ -86,8 +86,8 @@ class Server(ServerCore):
             this bounds the bytes copied in flight between the threads: the
             I/O thread stops reading, and TCP slows the clients, while the
             Python thread is behind. (Large ``bytes`` sends are lent rather
-            than copied, and raw-mode reads that fill a slot travel in pooled
-            buffers capped at the ring's size; see the README's *Memory*.)
+            than copied; raw-mode reads that fill a slot travel in pooled
+            buffers, within the same bound; see the README's *Memory*.)
         slot_size: bytes per slot. In raw mode a read that fills a slot goes
             on into a pooled 256 KiB buffer, so one ``on_message_received``
             gets up to 256 KiB (or ``slot_size``, if larger).

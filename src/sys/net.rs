@@ -66,12 +66,14 @@ pub fn recv(socket: &Socket, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// `recv` into the spare capacity of `buf`, which grows by what was read;
-/// retried on EINTR. Reading into spare capacity spares zeroing a large
-/// buffer before every read.
-pub fn recv_spare(socket: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
+/// `recv` of at most `max` bytes into the spare capacity of `buf`, which
+/// grows by what was read; retried on EINTR. Reading into spare capacity
+/// spares zeroing a large buffer before every read.
+pub fn recv_spare(socket: &Socket, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
     loop {
-        match socket.recv(buf.spare_capacity_mut()) {
+        let spare = buf.spare_capacity_mut();
+        let len = spare.len().min(max);
+        match socket.recv(&mut spare[..len]) {
             Ok(n) => {
                 // SAFETY: `recv` wrote `n` bytes at the start of the spare
                 // capacity (it never reports more than the slice it was
