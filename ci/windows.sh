@@ -111,3 +111,8 @@ step "pytest under Wine (Windows CPython, the wheel, the portable backend)"
 # Under Wine, CPython sets up its standard streams only with stdin from
 # /dev/null and stdout and stderr pipes (not files).
 wine "$embed/python.exe" -m pytest -p no:cacheprovider -q tests </dev/null 2>&1 | tr -d '\r' | cat
+
+step "pytest under Wine with two I/O threads (RSEPOLL_IO_THREADS=2): round trips, threads, endings, flow control"
+RSEPOLL_IO_THREADS=2 wine "$embed/python.exe" -m pytest -p no:cacheprovider -q \
+    tests/test_echo.py tests/test_threads.py tests/test_endings.py tests/test_flow.py \
+    </dev/null 2>&1 | tr -d '\r' | cat
