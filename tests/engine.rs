@@ -419,3 +419,55 @@ fn urgent_data_does_not_strand_the_bytes_behind_it() {
         }
     }
 }
+
+#[test]
+fn a_busy_io_thread_does_not_starve_another_ones_connections() {
+    for backend in backends() {
+        let config = Config {
+            backend,
+            framing: Framing::Line,
+            io_threads: 2,
+            ..Config::default()
+        };
+        let (mut running, port) = start(&config);
+        // Connections are dealt in turn: the first to one I/O thread, the
+        // second to the other.
+        let mut busy = connect(port);
+        let (kind, busy_key) = next_delivery(&mut running);
+        assert_eq!(kind, DeliveryKind::Opened);
+        let mut quiet = connect(port);
+        let (kind, quiet_key) = next_delivery(&mut running);
+        assert_eq!(kind, DeliveryKind::Opened);
+        assert_ne!(busy_key.engine, quiet_key.engine, "{backend:?}");
+        // One line from the busy connection first, so that the consumer is
+        // on the busy thread's ring when the test begins.
+        busy.write_all(b"first\n").unwrap();
+        assert_eq!(next_delivery(&mut running).1, busy_key);
+        // The busy connection fills its thread's ring up to its share (64 of
+        // 512 slots) with one-line messages; the quiet one sends one line.
+        busy.write_all(&b"busy\n".repeat(500)).unwrap();
+        thread::sleep(Duration::from_millis(200));
+        quiet.write_all(b"quiet\n").unwrap();
+        thread::sleep(Duration::from_millis(200));
+        // Taken in turn, at most 32 in a row from one thread while the other
+        // has some: the quiet line comes within the first 33, not after the
+        // busy thread's 64.
+        let mut position = None;
+        for taken in 1..=64 {
+            let (_, conn) = next_delivery(&mut running);
+            if conn == quiet_key {
+                position = Some(taken);
+                break;
+            }
+        }
+        let position = position.expect("the quiet connection's line was delivered");
+        assert!(
+            position <= 33,
+            "{backend:?}: the quiet line came {position}th"
+        );
+        running.stop(Duration::from_secs(1));
+        drop(busy);
+        drop(quiet);
+        running.join();
+    }
+}
