@@ -960,6 +960,27 @@ mod tests {
         (socket, port)
     }
 
+    /// A server on a fresh listener with one client connected and accepted:
+    /// the server, the client (reads time out after 10 s) and its key.
+    fn start_with_client(config: &Config) -> (Running, TcpStream, ConnKey) {
+        let (socket, port) = listener();
+        let mut running = Running::start(config, vec![socket]).unwrap();
+        let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let key = loop {
+            assert!(Instant::now() < deadline, "connection not accepted");
+            match running.take_with(|d| (d.kind, d.conn)) {
+                Some((DeliveryKind::Opened, key)) => break key,
+                _ => running.wait(Duration::from_millis(10)),
+            }
+        };
+        running.release();
+        (running, client, key)
+    }
+
     /// Takes deliveries until `Stopped`, returning their kinds in order.
     fn drain_to_stopped(running: &mut Running) -> Vec<DeliveryKind> {
         let mut kinds = Vec::new();
@@ -978,23 +999,12 @@ mod tests {
     #[test]
     fn a_panic_on_the_io_thread_is_reported_and_closes_everything() {
         for backend in [Backend::Portable, Backend::platform_default()] {
-            let (socket, port) = listener();
             let config = Config {
                 backend,
                 ..Config::default()
             };
-            let mut running = Running::start(&config, vec![socket]).unwrap();
-            let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-            client
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            // Wait for the connection to be accepted before breaking the thread.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while running.take_with(|d| d.kind) != Some(DeliveryKind::Opened) {
-                assert!(Instant::now() < deadline, "connection not accepted");
-                running.wait(Duration::from_millis(10));
-            }
-            running.release();
+            // The connection is accepted before the thread breaks.
+            let (mut running, mut client, _) = start_with_client(&config);
             running.sender().inject_panic();
             let kinds = drain_to_stopped(&mut running);
             assert_eq!(
@@ -1092,25 +1102,11 @@ mod tests {
                 Framing::Line,
                 Framing::Length(PrefixWidth::Four),
             ] {
-                let (socket, port) = listener();
                 let config = Config {
                     backend,
                     ..Config::default()
                 };
-                let mut running = Running::start(&config, vec![socket]).unwrap();
-                let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-                client
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .unwrap();
-                let deadline = Instant::now() + Duration::from_secs(10);
-                let key = loop {
-                    assert!(Instant::now() < deadline, "connection not accepted");
-                    match running.take_with(|d| (d.kind, d.conn)) {
-                        Some((DeliveryKind::Opened, key)) => break key,
-                        _ => running.wait(Duration::from_millis(10)),
-                    }
-                };
-                running.release();
+                let (mut running, mut client, key) = start_with_client(&config);
                 let payload = if framing == Framing::Line {
                     &payload[..payload.len() / 2]
                         .iter()
