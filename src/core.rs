@@ -455,9 +455,10 @@ impl Sender {
         }
     }
 
+    /// Makes I/O thread `engine` panic (tests of the failure path).
     #[cfg(test)]
-    pub(crate) fn inject_panic(&self) {
-        self.engines[0]
+    pub(crate) fn inject_panic(&self, engine: usize) {
+        self.engines[engine]
             .push(
                 CommandKind::Panic,
                 ConnKey::default(),
@@ -1005,7 +1006,7 @@ mod tests {
             };
             // The connection is accepted before the thread breaks.
             let (mut running, mut client, _) = start_with_client(&config);
-            running.sender().inject_panic();
+            running.sender().inject_panic(0);
             let kinds = drain_to_stopped(&mut running);
             assert_eq!(
                 kinds,
@@ -1041,16 +1042,7 @@ mod tests {
         };
         let mut running = Running::start(&config, vec![socket]).unwrap();
         let sender = running.sender();
-        sender.engines[1]
-            .push(
-                CommandKind::Panic,
-                ConnKey::default(),
-                [&[]; 3],
-                None,
-                None,
-                true,
-            )
-            .unwrap();
+        sender.inject_panic(1);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !sender.engines[1].finished.load(Acquire) {
             assert!(Instant::now() < deadline, "engine 1 did not end");
