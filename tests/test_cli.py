@@ -118,8 +118,24 @@ def test_length_framing_and_limits_options():
         assert child.wait(5) == 0
 
 
+@stops_with_sigterm
+def test_io_threads_option_serves_with_several_io_threads():
+    with rsepoll_cli("0", "--io-threads", "2", "--quiet") as child:
+        port = wait_listening(child)
+        for i in range(4):  # dealt to both I/O threads in turn
+            reverse_round_trip(port, b"abc%d" % i)
+        child.signal(signal.SIGTERM)
+        assert child.wait(5) == 0
+
+
 def test_bad_option_values_fail_with_status_2():
-    for args in (["--idle-timeout", "0"], ["--max-connections", "0"], ["--max-message-size", "0"]):
+    for args in (
+        ["--idle-timeout", "0"],
+        ["--max-connections", "0"],
+        ["--max-message-size", "0"],
+        ["--io-threads", "0"],
+        ["--io-threads", "many"],
+    ):
         with rsepoll_cli("0", *args) as child:
             assert child.wait(10) == 2
             assert "rsepoll: error:" in child.stderr

@@ -138,6 +138,13 @@ def _parser() -> argparse.ArgumentParser:
         "Linux and portable elsewhere)",
     )
     parser.add_argument(
+        "--io-threads",
+        default=None,
+        metavar="N",
+        help="I/O threads feeding the one Python thread: a count or 'auto' (default: "
+        "$RSEPOLL_IO_THREADS if set, else 1)",
+    )
+    parser.add_argument(
         "--workers",
         type=_worker_count,
         default=1,
@@ -181,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_message_size=args.max_message_size,
             idle_timeout=args.idle_timeout,
             max_connections=args.max_connections,
+            io_threads=args.io_threads,
         )
 
     try:
