@@ -39,6 +39,12 @@ def pytest_configure(config: pytest.Config) -> None:
     # pytest-timeout registers this marker itself; registering it again keeps
     # the suite free of "unknown marker" warnings if the plugin is missing.
     config.addinivalue_line("markers", "timeout(seconds): per-test time limit")
+    # A shell starts a background job (`cmd &` without job control) with
+    # SIGINT ignored, and an ignored signal stays ignored across exec, so the
+    # Ctrl-C tests' children would never see their SIGINT. Handled here, it
+    # is back to the default in every child this process starts.
+    if hasattr(signal, "SIGINT") and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # ---------------------------------------------------------------------------
