@@ -293,6 +293,10 @@ pub struct Connection {
     paused: bool,
     /// Reading stopped because the queue rose above the high watermark.
     throttled: bool,
+    /// The peer is gone (a reset, or a send failed): what it sent before is
+    /// read to its end whether reading is paused or throttled, since nothing
+    /// can be held back for later any more.
+    peer_gone: bool,
     /// Shared with the application; see [`PendingBytes`].
     pub pending: PendingBytes,
     /// Cuts the input into messages, unless the server is in raw mode.
@@ -324,6 +328,7 @@ impl Connection {
             read_fully: false,
             paused: false,
             throttled: false,
+            peer_gone: false,
             pending: PendingBytes::default(),
             decoder: None,
             last_activity: now,
@@ -335,9 +340,21 @@ impl Connection {
     }
 
     /// False while reading is paused, by the application or by the
-    /// connection's own queue (see [`Watermarks`]).
+    /// connection's own queue (see [`Watermarks`]), unless the peer is gone.
     pub fn reads_input(&self) -> bool {
-        !self.paused && !self.throttled
+        self.peer_gone || (!self.paused && !self.throttled)
+    }
+
+    /// The peer reset the connection (or a send found it gone): read what
+    /// it sent before to its end, paused or not; the reset then ends it.
+    pub fn peer_gone(&mut self) {
+        self.peer_gone = true;
+    }
+
+    /// True if the decoder holds messages it has read and not yet put in
+    /// the delivery ring. They are delivered paused, throttled or stopping.
+    pub fn holds_messages(&self) -> bool {
+        self.decoder.as_ref().is_some_and(Decoder::has_backlog)
     }
 
     /// Pauses or resumes reading on the application's request. Returns true
@@ -498,6 +515,7 @@ impl Connection {
         match self.phase {
             Phase::Open => {
                 self.phase = Phase::WriteFailed;
+                self.peer_gone = true;
                 false
             }
             Phase::WriteFailed => false,
@@ -543,8 +561,10 @@ impl Connection {
             readable,
             writable,
             // A connection with input still to read finds out about a reset
-            // by reading; reports until then would only repeat.
-            hangup: readable || writable || !self.unread_input,
+            // by reading; reports until then would only repeat. One held
+            // back (paused or throttled) would not read soon: it watches, so
+            // that a reset ends it now rather than when reading resumes.
+            hangup: readable || writable || !self.unread_input || !self.reads_input(),
         }
     }
 }
@@ -742,6 +762,29 @@ mod tests {
         conn.begin_close(CloseReason::Local);
         conn.linger(Instant::now());
         assert!(conn.interest(false).readable, "lingering discards input");
+    }
+
+    #[test]
+    fn a_held_back_connection_watches_for_a_reset_and_reads_once_the_peer_is_gone() {
+        let mut conn = Connection::new(socket(), 1, Instant::now());
+        conn.set_paused(true);
+        // Input came while paused: it stays unread, and only a reset is heard.
+        conn.unread_input = true;
+        let held = conn.interest(true);
+        assert!(!held.readable, "a paused connection reads nothing");
+        assert!(held.hangup, "a paused connection still hears of a reset");
+        conn.peer_gone();
+        assert!(conn.reads_input(), "nothing is held back from a peer that is gone");
+        // On the ready list now: reading finds the reset, no report needed.
+        assert!(!conn.interest(true).hangup);
+    }
+
+    #[test]
+    fn a_failed_write_reads_the_input_to_its_end_even_while_paused() {
+        let mut conn = Connection::new(socket(), 1, Instant::now());
+        conn.set_paused(true);
+        assert!(!conn.write_failed(), "input may still wait in the kernel");
+        assert!(conn.reads_input());
     }
 
     #[test]

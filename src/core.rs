@@ -162,6 +162,8 @@ pub(crate) struct Hub {
     /// How long a stop may take to flush output, in nanoseconds; written
     /// before `stop` is set.
     stop_timeout_ns: AtomicU64,
+    /// Set to cut the stop under way short: what is still open is reset now.
+    pub(crate) cut: AtomicBool,
     /// Rung by an engine after it publishes deliveries: the consumer waits
     /// on all the delivery rings with this one bell.
     pub(crate) deliveries: Bell,
@@ -193,6 +195,13 @@ impl Hub {
             .iter()
             .map(Stats::snapshot)
             .fold(Snapshot::default(), |total, one| total.merge(&one))
+    }
+
+    /// Stops now: a stop under way (or one that starts here) resets every
+    /// connection still open instead of waiting for its output.
+    fn cut(&self) {
+        self.cut.store(true, Release);
+        self.stop(Duration::ZERO);
     }
 
     /// Asks every engine to shut down; see [`Sender::stop`].
@@ -667,6 +676,7 @@ impl Running {
         let hub = Arc::new(Hub {
             stop: AtomicBool::new(false),
             stop_timeout_ns: AtomicU64::new(DEFAULT_STOP_TIMEOUT.as_nanos() as u64),
+            cut: AtomicBool::new(false),
             deliveries: Bell::new(),
             next_id: AtomicU64::new(1),
             open: AtomicUsize::new(0),
@@ -853,6 +863,12 @@ impl Running {
     /// `timeout` to go out; deliveries continue until `Stopped`.
     pub fn stop(&self, timeout: Duration) {
         self.sender.stop(timeout);
+    }
+
+    /// Cuts the stop short (a second Ctrl-C): the I/O threads reset every
+    /// connection still open now; deliveries continue until `Stopped`.
+    pub fn cut(&self) {
+        self.sender.hub().cut();
     }
 
     /// Waits for the I/O threads to exit. Call after `Stopped` was taken (or

@@ -17,8 +17,10 @@
 //!   small backlog that goes out before anything else, so nothing is reordered.
 //!
 //! Stopping is a drain, not a cut. When asked to stop, the loop closes its
-//! listeners, stops reading, and delivers `Draining`; the consumer handles
-//! what it already has and answers `Shutdown`, behind every reply it queued.
+//! listeners and reads no more input (not one `recv`), delivers the messages
+//! its decoders had already cut from input read before (paused and throttled
+//! connections' too), then delivers `Draining`; the consumer handles what it
+//! already has and answers `Shutdown`, behind every reply it queued.
 //! Then each connection closes as soon as its queue has gone out (FIN). At
 //! the stop deadline, connections that still hold output are reset instead,
 //! so that their peers can tell a cut from a clean end.
@@ -306,7 +308,7 @@ impl<S: Selector> Reactor<S> {
             self.apply_commands();
             self.io.open_arrivals();
             if let Some(stopping) = &mut self.io.stopping {
-                if Instant::now() >= stopping.deadline {
+                if Instant::now() >= stopping.deadline || self.io.shared.hub.cut.load(Acquire) {
                     // Whatever has not finished by now (output, replies the
                     // consumer has not made) is cut, and the peers can tell.
                     stopping.closing_all = true;
@@ -704,9 +706,10 @@ impl<S: Selector> Io<S> {
         if self.stopping.as_ref().is_none_or(|s| s.announced) {
             return;
         }
-        let holding = self.table.connections().any(|conn| {
-            conn.reads_input() && conn.decoder.as_ref().is_some_and(Decoder::has_backlog)
-        });
+        let holding = self
+            .table
+            .connections()
+            .any(|conn| conn.input() == Input::Deliver && conn.holds_messages());
         if !holding {
             if let Some(stopping) = &mut self.stopping {
                 stopping.announced = true;
@@ -757,17 +760,15 @@ impl<S: Selector> Io<S> {
     }
 
     fn on_readable(&mut self, key: ConnKey) {
+        let reading = self.reading();
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
         match conn.input() {
-            // While stopping, no new input is read, but messages a decoder
-            // already holds are still delivered.
-            Input::Deliver
-                if conn.reads_input()
-                    && (self.stopping.is_none()
-                        || conn.decoder.as_ref().is_some_and(Decoder::has_backlog)) =>
-            {
+            // Messages a decoder already holds are delivered whatever the
+            // state of reading: paused, throttled or stopping, they were read.
+            Input::Deliver if conn.holds_messages() => self.read_framed(key),
+            Input::Deliver if reading && conn.reads_input() => {
                 if conn.decoder.is_some() {
                     self.read_framed(key)
                 } else {
@@ -798,10 +799,19 @@ impl<S: Selector> Io<S> {
         };
         if finds_out {
             if !conn.reads_input() {
-                // Paused: the input before the reset is still to be delivered.
-                conn.unread_input = true;
+                // Paused or throttled, and the peer is gone: nothing it sent
+                // can be held back for later any more. Read what the kernel
+                // holds to its end, then the reset ends it.
+                conn.peer_gone();
+                self.mark_unread(key);
             }
             return;
+        }
+        if conn.holds_messages() {
+            // Stopping: the messages read before the reset go first; the
+            // stop closes it after them.
+            conn.peer_gone();
+            return self.mark_unread(key);
         }
         let reason = match conn.socket.take_error() {
             Ok(Some(error)) => CloseReason::of_error(&error),
@@ -956,6 +966,7 @@ impl<S: Selector> Io<S> {
     /// full, or the budget is spent. Messages the ring could not take wait in
     /// the decoder, and nothing more is read until they are delivered.
     fn read_framed(&mut self, key: ConnKey) {
+        let reading = self.reading();
         for _ in 0..READ_BUDGET {
             let Some(conn) = self.table.get_mut(key) else {
                 return;
@@ -965,6 +976,12 @@ impl<S: Selector> Io<S> {
             let (outcome, read) = if decoder.has_backlog() {
                 (self.deliver_messages(key, None), None)
             } else {
+                if !reading || !conn.reads_input() {
+                    // Only the backlog was to go (see `on_readable`); reading
+                    // resumes, if ever, through the ready list.
+                    conn.unread_input = true;
+                    return;
+                }
                 if !self.backlog.is_empty() || self.deliveries.free() == 0 || !self.has_share(key) {
                     return self.mark_unread(key);
                 }

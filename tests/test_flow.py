@@ -5,14 +5,13 @@ pause and resume reading by hand."""
 from __future__ import annotations
 
 import hashlib
-import socket
 import sys
 import threading
 import time
 
 import pytest
 import rsepoll
-from conftest import connect, needs_visible_resets, recv_exactly, running, wait_until
+from conftest import connect, recv_exactly, running, wait_until
 
 HIGH = 1 << 20
 LOW = 256 << 10
@@ -141,39 +140,6 @@ def test_pause_reading_holds_input_until_resume() -> None:
         client.close()
         assert wait_until(lambda: not server.conn.is_open, 5.0)
         assert server.pause_reading(server.conn) is False
-
-
-@needs_visible_resets
-def test_a_paused_connection_still_delivers_input_sent_before_a_reset() -> None:
-    received: list[bytes] = []
-    reasons: list[str | None] = []
-    opened = threading.Event()
-
-    class Pausing(rsepoll.Server):
-        def on_connection_opened(self, conn: rsepoll.Connection) -> None:
-            self.conn = conn
-            self.pause_reading(conn)
-            opened.set()
-
-        def on_message_received(self, conn: rsepoll.Connection, data: bytes) -> None:
-            received.append(data)
-
-        def on_connection_closed(self, conn: rsepoll.Connection) -> None:
-            reasons.append(conn.close_reason)
-
-    with running(Pausing) as (server, port):
-        client = connect(port)
-        assert opened.wait(5)
-        client.sendall(b"before the reset")
-        time.sleep(0.2)
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-        client.close()
-        time.sleep(0.3)
-        assert reasons == [], "closed while paused, before its input was read"
-        server.resume_reading(server.conn)
-        assert wait_until(lambda: reasons, 5.0)
-        assert b"".join(received) == b"before the reset"
-        assert reasons == ["reset"]
 
 
 def test_watermarks_are_validated() -> None:

@@ -141,14 +141,16 @@ class ServerCore:
     def _add_listener_fd(self, fd: int) -> None: ...
     def listen(self, timeout: int = 1000) -> None:
         """Serves until stop_server(), Ctrl-C, or KeyboardInterrupt/SystemExit
-        from a callback; ``timeout`` (ms) paces on_waiting_for_activity."""
+        from a callback (each stops as stop_server() does; a second one resets
+        what is still open); ``timeout`` (ms) paces on_waiting_for_activity."""
     def send_message(self, conn: Connection, data: bytes | bytearray | memoryview | str) -> bool:
         """Queues ``data`` for ``conn``; False if it has closed or is closing."""
     def close_connection(self, conn: Connection, abort: bool = False) -> bool:
         """Closes ``conn`` after what is queued for it (FIN), or at once with a
         reset if ``abort``; False if already closed (or closing, without abort)."""
     def pause_reading(self, conn: Connection) -> bool:
-        """Stops reading ``conn`` until resume_reading; False if it has closed."""
+        """Stops reading ``conn`` until resume_reading (input already read is
+        still delivered; a reset still ends it); False if it has closed."""
     def resume_reading(self, conn: Connection) -> bool:
         """Reads ``conn`` again; False if it has closed."""
     def stop_server(self, timeout: float = 5.0) -> None:

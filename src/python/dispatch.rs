@@ -47,8 +47,9 @@ pub(super) struct Dispatcher<'py, 'a> {
     logger: Bound<'py, PyAny>,
     /// A stop was asked for.
     stopping: bool,
-    /// Ctrl-C, `KeyboardInterrupt`/`SystemExit` from a callback, or a failed
-    /// I/O thread: input still in the ring is not handed to callbacks.
+    /// A second Ctrl-C (or `KeyboardInterrupt`/`SystemExit` from a
+    /// callback), or a failed I/O thread: input still in the ring is not
+    /// handed to callbacks. The first one stops as `stop_server()` does.
     interrupted: bool,
     /// What `listen()` will raise once the server has shut down.
     exit_error: Option<PyErr>,
@@ -272,13 +273,19 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
         }
     }
 
-    /// Stops the server and makes `listen()` raise `error` once it has.
+    /// Stops the server and makes `listen()` raise `error` once it has. The
+    /// first such error stops as `stop_server()` does: input already read
+    /// is still handed to the callbacks and their replies go out. A second
+    /// one cuts: no more input is handed over, and every connection still
+    /// open is reset.
     fn fail_with(&mut self, error: PyErr) {
         if self.exit_error.is_none() {
             self.exit_error = Some(error);
+            return self.begin_stop();
         }
         self.interrupted = true;
-        self.begin_stop();
+        self.stopping = true;
+        self.running.cut();
     }
 
     fn begin_stop(&mut self) {

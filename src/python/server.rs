@@ -216,7 +216,9 @@ impl ServerCore {
     }
 
     /// Serves the registered listeners on this thread until `stop_server()`,
-    /// Ctrl-C, or a `KeyboardInterrupt`/`SystemExit` from a callback.
+    /// Ctrl-C, or a `KeyboardInterrupt`/`SystemExit` from a callback. Ctrl-C
+    /// stops as `stop_server()` does, then raises `KeyboardInterrupt`; a
+    /// second Ctrl-C resets what is still open.
     #[pyo3(signature = (timeout = 1000))]
     fn listen(slf: &Bound<'_, Self>, timeout: i64) -> PyResult<()> {
         let this = slf.get();
@@ -308,7 +310,8 @@ impl ServerCore {
     }
 
     /// Stops reading `conn` until `resume_reading(conn)`: TCP then slows the
-    /// client. Returns False if `conn` has closed.
+    /// client. Input already read is still delivered, and a reset ends the
+    /// connection at once. Returns False if `conn` has closed.
     fn pause_reading(&self, py: Python<'_>, conn: &Bound<'_, Connection>) -> PyResult<bool> {
         let conn = self.own_connection(conn)?;
         Ok(conn.open.load(Relaxed) && queue(py, conn, Request::PauseReading))
