@@ -18,12 +18,14 @@
 //! table, its delivery ring's producer and its command ring's consumer. The
 //! thread that called [`Running::start`] owns every delivery ring's consumer.
 //! A command ring's producer sits in a mutex in its engine's [`Shared`], so
-//! that any thread can send: the mutex is held only for a copy into the ring,
-//! never while waiting for a Python lock, and a sender that finds it taken or
-//! the ring full can step back (release the GIL) before it blocks. Holding it
-//! for a whole message keeps each message's bytes together and gives all
-//! senders to one engine (so to one connection) one order, the order in which
-//! they took the mutex.
+//! that any thread can send. The mutex is held for a whole message: while
+//! its parts are copied into the ring and, when the ring is full, while the
+//! sender waits for the I/O thread to free slots (never while waiting for a
+//! Python lock). A sender that finds the mutex taken or the ring full can
+//! step back (release the GIL) before it blocks. Holding it for a whole
+//! message keeps each message's bytes together and gives all senders to one
+//! engine (so to one connection) one order, the order in which they took the
+//! mutex.
 
 use std::io;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
