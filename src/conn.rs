@@ -25,88 +25,15 @@
 //! ```
 
 use std::collections::VecDeque;
-use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
 use std::time::Instant;
 
 use socket2::Socket;
 
+use crate::close_reason::CloseReason;
 use crate::framing::Decoder;
-use crate::message::ConnKey;
+use crate::message::PendingBytes;
 use crate::sys::Interest;
-
-/// Why a connection closed; the application reads it as `conn.close_reason`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CloseReason {
-    /// The peer ended the connection: it shut down its side and the
-    /// application then closed (by default, `on_eof_received` does).
-    Peer,
-    /// The peer reset the connection, or a send or receive failed because it
-    /// had gone.
-    Reset,
-    /// The application called `close_connection`.
-    Local,
-    /// Nothing was sent or received for `idle_timeout`.
-    IdleTimeout,
-    /// A message was started and not finished within `message_timeout`.
-    MessageTimeout,
-    /// The peer sent a message larger than `max_message_size`.
-    TooLarge,
-    /// Turned away at once: the server was at `max_connections`.
-    Limit,
-    /// The system reported an unexpected error for this socket.
-    Error,
-    /// The server stopped.
-    Shutdown,
-}
-
-impl CloseReason {
-    /// Every reason, in declaration order (for per-reason counters).
-    pub const ALL: [CloseReason; 9] = [
-        CloseReason::Peer,
-        CloseReason::Reset,
-        CloseReason::Local,
-        CloseReason::IdleTimeout,
-        CloseReason::MessageTimeout,
-        CloseReason::TooLarge,
-        CloseReason::Limit,
-        CloseReason::Error,
-        CloseReason::Shutdown,
-    ];
-
-    /// The name the Python API uses (`"peer"`, `"idle_timeout"`, ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            CloseReason::Peer => "peer",
-            CloseReason::Reset => "reset",
-            CloseReason::Local => "local",
-            CloseReason::IdleTimeout => "idle_timeout",
-            CloseReason::MessageTimeout => "message_timeout",
-            CloseReason::TooLarge => "too_large",
-            CloseReason::Limit => "limit",
-            CloseReason::Error => "error",
-            CloseReason::Shutdown => "shutdown",
-        }
-    }
-
-    /// The reason an I/O error on a connection's socket stands for.
-    pub fn of_error(error: &std::io::Error) -> CloseReason {
-        use std::io::ErrorKind::*;
-        match error.kind() {
-            ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected | TimedOut => {
-                CloseReason::Reset
-            }
-            _ => CloseReason::Error,
-        }
-    }
-}
-
-impl fmt::Display for CloseReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+use crate::token::ConnKey;
 
 /// Where a connection is in its life; see the module docs for the diagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,39 +135,6 @@ impl WriteQueue {
         let dropped = self.len();
         self.bytes = VecDeque::new();
         dropped
-    }
-}
-
-/// Bytes accepted for a connection and not yet written to its socket, counted
-/// where the application can read them (`conn.pending_bytes`): the sender
-/// adds before it queues a send, the I/O thread subtracts what the socket
-/// takes or what is dropped.
-#[derive(Clone, Debug, Default)]
-pub struct PendingBytes(Arc<AtomicUsize>);
-
-impl PendingBytes {
-    /// The count now.
-    pub fn get(&self) -> usize {
-        self.0.load(Relaxed)
-    }
-
-    /// `n` more bytes were accepted.
-    pub fn add(&self, n: usize) {
-        self.0.fetch_add(n, Relaxed);
-    }
-
-    /// `n` bytes were written or dropped.
-    pub fn sub(&self, n: usize) {
-        self.0.fetch_sub(n, Relaxed);
-    }
-
-    /// `n` bytes the sender counted were not queued after all. Saturating:
-    /// when the server stops in the middle of a long send, the I/O thread may
-    /// have subtracted the parts it applied already.
-    pub fn withdraw(&self, n: usize) {
-        let _ = self
-            .0
-            .fetch_update(Relaxed, Relaxed, |count| Some(count.saturating_sub(n)));
     }
 }
 
@@ -774,7 +668,10 @@ mod tests {
         assert!(!held.readable, "a paused connection reads nothing");
         assert!(held.hangup, "a paused connection still hears of a reset");
         conn.peer_gone();
-        assert!(conn.reads_input(), "nothing is held back from a peer that is gone");
+        assert!(
+            conn.reads_input(),
+            "nothing is held back from a peer that is gone"
+        );
         // On the ready list now: reading finds the reset, no report needed.
         assert!(!conn.interest(true).hangup);
     }

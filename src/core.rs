@@ -37,11 +37,12 @@ use std::time::Duration;
 use socket2::Socket;
 
 use crate::framing::{Envelope, Framing};
-use crate::message::{Command, CommandKind, ConnKey, Delivery, DeliveryKind, Loan};
+use crate::message::{Command, CommandKind, Delivery, DeliveryKind, Loan};
 use crate::reactor::Reactor;
 use crate::ring::{ring, Consumer, Producer, ReleaseWatch};
 use crate::stats::{Snapshot, Stats};
 use crate::sys::{Backend, Selector, Wake};
+use crate::token::ConnKey;
 use crate::wake::{Bell, IoSleep};
 
 /// How a server is built.
@@ -1030,7 +1031,7 @@ mod tests {
                 kinds,
                 vec![
                     DeliveryKind::Failed,
-                    DeliveryKind::Closed(crate::conn::CloseReason::Shutdown),
+                    DeliveryKind::Closed(crate::close_reason::CloseReason::Shutdown),
                     DeliveryKind::Stopped
                 ],
                 "{backend:?}"

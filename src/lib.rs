@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 
 pub mod bench;
+pub mod close_reason;
 pub mod conn;
 pub mod core;
 pub mod framing;

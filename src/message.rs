@@ -8,27 +8,15 @@
 //! A delivery larger than a slot carries a pooled buffer instead (see
 //! [`crate::inbound`]); a command larger than a slot spans several
 //! consecutive slots, unless its bytes are lent ([`Loan`]): then the slot
-//! points at them.
+//! points at them. [`PendingBytes`], the output count both sides keep for a
+//! connection, lives here too: [`Opened`] carries it across the ring.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 
-use crate::conn::{CloseReason, PendingBytes};
-
-/// Identifies one connection for the whole life of a server.
-///
-/// `engine` is the I/O thread that serves it, `index` its slot in that
-/// thread's table, for O(1) lookup; `id` is unique for the server's life
-/// (across its I/O threads) and tells this connection from earlier and later
-/// tenants of the same slot (and of the same fd number).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct ConnKey {
-    /// Slot in the connection table.
-    pub index: u32,
-    /// The I/O thread, counting from 0.
-    pub engine: u16,
-    /// Unique id, counting from 1.
-    pub id: u64,
-}
+use crate::close_reason::CloseReason;
+use crate::token::ConnKey;
 
 /// What a [`Delivery`] reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -72,6 +60,39 @@ pub struct Opened {
     pub local: Option<SocketAddr>,
     /// Its count of bytes accepted and not yet sent.
     pub pending: PendingBytes,
+}
+
+/// Bytes accepted for a connection and not yet written to its socket, counted
+/// where the application can read them (`conn.pending_bytes`): the sender
+/// adds before it queues a send, the I/O thread subtracts what the socket
+/// takes or what is dropped.
+#[derive(Clone, Debug, Default)]
+pub struct PendingBytes(Arc<AtomicUsize>);
+
+impl PendingBytes {
+    /// The count now.
+    pub fn get(&self) -> usize {
+        self.0.load(Relaxed)
+    }
+
+    /// `n` more bytes were accepted.
+    pub fn add(&self, n: usize) {
+        self.0.fetch_add(n, Relaxed);
+    }
+
+    /// `n` bytes were written or dropped.
+    pub fn sub(&self, n: usize) {
+        self.0.fetch_sub(n, Relaxed);
+    }
+
+    /// `n` bytes the sender counted were not queued after all. Saturating:
+    /// when the server stops in the middle of a long send, the I/O thread may
+    /// have subtracted the parts it applied already.
+    pub fn withdraw(&self, n: usize) {
+        let _ = self
+            .0
+            .fetch_update(Relaxed, Relaxed, |count| Some(count.saturating_sub(n)));
+    }
 }
 
 /// One slot of the I/O thread → Python ring.

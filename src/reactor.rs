@@ -34,16 +34,17 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
-use crate::conn::{AfterEof, CloseReason, ConnectionTable, Input, Watermarks};
+use crate::close_reason::CloseReason;
+use crate::conn::{AfterEof, ConnectionTable, Input, Watermarks};
 use crate::core::{Config, Shared};
 use crate::framing::{Decoder, Framing, Message, Refused};
 use crate::inbound::LargeMessages;
-use crate::message::{Command, CommandKind, ConnKey, Delivery, DeliveryKind, Opened};
+use crate::message::{Command, CommandKind, Delivery, DeliveryKind, Opened};
 use crate::ring::{Consumer, Producer};
 use crate::stats::Counters;
 use crate::sys::{net, Event, Interest, Selector};
 use crate::timer::Timers;
-use crate::token::{id_matches, Target, Token};
+use crate::token::{id_matches, ConnKey, Target, Token};
 
 /// Reads from one connection per turn before others get theirs.
 const READ_BUDGET: usize = 16;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crossbeam_utils::CachePadded;
 
-use crate::conn::CloseReason;
+use crate::close_reason::CloseReason;
 
 /// What the I/O thread counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

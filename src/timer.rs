@@ -20,7 +20,7 @@
 //!   then fires later as a stale entry). Moving a deadline later, which is what
 //!   every bit of traffic does to an idle timeout, schedules nothing.
 //! - When an entry fires, the caller compares it with the connection's real
-//!   state: the connection may be gone (a [`ConnKey`](crate::message::ConnKey)
+//!   state: the connection may be gone (a [`ConnKey`](crate::token::ConnKey)
 //!   with its unique id tells), the entry may be stale (its deadline is not the
 //!   pending one), or the deadline may have moved later (the callback returns
 //!   the new one, and the entry is scheduled again). Only a deadline that really

@@ -1,5 +1,6 @@
-//! What the poller hands back with each event: which listener or which
-//! connection it is about.
+//! How a connection is named: [`ConnKey`] across the rings and the
+//! tables, and [`Token`], what the poller hands back with each event (which
+//! listener or which connection it is about).
 //!
 //! The kernel reuses fd numbers at once, and one `epoll_wait` batch can hold an
 //! event for a connection that an earlier event in the same batch closed and
@@ -7,6 +8,22 @@
 //! carries, besides its slot index, the low bits of the connection's unique id,
 //! and the reactor drops events whose id bits do not match the slot's current
 //! tenant.
+
+/// Identifies one connection for the whole life of a server.
+///
+/// `engine` is the I/O thread that serves it, `index` its slot in that
+/// thread's table, for O(1) lookup; `id` is unique for the server's life
+/// (across its I/O threads) and tells this connection from earlier and later
+/// tenants of the same slot (and of the same fd number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    /// Slot in the connection table.
+    pub index: u32,
+    /// The I/O thread, counting from 0.
+    pub engine: u16,
+    /// Unique id, counting from 1.
+    pub id: u64,
+}
 
 /// A poller registration key. Fits in 64 bits; the top bit tells listeners from
 /// connections.

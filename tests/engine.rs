@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use _rsepoll::conn::CloseReason;
+use _rsepoll::close_reason::CloseReason;
 use _rsepoll::core::{Config, Running};
 use _rsepoll::framing::{Framing, PrefixWidth};
 use _rsepoll::message::DeliveryKind;

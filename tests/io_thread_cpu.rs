@@ -8,7 +8,7 @@ use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use _rsepoll::conn::CloseReason;
+use _rsepoll::close_reason::CloseReason;
 use _rsepoll::core::Config;
 use _rsepoll::message::DeliveryKind;
 use socket2::Socket;

@@ -7,10 +7,11 @@ use std::sync::{OnceLock, Weak};
 use pyo3::prelude::*;
 
 use super::loans::Loans;
-use crate::conn::CloseReason;
+use crate::close_reason::CloseReason;
 use crate::core::{Sender, WeakSender};
 use crate::framing::Framing;
-use crate::message::{ConnKey, Opened};
+use crate::message::Opened;
+use crate::token::ConnKey;
 
 /// One client connection.
 ///

@@ -19,10 +19,11 @@ use pyo3::types::{PyBytes, PyString};
 use super::connection::Connection;
 use super::loans::Loans;
 use super::server::{lock, queue, ServerCore};
-use crate::conn::CloseReason;
+use crate::close_reason::CloseReason;
 use crate::core::{Request, Running, WeakSender};
 use crate::framing::Framing;
-use crate::message::{ConnKey, Delivery, DeliveryKind};
+use crate::message::{Delivery, DeliveryKind};
+use crate::token::ConnKey;
 
 /// Longest the listening thread waits with the GIL released before it checks
 /// for signals (Ctrl-C) and stop requests.

@@ -5,8 +5,9 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use _rsepoll::core::{Config, Running};
-use _rsepoll::message::{ConnKey, DeliveryKind};
+use _rsepoll::message::DeliveryKind;
 use _rsepoll::sys::Backend;
+use _rsepoll::token::ConnKey;
 use socket2::{Domain, Socket, Type};
 
 /// Every backend this platform has.
