@@ -28,297 +28,28 @@
 //! mutex.
 
 use std::io;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex, TryLockError, Weak};
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Acquire, Release};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use socket2::Socket;
 
-use crate::framing::{Envelope, Framing};
+use crate::framing::Envelope;
 use crate::message::{Command, CommandKind, Delivery, DeliveryKind, Loan};
 use crate::reactor::Reactor;
-use crate::ring::{ring, Consumer, Producer, ReleaseWatch};
-use crate::stats::{Snapshot, Stats};
-use crate::sys::{Backend, Selector, Wake};
+use crate::ring::{ring, Consumer};
+use crate::shared::{Hub, Shared};
+use crate::stats::Snapshot;
+use crate::sys::{Backend, Selector};
 use crate::token::ConnKey;
-use crate::wake::{Bell, IoSleep};
 
-/// How a server is built.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// The readiness backend.
-    pub backend: Backend,
-    /// Slots in each ring (a power of two).
-    pub ring_slots: usize,
-    /// Bytes of payload per slot, and the chunk size of copied sends. In raw
-    /// mode, a read that fills a slot goes on into a larger pooled buffer.
-    pub slot_size: usize,
-    /// How input is cut into messages, and sends are framed.
-    pub framing: Framing,
-    /// The largest message a peer may send (line or declared length); larger
-    /// closes the connection with `TooLarge`. Not used in raw mode.
-    pub max_message_size: usize,
-    /// Connections beyond this many are accepted and closed at once.
-    pub max_connections: usize,
-    /// Close a connection when no bytes went either way for this long.
-    pub idle_timeout: Option<Duration>,
-    /// Close a connection whose message (framed modes only) started and did
-    /// not finish within this long.
-    pub message_timeout: Option<Duration>,
-    /// Reading a connection stops while more than this many bytes wait in its
-    /// output queue ...
-    pub write_buffer_high: usize,
-    /// ... and resumes once at most this many do.
-    pub write_buffer_low: usize,
-    /// I/O threads, each with its own poller and rings.
-    pub io_threads: usize,
-    /// Called first thing on each I/O thread (instrumentation, tests).
-    pub on_io_thread_start: Option<fn()>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            backend: Backend::platform_default(),
-            ring_slots: 512,
-            slot_size: 16 * 1024,
-            framing: Framing::Raw,
-            max_message_size: 1 << 20,
-            max_connections: usize::MAX,
-            idle_timeout: None,
-            message_timeout: Some(Duration::from_secs(30)),
-            write_buffer_high: 1 << 20,
-            write_buffer_low: 256 << 10,
-            io_threads: 1,
-            on_io_thread_start: None,
-        }
-    }
-}
-
-impl Config {
-    /// Smallest and largest accepted `slot_size`.
-    pub const SLOT_SIZE_RANGE: (usize, usize) = (256, 1 << 20);
-    /// Smallest and largest accepted `max_message_size`.
-    pub const MAX_MESSAGE_SIZE_RANGE: (usize, usize) = (1, 1 << 30);
-    /// Smallest and largest accepted `ring_slots`.
-    pub const RING_SLOTS_RANGE: (usize, usize) = (2, 1 << 16);
-    /// Smallest and largest accepted `io_threads`.
-    pub const IO_THREADS_RANGE: (usize, usize) = (1, 256);
-
-    /// Explains what is wrong with the configuration, if anything.
-    pub fn validate(&self) -> Result<(), String> {
-        let (min, max) = Self::RING_SLOTS_RANGE;
-        if !self.ring_slots.is_power_of_two() || !(min..=max).contains(&self.ring_slots) {
-            return Err(format!(
-                "ring_slots must be a power of two from {min} to {max}, got {}",
-                self.ring_slots
-            ));
-        }
-        let (min, max) = Self::SLOT_SIZE_RANGE;
-        if !(min..=max).contains(&self.slot_size) {
-            return Err(format!(
-                "slot_size must be from {min} to {max} bytes, got {}",
-                self.slot_size
-            ));
-        }
-        let (min, max) = Self::IO_THREADS_RANGE;
-        if !(min..=max).contains(&self.io_threads) {
-            return Err(format!(
-                "io_threads must be from {min} to {max}, got {}",
-                self.io_threads
-            ));
-        }
-        if self.max_connections == 0 {
-            return Err("max_connections must be positive".into());
-        }
-        for (name, timeout) in [
-            ("idle_timeout", self.idle_timeout),
-            ("message_timeout", self.message_timeout),
-        ] {
-            if timeout.is_some_and(|t| t.is_zero()) {
-                return Err(format!("{name} must be positive (or None for no timeout)"));
-            }
-        }
-        let (min, max) = Self::MAX_MESSAGE_SIZE_RANGE;
-        if !(min..=max).contains(&self.max_message_size) {
-            return Err(format!(
-                "max_message_size must be from {min} to {max} bytes, got {}",
-                self.max_message_size
-            ));
-        }
-        if self.write_buffer_high == 0 || self.write_buffer_low > self.write_buffer_high {
-            return Err(format!(
-                "write_buffer_low ({}) must not exceed write_buffer_high ({}), which must be positive",
-                self.write_buffer_low, self.write_buffer_high
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// What the engines of one server share.
-pub(crate) struct Hub {
-    /// Set to ask every engine to shut down.
-    pub(crate) stop: AtomicBool,
-    /// How long a stop may take to flush output, in nanoseconds; written
-    /// before `stop` is set.
-    stop_timeout_ns: AtomicU64,
-    /// Set to cut the stop under way short: what is still open is reset now.
-    pub(crate) cut: AtomicBool,
-    /// Rung by an engine after it publishes deliveries: the consumer waits
-    /// on all the delivery rings with this one bell.
-    pub(crate) deliveries: Bell,
-    /// The next connection id, unique across engines.
-    next_id: AtomicU64,
-    /// Connections accepted and not yet closed, across engines (checked
-    /// against `max_connections` by the accepting engine).
-    pub(crate) open: AtomicUsize,
-    /// Each engine's counters.
-    stats: Box<[Stats]>,
-    /// Each engine's poller waker.
-    wakers: Box<[Arc<dyn Wake>]>,
-}
-
-impl Hub {
-    /// How long the stop under way may take to flush output.
-    pub(crate) fn stop_timeout(&self) -> Duration {
-        Duration::from_nanos(self.stop_timeout_ns.load(Acquire))
-    }
-
-    /// A fresh connection id.
-    pub(crate) fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Relaxed)
-    }
-
-    /// The server's counters: every engine's, added up.
-    fn snapshot(&self) -> Snapshot {
-        self.stats
-            .iter()
-            .map(Stats::snapshot)
-            .fold(Snapshot::default(), |total, one| total.merge(&one))
-    }
-
-    /// Stops now: a stop under way (or one that starts here) resets every
-    /// connection still open instead of waiting for its output.
-    fn cut(&self) {
-        self.cut.store(true, Release);
-        self.stop(Duration::ZERO);
-    }
-
-    /// Asks every engine to shut down; see [`Sender::stop`].
-    fn stop(&self, timeout: Duration) {
-        let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        if !self.stop.load(Acquire) {
-            self.stop_timeout_ns.store(nanos, Release);
-        }
-        self.stop.store(true, Release);
-        // Pairs with the fence in each I/O thread's sleep announcement, as
-        // for commands: either it sees the flag before sleeping or it is woken.
-        fence(SeqCst);
-        for waker in self.wakers.iter() {
-            let _ = waker.wake();
-        }
-    }
-}
-
-/// State shared by one engine's I/O thread and every thread that sends to it.
-pub(crate) struct Shared {
-    /// What all the engines share.
-    pub(crate) hub: Arc<Hub>,
-    /// This engine's number, counting from 0.
-    pub(crate) engine: u16,
-    /// Producer of the command ring; see the module docs for the locking rule.
-    commands: Mutex<Producer<Command>>,
-    /// How far the I/O thread has consumed commands: when lent bytes are free.
-    commands_released: ReleaseWatch<Command>,
-    slot_size: usize,
-    /// Rung by the I/O thread after it frees command slots.
-    pub(crate) command_space: Bell,
-    /// The I/O thread's sleep in the selector, and who wakes it.
-    pub(crate) io_sleep: IoSleep,
-    /// The I/O thread no longer applies commands.
-    pub(crate) finished: AtomicBool,
-    /// Connections another engine accepted for this one, and a flag that
-    /// says the list may be non-empty (read without the lock).
-    /// `None` once the engine's loop has ended: nothing is handed over then.
-    arrivals: Mutex<Option<Vec<Socket>>>,
-    pub(crate) has_arrivals: AtomicBool,
-    waker: Arc<dyn Wake>,
-}
-
-impl Shared {
-    /// This engine's counters.
-    pub(crate) fn stats(&self) -> &Stats {
-        &self.hub.stats[usize::from(self.engine)]
-    }
-
-    /// Wakes the I/O thread if it sleeps (after publishing commands).
-    fn wake_io(&self) {
-        if self.io_sleep.wake_for_commands() {
-            let _ = self.waker.wake();
-        }
-    }
-
-    /// Hands `socket`, accepted by another engine, to this one.
-    /// Gives it back if this engine's loop has ended.
-    pub(crate) fn hand_over(&self, socket: Socket) -> Result<(), Socket> {
-        match lock(&self.arrivals).as_mut() {
-            Some(arrivals) => arrivals.push(socket),
-            None => return Err(socket),
-        }
-        self.has_arrivals.store(true, Release);
-        self.wake_io();
-        Ok(())
-    }
-
-    /// Refuses hand-overs from now on and closes the sockets still parked,
-    /// uncounting them from `hub.open`. Idempotent.
-    pub(crate) fn close_arrivals(&self) {
-        let parked = lock(&self.arrivals).take();
-        self.has_arrivals.store(false, Release);
-        if let Some(parked) = parked {
-            self.hub.open.fetch_sub(parked.len(), Relaxed);
-        }
-    }
-
-    /// Takes the connections handed over so far, into `into`.
-    pub(crate) fn take_arrivals(&self, into: &mut Vec<Socket>) {
-        // A load first: the swap's write is for the rare turn with arrivals.
-        if self.has_arrivals.load(Relaxed) && self.has_arrivals.swap(false, Acquire) {
-            if let Some(arrivals) = lock(&self.arrivals).as_mut() {
-                into.append(arrivals);
-            }
-        }
-    }
-}
-
-/// Locks `mutex`, whether or not a thread panicked while holding it: what
-/// it guards stays consistent at every step.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// How long a stop may flush output unless told otherwise.
-pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+pub use crate::config::Config;
+pub use crate::shared::{SendError, DEFAULT_STOP_TIMEOUT};
 
 /// How long a server dropped without being stopped gives queued output.
 pub const ABANDON_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Why a command was not queued.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SendError {
-    /// Another thread is sending, or the ring lacks room: retry with
-    /// `wait` set, which waits.
-    WouldBlock,
-    /// The connection's close was already requested (its latch is set).
-    Closing,
-    /// The server has stopped; nothing was or will be sent.
-    Stopped,
-}
 
 /// What a [`Sender`] queues for a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -427,9 +158,7 @@ impl Sender {
 
     /// True once the I/O thread is done with the bytes lent for `ticket`.
     pub fn has_returned(&self, ticket: Ticket) -> bool {
-        self.engines[usize::from(ticket.engine)]
-            .commands_released
-            .has_released(ticket.position)
+        self.engines[usize::from(ticket.engine)].has_released(ticket.position)
     }
 
     /// The server's counters now, all engines together.
@@ -483,110 +212,12 @@ impl Sender {
     }
 }
 
-impl Shared {
-    /// Queues a command (several, for `parts` longer than a slot) and returns
-    /// the ring position of the last one. A `loan` goes in one command with
-    /// `parts`, its header and trailer, which must fit a slot.
-    fn push(
-        &self,
-        kind: CommandKind,
-        conn: ConnKey,
-        mut parts: [&[u8]; 3],
-        loan: Option<Loan>,
-        latch: Option<&AtomicBool>,
-        wait: bool,
-    ) -> Result<usize, SendError> {
-        let shared = self;
-        if shared.finished.load(Acquire) {
-            return Err(SendError::Stopped);
-        }
-        let mut producer = if wait {
-            shared
-                .commands
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-        } else {
-            match shared.commands.try_lock() {
-                Ok(producer) => producer,
-                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-                Err(TryLockError::WouldBlock) => return Err(SendError::WouldBlock),
-            }
-        };
-        let total: usize = parts.iter().map(|part| part.len()).sum();
-        let chunks = total.div_ceil(shared.slot_size).max(1);
-        debug_assert!(loan.is_none() || chunks == 1);
-        if !wait && !producer.has_room_for(chunks) {
-            return Err(SendError::WouldBlock);
-        }
-        if let Some(latch) = latch {
-            // Under the lock: see `Sender::request`.
-            match kind {
-                CommandKind::Send if latch.load(Relaxed) => return Err(SendError::Closing),
-                CommandKind::Close if latch.swap(true, Relaxed) => return Err(SendError::Closing),
-                CommandKind::Abort => latch.store(true, Relaxed),
-                _ => {}
-            }
-        }
-        let mut rest = total;
-        let mut position = 0;
-        for _ in 0..chunks {
-            let len = rest.min(shared.slot_size);
-            rest -= len;
-            let more = rest > 0;
-            loop {
-                if let Some(mut slot) = producer.vacant() {
-                    slot.with_mut(|command| {
-                        command.kind = kind;
-                        command.conn = conn;
-                        command.len = len;
-                        command.more = more;
-                        command.loan = loan;
-                        fill(&mut command.buf[..len], &mut parts);
-                    });
-                    position = slot.position();
-                    slot.stage();
-                    break;
-                }
-                // Full: let the I/O thread work on what is staged, and wait.
-                producer.publish();
-                shared.wake_io();
-                if shared.finished.load(Acquire) {
-                    return Err(SendError::Stopped);
-                }
-                shared.command_space.wait_while(
-                    || producer.free() == 0 && !shared.finished.load(Acquire),
-                    Some(Duration::from_millis(50)),
-                );
-            }
-        }
-        producer.publish();
-        drop(producer);
-        shared.wake_io();
-        if kind == CommandKind::Send {
-            shared.stats().message_sent();
-        }
-        Ok(position)
-    }
-}
-
 /// Says when bytes lent with [`Sender::lend`] are free again: the command's
 /// engine and ring position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ticket {
     engine: u16,
     position: usize,
-}
-
-/// Fills `buf` from the front of `parts`, in order, advancing them past what
-/// was copied.
-fn fill(buf: &mut [u8], parts: &mut [&[u8]]) {
-    let mut filled = 0;
-    for part in parts.iter_mut() {
-        let n = part.len().min(buf.len() - filled);
-        buf[filled..filled + n].copy_from_slice(&part[..n]);
-        *part = &part[n..];
-        filled += n;
-    }
 }
 
 /// A [`Sender`] that lets the server's memory go when the server ends: what
@@ -676,16 +307,7 @@ impl Running {
         let selectors = (0..count)
             .map(|_| S::new())
             .collect::<io::Result<Vec<S>>>()?;
-        let hub = Arc::new(Hub {
-            stop: AtomicBool::new(false),
-            stop_timeout_ns: AtomicU64::new(DEFAULT_STOP_TIMEOUT.as_nanos() as u64),
-            cut: AtomicBool::new(false),
-            deliveries: Bell::new(),
-            next_id: AtomicU64::new(1),
-            open: AtomicUsize::new(0),
-            stats: (0..count).map(|_| Stats::default()).collect(),
-            wakers: selectors.iter().map(Selector::waker).collect(),
-        });
+        let hub = Arc::new(Hub::new(selectors.iter().map(Selector::waker).collect()));
         let mut rings = Vec::with_capacity(count);
         let mut engines = Vec::with_capacity(count);
         for (index, selector) in selectors.iter().enumerate() {
@@ -695,19 +317,13 @@ impl Running {
             let (delivery_tx, delivery_rx) = ring(config.ring_slots, || {
                 Delivery::with_capacity(config.slot_size)
             });
-            engines.push(Arc::new(Shared {
-                hub: Arc::clone(&hub),
-                engine: u16::try_from(index).expect("io_threads is validated"),
-                commands_released: command_tx.release_watch(),
-                commands: Mutex::new(command_tx),
-                slot_size: config.slot_size,
-                command_space: Bell::new(),
-                io_sleep: IoSleep::new(),
-                finished: AtomicBool::new(false),
-                arrivals: Mutex::new(Some(Vec::new())),
-                has_arrivals: AtomicBool::new(false),
-                waker: selector.waker(),
-            }));
+            engines.push(Arc::new(Shared::new(
+                Arc::clone(&hub),
+                u16::try_from(index).expect("io_threads is validated"),
+                command_tx,
+                config.slot_size,
+                selector.waker(),
+            )));
             rings.push((delivery_tx, delivery_rx, command_rx));
         }
         let engines: Arc<[Arc<Shared>]> = engines.into();
@@ -828,9 +444,7 @@ impl Running {
                 continue;
             }
             engine.deliveries.release();
-            if engine.shared.io_sleep.wake_for_room() {
-                let _ = engine.shared.waker.wake();
-            }
+            engine.shared.wake_for_room();
         }
     }
 
@@ -967,6 +581,7 @@ fn block_signals() {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use crate::framing::Framing;
     use std::io::Read;
     use std::net::TcpStream;
     use std::time::Instant;

@@ -26,6 +26,7 @@
 
 pub mod bench;
 pub mod close_reason;
+pub mod config;
 pub mod conn;
 pub mod core;
 pub mod framing;
@@ -34,6 +35,7 @@ pub mod message;
 pub mod pool;
 pub(crate) mod reactor;
 pub mod ring;
+pub(crate) mod shared;
 pub mod stats;
 pub(crate) mod sync;
 pub mod sys;

@@ -35,12 +35,13 @@ use std::time::{Duration, Instant};
 use socket2::Socket;
 
 use crate::close_reason::CloseReason;
+use crate::config::Config;
 use crate::conn::{AfterEof, ConnectionTable, Input, Watermarks};
-use crate::core::{Config, Shared};
 use crate::framing::{Decoder, Framing, Message, Refused};
 use crate::inbound::LargeMessages;
 use crate::message::{Command, CommandKind, Delivery, DeliveryKind, Opened};
 use crate::ring::{Consumer, Producer};
+use crate::shared::Shared;
 use crate::stats::Counters;
 use crate::sys::{net, Event, Interest, Selector};
 use crate::timer::Timers;

@@ -1,0 +1,336 @@
+//! What the I/O threads and the threads that talk to them share.
+//!
+//! [`Hub`] is the server's: the stop flag and its timeout, the bell the
+//! consumer waits on, connection ids and the open count, every engine's
+//! counters and poller waker. [`Shared`] is one engine's: the producer side
+//! of its command ring (behind a mutex, so that any thread can send; see
+//! [`Shared::push`]), its sleep handshake, and the list of connections
+//! another engine accepted for it.
+//!
+//! Both are built once, before any I/O thread starts, and live in `Arc`s
+//! that the reactor, the consumer ([`crate::core::Running`]) and every
+//! [`crate::core::Sender`] hold. This module sits below all of them: it
+//! knows the rings and the wake-ups, not who drives them.
+
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex, TryLockError};
+use std::time::Duration;
+
+use socket2::Socket;
+
+use crate::message::{Command, CommandKind, Loan};
+use crate::ring::{Producer, ReleaseWatch};
+use crate::stats::{Snapshot, Stats};
+use crate::sys::Wake;
+use crate::token::ConnKey;
+use crate::wake::{Bell, IoSleep};
+
+/// How long a stop may flush output unless told otherwise.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the engines of one server share.
+pub(crate) struct Hub {
+    /// Set to ask every engine to shut down.
+    pub(crate) stop: AtomicBool,
+    /// How long a stop may take to flush output, in nanoseconds; written
+    /// before `stop` is set.
+    stop_timeout_ns: AtomicU64,
+    /// Set to cut the stop under way short: what is still open is reset now.
+    pub(crate) cut: AtomicBool,
+    /// Rung by an engine after it publishes deliveries: the consumer waits
+    /// on all the delivery rings with this one bell.
+    pub(crate) deliveries: Bell,
+    /// The next connection id, unique across engines.
+    next_id: AtomicU64,
+    /// Connections accepted and not yet closed, across engines (checked
+    /// against `max_connections` by the accepting engine).
+    pub(crate) open: AtomicUsize,
+    /// Each engine's counters.
+    stats: Box<[Stats]>,
+    /// Each engine's poller waker.
+    wakers: Box<[Arc<dyn Wake>]>,
+}
+
+impl Hub {
+    /// The hub of `wakers.len()` engines, one poller waker each.
+    pub(crate) fn new(wakers: Box<[Arc<dyn Wake>]>) -> Hub {
+        Hub {
+            stop: AtomicBool::new(false),
+            stop_timeout_ns: AtomicU64::new(DEFAULT_STOP_TIMEOUT.as_nanos() as u64),
+            cut: AtomicBool::new(false),
+            deliveries: Bell::new(),
+            next_id: AtomicU64::new(1),
+            open: AtomicUsize::new(0),
+            stats: wakers.iter().map(|_| Stats::default()).collect(),
+            wakers,
+        }
+    }
+
+    /// How long the stop under way may take to flush output.
+    pub(crate) fn stop_timeout(&self) -> Duration {
+        Duration::from_nanos(self.stop_timeout_ns.load(Acquire))
+    }
+
+    /// A fresh connection id.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Relaxed)
+    }
+
+    /// The server's counters: every engine's, added up.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        self.stats
+            .iter()
+            .map(Stats::snapshot)
+            .fold(Snapshot::default(), |total, one| total.merge(&one))
+    }
+
+    /// Stops now: a stop under way (or one that starts here) resets every
+    /// connection still open instead of waiting for its output.
+    pub(crate) fn cut(&self) {
+        self.cut.store(true, Release);
+        self.stop(Duration::ZERO);
+    }
+
+    /// Asks every engine to shut down; see [`Sender::stop`](crate::core::Sender::stop).
+    pub(crate) fn stop(&self, timeout: Duration) {
+        let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        if !self.stop.load(Acquire) {
+            self.stop_timeout_ns.store(nanos, Release);
+        }
+        self.stop.store(true, Release);
+        // Pairs with the fence in each I/O thread's sleep announcement, as
+        // for commands: either it sees the flag before sleeping or it is woken.
+        fence(SeqCst);
+        for waker in self.wakers.iter() {
+            let _ = waker.wake();
+        }
+    }
+}
+
+/// State shared by one engine's I/O thread and every thread that sends to it.
+pub(crate) struct Shared {
+    /// What all the engines share.
+    pub(crate) hub: Arc<Hub>,
+    /// This engine's number, counting from 0.
+    pub(crate) engine: u16,
+    /// Producer of the command ring; see the module docs for the locking rule.
+    commands: Mutex<Producer<Command>>,
+    /// How far the I/O thread has consumed commands: when lent bytes are free.
+    commands_released: ReleaseWatch<Command>,
+    slot_size: usize,
+    /// Rung by the I/O thread after it frees command slots.
+    pub(crate) command_space: Bell,
+    /// The I/O thread's sleep in the selector, and who wakes it.
+    pub(crate) io_sleep: IoSleep,
+    /// The I/O thread no longer applies commands.
+    pub(crate) finished: AtomicBool,
+    /// Connections another engine accepted for this one, and a flag that
+    /// says the list may be non-empty (read without the lock).
+    /// `None` once the engine's loop has ended: nothing is handed over then.
+    arrivals: Mutex<Option<Vec<Socket>>>,
+    pub(crate) has_arrivals: AtomicBool,
+    waker: Arc<dyn Wake>,
+}
+
+impl Shared {
+    /// Engine number `engine` of `hub`: the producer of its command ring
+    /// (slots of `slot_size` bytes) and its poller's waker.
+    pub(crate) fn new(
+        hub: Arc<Hub>,
+        engine: u16,
+        commands: Producer<Command>,
+        slot_size: usize,
+        waker: Arc<dyn Wake>,
+    ) -> Shared {
+        Shared {
+            hub,
+            engine,
+            commands_released: commands.release_watch(),
+            commands: Mutex::new(commands),
+            slot_size,
+            command_space: Bell::new(),
+            io_sleep: IoSleep::new(),
+            finished: AtomicBool::new(false),
+            arrivals: Mutex::new(Some(Vec::new())),
+            has_arrivals: AtomicBool::new(false),
+            waker,
+        }
+    }
+
+    /// This engine's counters.
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.hub.stats[usize::from(self.engine)]
+    }
+
+    /// True once the I/O thread has released the command slot at ring
+    /// position `position` (see [`ReleaseWatch`]).
+    pub(crate) fn has_released(&self, position: usize) -> bool {
+        self.commands_released.has_released(position)
+    }
+
+    /// Wakes the I/O thread if it sleeps waiting for delivery slots (after
+    /// the consumer released some).
+    pub(crate) fn wake_for_room(&self) {
+        if self.io_sleep.wake_for_room() {
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// Wakes the I/O thread if it sleeps (after publishing commands).
+    pub(crate) fn wake_io(&self) {
+        if self.io_sleep.wake_for_commands() {
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// Hands `socket`, accepted by another engine, to this one.
+    /// Gives it back if this engine's loop has ended.
+    pub(crate) fn hand_over(&self, socket: Socket) -> Result<(), Socket> {
+        match lock(&self.arrivals).as_mut() {
+            Some(arrivals) => arrivals.push(socket),
+            None => return Err(socket),
+        }
+        self.has_arrivals.store(true, Release);
+        self.wake_io();
+        Ok(())
+    }
+
+    /// Refuses hand-overs from now on and closes the sockets still parked,
+    /// uncounting them from `hub.open`. Idempotent.
+    pub(crate) fn close_arrivals(&self) {
+        let parked = lock(&self.arrivals).take();
+        self.has_arrivals.store(false, Release);
+        if let Some(parked) = parked {
+            self.hub.open.fetch_sub(parked.len(), Relaxed);
+        }
+    }
+
+    /// Takes the connections handed over so far, into `into`.
+    pub(crate) fn take_arrivals(&self, into: &mut Vec<Socket>) {
+        // A load first: the swap's write is for the rare turn with arrivals.
+        if self.has_arrivals.load(Relaxed) && self.has_arrivals.swap(false, Acquire) {
+            if let Some(arrivals) = lock(&self.arrivals).as_mut() {
+                into.append(arrivals);
+            }
+        }
+    }
+}
+
+/// Locks `mutex`, whether or not a thread panicked while holding it: what
+/// it guards stays consistent at every step.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Why a command was not queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendError {
+    /// Another thread is sending, or the ring lacks room: retry with
+    /// `wait` set, which waits.
+    WouldBlock,
+    /// The connection's close was already requested (its latch is set).
+    Closing,
+    /// The server has stopped; nothing was or will be sent.
+    Stopped,
+}
+
+impl Shared {
+    /// Queues a command (several, for `parts` longer than a slot) and returns
+    /// the ring position of the last one. A `loan` goes in one command with
+    /// `parts`, its header and trailer, which must fit a slot.
+    pub(crate) fn push(
+        &self,
+        kind: CommandKind,
+        conn: ConnKey,
+        mut parts: [&[u8]; 3],
+        loan: Option<Loan>,
+        latch: Option<&AtomicBool>,
+        wait: bool,
+    ) -> Result<usize, SendError> {
+        let shared = self;
+        if shared.finished.load(Acquire) {
+            return Err(SendError::Stopped);
+        }
+        let mut producer = if wait {
+            shared
+                .commands
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        } else {
+            match shared.commands.try_lock() {
+                Ok(producer) => producer,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => return Err(SendError::WouldBlock),
+            }
+        };
+        let total: usize = parts.iter().map(|part| part.len()).sum();
+        let chunks = total.div_ceil(shared.slot_size).max(1);
+        debug_assert!(loan.is_none() || chunks == 1);
+        if !wait && !producer.has_room_for(chunks) {
+            return Err(SendError::WouldBlock);
+        }
+        if let Some(latch) = latch {
+            // Under the lock: see `core::Sender::request`.
+            match kind {
+                CommandKind::Send if latch.load(Relaxed) => return Err(SendError::Closing),
+                CommandKind::Close if latch.swap(true, Relaxed) => return Err(SendError::Closing),
+                CommandKind::Abort => latch.store(true, Relaxed),
+                _ => {}
+            }
+        }
+        let mut rest = total;
+        let mut position = 0;
+        for _ in 0..chunks {
+            let len = rest.min(shared.slot_size);
+            rest -= len;
+            let more = rest > 0;
+            loop {
+                if let Some(mut slot) = producer.vacant() {
+                    slot.with_mut(|command| {
+                        command.kind = kind;
+                        command.conn = conn;
+                        command.len = len;
+                        command.more = more;
+                        command.loan = loan;
+                        fill(&mut command.buf[..len], &mut parts);
+                    });
+                    position = slot.position();
+                    slot.stage();
+                    break;
+                }
+                // Full: let the I/O thread work on what is staged, and wait.
+                producer.publish();
+                shared.wake_io();
+                if shared.finished.load(Acquire) {
+                    return Err(SendError::Stopped);
+                }
+                shared.command_space.wait_while(
+                    || producer.free() == 0 && !shared.finished.load(Acquire),
+                    Some(Duration::from_millis(50)),
+                );
+            }
+        }
+        producer.publish();
+        drop(producer);
+        shared.wake_io();
+        if kind == CommandKind::Send {
+            shared.stats().message_sent();
+        }
+        Ok(position)
+    }
+}
+
+/// Fills `buf` from the front of `parts`, in order, advancing them past what
+/// was copied.
+fn fill(buf: &mut [u8], parts: &mut [&[u8]]) {
+    let mut filled = 0;
+    for part in parts.iter_mut() {
+        let n = part.len().min(buf.len() - filled);
+        buf[filled..filled + n].copy_from_slice(&part[..n]);
+        *part = &part[n..];
+        filled += n;
+    }
+}
