@@ -289,13 +289,7 @@ impl Running {
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         match config.backend {
-            #[cfg(target_os = "linux")]
             Backend::Epoll => Self::start_with::<crate::sys::epoll::Epoll>(config, listeners),
-            #[cfg(not(target_os = "linux"))]
-            Backend::Epoll => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "the epoll backend exists only on Linux",
-            )),
             Backend::Portable => {
                 Self::start_with::<crate::sys::portable::Portable>(config, listeners)
             }
@@ -368,7 +362,7 @@ impl Running {
             // started so far; the reactors not started drop their sockets.
             let thread = std::thread::Builder::new().name(name).spawn(move || {
                 let _exit_guard = exit_guard;
-                block_signals();
+                crate::sys::thread::block_signals();
                 run_io_thread(&mut reactor, on_start);
             })?;
             running.engines.push(Engine {
@@ -560,21 +554,6 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         message.clone()
     } else {
         "unknown panic payload".to_owned()
-    }
-}
-
-/// Keeps asynchronous signals (Ctrl-C above all) off the I/O thread, so that
-/// the kernel delivers them to a thread that runs Python code.
-fn block_signals() {
-    #[cfg(unix)]
-    {
-        // SAFETY: `set` is a local sigset_t initialised by sigfillset before use;
-        // pthread_sigmask only changes this thread's mask.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut set);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        }
     }
 }
 

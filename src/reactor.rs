@@ -1333,7 +1333,7 @@ impl<S: Selector> Io<S> {
                     self.listeners[index].pending = false;
                     return self.rearm_listener(index);
                 }
-                Err(e) if is_transient_accept_error(&e) => {}
+                Err(e) if net::is_transient_accept_error(&e) => {}
                 Err(e) => {
                     // EMFILE and friends: the clients stay queued in the kernel.
                     // Turn them away now with the reserve descriptor, and retry
@@ -1365,7 +1365,7 @@ impl<S: Selector> Io<S> {
                     drop(socket);
                     self.counters.rejected(CloseReason::Limit);
                 }
-                Err(e) if is_transient_accept_error(&e) => {}
+                Err(e) if net::is_transient_accept_error(&e) => {}
                 Err(_) => break,
             }
         }
@@ -1722,28 +1722,4 @@ fn read_on(socket: &Socket, buffer: &mut Vec<u8>, limit: usize, read_fully: bool
 /// seen the consumer move on.
 fn ring_has_room(deliveries: &mut Producer<Delivery>, blocked_at: Option<usize>) -> bool {
     deliveries.free() > 0 && blocked_at.is_none_or(|at| deliveries.released() != at)
-}
-
-/// Accept errors that concern one connection only (it was reset or refused
-/// while queued); the next one may well succeed.
-fn is_transient_accept_error(error: &io::Error) -> bool {
-    #[cfg(unix)]
-    {
-        matches!(
-            error.raw_os_error(),
-            Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM | libc::EINTR)
-        )
-    }
-    #[cfg(not(unix))]
-    {
-        // A connection reset before it was accepted can also surface as
-        // WSAENOTCONN (seen under Wine).
-        matches!(
-            error.kind(),
-            io::ErrorKind::ConnectionAborted
-                | io::ErrorKind::ConnectionReset
-                | io::ErrorKind::NotConnected
-                | io::ErrorKind::Interrupted
-        )
-    }
 }

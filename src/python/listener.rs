@@ -104,8 +104,7 @@ pub fn make_listener_socket(port: i64, host: &str, backlog: i64) -> PyResult<Lis
         Type::STREAM,
         Some(Protocol::TCP),
     )?;
-    #[cfg(not(windows))]
-    socket.set_reuse_address(true)?;
+    crate::sys::net::allow_quick_rebind(&socket)?;
     if address.is_ipv6() && address.ip().is_unspecified() {
         socket.set_only_v6(false)?;
     }
@@ -126,34 +125,12 @@ pub fn make_listener_socket(port: i64, host: &str, backlog: i64) -> PyResult<Lis
 
 /// A duplicate of the listening socket with descriptor (or handle) `fd`,
 /// checked to be a TCP socket and made non-blocking.
-#[cfg(unix)]
 pub(super) fn duplicate_fd(fd: i64) -> PyResult<Socket> {
-    use std::os::fd::{BorrowedFd, RawFd};
-    let fd = RawFd::try_from(fd).map_err(|_| PyValueError::new_err("invalid file descriptor"))?;
-    if fd < 0 {
-        return Err(PyValueError::new_err("the socket is closed"));
-    }
-    // SAFETY: the borrow lives for one `dup` call and nothing is read or written
-    // through it. rsepoll.Server.register_listener_socket passes the fileno() of
-    // a socket object it holds open during the call; any other caller's bad
-    // number makes `dup` fail with EBADF, or yields a duplicate that
-    // `checked_listener` rejects unless it is a TCP socket.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let owned = borrowed.try_clone_to_owned()?;
-    checked_listener(Socket::from(owned))
-}
-
-/// As on Unix, for a `SOCKET` handle.
-#[cfg(windows)]
-pub(super) fn duplicate_fd(fd: i64) -> PyResult<Socket> {
-    use std::os::windows::io::{BorrowedSocket, RawSocket};
-    let handle =
-        RawSocket::try_from(fd).map_err(|_| PyValueError::new_err("invalid socket handle"))?;
-    // SAFETY: as on Unix: a live socket held by the caller, only borrowed to
-    // duplicate it.
-    let borrowed = unsafe { BorrowedSocket::borrow_raw(handle) };
-    let owned = borrowed.try_clone_to_owned()?;
-    checked_listener(Socket::from(owned))
+    let socket = crate::sys::net::duplicate(fd).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
+        _ => PyErr::from(e),
+    })?;
+    checked_listener(socket)
 }
 
 /// Accepts a duplicated socket only if it is an IPv4/IPv6 stream socket, and

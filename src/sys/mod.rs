@@ -30,8 +30,14 @@ use crate::token::Token;
 
 #[cfg(target_os = "linux")]
 pub mod epoll;
+/// Off Linux, a stand-in whose selector cannot be made: callers name
+/// `sys::epoll::Epoll` on every platform, without a `#[cfg]` of their own.
+#[cfg(not(target_os = "linux"))]
+#[path = "no_epoll.rs"]
+pub mod epoll;
 pub mod net;
 pub mod portable;
+pub mod thread;
 
 /// Which readiness backend a server uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

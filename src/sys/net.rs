@@ -190,3 +190,72 @@ impl ReserveFd {
         }
     }
 }
+
+/// Accept errors that concern one connection only (it was reset or refused
+/// while queued); the next one may well succeed.
+pub fn is_transient_accept_error(error: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        matches!(
+            error.raw_os_error(),
+            Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM | libc::EINTR)
+        )
+    }
+    #[cfg(not(unix))]
+    {
+        // A connection reset before it was accepted can also surface as
+        // WSAENOTCONN (seen under Wine).
+        matches!(
+            error.kind(),
+            io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::NotConnected
+                | io::ErrorKind::Interrupted
+        )
+    }
+}
+
+/// On Unix, lets a restarted server bind its port while connections of the
+/// last run linger in `TIME_WAIT` (`SO_REUSEADDR`). Left off on Windows,
+/// where the same option would let another process take over a bound port.
+pub fn allow_quick_rebind(socket: &Socket) -> io::Result<()> {
+    #[cfg(not(windows))]
+    socket.set_reuse_address(true)?;
+    #[cfg(windows)]
+    let _ = socket;
+    Ok(())
+}
+
+/// A duplicate of the socket whose descriptor (a `SOCKET` handle on
+/// Windows) is `fd`; the caller keeps its own. An `fd` that cannot name a
+/// socket fails with [`io::ErrorKind::InvalidInput`] and says why.
+#[cfg(unix)]
+pub fn duplicate(fd: i64) -> io::Result<Socket> {
+    use std::os::fd::{BorrowedFd, RawFd};
+    let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why);
+    let fd = RawFd::try_from(fd).map_err(|_| invalid("invalid file descriptor"))?;
+    if fd < 0 {
+        return Err(invalid("the socket is closed"));
+    }
+    // SAFETY: the borrow lives for one `dup` call and nothing is read or written
+    // through it. rsepoll.Server.register_listener_socket passes the fileno() of
+    // a socket object it holds open during the call; any other caller's bad
+    // number makes `dup` fail with EBADF, or yields a duplicate that the
+    // caller checks (the Python layer accepts only TCP sockets).
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    Ok(Socket::from(borrowed.try_clone_to_owned()?))
+}
+
+/// A duplicate of the socket whose descriptor (a `SOCKET` handle on
+/// Windows) is `fd`; the caller keeps its own. An `fd` that cannot name a
+/// socket fails with [`io::ErrorKind::InvalidInput`] and says why.
+#[cfg(windows)]
+pub fn duplicate(fd: i64) -> io::Result<Socket> {
+    use std::os::windows::io::{BorrowedSocket, RawSocket};
+    let handle = RawSocket::try_from(fd)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "invalid socket handle"))?;
+    // SAFETY: as on Unix: a live socket held by the caller, only borrowed to
+    // duplicate it.
+    let borrowed = unsafe { BorrowedSocket::borrow_raw(handle) };
+    Ok(Socket::from(borrowed.try_clone_to_owned()?))
+}
