@@ -34,7 +34,7 @@ use socket2::Socket;
 
 use crate::conn::{AfterEof, CloseReason, ConnectionTable, Input, Watermarks};
 use crate::core::{Config, Shared};
-use crate::framing::{Decoder, Framing, Message, Refused};
+use crate::framing::{Decoder, Frame, Framing, Refused};
 use crate::inbound::LargeMessages;
 use crate::message::{Command, CommandKind, ConnKey, Delivery, DeliveryKind, Opened};
 use crate::ring::{Consumer, Producer};
@@ -1195,7 +1195,7 @@ impl<S: Selector> Io<S> {
         let account = &mut large.account;
         let mut blocked = false;
         let mut staged = 0;
-        let sink = |message: Message<'_>| -> Result<(), Refused> {
+        let sink = |message: Frame<'_>| -> Result<(), Refused> {
             if !backlog.is_empty() || deliveries.free() == 0 {
                 return Err(message.into());
             }
@@ -1203,7 +1203,7 @@ impl<S: Selector> Io<S> {
                 blocked = true;
                 return Err(message.into());
             }
-            if let Message::Owned(buffer) = &message {
+            if let Frame::Owned(buffer) = &message {
                 if !account.admit(buffer.capacity(), deliveries) {
                     blocked = true;
                     return Err(message.into());
@@ -1217,11 +1217,11 @@ impl<S: Selector> Io<S> {
                 delivery.opened = None;
                 delivery.detail = None;
                 match message {
-                    Message::Slice(bytes) => {
+                    Frame::Slice(bytes) => {
                         delivery.buf[..bytes.len()].copy_from_slice(bytes);
                         delivery.len = bytes.len();
                     }
-                    Message::Owned(buffer) => account.place(delivery, buffer),
+                    Frame::Owned(buffer) => account.place(delivery, buffer),
                 }
                 delivery.len
             });

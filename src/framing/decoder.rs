@@ -2,7 +2,7 @@
 //! offering messages to the sink, keeping a refused message and the input
 //! after it, and the raw framing, which has no loop of its own.
 
-use super::{FrameError, Framing, Message, Refused};
+use super::{Frame, FrameError, Framing, Refused};
 use crate::pool::BufferPool;
 
 /// Where the decoder is in the stream.
@@ -59,7 +59,7 @@ pub struct Decoder {
 
 impl Decoder {
     /// A decoder at the start of a stream. Messages of at most `inline_limit`
-    /// bytes are offered as [`Message::Slice`] when they can be; payloads above
+    /// bytes are offered as [`Frame::Slice`] when they can be; payloads above
     /// `max_message_size` are an error (except with [`Framing::Raw`]).
     pub fn new(framing: Framing, max_message_size: usize, inline_limit: usize) -> Decoder {
         Decoder {
@@ -102,7 +102,7 @@ impl Decoder {
         mut sink: S,
     ) -> Result<(), FrameError>
     where
-        S: FnMut(Message<'_>) -> Result<(), Refused>,
+        S: FnMut(Frame<'_>) -> Result<(), Refused>,
     {
         if let State::Failed(error) = self.state {
             return Err(error);
@@ -128,7 +128,7 @@ impl Decoder {
     /// As [`feed`](Self::feed).
     pub fn pump<S>(&mut self, pool: &mut BufferPool, mut sink: S) -> Result<(), FrameError>
     where
-        S: FnMut(Message<'_>) -> Result<(), Refused>,
+        S: FnMut(Frame<'_>) -> Result<(), Refused>,
     {
         if let State::Failed(error) = self.state {
             return Err(error);
@@ -214,7 +214,7 @@ impl Decoder {
         sink: &mut S,
     ) -> Result<Option<usize>, FrameError>
     where
-        S: FnMut(Message<'_>) -> Result<(), Refused>,
+        S: FnMut(Frame<'_>) -> Result<(), Refused>,
     {
         if self.state == State::Ready && !self.offer_assembly(pool, sink) {
             return Ok(Some(0));
@@ -228,7 +228,7 @@ impl Decoder {
 
     fn decode_raw<S>(&mut self, data: &[u8], pool: &mut BufferPool, sink: &mut S) -> Option<usize>
     where
-        S: FnMut(Message<'_>) -> Result<(), Refused>,
+        S: FnMut(Frame<'_>) -> Result<(), Refused>,
     {
         if data.is_empty() {
             return None;
@@ -255,17 +255,17 @@ impl Decoder {
         sink: &mut S,
     ) -> Offer
     where
-        S: FnMut(Message<'_>) -> Result<(), Refused>,
+        S: FnMut(Frame<'_>) -> Result<(), Refused>,
     {
         if message.len() <= self.inline_limit {
-            return match sink(Message::Slice(message)) {
+            return match sink(Frame::Slice(message)) {
                 Ok(()) => Offer::Accepted,
                 Err(_) => Offer::RefusedNotKept,
             };
         }
         let mut owned = pool.take(message.len());
         owned.extend_from_slice(message);
-        match sink(Message::Owned(owned)) {
+        match sink(Frame::Owned(owned)) {
             Ok(()) => Offer::Accepted,
             Err(Refused(Some(owned))) => {
                 // Keep the copy rather than making it again next time.
@@ -284,17 +284,17 @@ impl Decoder {
     /// Either way the state moves on: to `Idle`, or to `Ready`.
     pub(super) fn offer_assembly<S>(&mut self, pool: &mut BufferPool, sink: &mut S) -> bool
     where
-        S: FnMut(Message<'_>) -> Result<(), Refused>,
+        S: FnMut(Frame<'_>) -> Result<(), Refused>,
     {
         if self.assembly.len() <= self.inline_limit {
-            if sink(Message::Slice(&self.assembly)).is_err() {
+            if sink(Frame::Slice(&self.assembly)).is_err() {
                 self.state = State::Ready;
                 return false;
             }
             self.release_assembly(pool);
         } else {
             let owned = std::mem::take(&mut self.assembly);
-            match sink(Message::Owned(owned)) {
+            match sink(Frame::Owned(owned)) {
                 Ok(()) => {}
                 Err(Refused(Some(owned))) => {
                     self.assembly = owned;

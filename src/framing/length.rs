@@ -4,7 +4,7 @@
 //! a pooled buffer of exactly the declared size.
 
 use super::decoder::{Decoder, Offer, State};
-use super::{FrameError, Message, Refused};
+use super::{Frame, FrameError, Refused};
 use crate::pool::BufferPool;
 
 impl Decoder {
@@ -16,7 +16,7 @@ impl Decoder {
         sink: &mut S,
     ) -> Result<Option<usize>, FrameError>
     where
-        S: FnMut(Message<'_>) -> Result<(), Refused>,
+        S: FnMut(Frame<'_>) -> Result<(), Refused>,
     {
         let mut pos = 0;
         loop {

@@ -3,7 +3,7 @@
 //! kept (and scanned) once, and a trailing `\r` is held back as a flag.
 
 use super::decoder::{Decoder, Offer, State};
-use super::{FrameError, Message, Refused};
+use super::{Frame, FrameError, Refused};
 use crate::pool::BufferPool;
 
 impl Decoder {
@@ -14,7 +14,7 @@ impl Decoder {
         sink: &mut S,
     ) -> Result<Option<usize>, FrameError>
     where
-        S: FnMut(Message<'_>) -> Result<(), Refused>,
+        S: FnMut(Frame<'_>) -> Result<(), Refused>,
     {
         let max = self.max_message_size;
         let mut pos = 0;

@@ -7,9 +7,9 @@
 //! big-endian length prefix. Messages are handed to a *sink* (the code that
 //! fills delivery slots) as they complete. A message of at most `inline_limit`
 //! bytes that lies wholly in the bytes at hand is lent as a
-//! [`Message::Slice`], for the sink to copy into a slot; a larger one is
+//! [`Frame::Slice`], for the sink to copy into a slot; a larger one is
 //! assembled in a buffer from the [`BufferPool`] and handed over as a
-//! [`Message::Owned`], which the consumer gives back to the pool when done, so
+//! [`Frame::Owned`], which the consumer gives back to the pool when done, so
 //! steady traffic of large messages allocates nothing.
 //!
 //! The sink may refuse a message (the delivery ring is full) by handing it
@@ -140,9 +140,10 @@ impl fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
-/// One decoded message, as offered to the sink.
+/// One decoded message, a *frame*, as offered to the sink. (Not to be confused
+/// with [`crate::message`], what travels through the rings.)
 #[derive(Debug, PartialEq, Eq)]
-pub enum Message<'a> {
+pub enum Frame<'a> {
     /// At most `inline_limit` bytes, lent from the decoder's input or kept
     /// bytes: copy them.
     Slice(&'a [u8]),
@@ -155,25 +156,25 @@ pub enum Message<'a> {
 
 /// A message the sink did not take, handed back to the decoder (made with
 /// `Refused::from(message)` or `message.into()`): a refused
-/// [`Message::Owned`] gives its buffer back, so that nothing is copied again.
+/// [`Frame::Owned`] gives its buffer back, so that nothing is copied again.
 #[derive(Debug)]
 pub struct Refused(Option<Vec<u8>>);
 
-impl From<Message<'_>> for Refused {
-    fn from(message: Message<'_>) -> Refused {
+impl From<Frame<'_>> for Refused {
+    fn from(message: Frame<'_>) -> Refused {
         match message {
-            Message::Slice(_) => Refused(None),
-            Message::Owned(buf) => Refused(Some(buf)),
+            Frame::Slice(_) => Refused(None),
+            Frame::Owned(buf) => Refused(Some(buf)),
         }
     }
 }
 
-impl Message<'_> {
+impl Frame<'_> {
     /// The message's bytes.
     pub fn as_bytes(&self) -> &[u8] {
         match self {
-            Message::Slice(bytes) => bytes,
-            Message::Owned(buf) => buf,
+            Frame::Slice(bytes) => bytes,
+            Frame::Owned(buf) => buf,
         }
     }
 

@@ -115,12 +115,12 @@ fn check(scenario: &Scenario) -> Result<(), TestCaseError> {
         if !verdicts.next().unwrap() {
             return Err(message.into());
         }
-        let lent = matches!(message, Message::Slice(_));
+        let lent = matches!(message, Frame::Slice(_));
         if lent != (message.len() <= inline_limit) {
             misfiled = Some(message.len());
         }
         taken.push(message.as_bytes().to_vec());
-        if let Message::Owned(buf) = message {
+        if let Frame::Owned(buf) = message {
             spare.push(buf);
         }
         Ok(())

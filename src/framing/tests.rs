@@ -10,18 +10,18 @@ pub(super) const LENGTH8: Framing = Framing::Length(PrefixWidth::Eight);
 /// Types a closure as a sink (closures bound by `let` need the hint).
 pub(super) fn sink<F>(f: F) -> F
 where
-    F: FnMut(Message<'_>) -> Result<(), Refused>,
+    F: FnMut(Frame<'_>) -> Result<(), Refused>,
 {
     f
 }
 
 /// A sink that refuses everything.
-fn refuse(message: Message<'_>) -> Result<(), Refused> {
+fn refuse(message: Frame<'_>) -> Result<(), Refused> {
     Err(message.into())
 }
 
 /// A sink that takes one message into `taken`, then refuses.
-fn take_one(taken: &mut Vec<Vec<u8>>) -> impl FnMut(Message<'_>) -> Result<(), Refused> + '_ {
+fn take_one(taken: &mut Vec<Vec<u8>>) -> impl FnMut(Frame<'_>) -> Result<(), Refused> + '_ {
     let mut first = true;
     move |message| {
         if !std::mem::take(&mut first) {
@@ -57,8 +57,8 @@ fn decode_all(decoder: &mut Decoder, chunks: &[&[u8]]) -> Result<Vec<Vec<u8>>, F
     for chunk in chunks {
         decoder.feed(chunk, &mut pool, |message| {
             match &message {
-                Message::Slice(bytes) => assert!(bytes.len() <= inline_limit),
-                Message::Owned(buf) => assert!(buf.len() > inline_limit),
+                Frame::Slice(bytes) => assert!(bytes.len() <= inline_limit),
+                Frame::Owned(buf) => assert!(buf.len() > inline_limit),
             }
             messages.push(message.as_bytes().to_vec());
             Ok(())
@@ -253,8 +253,8 @@ fn small_messages_are_lent_and_large_ones_come_in_pooled_buffers() {
         decoder
             .feed(&stream, &mut pool, |message| {
                 kinds.push(match message {
-                    Message::Slice(bytes) => (false, bytes.to_vec()),
-                    Message::Owned(buf) => (true, buf),
+                    Frame::Slice(bytes) => (false, bytes.to_vec()),
+                    Frame::Owned(buf) => (true, buf),
                 });
                 Ok(())
             })
@@ -287,7 +287,7 @@ fn decode_refusing_once(
             return Err(message.into());
         }
         taken.push(message.as_bytes().to_vec());
-        if let Message::Owned(buf) = message {
+        if let Frame::Owned(buf) = message {
             spare.push(buf);
         }
         Ok(())
@@ -493,7 +493,7 @@ fn raw_offers_each_input_whole() {
     for input in [&b"ab\ncd"[..], b"", b"xy"] {
         decoder
             .feed(input, &mut pool, |m| {
-                taken.push((matches!(m, Message::Owned(_)), m.as_bytes().to_vec()));
+                taken.push((matches!(m, Frame::Owned(_)), m.as_bytes().to_vec()));
                 Ok(())
             })
             .unwrap();
@@ -550,7 +550,7 @@ fn steady_state_large_messages_reuse_pool_buffers() {
                 decoder
                     .feed(chunk, pool, |message| {
                         count += 1;
-                        if let Message::Owned(buf) = message {
+                        if let Frame::Owned(buf) = message {
                             given_back.push(buf);
                         }
                         Ok(())
