@@ -37,7 +37,7 @@ use socket2::Socket;
 use crate::close_reason::CloseReason;
 use crate::config::Config;
 use crate::conn::{AfterEof, ConnectionTable, Input, Watermarks};
-use crate::framing::{Decoder, Framing, Message, Refused};
+use crate::framing::{Decoder, Frame, Framing, Refused};
 use crate::inbound::LargeMessages;
 use crate::message::{Command, CommandKind, Delivery, DeliveryKind, Opened};
 use crate::ring::{Consumer, Producer};
@@ -1214,7 +1214,7 @@ impl<S: Selector> Io<S> {
         let account = &mut large.account;
         let mut blocked = false;
         let mut staged = 0;
-        let sink = |message: Message<'_>| -> Result<(), Refused> {
+        let sink = |message: Frame<'_>| -> Result<(), Refused> {
             if !backlog.is_empty() || deliveries.free() == 0 {
                 return Err(message.into());
             }
@@ -1222,7 +1222,7 @@ impl<S: Selector> Io<S> {
                 blocked = true;
                 return Err(message.into());
             }
-            if let Message::Owned(buffer) = &message {
+            if let Frame::Owned(buffer) = &message {
                 if !account.admit(buffer.capacity(), deliveries) {
                     blocked = true;
                     return Err(message.into());
@@ -1236,11 +1236,11 @@ impl<S: Selector> Io<S> {
                 delivery.opened = None;
                 delivery.detail = None;
                 match message {
-                    Message::Slice(bytes) => {
+                    Frame::Slice(bytes) => {
                         delivery.buf[..bytes.len()].copy_from_slice(bytes);
                         delivery.len = bytes.len();
                     }
-                    Message::Owned(buffer) => account.place(delivery, buffer),
+                    Frame::Owned(buffer) => account.place(delivery, buffer),
                 }
                 delivery.len
             });

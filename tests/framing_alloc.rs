@@ -4,7 +4,7 @@
 //! a global allocator, which is why this test has a binary of its own.
 #![cfg(not(loom))]
 
-use _rsepoll::framing::{envelope, Decoder, Framing, Message, PrefixWidth};
+use _rsepoll::framing::{envelope, Decoder, Frame, Framing, PrefixWidth};
 use _rsepoll::pool::BufferPool;
 
 mod counting_alloc;
@@ -55,14 +55,14 @@ fn steady_state_decoding_allocates_nothing() {
             while !rest.is_empty() {
                 let (read, after) = rest.split_at((*read_sizes.next().unwrap()).min(rest.len()));
                 rest = after;
-                let mut offer = |message: Message<'_>| {
+                let mut offer = |message: Frame<'_>| {
                     offers += 1;
                     if offers % 7 == 0 {
                         return Err(message.into());
                     }
                     messages += 1;
                     bytes += message.len();
-                    if let Message::Owned(buf) = message {
+                    if let Frame::Owned(buf) = message {
                         consumed.push(buf);
                     }
                     Ok(())
