@@ -155,6 +155,10 @@ impl Config {
     }
 }
 
+/// The next connection id; see [`Hub::next_id`]. At a million connections a
+/// second, 64 bits last half a million years.
+static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
 /// What the engines of one server share.
 pub(crate) struct Hub {
     /// Set to ask every engine to shut down.
@@ -165,8 +169,6 @@ pub(crate) struct Hub {
     /// Rung by an engine after it publishes deliveries: the consumer waits
     /// on all the delivery rings with this one bell.
     pub(crate) deliveries: Bell,
-    /// The next connection id, unique across engines.
-    next_id: AtomicU64,
     /// Connections accepted and not yet closed, across engines (checked
     /// against `max_connections` by the accepting engine).
     pub(crate) open: AtomicUsize,
@@ -182,9 +184,11 @@ impl Hub {
         Duration::from_nanos(self.stop_timeout_ns.load(Acquire))
     }
 
-    /// A fresh connection id.
+    /// A fresh connection id, never given out before in this process: not
+    /// by another engine, nor in an earlier run of the same server (each
+    /// `listen()` makes a new `Hub`, so the counter cannot live here).
     pub(crate) fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Relaxed)
+        NEXT_CONNECTION_ID.fetch_add(1, Relaxed)
     }
 
     /// The server's counters: every engine's, added up.
@@ -668,7 +672,6 @@ impl Running {
             stop: AtomicBool::new(false),
             stop_timeout_ns: AtomicU64::new(DEFAULT_STOP_TIMEOUT.as_nanos() as u64),
             deliveries: Bell::new(),
-            next_id: AtomicU64::new(1),
             open: AtomicUsize::new(0),
             stats: (0..count).map(|_| Stats::default()).collect(),
             wakers: selectors.iter().map(Selector::waker).collect(),
