@@ -563,6 +563,7 @@ mod tests {
     use crate::framing::Framing;
     use std::io::Read;
     use std::net::TcpStream;
+    use std::sync::atomic::Ordering::Relaxed;
     use std::time::Instant;
 
     fn listener() -> (Socket, u16) {
@@ -693,6 +694,85 @@ mod tests {
         // Once engine 1 is gone for good, nothing is counted for it.
         drop(running);
         assert_eq!(sender.hub().open.load(Relaxed), 0);
+    }
+
+    /// Takes deliveries until `opened` more `Opened` and `closed` more
+    /// `Closed` were seen; returns the keys opened.
+    fn take_until(running: &mut Running, opened: usize, closed: usize) -> Vec<ConnKey> {
+        let (mut keys, mut closes) = (Vec::new(), 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while keys.len() < opened || closes < closed {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {opened} opened, {closes} of {closed} closed",
+                keys.len()
+            );
+            match running.take_with(|d| (d.kind, d.conn)) {
+                Some((DeliveryKind::Opened, key)) => keys.push(key),
+                Some((DeliveryKind::Closed(_), _)) => closes += 1,
+                Some(_) => {}
+                None => running.wait(Duration::from_millis(10)),
+            }
+            running.release();
+        }
+        keys
+    }
+
+    /// Issue 13, item 5: with a long idle timeout, every connection leaves an
+    /// entry in the timer heap when it closes. The heap must follow the
+    /// connections that are open, not every connection there ever was.
+    #[test]
+    fn the_timer_heap_is_bounded_by_open_connections_under_churn() {
+        const CHURN: usize = 2000;
+        const AT_ONCE: usize = 10;
+        for (backend, io_threads) in [
+            (Backend::Portable, 1),
+            (Backend::platform_default(), 1),
+            (Backend::platform_default(), 2),
+        ] {
+            let config = Config {
+                backend,
+                io_threads,
+                idle_timeout: Some(Duration::from_secs(3600)),
+                ..Config::default()
+            };
+            let (socket, port) = listener();
+            let mut running = Running::start(&config, vec![socket]).unwrap();
+            for _ in 0..CHURN / AT_ONCE {
+                let clients: Vec<TcpStream> = (0..AT_ONCE)
+                    .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+                    .collect();
+                take_until(&mut running, AT_ONCE, 0);
+                for client in clients {
+                    // A reset: the server closes it at once.
+                    socket2::SockRef::from(&client)
+                        .set_linger(Some(Duration::ZERO))
+                        .unwrap();
+                }
+                take_until(&mut running, 0, AT_ONCE);
+            }
+            // One connection more: each engine's count is as of a turn in
+            // which the closes above had all happened.
+            let _client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            take_until(&mut running, 1, 0);
+            let sender = running.sender();
+            let entries: usize = sender
+                .engines
+                .iter()
+                .map(|e| e.timer_entries.load(Relaxed))
+                .sum();
+            running.stop(Duration::from_secs(1));
+            drain_to_stopped(&mut running);
+            running.join();
+            // Per engine: at most twice the live entries (one per open
+            // connection here) plus the slack the heap allows itself.
+            let bound = io_threads * (2 * 3 + crate::timer::COMPACT_SLACK);
+            assert!(
+                entries <= bound,
+                "{backend:?}, io_threads={io_threads}: {entries} timer entries \
+                 after {CHURN} connections came and went (1 open; at most {bound} expected)"
+            );
+        }
     }
 
     #[test]

@@ -94,7 +94,8 @@ struct Pending {
     detail: Option<String>,
 }
 
-/// The kinds of per-connection deadline.
+/// The kinds of per-connection deadline. A connection has at most one
+/// timer entry of each kind pending (see `Io::timers`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Deadline {
     /// No bytes either way for `idle_timeout`.
@@ -104,6 +105,11 @@ enum Deadline {
     /// A close this thread started (a timeout) made no progress for
     /// `CLOSE_PROGRESS`: the peer takes nothing, so the close becomes a reset.
     Drain,
+}
+
+impl Deadline {
+    /// How many kinds there are: the most entries one connection has pending.
+    const KINDS: usize = 3;
 }
 
 /// A stop under way.
@@ -185,8 +191,10 @@ struct Io<S: Selector> {
     ring_byte_cap: usize,
     /// The most data deliveries one connection may have in the ring.
     ring_share: u32,
-    /// Per-connection deadlines, at most one entry per connection and kind;
-    /// whether a deadline really passed is checked when its entry fires.
+    /// Per-connection deadlines, at most one live entry per connection and
+    /// kind; whether a deadline really passed is checked when its entry
+    /// fires, and the entries of closed connections are compacted away
+    /// (see `expire_timers`).
     timers: Timers<(ConnKey, Deadline)>,
     /// Connections whose deadline passed, found by the last expiry.
     expired: Vec<(ConnKey, Deadline, CloseReason)>,
@@ -1182,6 +1190,21 @@ impl<S: Selector> Io<S> {
             }
         }
         self.expired = expired;
+        // The entries of connections closed since the last turn are stale:
+        // drop them once they may outnumber the live ones, so that the heap
+        // follows the open connections, not every connection of the last
+        // `idle_timeout`. Each connection has at most one entry per kind
+        // pending: `open` schedules the idle entry, `track_message` the
+        // message entry only when none is armed, the expiry above the drain
+        // entry once (its connection is closing from then on), and an entry
+        // is scheduled again only when it fires.
+        let table = &self.table;
+        self.timers
+            .compact(table.len() * Deadline::KINDS, |(key, _)| {
+                table.get(key).is_some()
+            });
+        #[cfg(test)]
+        self.shared.timer_entries.store(self.timers.len(), Relaxed);
     }
 
     /// Offers `key`'s messages to the delivery ring: those in the first `read`

@@ -29,6 +29,10 @@ use crate::wake::{Bell, IoSleep};
 /// How long a stop may flush output unless told otherwise.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The next connection id; see [`Hub::next_id`]. At a million connections a
+/// second, 64 bits last half a million years.
+static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
 /// What the engines of one server share.
 pub(crate) struct Hub {
     /// Set to ask every engine to shut down.
@@ -41,8 +45,6 @@ pub(crate) struct Hub {
     /// Rung by an engine after it publishes deliveries: the consumer waits
     /// on all the delivery rings with this one bell.
     pub(crate) deliveries: Bell,
-    /// The next connection id, unique across engines.
-    next_id: AtomicU64,
     /// Connections accepted and not yet closed, across engines (checked
     /// against `max_connections` by the accepting engine).
     pub(crate) open: AtomicUsize,
@@ -60,7 +62,6 @@ impl Hub {
             stop_timeout_ns: AtomicU64::new(DEFAULT_STOP_TIMEOUT.as_nanos() as u64),
             cut: AtomicBool::new(false),
             deliveries: Bell::new(),
-            next_id: AtomicU64::new(1),
             open: AtomicUsize::new(0),
             stats: wakers.iter().map(|_| Stats::default()).collect(),
             wakers,
@@ -72,9 +73,11 @@ impl Hub {
         Duration::from_nanos(self.stop_timeout_ns.load(Acquire))
     }
 
-    /// A fresh connection id.
+    /// A fresh connection id, never given out before in this process: not
+    /// by another engine, nor in an earlier run of the same server (each
+    /// `listen()` makes a new `Hub`, so the counter cannot live here).
     pub(crate) fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Relaxed)
+        NEXT_CONNECTION_ID.fetch_add(1, Relaxed)
     }
 
     /// The server's counters: every engine's, added up.
@@ -131,6 +134,10 @@ pub(crate) struct Shared {
     arrivals: Mutex<Option<Vec<Socket>>>,
     pub(crate) has_arrivals: AtomicBool,
     waker: Arc<dyn Wake>,
+    /// Entries in the I/O thread's timer heap, as of its last expiry (tests
+    /// of the heap's bound).
+    #[cfg(test)]
+    pub(crate) timer_entries: AtomicUsize,
 }
 
 impl Shared {
@@ -155,6 +162,8 @@ impl Shared {
             arrivals: Mutex::new(Some(Vec::new())),
             has_arrivals: AtomicBool::new(false),
             waker,
+            #[cfg(test)]
+            timer_entries: AtomicUsize::new(0),
         }
     }
 

@@ -11,27 +11,55 @@
 //! and needs tuning to the range of timeouts; at these sizes a heap is about 17
 //! levels deep, and exact.
 //!
-//! Cancelling is lazy: nothing is ever removed from the middle of the heap. The
-//! contract with the caller, which is what keeps the heap at O(connections):
+//! Cancelling is lazy: nothing is removed from the middle of the heap when a
+//! deadline moves or its connection closes. The contract with the caller:
 //!
-//! - The caller remembers, per connection and per kind of timer, the deadline of
-//!   the entry it has pending, if any, and schedules a new entry only if it has
-//!   none, or if the new deadline is earlier than the pending one (that one
-//!   then fires later as a stale entry). Moving a deadline later, which is what
-//!   every bit of traffic does to an idle timeout, schedules nothing.
+//! - The caller remembers, per connection and per kind of timer, whether it
+//!   has an entry pending, and keeps at most one *live* entry per connection
+//!   and kind: it schedules a new one only when it has none (or the one it
+//!   had fired). Moving a deadline later, which is what every bit of traffic
+//!   does to an idle timeout, schedules nothing.
 //! - When an entry fires, the caller compares it with the connection's real
 //!   state: the connection may be gone (a [`ConnKey`](crate::token::ConnKey)
-//!   with its unique id tells), the entry may be stale (its deadline is not the
-//!   pending one), or the deadline may have moved later (the callback returns
-//!   the new one, and the entry is scheduled again). Only a deadline that really
-//!   passed is acted upon.
+//!   with its unique id tells), or the deadline may have moved later (the
+//!   callback returns the new one, and the entry is scheduled again). Only a
+//!   deadline that really passed is acted upon.
+//! - Once per turn, the caller calls [`Timers::compact`] with a bound on its
+//!   live entries (its open connections times the kinds of timer) and a test
+//!   that tells a live entry from a stale one (is its connection still open?).
 //!
-//! So each connection has at most one live entry per kind of timer, plus stale
-//! entries that each fire once, harmlessly, and are gone.
+//! The entries of a connection that closed are *stale*: they would each fire
+//! once, harmlessly, but only when their deadline comes, so without the third
+//! rule the heap would grow with the connections that closed within the last
+//! timeout, not with the open ones (5,000 short connections a second under a
+//! one-hour idle timeout would leave 18 million entries). [`Timers::compact`]
+//! removes the stale entries, in one O(n) pass that rebuilds the heap, when
+//! the heap holds more than `2 × live + COMPACT_SLACK` entries. So:
+//!
+//! - **Size.** After each call the heap holds at most `2 × live +
+//!   COMPACT_SLACK` entries (if it held more, at most `live` are left), and
+//!   until the next call it grows only by what the caller schedules in one
+//!   turn: O(open connections), whatever the churn and the timeouts.
+//! - **Time.** A compaction scans `n > 2 × live + COMPACT_SLACK` entries and
+//!   keeps at most `live` of them, so it removes more than half of what it
+//!   scans: its O(n) is paid for by the entries it removes, each of which was
+//!   scheduled once and is removed once. Scheduling therefore stays O(log n)
+//!   amortized (n the heap's size, bounded as above), expiring O(log n) per
+//!   entry fired, and a call to `compact` that finds nothing to do costs one
+//!   comparison, like a turn in which nothing is due.
+//!
+//! A timing wheel would cancel in O(1) without compaction, but rounds deadlines
+//! to its tick and cannot say cheaply when the next deadline is (see above);
+//! the heap with compaction keeps deadlines exact and `next_deadline` O(1).
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::time::Instant;
+
+/// Stale entries [`Timers::compact`] tolerates beyond as many as there are
+/// live ones, so that a heap of a few entries is not compacted at every
+/// close.
+pub const COMPACT_SLACK: usize = 64;
 
 /// One scheduled deadline.
 #[derive(Clone, Copy, Debug)]
@@ -146,6 +174,24 @@ impl<K: Copy> Timers<K> {
         }
         self.rescheduled.clear();
         fired
+    }
+
+    /// Drops the stale entries if they may outnumber the live ones: when more
+    /// than `2 * live + COMPACT_SLACK` entries are pending, keeps only those
+    /// whose key `is_live` accepts, in one pass. `live` must bound how many
+    /// entries `is_live` accepts (see the module docs for why this keeps the
+    /// heap at O(live) entries at O(1) amortized cost). Returns how many
+    /// entries were dropped.
+    pub fn compact(&mut self, live: usize, mut is_live: impl FnMut(K) -> bool) -> usize {
+        let limit = live.saturating_mul(2).saturating_add(COMPACT_SLACK);
+        let before = self.heap.len();
+        if before <= limit {
+            return 0;
+        }
+        // Order among the kept entries is unchanged: it is their own (deadline,
+        // sequence), and `retain` rebuilds the heap from them.
+        self.heap.retain(|entry| is_live(entry.key));
+        before - self.heap.len()
     }
 
     /// Number of entries pending, stale ones included.
@@ -329,6 +375,71 @@ mod tests {
             let expected = if key % 2 == 0 { ms(400) } else { ms(100) };
             assert_eq!(at - t0, expected, "connection {key}");
         }
+    }
+
+    /// Connection churn under a long timeout: every connection schedules an
+    /// entry an hour away and closes at once. Compacting after each step
+    /// keeps the heap within `2 × live + COMPACT_SLACK` entries, and the
+    /// compactions scan fewer entries than twice the number scheduled (the
+    /// O(1) amortized cost of the module docs).
+    #[test]
+    fn compaction_bounds_the_heap_by_live_entries_under_churn() {
+        const CHURN: u64 = 100_000;
+        const OPEN: u64 = 10;
+        let t0 = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let mut timers = Timers::new();
+        let mut open = std::collections::VecDeque::new();
+        let (mut scanned, mut largest) = (0usize, 0usize);
+        for key in 0..CHURN {
+            timers.schedule(key, t0 + hour + ms(key));
+            open.push_back(key);
+            if open.len() as u64 > OPEN {
+                open.pop_front(); // closed: its entry is stale from now on
+            }
+            let (first, last) = (open[0], *open.back().unwrap());
+            timers.compact(open.len(), |k| {
+                scanned += 1;
+                (first..=last).contains(&k)
+            });
+            assert!(timers.len() <= 2 * open.len() + COMPACT_SLACK);
+            largest = largest.max(timers.len());
+        }
+        assert_eq!(largest, 2 * OPEN as usize + COMPACT_SLACK);
+        assert!(scanned < 2 * CHURN as usize, "{scanned} entries scanned");
+        // Without compaction, every entry would still be there.
+        assert!(timers.len() < CHURN as usize / 1000);
+        // What is left fires in order, and the open connections' entries are
+        // all there.
+        let fired = fire(&mut timers, t0 + hour * 2);
+        let keys: Vec<u64> = fired.iter().map(|f| f.0).collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]));
+        assert!(open.iter().all(|k| keys.contains(k)));
+    }
+
+    /// Below the limit nothing is scanned; above it, only live entries stay,
+    /// still in deadline order, ties in scheduling order.
+    #[test]
+    fn compaction_keeps_live_entries_in_order() {
+        let at = Instant::now() + ms(10);
+        let mut timers = Timers::new();
+        for key in 0..200 {
+            timers.schedule(key, at + ms(u64::from(key % 3)));
+        }
+        // 20 live entries: the limit is 2 × 20 + COMPACT_SLACK.
+        let live = |key: u32| key % 10 == 0;
+        assert_eq!(timers.compact(100, |_| panic!("scanned")), 0);
+        assert_eq!(timers.len(), 200);
+        assert_eq!(timers.compact(20, live), 180);
+        assert_eq!(timers.len(), 20);
+        let before = 200;
+        let fired = fire(&mut timers, at + ms(5));
+        let mut expected: Vec<(u32, Instant)> = (0..before as u32)
+            .filter(|&k| live(k))
+            .map(|k| (k, at + ms(u64::from(k % 3))))
+            .collect();
+        expected.sort_by_key(|&(k, t)| (t, k));
+        assert_eq!(fired, expected);
     }
 
     #[test]

@@ -468,6 +468,35 @@ def test_connection_ids_unique_over_server_life():
         assert len({id(c) for c in server.conns}) == 30
 
 
+def test_connection_ids_unique_across_listen_runs():
+    # The README: `id` is unique for the server's life, which spans every
+    # listen() run of the same Server object.
+    server = make_server(Recorder)
+    for run in range(2):
+        listener = rsepoll.make_listener_socket(0, "127.0.0.1")
+        try:
+            assert server.register_listener_socket(listener) is True
+            server.test_ready.clear()
+            st = start(server)
+            try:
+                for i in range(3):
+                    with connect(listener.port) as c:
+                        c.sendall(b"%d" % i)
+                        assert recv_exactly(c, 1) == b"%d" % i
+                closed = 3 * (run + 1)
+                assert wait_until(lambda n=closed: server.count("closed") == n)
+            finally:
+                st.stop()
+            st.raise_if_failed()
+        finally:
+            listener.close()
+    assert server.test_errors == []
+    first, second = ([c.id for c in server.conns[i : i + 3]] for i in (0, 3))
+    assert len(set(first)) == 3
+    assert len(set(second)) == 3
+    assert not set(first) & set(second), f"ids repeated across runs: {first} then {second}"
+
+
 def test_half_close_still_gets_full_echo_then_eof():
     payload = os.urandom(512 * 1024)
     with running(Recorder) as (server, port):
