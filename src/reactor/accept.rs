@@ -1,0 +1,199 @@
+//! Accepting: the listeners (on the first engine only), the limits
+//! (`max_connections`, running out of descriptors), dealing accepted
+//! connections to the engines in turn, and opening a connection here.
+
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use socket2::Socket;
+
+use crate::close_reason::CloseReason;
+use crate::framing::{Decoder, Framing};
+use crate::message::{DeliveryKind, Opened};
+use crate::sys::{net, Selector};
+use crate::token::{ConnKey, Token};
+
+use super::{Deadline, Io, READABLE};
+
+/// Connections accepted from one listener per turn.
+const ACCEPT_BUDGET: usize = 128;
+/// After an accept failure such as EMFILE, how long before trying again. Under
+/// edge triggering the listener would otherwise never be reported again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// A listening socket and what the loop owes it.
+pub(super) struct Listener {
+    pub(super) socket: Socket,
+    /// Connections may be waiting: the last accept stopped before `EAGAIN`.
+    pub(super) pending: bool,
+    /// Accepting failed for lack of resources; try again at this time.
+    pub(super) retry_at: Option<Instant>,
+}
+
+impl<S: Selector> Io<S> {
+    pub(super) fn accept_from(&mut self, index: usize) {
+        for _ in 0..ACCEPT_BUDGET {
+            // An accepted connection needs a slot for its `Opened`.
+            if !self.backlog.is_empty() || self.deliveries.free() == 0 {
+                self.listeners[index].pending = true;
+                return;
+            }
+            match net::accept(&self.listeners[index].socket) {
+                Ok(socket) if self.shared.hub.open.load(Relaxed) >= self.max_connections => {
+                    drop(socket);
+                    self.reject(CloseReason::Limit);
+                }
+                Ok(socket) => self.hand_out(socket),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.listeners[index].pending = false;
+                    return self.rearm_listener(index);
+                }
+                Err(e) if net::is_transient_accept_error(&e) => {}
+                Err(e) => {
+                    // EMFILE and friends: the clients stay queued in the kernel.
+                    // Turn them away now with the reserve descriptor, and retry
+                    // later rather than spin.
+                    if net::is_out_of_descriptors(&e) {
+                        self.turn_away_queued(index);
+                    }
+                    let listener = &mut self.listeners[index];
+                    listener.pending = false;
+                    listener.retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                    self.report_accept_error(e);
+                    return;
+                }
+            }
+        }
+        self.listeners[index].pending = true;
+    }
+
+    /// Out of descriptors: frees the reserve one, accepts and closes the
+    /// clients queued on listener `index` (so they hear at once instead of
+    /// waiting), then takes the reserve again.
+    pub(super) fn turn_away_queued(&mut self, index: usize) {
+        if self.reserve.take().is_none() {
+            return;
+        }
+        for _ in 0..ACCEPT_BUDGET {
+            match net::accept(&self.listeners[index].socket) {
+                Ok(socket) => {
+                    drop(socket);
+                    self.counters.rejected(CloseReason::Limit);
+                }
+                Err(e) if net::is_transient_accept_error(&e) => {}
+                Err(_) => break,
+            }
+        }
+        self.reserve = net::ReserveFd::open();
+    }
+
+    /// Counts a connection turned away at `max_connections`, and reports
+    /// the count at most once a second.
+    pub(super) fn reject(&mut self, reason: CloseReason) {
+        self.counters.rejected(reason);
+        self.unreported_rejections += 1;
+        let now = Instant::now();
+        if self
+            .last_rejection_report
+            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_rejection_report = Some(now);
+        let detail = format!(
+            "max_connections ({}) reached: turned away {} connection(s)",
+            self.max_connections, self.unreported_rejections
+        );
+        self.unreported_rejections = 0;
+        self.emit(DeliveryKind::Error, ConnKey::default(), None, Some(detail));
+    }
+
+    pub(super) fn rearm_listener(&mut self, index: usize) {
+        let listener = &self.listeners[index];
+        let _ = self
+            .selector
+            .set_interest(&listener.socket, Token::listener(index), READABLE);
+    }
+
+    pub(super) fn report_accept_error(&mut self, error: io::Error) {
+        let now = Instant::now();
+        if self
+            .last_accept_error
+            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_accept_error = Some(now);
+        let detail = format!("accepting a connection failed: {error}");
+        self.emit(DeliveryKind::Error, ConnKey::default(), None, Some(detail));
+    }
+
+    /// Gives an accepted connection to the engines in turn: opens it here,
+    /// or hands it to another engine. Round-robin keeps the engines' shares
+    /// equal whatever the kernel's accept order, on every platform, with a
+    /// lock taken per connection, never per message.
+    pub(super) fn hand_out(&mut self, socket: Socket) {
+        self.shared.hub.open.fetch_add(1, Relaxed);
+        let target = self.next_engine;
+        self.next_engine = (target + 1) % self.engines.len();
+        if target == usize::from(self.shared.engine) {
+            self.open(socket);
+        } else if let Err(socket) = self.engines[target].hand_over(socket) {
+            // That engine's loop has ended (it failed, or finished a stop
+            // this one has not seen yet): serve it here.
+            self.open(socket);
+        }
+    }
+
+    /// Opens the connections other engines handed to this one; while
+    /// stopping, closes them instead (the application never heard of them).
+    pub(super) fn open_arrivals(&mut self) {
+        let mut arrivals = std::mem::take(&mut self.arrivals);
+        self.shared.take_arrivals(&mut arrivals);
+        for socket in arrivals.drain(..) {
+            if self.reading() {
+                self.open(socket);
+            } else {
+                self.shared.hub.open.fetch_sub(1, Relaxed);
+                self.counters.rejected(CloseReason::Shutdown);
+            }
+        }
+        self.arrivals = arrivals;
+    }
+
+    /// Starts serving `socket`, counted in `hub.open` already.
+    pub(super) fn open(&mut self, socket: Socket) {
+        let fd = net::raw_handle(&socket);
+        let peer = net::peer_addr(&socket);
+        let local = net::local_addr(&socket);
+        let id = self.shared.hub.next_id();
+        let key = self.table.insert(socket, id, self.now);
+        if let Some(idle) = self.idle_timeout {
+            self.timers.schedule((key, Deadline::Idle), self.now + idle);
+        }
+        let conn = self.table.get_mut(key).expect("just inserted");
+        if self.framing != Framing::Raw {
+            conn.decoder = Some(Decoder::new(
+                self.framing,
+                self.max_message_size,
+                self.slot_size,
+            ));
+        }
+        let opened = Opened {
+            fd,
+            peer,
+            local,
+            pending: conn.pending.clone(),
+        };
+        let token = Token::connection(key.index, key.id);
+        if let Err(e) = self.selector.register(&conn.socket, token, READABLE) {
+            self.table.remove(key);
+            self.shared.hub.open.fetch_sub(1, Relaxed);
+            let detail = format!("watching an accepted connection failed: {e}");
+            self.emit(DeliveryKind::Error, ConnKey::default(), None, Some(detail));
+            return;
+        }
+        self.emit(DeliveryKind::Opened, key, Some(opened), None);
+    }
+}

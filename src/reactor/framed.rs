@@ -1,0 +1,192 @@
+//! Framed input: reads into the scratch buffer, cut into messages by the
+//! connection's decoder, one delivery each; what the ring cannot take waits in
+//! the decoder. Also the message timeout's clock, which runs only while the
+//! peer, not the server, holds a message up.
+
+use std::io;
+
+use crate::close_reason::CloseReason;
+use crate::framing::{Decoder, Frame, Refused};
+use crate::message::DeliveryKind;
+use crate::sys::{net, Selector};
+use crate::token::ConnKey;
+
+use super::{Deadline, Io, PUBLISH_BATCH, READ_BUDGET};
+
+impl<S: Selector> Io<S> {
+    /// Reads into the I/O thread's scratch buffer and cuts what comes into
+    /// messages, one delivery each, until the socket is drained, the ring is
+    /// full, or the budget is spent. Messages the ring could not take wait in
+    /// the decoder, and nothing more is read until they are delivered.
+    pub(super) fn read_framed(&mut self, key: ConnKey) {
+        let reading = self.reading();
+        for _ in 0..READ_BUDGET {
+            let Some(conn) = self.table.get_mut(key) else {
+                return;
+            };
+            let read_fully = conn.read_fully;
+            let decoder = conn.decoder.as_mut().expect("a framed connection");
+            let (outcome, read) = if decoder.has_backlog() {
+                (self.deliver_messages(key, None), None)
+            } else {
+                if !reading || !conn.reads_input() {
+                    // Only the backlog was to go (see `on_readable`); reading
+                    // resumes, if ever, through the ready list.
+                    conn.unread_input = true;
+                    return;
+                }
+                if !self.backlog.is_empty() || self.deliveries.free() == 0 || !self.has_share(key) {
+                    return self.mark_unread(key);
+                }
+                let Some(conn) = self.table.get_mut(key) else {
+                    return;
+                };
+                match net::recv(&conn.socket, &mut self.scratch) {
+                    Ok(0) => return self.on_eof(key),
+                    Ok(n) => {
+                        conn.last_activity = self.now;
+                        self.counters.bytes_received += n as u64;
+                        (self.deliver_messages(key, Some(n)), Some(n))
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return self.mark_drained(key);
+                    }
+                    Err(e) => return self.close_now(key, Some(CloseReason::of_error(&e))),
+                }
+            };
+            if self.deliveries.staged() >= PUBLISH_BATCH {
+                self.publish();
+            }
+            self.track_message(key);
+            if let Err(error) = outcome {
+                // The consumer closes it once it has answered what came before.
+                let Some(conn) = self.table.get_mut(key) else {
+                    return;
+                };
+                if conn.input_failed(CloseReason::TooLarge) {
+                    self.emit(DeliveryKind::TooLarge, key, None, Some(error.to_string()));
+                    return self.discard_input(key);
+                }
+                // Its output had failed already: the peer is gone.
+                return self.close_now(key, Some(CloseReason::Reset));
+            }
+            let Some(conn) = self.table.get_mut(key) else {
+                return;
+            };
+            if conn.decoder.as_ref().is_some_and(Decoder::has_backlog) {
+                return self.mark_unread(key);
+            }
+            // A short read drained the socket (see `read_into_ring`).
+            if read.is_some_and(|n| n < self.scratch.len()) && !read_fully {
+                return self.mark_drained(key);
+            }
+        }
+        self.mark_unread(key);
+    }
+
+    /// Offers `key`'s messages to the delivery ring: those in the first `read`
+    /// bytes of the scratch buffer, or (`None`) those its decoder kept.
+    pub(super) fn deliver_messages(
+        &mut self,
+        key: ConnKey,
+        read: Option<usize>,
+    ) -> Result<(), crate::framing::FrameError> {
+        let Io {
+            table,
+            deliveries,
+            backlog,
+            large,
+            scratch,
+            consumer_blocked_at,
+            counters,
+            in_flight,
+            ring_bytes,
+            ring_share,
+            ..
+        } = self;
+        let Some(conn) = table.get_mut(key) else {
+            return Ok(());
+        };
+        let share = ring_share.saturating_sub(conn.in_ring);
+        let Some(decoder) = conn.decoder.as_mut() else {
+            return Ok(());
+        };
+        let account = &mut large.account;
+        let mut blocked = false;
+        let mut staged = 0;
+        let sink = |message: Frame<'_>| -> Result<(), Refused> {
+            if !backlog.is_empty() || deliveries.free() == 0 {
+                return Err(message.into());
+            }
+            if staged >= share {
+                blocked = true;
+                return Err(message.into());
+            }
+            if let Frame::Owned(buffer) = &message {
+                if !account.admit(buffer.capacity(), deliveries) {
+                    blocked = true;
+                    return Err(message.into());
+                }
+            }
+            let mut slot = deliveries.vacant().expect("free() > 0");
+            let len = slot.with_mut(|delivery| {
+                account.reclaim(delivery);
+                delivery.kind = DeliveryKind::Data;
+                delivery.conn = key;
+                delivery.opened = None;
+                delivery.detail = None;
+                match message {
+                    Frame::Slice(bytes) => {
+                        delivery.buf[..bytes.len()].copy_from_slice(bytes);
+                        delivery.len = bytes.len();
+                    }
+                    Frame::Owned(buffer) => account.place(delivery, buffer),
+                }
+                delivery.len
+            });
+            in_flight.push_back((slot.position(), key, len));
+            *ring_bytes += len;
+            slot.stage();
+            staged += 1;
+            counters.messages_received += 1;
+            Ok(())
+        };
+        let outcome = match read {
+            Some(n) => decoder.feed(&scratch[..n], &mut large.pool, sink),
+            None => decoder.pump(&mut large.pool, sink),
+        };
+        conn.in_ring += staged;
+        large.settle();
+        if blocked {
+            *consumer_blocked_at = Some(deliveries.released());
+        }
+        outcome
+    }
+
+    /// Notes when the message `key` is receiving started, and arms its
+    /// message timeout. A decoder holding messages the ring could not take is
+    /// waiting for the server, not for the peer: the clock does not run then.
+    pub(super) fn track_message(&mut self, key: ConnKey) {
+        let Some(timeout) = self.message_timeout else {
+            return;
+        };
+        let now = self.now;
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        let Some(decoder) = conn.decoder.as_ref() else {
+            return;
+        };
+        let unfinished = decoder.in_message() && !decoder.has_backlog();
+        conn.message_started = if unfinished {
+            conn.message_started.or(Some(now))
+        } else {
+            None
+        };
+        if let (Some(started), false) = (conn.message_started, conn.message_timer_armed) {
+            conn.message_timer_armed = true;
+            self.timers
+                .schedule((key, Deadline::Message), started + timeout);
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! The I/O thread's event loop.
+//!
+//! One turn of the loop: apply the commands the Python side queued (sends,
+//! closes), serve the work that an earlier turn had to leave (connections with
+//! unread input, listeners with pending connections), publish what was read,
+//! then wait in the selector until a socket is ready, a command arrives, or a
+//! deadline passes.
+//!
+//! Three rules keep an edge-triggered loop from hanging or starving:
+//! - a socket is read (or accepted from) until `EAGAIN`, a short read, or its
+//!   budget runs out; in the last case, and when the delivery ring is full, it
+//!   goes on the *ready list*, because the kernel will not report it again;
+//! - reading stops, and never drops data, when the delivery ring is full: TCP's
+//!   own flow control then slows the peer, and the Python thread wakes this one
+//!   when it frees slots (see [`crate::wake`]);
+//! - control deliveries (`Closed`, `Eof`, ...) that find the ring full wait in a
+//!   small backlog that goes out before anything else, so nothing is reordered.
+//!
+//! Stopping is a drain, not a cut. When asked to stop, the loop closes its
+//! listeners and reads no more input (not one `recv`), delivers the messages
+//! its decoders had already cut from input read before (paused and throttled
+//! connections' too), then delivers `Draining`; the consumer handles what it
+//! already has and answers `Shutdown`, behind every reply it queued.
+//! Then each connection closes as soon as its queue has gone out (FIN). At
+//! the stop deadline, connections that still hold output are reset instead,
+//! so that their peers can tell a cut from a clean end.
+//!
+//! The loop's state is one struct, [`Io`]; its methods live in child files by
+//! concern, each an `impl` block of its own (as tokio's worker does with
+//! `worker/metrics.rs`): [`accept`] (listeners, limits, dealing connections
+//! out), [`read`] (raw input and the ready list), [`framed`] (decoders and
+//! the message clock), [`write`] (sends and flushing), [`close`] (every way a
+//! connection ends), [`stop`] (the drain), [`deadlines`] (timeouts) and
+//! [`outbox`] (the delivery ring's shares and backlog). This file keeps the
+//! turn itself: [`Reactor::run`], the wait, commands in, events out.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::Ordering::Acquire;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::Socket;
+
+use crate::close_reason::CloseReason;
+use crate::config::Config;
+use crate::conn::{ConnectionTable, Watermarks};
+use crate::framing::Framing;
+use crate::inbound::LargeMessages;
+use crate::message::{Command, CommandKind, Delivery};
+use crate::ring::{Consumer, Producer};
+use crate::shared::Shared;
+use crate::stats::Counters;
+use crate::sys::{net, Event, Interest, Selector};
+use crate::timer::Timers;
+use crate::token::{id_matches, ConnKey, Target, Token};
+
+mod accept;
+mod close;
+mod deadlines;
+mod framed;
+mod outbox;
+mod read;
+mod stop;
+mod write;
+
+use accept::Listener;
+use deadlines::Deadline;
+use outbox::{ring_has_room, Pending};
+use stop::Stopping;
+
+/// What a listener or a new connection is watched for at first.
+const READABLE: Interest = Interest {
+    readable: true,
+    writable: false,
+    hangup: true,
+};
+
+/// Reads from one connection per turn before others get theirs.
+const READ_BUDGET: usize = 16;
+/// Deliveries staged before they are published without waiting for the turn's end.
+const PUBLISH_BATCH: usize = 64;
+/// One connection may hold at most this fraction of the delivery ring ...
+const RING_SHARE_DIVISOR: usize = 8;
+/// ... but never fewer slots than this.
+const MIN_RING_SHARE: usize = 4;
+/// The smallest buffer a message being assembled takes from the pool: what a
+/// connection in the middle of a small message costs.
+const SMALLEST_ASSEMBLY: usize = 4096;
+/// In raw mode, a read that fills a delivery slot goes on into a buffer of
+/// this size, so that a burst arrives as one message (asyncio and uvloop read
+/// up to 256 KiB at a time too). A slot at least this large never spills.
+const LARGE_READ: usize = 256 * 1024;
+
+/// The I/O thread's state; see the module docs.
+pub(crate) struct Reactor<S: Selector> {
+    commands: Consumer<Command>,
+    io: Io<S>,
+}
+
+/// Everything but the command ring, so that applying a command can borrow it
+/// while the ring is borrowed too.
+struct Io<S: Selector> {
+    selector: S,
+    shared: Arc<Shared>,
+    deliveries: Producer<Delivery>,
+    listeners: Vec<Listener>,
+    table: ConnectionTable,
+    /// Every engine of the server, this one included: the one with the
+    /// listeners hands accepted connections to each in turn.
+    engines: Arc<[Arc<Shared>]>,
+    /// The engine the next accepted connection goes to.
+    next_engine: usize,
+    /// Connections handed to this engine, being opened.
+    arrivals: Vec<Socket>,
+    /// Connections with unread input, served round-robin.
+    ready: VecDeque<ConnKey>,
+    /// Control deliveries that found the ring full.
+    backlog: VecDeque<Pending>,
+    /// Lingering connections in deadline order (the linger time is constant).
+    lingering: VecDeque<(Instant, ConnKey)>,
+    events: Vec<Event>,
+    /// Where discarded input goes.
+    scratch: Box<[u8]>,
+    /// The parts of a message larger than a slot, gathered so far, and the
+    /// connection they are for (see `send_part`).
+    gathered: Vec<u8>,
+    gathered_for: Option<ConnKey>,
+    /// When an accept error was last reported, to report at most one a second.
+    last_accept_error: Option<Instant>,
+    /// Set once a stop has begun.
+    stopping: Option<Stopping>,
+    /// Per-connection output limits.
+    watermarks: Watermarks,
+    /// How input is cut into messages.
+    framing: Framing,
+    max_message_size: usize,
+    /// Largest message that travels in a slot's own buffer.
+    slot_size: usize,
+    /// Buffers of messages larger than a slot.
+    large: LargeMessages,
+    /// Raw mode: the size of the buffer a read that fills its slot goes on
+    /// into ([`LARGE_READ`]); 0 where reads do not spill.
+    spill_size: usize,
+    /// The budget had no room for a spill buffer: the consumer's release
+    /// count then (see `may_spill`).
+    spill_blocked_at: Option<usize>,
+    /// Input waits for the consumer to release slots, though some are free: a
+    /// large message over the budget of buffers in the ring, or a connection
+    /// at its share of the ring. The consumer's release count then.
+    consumer_blocked_at: Option<usize>,
+    /// Data deliveries in the ring, oldest first: the producer position of
+    /// each and its connection, to keep each connection's share exact.
+    in_flight: VecDeque<(usize, ConnKey, usize)>,
+    /// Payload bytes of the data deliveries in the ring (the third field of
+    /// `in_flight`), and the most raw reads may bring it to: the ring's own
+    /// size, so that spilled reads do not raise what the ring holds.
+    ring_bytes: usize,
+    ring_byte_cap: usize,
+    /// The most data deliveries one connection may have in the ring.
+    ring_share: u32,
+    /// Per-connection deadlines, at most one live entry per connection and
+    /// kind; whether a deadline really passed is checked when its entry
+    /// fires, and the entries of closed connections are compacted away
+    /// (see `expire_timers`).
+    timers: Timers<(ConnKey, Deadline)>,
+    /// Connections whose deadline passed, found by the last expiry.
+    expired: Vec<(ConnKey, Deadline, CloseReason)>,
+    idle_timeout: Option<Duration>,
+    message_timeout: Option<Duration>,
+    /// The time this turn's work started.
+    now: Instant,
+    /// Connections beyond this many are turned away.
+    max_connections: usize,
+    /// Turned away since the last report, and when that was.
+    unreported_rejections: u64,
+    last_rejection_report: Option<Instant>,
+    /// A file descriptor kept in reserve: when accepting fails for lack of
+    /// descriptors, closing it lets the loop accept the queued clients and
+    /// close them at once, instead of leaving them waiting.
+    reserve: Option<net::ReserveFd>,
+    /// What this thread counts; copied to `shared.stats` once per turn.
+    counters: Counters,
+}
+
+impl<S: Selector> Reactor<S> {
+    /// Registers `listeners` with `selector`; the loop starts with [`Reactor::run`].
+    pub(crate) fn new(
+        config: &Config,
+        selector: S,
+        shared: Arc<Shared>,
+        engines: Arc<[Arc<Shared>]>,
+        deliveries: Producer<Delivery>,
+        commands: Consumer<Command>,
+        listeners: Vec<Socket>,
+    ) -> io::Result<Self> {
+        let spill_size = match config.framing {
+            Framing::Raw if config.slot_size < LARGE_READ => LARGE_READ,
+            _ => 0,
+        };
+        let mut io = Io {
+            selector,
+            shared: Arc::clone(&shared),
+            deliveries,
+            listeners: Vec::with_capacity(listeners.len()),
+            table: ConnectionTable::new(shared.engine),
+            engines,
+            next_engine: 0,
+            arrivals: Vec::new(),
+            ready: VecDeque::with_capacity(1024),
+            backlog: VecDeque::with_capacity(64),
+            lingering: VecDeque::with_capacity(64),
+            events: Vec::with_capacity(1024),
+            scratch: vec![0; 64 * 1024].into_boxed_slice(),
+            gathered: Vec::new(),
+            gathered_for: None,
+            last_accept_error: None,
+            stopping: None,
+            watermarks: Watermarks {
+                high: config.write_buffer_high,
+                low: config.write_buffer_low,
+            },
+            framing: config.framing,
+            max_message_size: config.max_message_size,
+            slot_size: config.slot_size,
+            large: LargeMessages::new(
+                SMALLEST_ASSEMBLY.min(config.slot_size),
+                match config.framing {
+                    Framing::Raw => spill_size,
+                    _ => config.max_message_size,
+                },
+                // As many bytes as the ring carries in its own slots, and in
+                // the framed modes room for two of the largest messages.
+                match config.framing {
+                    Framing::Raw => config.ring_slots * config.slot_size,
+                    _ => (config.ring_slots * config.slot_size).max(2 * config.max_message_size),
+                },
+                config.ring_slots,
+            ),
+            spill_size,
+            spill_blocked_at: None,
+            consumer_blocked_at: None,
+            in_flight: VecDeque::with_capacity(config.ring_slots),
+            ring_bytes: 0,
+            ring_byte_cap: config.ring_slots * config.slot_size,
+            ring_share: (config.ring_slots / RING_SHARE_DIVISOR).max(MIN_RING_SHARE) as u32,
+            timers: Timers::with_capacity(1024),
+            expired: Vec::with_capacity(64),
+            idle_timeout: config.idle_timeout,
+            message_timeout: config
+                .message_timeout
+                .filter(|_| config.framing != Framing::Raw),
+            now: Instant::now(),
+            max_connections: config.max_connections,
+            unreported_rejections: 0,
+            last_rejection_report: None,
+            // Only the engine that accepts needs one (see `turn_away_queued`).
+            reserve: None,
+            counters: Counters::default(),
+        };
+        for (index, socket) in listeners.into_iter().enumerate() {
+            socket.set_nonblocking(true)?;
+            io.selector
+                .register(&socket, Token::listener(index), READABLE)?;
+            io.listeners.push(Listener {
+                socket,
+                // Connections may have queued before registration.
+                pending: true,
+                retry_at: None,
+            });
+        }
+        if !io.listeners.is_empty() {
+            io.reserve = net::ReserveFd::open();
+        }
+        Ok(Reactor { commands, io })
+    }
+
+    /// Serves until asked to stop, then drains (see the module docs): every
+    /// connection is closed and reported, then `Stopped` is delivered.
+    pub(crate) fn run(&mut self) -> io::Result<()> {
+        loop {
+            if self.io.stopping.is_none() && self.io.shared.hub.stop.load(Acquire) {
+                let timeout = self.io.shared.hub.stop_timeout();
+                self.io.begin_stop(Instant::now() + timeout, true);
+            }
+            self.apply_commands();
+            self.io.open_arrivals();
+            if let Some(stopping) = &mut self.io.stopping {
+                if Instant::now() >= stopping.deadline || self.io.shared.hub.cut.load(Acquire) {
+                    // Whatever has not finished by now (output, replies the
+                    // consumer has not made) is cut, and the peers can tell.
+                    stopping.closing_all = true;
+                    self.io.abort_all();
+                }
+                if self.io.stopping.as_ref().is_some_and(|s| s.closing_all)
+                    && self.io.table.is_empty()
+                {
+                    break;
+                }
+            }
+            self.io.serve_leftovers();
+            self.io.announce_draining();
+            self.io.publish();
+            let timeout = self.io.poll_timeout();
+            self.wait(timeout)?;
+            self.io.now = Instant::now();
+            self.io.dispatch_events();
+            self.io.expire_lingering();
+            self.io.expire_timers();
+            self.io.publish();
+        }
+        self.finish();
+        Ok(())
+    }
+
+    /// Applies queued commands, at most a ring's worth per turn, so that a fast
+    /// sender cannot keep the sockets from being polled.
+    fn apply_commands(&mut self) {
+        let mut applied = 0;
+        while applied < self.commands.capacity()
+            && self
+                .commands
+                .take_with(|command| self.io.apply(command))
+                .is_some()
+        {
+            applied += 1;
+            if self.commands.taken() >= PUBLISH_BATCH {
+                self.commands.release();
+                self.io.shared.command_space.ring();
+            }
+        }
+        if applied > 0 {
+            self.commands.release();
+            self.io.shared.command_space.ring();
+        }
+    }
+
+    /// Sleeps in the selector, unless the sleep protocol finds work first.
+    fn wait(&mut self, mut timeout: Option<Duration>) -> io::Result<()> {
+        // Whatever was counted is visible before this thread may sleep.
+        self.io.shared.stats().publish(&self.io.counters);
+        let stalled = timeout != Some(Duration::ZERO) && self.io.has_deferred_work();
+        let io = &mut self.io;
+        if timeout != Some(Duration::ZERO) {
+            let Io {
+                shared,
+                deliveries,
+                consumer_blocked_at,
+                stopping,
+                ..
+            } = io;
+            let commands = &mut self.commands;
+            let may_sleep = shared.io_sleep.prepare(stalled, || {
+                !commands.is_empty()
+                    || shared.has_arrivals.load(Acquire)
+                    || (stopping.is_none() && shared.hub.stop.load(Acquire))
+                    || (stalled && ring_has_room(deliveries, *consumer_blocked_at))
+            });
+            if !may_sleep {
+                timeout = Some(Duration::ZERO);
+            }
+        }
+        let result = io.selector.select(&mut io.events, timeout);
+        io.shared.io_sleep.awake();
+        result
+    }
+}
+
+impl<S: Selector> Io<S> {
+    fn apply(&mut self, command: &Command) {
+        match command.kind {
+            CommandKind::Send => match command.loan {
+                Some(loan) => {
+                    let (header, trailer) = command.data().split_at(loan.head);
+                    // SAFETY: the command's slot is not released before this
+                    // returns, and the lender keeps the bytes until then.
+                    let lent = unsafe { loan.bytes() };
+                    debug_assert!(self.gathered.is_empty(), "a message arrives whole");
+                    self.send(command.conn, &[header, lent, trailer], false);
+                }
+                None => self.send_part(command.conn, command.data(), command.more),
+            },
+            CommandKind::Close => self.close(command.conn, CloseReason::Local),
+            CommandKind::Abort => self.abort(command.conn, CloseReason::Local),
+            CommandKind::Shutdown => self.close_all(),
+            CommandKind::PauseReading => self.set_paused(command.conn, true),
+            CommandKind::ResumeReading => self.set_paused(command.conn, false),
+            #[cfg(test)]
+            CommandKind::Panic => panic!("panic requested by a test"),
+        }
+    }
+
+    /// True unless a stop has begun: then no input is delivered any more.
+    fn reading(&self) -> bool {
+        self.stopping.is_none()
+    }
+
+    /// Tells the selector what the connection wants now (see
+    /// [`Connection::interest`](crate::conn::Connection::interest)).
+    fn update_interest(&mut self, key: ConnKey) {
+        let reading = self.reading();
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        let interest = conn.interest(reading);
+        if let Err(e) =
+            self.selector
+                .set_interest(&conn.socket, Token::connection(key.index, key.id), interest)
+        {
+            self.close_now(key, Some(CloseReason::of_error(&e)));
+        }
+    }
+
+    fn dispatch_events(&mut self) {
+        for i in 0..self.events.len() {
+            let event = self.events[i];
+            match event.token.target() {
+                Target::Listener(index) if index < self.listeners.len() => {
+                    if self.listeners[index].retry_at.is_none() {
+                        self.accept_from(index);
+                    }
+                }
+                Target::Listener(_) => {}
+                Target::Connection { index, id_bits } => {
+                    let Some(conn) = self.table.slot_mut(index) else {
+                        continue;
+                    };
+                    // The slot's tenant changed since the event was queued.
+                    if !id_matches(conn.id, id_bits) {
+                        continue;
+                    }
+                    conn.read_fully |= event.read_fully;
+                    let key = ConnKey {
+                        index,
+                        engine: self.shared.engine,
+                        id: conn.id,
+                    };
+                    if event.writable {
+                        self.flush(key);
+                    }
+                    if event.readable {
+                        self.on_readable(key);
+                    }
+                    if event.hangup {
+                        self.on_hangup(key);
+                    }
+                    self.update_interest(key);
+                }
+            }
+        }
+    }
+
+    /// Serves what earlier turns left: backlog, ready connections, listeners.
+    fn serve_leftovers(&mut self) {
+        self.drain_backlog();
+        self.settle_in_flight();
+        if self
+            .consumer_blocked_at
+            .is_some_and(|at| self.deliveries.released() != at)
+        {
+            self.consumer_blocked_at = None;
+        }
+        let now = Instant::now();
+        for index in 0..self.listeners.len() {
+            let listener = &mut self.listeners[index];
+            if listener.retry_at.is_some_and(|at| at <= now) {
+                listener.retry_at = None;
+                listener.pending = true;
+            }
+            if self.listeners[index].pending {
+                self.accept_from(index);
+            }
+        }
+        for _ in 0..self.ready.len() {
+            if !self.backlog.is_empty() || self.deliveries.free() == 0 {
+                break;
+            }
+            let Some(key) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(conn) = self.table.get_mut(key) else {
+                continue;
+            };
+            conn.in_ready_list = false;
+            if !conn.unread_input {
+                continue;
+            }
+            conn.unread_input = false;
+            self.on_readable(key);
+            self.update_interest(key);
+        }
+    }
+
+    /// True if an earlier turn left work that needs delivery slots: control
+    /// deliveries, connections with unread input, listeners with pending
+    /// connections.
+    fn has_deferred_work(&self) -> bool {
+        !self.backlog.is_empty()
+            || !self.ready.is_empty()
+            || self.listeners.iter().any(|l| l.pending)
+    }
+
+    fn poll_timeout(&mut self) -> Option<Duration> {
+        if self.has_deferred_work() && ring_has_room(&mut self.deliveries, self.consumer_blocked_at)
+        {
+            return Some(Duration::ZERO);
+        }
+        let deadlines = self
+            .lingering
+            .front()
+            .map(|&(deadline, _)| deadline)
+            .into_iter()
+            .chain(self.listeners.iter().filter_map(|l| l.retry_at))
+            .chain(self.stopping.as_ref().map(|s| s.deadline))
+            .chain(self.timers.next_deadline());
+        deadlines
+            .min()
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+}

@@ -1,0 +1,293 @@
+//! Input: what a readable or hung-up socket means for its connection, raw
+//! reads straight into delivery slots (spilling a large burst into a pooled
+//! buffer), discarding the input of a closing connection, and the ready list
+//! that brings back a connection whose last read stopped before `EAGAIN`.
+
+use std::io;
+
+use socket2::Socket;
+
+use crate::close_reason::CloseReason;
+use crate::conn::{AfterEof, Input};
+use crate::inbound::LargeMessages;
+use crate::message::DeliveryKind;
+use crate::sys::{net, Selector};
+use crate::token::ConnKey;
+
+use super::{Io, PUBLISH_BATCH, READ_BUDGET};
+
+/// How a read into a delivery ended, when it read something.
+pub(super) enum ReadEnd {
+    /// The socket has nothing more now (a short read, or `EAGAIN`).
+    Drained,
+    /// The buffer filled up: more may wait.
+    Full,
+    /// The peer's EOF came right behind the data.
+    Eof,
+    /// An error came right behind the data.
+    Failed(io::Error),
+}
+
+impl<S: Selector> Io<S> {
+    pub(super) fn on_readable(&mut self, key: ConnKey) {
+        let reading = self.reading();
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        match conn.input() {
+            // Messages a decoder already holds are delivered whatever the
+            // state of reading: paused, throttled or stopping, they were read.
+            Input::Deliver if conn.holds_messages() => self.read_framed(key),
+            Input::Deliver if reading && conn.reads_input() => {
+                if conn.decoder.is_some() {
+                    self.read_framed(key)
+                } else {
+                    self.read_into_ring(key)
+                }
+            }
+            // Not now: resuming puts it on the ready list. Until then, the
+            // one-shot registration stays disarmed (see `update_interest`).
+            Input::Deliver => conn.unread_input = true,
+            Input::Ended => {}
+            Input::Discard => self.discard_input(key),
+        }
+    }
+
+    /// The poller reported a hangup or an error. A connection that reads will
+    /// find out by reading, now or once its reading resumes; one that reads
+    /// no more (after the peer's EOF, or while stopping) must be closed here,
+    /// or the report would repeat.
+    pub(super) fn on_hangup(&mut self, key: ConnKey) {
+        let reading = self.reading();
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        let finds_out = match conn.input() {
+            Input::Deliver => reading,
+            Input::Discard => true,
+            Input::Ended => false,
+        };
+        if finds_out {
+            if !conn.reads_input() {
+                // Paused or throttled, and the peer is gone: nothing it sent
+                // can be held back for later any more. Read what the kernel
+                // holds to its end, then the reset ends it.
+                conn.peer_gone();
+                self.mark_unread(key);
+            }
+            return;
+        }
+        if conn.holds_messages() {
+            // Stopping: the messages read before the reset go first; the
+            // stop closes it after them.
+            conn.peer_gone();
+            return self.mark_unread(key);
+        }
+        let reason = match conn.socket.take_error() {
+            Ok(Some(error)) => CloseReason::of_error(&error),
+            _ => CloseReason::Reset,
+        };
+        self.close_now(key, Some(reason));
+    }
+
+    pub(super) fn on_eof(&mut self, key: ConnKey) {
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        match conn.peer_finished() {
+            AfterEof::Deliver => self.emit(DeliveryKind::Eof, key, None, None),
+            AfterEof::Continue => {}
+            AfterEof::Close(reason) => self.close_now(key, Some(reason)),
+            AfterEof::Forget => self.close_now(key, None),
+        }
+    }
+
+    /// Reads into delivery slots until the socket is drained, the ring is full,
+    /// or the budget is spent. A read that fills a slot goes on into a larger
+    /// buffer (see [`LARGE_READ`]), so that a burst of input reaches the
+    /// consumer as one message rather than a slot's worth at a time.
+    pub(super) fn read_into_ring(&mut self, key: ConnKey) {
+        let now = self.now;
+        for _ in 0..READ_BUDGET {
+            if !self.backlog.is_empty() || self.deliveries.free() == 0 || !self.has_share(key) {
+                return self.mark_unread(key);
+            }
+            let room = self.ring_room();
+            if room == 0 {
+                return self.mark_unread(key);
+            }
+            let spill = room > self.slot_size && self.may_spill();
+            let Some(conn) = self.table.get_mut(key) else {
+                return;
+            };
+            let read_fully = conn.read_fully;
+            let LargeMessages { pool, account } = &mut self.large;
+            let spill_size = self.spill_size;
+            let mut slot = self.deliveries.vacant().expect("free() > 0");
+            let (result, end) = slot.with_mut(|delivery| {
+                account.reclaim(delivery);
+                delivery.kind = DeliveryKind::Data;
+                delivery.conn = key;
+                delivery.opened = None;
+                delivery.detail = None;
+                let want = delivery.buf.len();
+                let result = net::recv(&conn.socket, &mut delivery.buf);
+                delivery.len = *result.as_ref().unwrap_or(&0);
+                let end = match result {
+                    Ok(n) if n == want && spill => {
+                        let mut buffer = pool.take(spill_size);
+                        buffer.extend_from_slice(&delivery.buf[..n]);
+                        let limit = buffer.capacity().min(room);
+                        let end = read_on(&conn.socket, &mut buffer, limit, read_fully);
+                        account.place(delivery, buffer);
+                        end
+                    }
+                    Ok(n) if n < want && !read_fully => ReadEnd::Drained,
+                    _ => ReadEnd::Full,
+                };
+                (result.map(|_| delivery.len), end)
+            });
+            // The buffer the slot held before goes back for the next spill.
+            self.large.settle();
+            match result {
+                // The slot stays unstaged, so it is still free.
+                Ok(0) => return self.on_eof(key),
+                Ok(n) => {
+                    let position = slot.position();
+                    slot.stage();
+                    self.in_flight.push_back((position, key, n));
+                    self.ring_bytes += n;
+                    conn.in_ring += 1;
+                    conn.last_activity = now;
+                    self.counters.bytes_received += n as u64;
+                    self.counters.messages_received += 1;
+                    if self.deliveries.staged() >= PUBLISH_BATCH {
+                        self.publish();
+                    }
+                    match end {
+                        // A short read drained the socket: anything that
+                        // arrives later raises a new edge (and re-arms a
+                        // one-shot registration). Unless the poller said
+                        // otherwise (an EOF behind the data, urgent data):
+                        // then read on to EAGAIN.
+                        ReadEnd::Drained => return self.mark_drained(key),
+                        // A spilled read has had a turn's worth (16 slots'
+                        // worth before); the ready list brings it back.
+                        ReadEnd::Full if n > self.slot_size => return self.mark_unread(key),
+                        ReadEnd::Full => {}
+                        ReadEnd::Eof => return self.on_eof(key),
+                        ReadEnd::Failed(e) => {
+                            return self.close_now(key, Some(CloseReason::of_error(&e)))
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return self.mark_drained(key);
+                }
+                Err(e) => return self.close_now(key, Some(CloseReason::of_error(&e))),
+            }
+        }
+        self.mark_unread(key);
+    }
+
+    /// How many more payload bytes raw reads may put in the ring now, within
+    /// the ring's own size: at least a slot's worth, or 0. At 0 the loop
+    /// waits for the consumer, as for a full ring (see `consumer_blocked_at`),
+    /// rather than cut reads smaller than a slot.
+    pub(super) fn ring_room(&mut self) -> usize {
+        if self.ring_bytes + self.slot_size > self.ring_byte_cap {
+            self.settle_in_flight();
+        }
+        let room = self.ring_byte_cap.saturating_sub(self.ring_bytes);
+        if room < self.slot_size {
+            self.consumer_blocked_at = Some(self.deliveries.released());
+            return 0;
+        }
+        room
+    }
+
+    /// True if a read that fills its slot may go on into a spill buffer: the
+    /// budget of buffers in the ring has room. When it has none, the check
+    /// (which takes back consumed slots' buffers) waits for the consumer to
+    /// move on before it runs again, so that it does not scan the ring at
+    /// every read.
+    pub(super) fn may_spill(&mut self) -> bool {
+        if self.spill_size == 0 {
+            return false;
+        }
+        if let Some(at) = self.spill_blocked_at {
+            if self.deliveries.released() == at {
+                return false;
+            }
+            self.spill_blocked_at = None;
+        }
+        let admitted = self
+            .large
+            .account
+            .admit(self.spill_size, &mut self.deliveries);
+        if !admitted {
+            self.spill_blocked_at = Some(self.deliveries.released());
+        }
+        admitted
+    }
+
+    /// Reads and drops input of a connection the application closed. EOF (or an
+    /// error) ends a lingering connection.
+    pub(super) fn discard_input(&mut self, key: ConnKey) {
+        for _ in 0..READ_BUDGET {
+            let Some(conn) = self.table.get_mut(key) else {
+                return;
+            };
+            match net::recv(&conn.socket, &mut self.scratch) {
+                Ok(0) => return self.on_eof(key),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return self.mark_drained(key);
+                }
+                Err(e) => return self.close_now(key, Some(CloseReason::of_error(&e))),
+            }
+        }
+        self.mark_unread(key);
+    }
+
+    pub(super) fn mark_unread(&mut self, key: ConnKey) {
+        if let Some(conn) = self.table.get_mut(key) {
+            conn.unread_input = true;
+            if !conn.in_ready_list {
+                conn.in_ready_list = true;
+                self.ready.push_back(key);
+            }
+        }
+    }
+
+    pub(super) fn mark_drained(&mut self, key: ConnKey) {
+        if let Some(conn) = self.table.get_mut(key) {
+            conn.unread_input = false;
+            // Read to EAGAIN: whatever the poller warned of has been read.
+            conn.read_fully = false;
+        }
+    }
+}
+
+/// Reads on into `buffer`'s spare capacity until the socket is drained or
+/// the buffer holds `limit` bytes. With `read_fully`, a short read does not
+/// count as drained (see `read_into_ring`).
+pub(super) fn read_on(
+    socket: &Socket,
+    buffer: &mut Vec<u8>,
+    limit: usize,
+    read_fully: bool,
+) -> ReadEnd {
+    debug_assert!(limit <= buffer.capacity());
+    while buffer.len() < limit {
+        let room = limit - buffer.len();
+        match net::recv_spare(socket, buffer, room) {
+            Ok(0) => return ReadEnd::Eof,
+            Ok(n) if n < room && !read_fully => return ReadEnd::Drained,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadEnd::Drained,
+            Err(e) => return ReadEnd::Failed(e),
+        }
+    }
+    ReadEnd::Full
+}

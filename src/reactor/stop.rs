@@ -1,0 +1,127 @@
+//! Stopping the loop: a drain, not a cut (see the module essay of
+//! [`super`]). [`Io::begin_stop`] closes the listeners and stops reading;
+//! [`Io::announce_draining`] delivers `Draining` once the decoders have handed
+//! over what they had read; [`Reactor::fail`] closes everything at once after
+//! a failure; [`Reactor::finish`] delivers `Stopped` and hands the last
+//! deliveries over.
+
+use std::sync::atomic::Ordering::Release;
+use std::time::{Duration, Instant};
+
+use crate::conn::Input;
+use crate::message::DeliveryKind;
+use crate::sys::Selector;
+use crate::token::ConnKey;
+
+use super::{Io, Reactor};
+
+/// The I/O thread's wait while it cannot hand its last deliveries over.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
+
+/// A stop under way.
+pub(super) struct Stopping {
+    /// When connections that still hold output are reset.
+    pub(super) deadline: Instant,
+    /// Every connection has been told to close (the consumer answered
+    /// `Draining`, or the deadline came first).
+    pub(super) closing_all: bool,
+    /// `Draining` was delivered (or needs not be): it goes out once the
+    /// messages decoders already hold are in the ring.
+    pub(super) announced: bool,
+}
+
+impl<S: Selector> Reactor<S> {
+    /// Reports a failure of the loop (`detail`), then closes everything at
+    /// once: connections whose output all went out end with FIN, the others
+    /// with a reset.
+    pub(crate) fn fail(&mut self, detail: String) {
+        self.io
+            .emit(DeliveryKind::Failed, ConnKey::default(), None, Some(detail));
+        self.io.begin_stop(Instant::now(), false);
+        self.io.close_all();
+        self.io.abort_all();
+        self.finish();
+    }
+
+    /// Every connection is gone: deliver `Stopped` and hand the last
+    /// deliveries over.
+    pub(super) fn finish(&mut self) {
+        self.io.lingering.clear();
+        self.io.ready.clear();
+        self.io.shared.stats().publish(&self.io.counters);
+        // From here on, senders give up instead of waiting for ring space.
+        self.io.shared.finished.store(true, Release);
+        // And the accepting engine serves what it would have handed over.
+        self.io.shared.close_arrivals();
+        self.io
+            .emit(DeliveryKind::Stopped, ConnKey::default(), None, None);
+        // Keep draining commands meanwhile, so that no Python thread stays
+        // blocked on a full command ring.
+        loop {
+            self.io.drain_backlog();
+            self.io.publish();
+            if self.io.backlog.is_empty() {
+                break;
+            }
+            self.discard_commands();
+            if self.wait(Some(SHUTDOWN_POLL)).is_err() {
+                break;
+            }
+        }
+        self.discard_commands();
+    }
+
+    pub(super) fn discard_commands(&mut self) {
+        while self.commands.take_with(|_| ()).is_some() {}
+        self.commands.release();
+        self.io.shared.command_space.ring();
+    }
+}
+
+impl<S: Selector> Io<S> {
+    /// Stops accepting and reading. `announce` delivers `Draining` so that
+    /// the consumer answers `Shutdown` behind its last replies.
+    pub(super) fn begin_stop(&mut self, deadline: Instant, announce: bool) {
+        if self.stopping.is_some() {
+            return;
+        }
+        self.stopping = Some(Stopping {
+            deadline,
+            closing_all: false,
+            announced: !announce,
+        });
+        // New connections are refused from here on.
+        for listener in self.listeners.drain(..) {
+            let _ = self.selector.deregister(&listener.socket);
+        }
+        // One-shot registrations stop watching input that will not be read.
+        let keys: Vec<ConnKey> = self.table.keys().collect();
+        for key in keys {
+            self.update_interest(key);
+        }
+    }
+
+    /// Delivers `Draining` once a stop has begun and no decoder holds
+    /// messages it has read but not yet put in the ring (those are still
+    /// delivered, ahead of it).
+    pub(super) fn announce_draining(&mut self) {
+        if self.stopping.as_ref().is_none_or(|s| s.announced) {
+            return;
+        }
+        let holding = self
+            .table
+            .connections()
+            .any(|conn| conn.input() == Input::Deliver && conn.holds_messages());
+        if !holding {
+            if let Some(stopping) = &mut self.stopping {
+                stopping.announced = true;
+            }
+            // Names this engine: its connections are the ones closing.
+            let engine = ConnKey {
+                engine: self.shared.engine,
+                ..ConnKey::default()
+            };
+            self.emit(DeliveryKind::Draining, engine, None, None);
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Output: the commands that send ([`Io::send_part`] gathers a message
+//! larger than a slot, [`Io::send`] writes now what the socket takes and
+//! queues the rest), flushing the queue when the socket is writable, and what
+//! a failed write means (the peer is gone; its input is still read to its
+//! end).
+
+use std::io;
+
+use socket2::Socket;
+
+use crate::close_reason::CloseReason;
+use crate::sys::{net, Selector};
+use crate::token::ConnKey;
+
+use super::Io;
+
+/// The most of one message gathered before it is written (see `send_part`).
+const MAX_GATHER: usize = 256 * 1024;
+
+impl<S: Selector> Io<S> {
+    /// Sends one command's part of a message. A message larger than a slot
+    /// comes in consecutive commands (a sender holds the command ring for a
+    /// whole message), and its parts are gathered here and written with one
+    /// call, as much as [`MAX_GATHER`] at a time, instead of one call per slot.
+    pub(super) fn send_part(&mut self, key: ConnKey, data: &[u8], more: bool) {
+        if self.gathered.is_empty() && !more {
+            return self.send(key, &[data], false);
+        }
+        debug_assert!(self.gathered_for.is_none_or(|k| k == key));
+        self.gathered.extend_from_slice(data);
+        if more && self.gathered.len() < MAX_GATHER {
+            self.gathered_for = Some(key);
+            if let Some(conn) = self.table.get_mut(key) {
+                // Part of a message is held back: a close now must cut.
+                conn.mid_message = true;
+            }
+            return;
+        }
+        let gathered = std::mem::take(&mut self.gathered);
+        self.send(key, &[&gathered], more);
+        self.gathered = gathered;
+        self.gathered.clear();
+        self.gathered_for = None;
+    }
+
+    /// Writes `parts`, one message in order, now if the socket takes them and
+    /// nothing is queued ahead of them; queues the rest (a copy, so that what
+    /// the parts point to is free once this returns).
+    /// `more`: other parts of the same message follow in later commands.
+    pub(super) fn send(&mut self, key: ConnKey, parts: &[&[u8]], more: bool) {
+        let now = self.now;
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        conn.mid_message = more;
+        let total: usize = parts.iter().map(|part| part.len()).sum();
+        if !conn.accepts_output() {
+            conn.pending.sub(total);
+            return;
+        }
+        let mut sent = 0;
+        if conn.queue.is_empty() {
+            while sent < total {
+                match send_from(&conn.socket, parts, sent) {
+                    Ok(n) => {
+                        sent += n;
+                        conn.wrote(n);
+                        conn.last_activity = now;
+                        self.counters.bytes_sent += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        conn.pending.sub(total - sent);
+                        return self.on_write_error(key, &e);
+                    }
+                }
+            }
+        }
+        if sent < total {
+            let mut skip = sent;
+            for part in parts {
+                let from = skip.min(part.len());
+                skip -= from;
+                conn.queue.push(&part[from..]);
+            }
+            conn.check_watermarks(self.watermarks);
+            self.update_interest(key);
+        }
+    }
+
+    /// Pauses or resumes reading `key` for the application.
+    pub(super) fn set_paused(&mut self, key: ConnKey, paused: bool) {
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        if conn.set_paused(paused) {
+            self.mark_unread(key);
+        }
+        self.update_interest(key);
+    }
+
+    /// Sends what is queued until the socket is full; completes a pending close
+    /// once the queue is empty.
+    pub(super) fn flush(&mut self, key: ConnKey) {
+        let now = self.now;
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        while !conn.queue.is_empty() {
+            match send_from(&conn.socket, &conn.queue.fronts(), 0) {
+                Ok(n) => {
+                    conn.queue.consume(n);
+                    conn.wrote(n);
+                    conn.last_activity = now;
+                    self.counters.bytes_sent += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return self.on_write_error(key, &e),
+            }
+        }
+        let resumed = conn.check_watermarks(self.watermarks);
+        let drained_close = conn.queue.is_empty() && conn.closing_reason().is_some();
+        if resumed {
+            // Input that arrived while reading was off raised no new edge.
+            self.mark_unread(key);
+        }
+        if drained_close {
+            self.finish_close(key);
+        }
+    }
+
+    /// A send failed: the peer is gone. Input it sent before may still wait in
+    /// the kernel; unless nothing more can come, read it to its end first.
+    pub(super) fn on_write_error(&mut self, key: ConnKey, error: &io::Error) {
+        let Some(conn) = self.table.get_mut(key) else {
+            return;
+        };
+        if conn.write_failed() {
+            self.close_now(key, Some(CloseReason::of_error(error)));
+        } else {
+            // No new edge may come for input that is already there.
+            self.mark_unread(key);
+        }
+    }
+}
+
+/// Sends what follows the first `skip` bytes of `parts`, with one call.
+pub(super) fn send_from(socket: &Socket, parts: &[&[u8]], mut skip: usize) -> io::Result<usize> {
+    let mut slices = [io::IoSlice::new(&[]); 3];
+    let mut count = 0;
+    for part in parts {
+        let from = skip.min(part.len());
+        skip -= from;
+        if from < part.len() {
+            slices[count] = io::IoSlice::new(&part[from..]);
+            count += 1;
+        }
+    }
+    match &slices[..count] {
+        [one] => net::send(socket, one),
+        several => net::send_vectored(socket, several),
+    }
+}
