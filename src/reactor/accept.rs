@@ -168,26 +168,21 @@ impl<S: Selector> Io<S> {
         let peer = net::peer_addr(&socket);
         let local = net::local_addr(&socket);
         let id = self.shared.hub.next_id();
-        let key = self.table.insert(socket, id, self.now);
+        let decoder = (self.framing != Framing::Raw)
+            .then(|| Decoder::new(self.framing, self.max_message_size, self.slot_size));
+        let key = self.table.insert(socket, id, decoder, self.now);
         if let Some(idle) = self.idle_timeout {
             self.timers.schedule((key, Deadline::Idle), self.now + idle);
         }
         let conn = self.table.get_mut(key).expect("just inserted");
-        if self.framing != Framing::Raw {
-            conn.decoder = Some(Decoder::new(
-                self.framing,
-                self.max_message_size,
-                self.slot_size,
-            ));
-        }
         let opened = Opened {
             fd,
             peer,
             local,
-            pending: conn.pending.clone(),
+            pending: conn.pending().clone(),
         };
         let token = Token::connection(key.index, key.id);
-        if let Err(e) = self.selector.register(&conn.socket, token, READABLE) {
+        if let Err(e) = self.selector.register(conn.socket(), token, READABLE) {
             self.table.remove(key);
             self.shared.hub.open.fetch_sub(1, Relaxed);
             let detail = format!("watching an accepted connection failed: {e}");

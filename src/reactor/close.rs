@@ -35,7 +35,7 @@ impl<S: Selector> Io<S> {
         };
         let reason = conn.closing_reason().unwrap_or(reason);
         // A zero linger time makes close() send RST and drop unsent data.
-        let _ = conn.socket.set_linger(Some(Duration::ZERO));
+        let _ = conn.socket().set_linger(Some(Duration::ZERO));
         self.close_now(key, Some(reason));
     }
 
@@ -46,7 +46,7 @@ impl<S: Selector> Io<S> {
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
-        if let Err(e) = conn.socket.shutdown(Shutdown::Write) {
+        if let Err(e) = conn.socket().shutdown(Shutdown::Write) {
             return self.close_now(key, Some(CloseReason::of_error(&e)));
         }
         if self.stopping.is_some() {
@@ -72,10 +72,8 @@ impl<S: Selector> Io<S> {
             return;
         };
         self.shared.hub.open.fetch_sub(1, Relaxed);
-        let _ = self.selector.deregister(&conn.socket);
-        if let Some(decoder) = conn.decoder.as_mut() {
-            decoder.clear(&mut self.large.pool);
-        }
+        let _ = self.selector.deregister(conn.socket());
+        conn.clear_decoder(&mut self.large.pool);
         let reported = conn.reported_closed();
         drop(conn);
         if let (Some(reason), false) = (reason, reported) {
@@ -130,7 +128,7 @@ impl<S: Selector> Io<S> {
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
-        if conn.mid_message {
+        if conn.is_mid_message() {
             self.abort(key, reason);
         } else {
             self.close(key, reason);

@@ -5,8 +5,6 @@
 use std::time::Duration;
 
 use crate::close_reason::CloseReason;
-use crate::conn::Input;
-use crate::framing::Decoder;
 use crate::sys::Selector;
 
 use super::Io;
@@ -57,37 +55,17 @@ impl<S: Selector> Io<S> {
             }
             let (due, reason) = match deadline {
                 Deadline::Idle => (
-                    conn.last_activity + (*idle_timeout)?,
+                    conn.last_activity() + (*idle_timeout)?,
                     CloseReason::IdleTimeout,
                 ),
-                Deadline::Message => {
-                    let timeout = (*message_timeout)?;
-                    let Some(started) = conn.message_started else {
-                        conn.message_timer_armed = false;
-                        return None;
-                    };
-                    if conn.input() != Input::Deliver {
-                        // Its input has ended: the message can never finish,
-                        // and the close under way decides what follows.
-                        conn.message_started = None;
-                        conn.message_timer_armed = false;
-                        return None;
-                    }
-                    let server_behind = stopping
-                        || !conn.reads_input()
-                        || conn.unread_input
-                        || conn.decoder.as_ref().is_some_and(Decoder::has_backlog);
-                    if server_behind {
-                        // The server, not the peer, holds the message up.
-                        conn.message_started = Some(now);
-                        return Some(now + timeout);
-                    }
-                    (started + timeout, CloseReason::MessageTimeout)
-                }
+                Deadline::Message => (
+                    conn.message_deadline(now, (*message_timeout)?, stopping)?,
+                    CloseReason::MessageTimeout,
+                ),
                 Deadline::Drain => {
                     conn.closing_reason()?;
                     (
-                        conn.last_activity + CLOSE_PROGRESS,
+                        conn.last_activity() + CLOSE_PROGRESS,
                         CloseReason::IdleTimeout,
                     )
                 }
@@ -96,7 +74,7 @@ impl<S: Selector> Io<S> {
                 return Some(due);
             }
             if deadline == Deadline::Message {
-                conn.message_timer_armed = false;
+                conn.disarm_message_timer();
             }
             expired.push((key, deadline, reason));
             None

@@ -6,7 +6,7 @@
 use std::io;
 
 use crate::close_reason::CloseReason;
-use crate::framing::{Decoder, Frame, Refused};
+use crate::framing::{Frame, Refused};
 use crate::message::DeliveryKind;
 use crate::sys::{net, Selector};
 use crate::token::ConnKey;
@@ -24,15 +24,14 @@ impl<S: Selector> Io<S> {
             let Some(conn) = self.table.get_mut(key) else {
                 return;
             };
-            let read_fully = conn.read_fully;
-            let decoder = conn.decoder.as_mut().expect("a framed connection");
-            let (outcome, read) = if decoder.has_backlog() {
+            let read_fully = conn.reads_fully();
+            let (outcome, read) = if conn.holds_messages() {
                 (self.deliver_messages(key, None), None)
             } else {
                 if !reading || !conn.reads_input() {
                     // Only the backlog was to go (see `on_readable`); reading
                     // resumes, if ever, through the ready list.
-                    conn.unread_input = true;
+                    conn.hold_input();
                     return;
                 }
                 if !self.backlog.is_empty() || self.deliveries.free() == 0 || !self.has_share(key) {
@@ -41,10 +40,10 @@ impl<S: Selector> Io<S> {
                 let Some(conn) = self.table.get_mut(key) else {
                     return;
                 };
-                match net::recv(&conn.socket, &mut self.scratch) {
+                match net::recv(conn.socket(), &mut self.scratch) {
                     Ok(0) => return self.on_eof(key),
                     Ok(n) => {
-                        conn.last_activity = self.now;
+                        conn.touch(self.now);
                         self.counters.bytes_received += n as u64;
                         (self.deliver_messages(key, Some(n)), Some(n))
                     }
@@ -73,7 +72,7 @@ impl<S: Selector> Io<S> {
             let Some(conn) = self.table.get_mut(key) else {
                 return;
             };
-            if conn.decoder.as_ref().is_some_and(Decoder::has_backlog) {
+            if conn.holds_messages() {
                 return self.mark_unread(key);
             }
             // A short read drained the socket (see `read_into_ring`).
@@ -107,8 +106,8 @@ impl<S: Selector> Io<S> {
         let Some(conn) = table.get_mut(key) else {
             return Ok(());
         };
-        let share = ring_share.saturating_sub(conn.in_ring);
-        let Some(decoder) = conn.decoder.as_mut() else {
+        let share = ring_share.saturating_sub(conn.in_ring());
+        let Some(decoder) = conn.decoder_mut() else {
             return Ok(());
         };
         let account = &mut large.account;
@@ -155,7 +154,7 @@ impl<S: Selector> Io<S> {
             Some(n) => decoder.feed(&scratch[..n], &mut large.pool, sink),
             None => decoder.pump(&mut large.pool, sink),
         };
-        conn.in_ring += staged;
+        conn.delivered(staged);
         large.settle();
         if blocked {
             *consumer_blocked_at = Some(deliveries.released());
@@ -174,17 +173,7 @@ impl<S: Selector> Io<S> {
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
-        let Some(decoder) = conn.decoder.as_ref() else {
-            return;
-        };
-        let unfinished = decoder.in_message() && !decoder.has_backlog();
-        conn.message_started = if unfinished {
-            conn.message_started.or(Some(now))
-        } else {
-            None
-        };
-        if let (Some(started), false) = (conn.message_started, conn.message_timer_armed) {
-            conn.message_timer_armed = true;
+        if let Some(started) = conn.track_message(now) {
             self.timers
                 .schedule((key, Deadline::Message), started + timeout);
         }

@@ -403,10 +403,11 @@ impl<S: Selector> Io<S> {
             return;
         };
         let interest = conn.interest(reading);
-        if let Err(e) =
-            self.selector
-                .set_interest(&conn.socket, Token::connection(key.index, key.id), interest)
-        {
+        if let Err(e) = self.selector.set_interest(
+            conn.socket(),
+            Token::connection(key.index, key.id),
+            interest,
+        ) {
             self.close_now(key, Some(CloseReason::of_error(&e)));
         }
     }
@@ -426,14 +427,16 @@ impl<S: Selector> Io<S> {
                         continue;
                     };
                     // The slot's tenant changed since the event was queued.
-                    if !id_matches(conn.id, id_bits) {
+                    if !id_matches(conn.id(), id_bits) {
                         continue;
                     }
-                    conn.read_fully |= event.read_fully;
+                    if event.read_fully {
+                        conn.warn_short_reads();
+                    }
                     let key = ConnKey {
                         index,
                         engine: self.shared.engine,
-                        id: conn.id,
+                        id: conn.id(),
                     };
                     if event.writable {
                         self.flush(key);
@@ -481,11 +484,9 @@ impl<S: Selector> Io<S> {
             let Some(conn) = self.table.get_mut(key) else {
                 continue;
             };
-            conn.in_ready_list = false;
-            if !conn.unread_input {
+            if !conn.leave_ready_list() {
                 continue;
             }
-            conn.unread_input = false;
             self.on_readable(key);
             self.update_interest(key);
         }

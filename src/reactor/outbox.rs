@@ -22,7 +22,11 @@ impl<S: Selector> Io<S> {
     /// its share. Otherwise the consumer must move on first, and the loop
     /// waits for it (see `consumer_blocked_at`), serving other connections.
     pub(super) fn has_share(&mut self, key: ConnKey) -> bool {
-        let below = |io: &Self| io.table.get(key).is_some_and(|c| c.in_ring < io.ring_share);
+        let below = |io: &Self| {
+            io.table
+                .get(key)
+                .is_some_and(|c| c.in_ring() < io.ring_share)
+        };
         if below(self) {
             return true;
         }
@@ -46,7 +50,7 @@ impl<S: Selector> Io<S> {
             self.in_flight.pop_front();
             self.ring_bytes -= len;
             if let Some(conn) = self.table.get_mut(key) {
-                conn.in_ring -= 1;
+                conn.released();
             }
         }
     }

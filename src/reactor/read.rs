@@ -39,7 +39,7 @@ impl<S: Selector> Io<S> {
             // state of reading: paused, throttled or stopping, they were read.
             Input::Deliver if conn.holds_messages() => self.read_framed(key),
             Input::Deliver if reading && conn.reads_input() => {
-                if conn.decoder.is_some() {
+                if conn.is_framed() {
                     self.read_framed(key)
                 } else {
                     self.read_into_ring(key)
@@ -47,7 +47,7 @@ impl<S: Selector> Io<S> {
             }
             // Not now: resuming puts it on the ready list. Until then, the
             // one-shot registration stays disarmed (see `update_interest`).
-            Input::Deliver => conn.unread_input = true,
+            Input::Deliver => conn.hold_input(),
             Input::Ended => {}
             Input::Discard => self.discard_input(key),
         }
@@ -83,7 +83,7 @@ impl<S: Selector> Io<S> {
             conn.peer_gone();
             return self.mark_unread(key);
         }
-        let reason = match conn.socket.take_error() {
+        let reason = match conn.socket().take_error() {
             Ok(Some(error)) => CloseReason::of_error(&error),
             _ => CloseReason::Reset,
         };
@@ -120,7 +120,7 @@ impl<S: Selector> Io<S> {
             let Some(conn) = self.table.get_mut(key) else {
                 return;
             };
-            let read_fully = conn.read_fully;
+            let read_fully = conn.reads_fully();
             let LargeMessages { pool, account } = &mut self.large;
             let spill_size = self.spill_size;
             let mut slot = self.deliveries.vacant().expect("free() > 0");
@@ -131,14 +131,14 @@ impl<S: Selector> Io<S> {
                 delivery.opened = None;
                 delivery.detail = None;
                 let want = delivery.buf.len();
-                let result = net::recv(&conn.socket, &mut delivery.buf);
+                let result = net::recv(conn.socket(), &mut delivery.buf);
                 delivery.len = *result.as_ref().unwrap_or(&0);
                 let end = match result {
                     Ok(n) if n == want && spill => {
                         let mut buffer = pool.take(spill_size);
                         buffer.extend_from_slice(&delivery.buf[..n]);
                         let limit = buffer.capacity().min(room);
-                        let end = read_on(&conn.socket, &mut buffer, limit, read_fully);
+                        let end = read_on(conn.socket(), &mut buffer, limit, read_fully);
                         account.place(delivery, buffer);
                         end
                     }
@@ -157,8 +157,8 @@ impl<S: Selector> Io<S> {
                     slot.stage();
                     self.in_flight.push_back((position, key, n));
                     self.ring_bytes += n;
-                    conn.in_ring += 1;
-                    conn.last_activity = now;
+                    conn.delivered(1);
+                    conn.touch(now);
                     self.counters.bytes_received += n as u64;
                     self.counters.messages_received += 1;
                     if self.deliveries.staged() >= PUBLISH_BATCH {
@@ -238,7 +238,7 @@ impl<S: Selector> Io<S> {
             let Some(conn) = self.table.get_mut(key) else {
                 return;
             };
-            match net::recv(&conn.socket, &mut self.scratch) {
+            match net::recv(conn.socket(), &mut self.scratch) {
                 Ok(0) => return self.on_eof(key),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -251,20 +251,14 @@ impl<S: Selector> Io<S> {
     }
 
     pub(super) fn mark_unread(&mut self, key: ConnKey) {
-        if let Some(conn) = self.table.get_mut(key) {
-            conn.unread_input = true;
-            if !conn.in_ready_list {
-                conn.in_ready_list = true;
-                self.ready.push_back(key);
-            }
+        if self.table.get_mut(key).is_some_and(|conn| conn.enlist()) {
+            self.ready.push_back(key);
         }
     }
 
     pub(super) fn mark_drained(&mut self, key: ConnKey) {
         if let Some(conn) = self.table.get_mut(key) {
-            conn.unread_input = false;
-            // Read to EAGAIN: whatever the poller warned of has been read.
-            conn.read_fully = false;
+            conn.drained();
         }
     }
 }

@@ -32,7 +32,7 @@ impl<S: Selector> Io<S> {
             self.gathered_for = Some(key);
             if let Some(conn) = self.table.get_mut(key) {
                 // Part of a message is held back: a close now must cut.
-                conn.mid_message = true;
+                conn.set_mid_message(true);
             }
             return;
         }
@@ -52,25 +52,25 @@ impl<S: Selector> Io<S> {
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
-        conn.mid_message = more;
+        conn.set_mid_message(more);
         let total: usize = parts.iter().map(|part| part.len()).sum();
         if !conn.accepts_output() {
-            conn.pending.sub(total);
+            conn.refuse_output(total);
             return;
         }
         let mut sent = 0;
-        if conn.queue.is_empty() {
+        if !conn.has_queued_output() {
             while sent < total {
-                match send_from(&conn.socket, parts, sent) {
+                match send_from(conn.socket(), parts, sent) {
                     Ok(n) => {
                         sent += n;
                         conn.wrote(n);
-                        conn.last_activity = now;
+                        conn.touch(now);
                         self.counters.bytes_sent += n as u64;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        conn.pending.sub(total - sent);
+                        conn.refuse_output(total - sent);
                         return self.on_write_error(key, &e);
                     }
                 }
@@ -81,7 +81,7 @@ impl<S: Selector> Io<S> {
             for part in parts {
                 let from = skip.min(part.len());
                 skip -= from;
-                conn.queue.push(&part[from..]);
+                conn.queue_output(&part[from..]);
             }
             conn.check_watermarks(self.watermarks);
             self.update_interest(key);
@@ -106,12 +106,11 @@ impl<S: Selector> Io<S> {
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
-        while !conn.queue.is_empty() {
-            match send_from(&conn.socket, &conn.queue.fronts(), 0) {
+        while conn.has_queued_output() {
+            match send_from(conn.socket(), &conn.queued_output(), 0) {
                 Ok(n) => {
-                    conn.queue.consume(n);
-                    conn.wrote(n);
-                    conn.last_activity = now;
+                    conn.sent_queued(n);
+                    conn.touch(now);
                     self.counters.bytes_sent += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -119,7 +118,7 @@ impl<S: Selector> Io<S> {
             }
         }
         let resumed = conn.check_watermarks(self.watermarks);
-        let drained_close = conn.queue.is_empty() && conn.closing_reason().is_some();
+        let drained_close = !conn.has_queued_output() && conn.closing_reason().is_some();
         if resumed {
             // Input that arrived while reading was off raised no new edge.
             self.mark_unread(key);

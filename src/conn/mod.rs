@@ -23,17 +23,30 @@
 //!    ├── a send failed (peer reset) ──▶ WriteFailed ──input read to its end──▶ gone (`Closed`: reset)
 //!    └── the framing broke ──▶ InputFailed ──the application closes──▶ Closing
 //! ```
+//!
+//! Besides its phase, a connection keeps the reactor's bookkeeping (its place
+//! on the ready list, its clocks, its share of the delivery ring, whether a
+//! message is half sent); its fields are private, and the reactor asks and
+//! tells through methods. The write queue and the watermarks are in
+//! [`queue`], the table in [`table`].
 
-use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
 use crate::close_reason::CloseReason;
 use crate::framing::Decoder;
 use crate::message::PendingBytes;
+use crate::pool::BufferPool;
 use crate::sys::Interest;
-use crate::token::ConnKey;
+
+mod queue;
+mod table;
+#[cfg(test)]
+mod tests;
+
+pub use queue::{Watermarks, WriteQueue};
+pub use table::ConnectionTable;
 
 /// Where a connection is in its life; see the module docs for the diagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,67 +101,6 @@ pub enum Input {
     Ended,
 }
 
-/// Bytes accepted for sending that the socket has not taken yet, in order.
-///
-/// A ring buffer: bytes go in at the back and leave from the front without
-/// ever being moved, so a queue that stays busy (a client that reads slower
-/// than it is answered) costs one copy per byte. Allocated the first time a
-/// send is partial and reused after that; a connection whose sends always go
-/// through at once never allocates.
-#[derive(Debug, Default)]
-pub struct WriteQueue {
-    bytes: VecDeque<u8>,
-}
-
-impl WriteQueue {
-    /// True if nothing is waiting.
-    pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
-    }
-
-    /// Number of bytes waiting.
-    pub fn len(&self) -> usize {
-        self.bytes.len()
-    }
-
-    /// The bytes to send next, in order: at most two runs, where the ring
-    /// wraps.
-    pub fn fronts(&self) -> [&[u8]; 2] {
-        let (first, second) = self.bytes.as_slices();
-        [first, second]
-    }
-
-    /// Appends `data` behind everything already waiting.
-    pub fn push(&mut self, data: &[u8]) {
-        self.bytes.extend(data);
-    }
-
-    /// Drops the first `n` bytes, which the socket took.
-    pub fn consume(&mut self, n: usize) {
-        debug_assert!(n <= self.bytes.len());
-        self.bytes.drain(..n);
-    }
-
-    /// Drops what waits and frees the memory; returns how many bytes were
-    /// dropped.
-    pub fn discard(&mut self) -> usize {
-        let dropped = self.len();
-        self.bytes = VecDeque::new();
-        dropped
-    }
-}
-
-/// Per-connection output limits: reading a connection stops while more than
-/// `high` bytes wait in its queue and resumes once at most `low` do, so a
-/// client that sends without reading the replies is slowed by TCP itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Watermarks {
-    /// Stop reading above this many queued bytes.
-    pub high: usize,
-    /// Read again at or below this many.
-    pub low: usize,
-}
-
 /// What follows the peer's EOF, as [`Connection::peer_finished`] decides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AfterEof {
@@ -166,23 +118,23 @@ pub enum AfterEof {
 #[derive(Debug)]
 pub struct Connection {
     /// The socket; closed when the connection is dropped.
-    pub socket: Socket,
+    socket: Socket,
     /// The unique id of this tenant of the slot.
-    pub id: u64,
+    id: u64,
     phase: Phase,
     /// What waits to be sent.
-    pub queue: WriteQueue,
+    queue: WriteQueue,
     /// The kernel may hold more input than was read: the last read stopped
     /// before `EAGAIN` (a budget or a full ring). Such a connection is on the
     /// reactor's ready list, because an edge-triggered poller will not report it
     /// again.
-    pub unread_input: bool,
+    unread_input: bool,
     /// The connection is on the reactor's ready list (at most once).
-    pub in_ready_list: bool,
+    in_ready_list: bool,
     /// The poller said a short read may leave input behind (see
     /// [`crate::sys::Event::read_fully`]): read until `EAGAIN` or EOF, because
     /// edge triggering will not report that input again.
-    pub read_fully: bool,
+    read_fully: bool,
     /// The application paused reading (`pause_reading`).
     paused: bool,
     /// Reading stopped because the queue rose above the high watermark.
@@ -192,26 +144,26 @@ pub struct Connection {
     /// can be held back for later any more.
     peer_gone: bool,
     /// Shared with the application; see [`PendingBytes`].
-    pub pending: PendingBytes,
+    pending: PendingBytes,
     /// Cuts the input into messages, unless the server is in raw mode.
-    pub decoder: Option<Decoder>,
+    decoder: Option<Decoder>,
     /// When bytes last went either way (for the idle timeout).
-    pub last_activity: Instant,
+    last_activity: Instant,
     /// When the message being received started, if one is unfinished (for
     /// the message timeout).
-    pub message_started: Option<Instant>,
+    message_started: Option<Instant>,
     /// A message-timeout entry is scheduled for this connection.
-    pub message_timer_armed: bool,
+    message_timer_armed: bool,
     /// Its data deliveries in the ring that the consumer has not released.
-    pub in_ring: u32,
+    in_ring: u32,
     /// The last send applied was a part of a message whose other parts are
     /// still to come: a close the I/O thread starts now must be a reset, or
     /// the peer would take half a message for a whole one.
-    pub mid_message: bool,
+    mid_message: bool,
 }
 
 impl Connection {
-    fn new(socket: Socket, id: u64, now: Instant) -> Self {
+    fn new(socket: Socket, id: u64, decoder: Option<Decoder>, now: Instant) -> Self {
         Connection {
             socket,
             id,
@@ -224,7 +176,7 @@ impl Connection {
             throttled: false,
             peer_gone: false,
             pending: PendingBytes::default(),
-            decoder: None,
+            decoder,
             last_activity: now,
             message_started: None,
             message_timer_armed: false,
@@ -463,272 +415,213 @@ impl Connection {
     }
 }
 
-/// The table: a vector of slots with a free list, so keys stay small and
-/// lookups are O(1).
-#[derive(Debug, Default)]
-pub struct ConnectionTable {
-    slots: Vec<Option<Connection>>,
-    free: Vec<u32>,
-    /// The I/O thread whose table this is, for the keys it hands out.
-    engine: u16,
-    len: usize,
-}
+/// The bookkeeping the reactor keeps per connection, asked and told through
+/// these methods: the ready list, output, the clocks, the ring share.
+impl Connection {
+    /// The socket.
+    pub fn socket(&self) -> &Socket {
+        &self.socket
+    }
 
-impl ConnectionTable {
-    /// An empty table of I/O thread `engine`.
-    pub fn new(engine: u16) -> Self {
-        ConnectionTable {
-            engine,
-            ..Default::default()
+    /// The unique id of this tenant of the slot.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The count of bytes accepted and not yet written, shared with the
+    /// application (see [`PendingBytes`]).
+    pub fn pending(&self) -> &PendingBytes {
+        &self.pending
+    }
+
+    /// The decoder that cuts the input into messages; `None` in raw mode.
+    pub fn decoder_mut(&mut self) -> Option<&mut Decoder> {
+        self.decoder.as_mut()
+    }
+
+    /// True if input is cut into messages (not raw).
+    pub fn is_framed(&self) -> bool {
+        self.decoder.is_some()
+    }
+
+    /// Lets go of what the decoder holds, its buffers back to `pool`.
+    pub fn clear_decoder(&mut self, pool: &mut BufferPool) {
+        if let Some(decoder) = self.decoder.as_mut() {
+            decoder.clear(pool);
         }
     }
 
-    /// Number of connections in the table.
-    pub fn len(&self) -> usize {
-        self.len
+    // The ready list.
+
+    /// The last read stopped before `EAGAIN` (a budget, a full ring): input
+    /// may wait that no new edge will report. Returns true if the connection
+    /// must join the ready list, which it is not on yet.
+    pub fn enlist(&mut self) -> bool {
+        self.unread_input = true;
+        !std::mem::replace(&mut self.in_ready_list, true)
     }
 
-    /// True if the table holds no connection.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// Input waits, held back (paused, throttled, stopping): whatever lets it
+    /// be read again enlists the connection. The one-shot registration stays
+    /// disarmed meanwhile (see [`Connection::interest`]).
+    pub fn hold_input(&mut self) {
+        self.unread_input = true;
     }
 
-    /// Adds a connection for `socket`, opened at `now`, under `id` (unique
-    /// for the server's life), and returns its key.
-    pub fn insert(&mut self, socket: Socket, id: u64, now: Instant) -> ConnKey {
-        let connection = Connection::new(socket, id, now);
-        let index = match self.free.pop() {
-            Some(index) => {
-                self.slots[index as usize] = Some(connection);
-                index
-            }
-            None => {
-                let index = u32::try_from(self.slots.len()).expect("fewer than 2^32 connections");
-                self.slots.push(Some(connection));
-                index
-            }
-        };
-        self.len += 1;
-        ConnKey {
-            index,
-            engine: self.engine,
-            id,
-        }
+    /// Taken off the ready list. Returns true if it had unread input to
+    /// serve now (the read that follows says again whether it has more).
+    pub fn leave_ready_list(&mut self) -> bool {
+        self.in_ready_list = false;
+        std::mem::take(&mut self.unread_input)
     }
 
-    /// The connection `key` names, unless it has gone.
-    pub fn get(&self, key: ConnKey) -> Option<&Connection> {
-        self.slots
-            .get(key.index as usize)
-            .and_then(Option::as_ref)
-            .filter(|c| c.id == key.id)
+    /// Read to `EAGAIN`: nothing waits, and whatever the poller warned of
+    /// (see [`Connection::warn_short_reads`]) has been read.
+    pub fn drained(&mut self) {
+        self.unread_input = false;
+        self.read_fully = false;
     }
 
-    /// The connection `key` names, unless it has gone.
-    pub fn get_mut(&mut self, key: ConnKey) -> Option<&mut Connection> {
-        self.slots
-            .get_mut(key.index as usize)
-            .and_then(Option::as_mut)
-            .filter(|c| c.id == key.id)
+    /// True if input may wait unread (see [`Connection::enlist`]).
+    pub fn has_unread_input(&self) -> bool {
+        self.unread_input
     }
 
-    /// The connection in slot `index`, whoever it is.
-    pub fn slot_mut(&mut self, index: u32) -> Option<&mut Connection> {
-        self.slots.get_mut(index as usize).and_then(Option::as_mut)
+    /// The poller said a short read may leave input behind (see
+    /// [`crate::sys::Event::read_fully`]): read until `EAGAIN` or EOF.
+    pub fn warn_short_reads(&mut self) {
+        self.read_fully = true;
     }
 
-    /// Removes the connection `key` names and returns it (the caller
-    /// deregisters and drops it).
-    pub fn remove(&mut self, key: ConnKey) -> Option<Connection> {
-        let slot = self.slots.get_mut(key.index as usize)?;
-        if slot.as_ref().is_some_and(|c| c.id == key.id) {
-            self.free.push(key.index);
-            self.len -= 1;
-            slot.take()
+    /// True if a short read does not prove the socket drained.
+    pub fn reads_fully(&self) -> bool {
+        self.read_fully
+    }
+
+    // Output.
+
+    /// True if bytes wait in the write queue.
+    pub fn has_queued_output(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// The queued bytes to send next, in order (at most two runs).
+    pub fn queued_output(&self) -> [&[u8]; 2] {
+        self.queue.fronts()
+    }
+
+    /// Queues `data` behind what waits.
+    pub fn queue_output(&mut self, data: &[u8]) {
+        self.queue.push(data);
+    }
+
+    /// The socket took the first `n` queued bytes.
+    pub fn sent_queued(&mut self, n: usize) {
+        self.queue.consume(n);
+        self.wrote(n);
+    }
+
+    /// `n` bytes the application sent will not go out (the connection no
+    /// longer takes output).
+    pub fn refuse_output(&mut self, n: usize) {
+        self.pending.sub(n);
+    }
+
+    /// Notes whether the last send applied was a part of a message whose
+    /// other parts are still to come: a close the I/O thread starts then
+    /// must be a reset, or the peer would take half a message for a whole.
+    pub fn set_mid_message(&mut self, mid_message: bool) {
+        self.mid_message = mid_message;
+    }
+
+    /// True if a message is half sent (see [`Connection::set_mid_message`]).
+    pub fn is_mid_message(&self) -> bool {
+        self.mid_message
+    }
+
+    // The clocks.
+
+    /// Bytes went either way at `now` (for the idle timeout).
+    pub fn touch(&mut self, now: Instant) {
+        self.last_activity = now;
+    }
+
+    /// When bytes last went either way.
+    pub fn last_activity(&self) -> Instant {
+        self.last_activity
+    }
+
+    /// Notes at `now` whether a message is unfinished (the message timeout's
+    /// clock runs only while the peer, not the server, holds it up). Returns
+    /// when it started if a message timer must be armed now: one is due and
+    /// none is armed. After this, [`Connection::message_deadline`] tells
+    /// what the timer means when it fires.
+    pub fn track_message(&mut self, now: Instant) -> Option<Instant> {
+        let decoder = self.decoder.as_ref()?;
+        let unfinished = decoder.in_message() && !decoder.has_backlog();
+        self.message_started = if unfinished {
+            self.message_started.or(Some(now))
         } else {
             None
-        }
-    }
-
-    /// Every connection in the table.
-    pub fn connections(&self) -> impl Iterator<Item = &Connection> + '_ {
-        self.slots.iter().flatten()
-    }
-
-    /// Keys of every connection in the table.
-    pub fn keys(&self) -> impl Iterator<Item = ConnKey> + '_ {
-        self.slots.iter().enumerate().filter_map(|(index, slot)| {
-            slot.as_ref().map(|c| ConnKey {
-                index: index as u32,
-                engine: self.engine,
-                id: c.id,
-            })
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use socket2::{Domain, Type};
-
-    fn socket() -> Socket {
-        Socket::new(Domain::IPV4, Type::STREAM, None).unwrap()
-    }
-
-    #[test]
-    fn a_reused_slot_does_not_answer_to_the_old_key() {
-        let mut table = ConnectionTable::new(3);
-        let old = table.insert(socket(), 1, Instant::now());
-        assert!(table.remove(old).is_some());
-        let new = table.insert(socket(), 2, Instant::now());
-        assert_eq!((old.engine, new.engine), (3, 3));
-        assert_eq!(new.index, old.index);
-        assert_ne!(new.id, old.id);
-        assert!(table.get_mut(old).is_none());
-        assert!(table.remove(old).is_none());
-        assert!(table.get_mut(new).is_some());
-        assert_eq!(table.len(), 1);
-    }
-
-    #[test]
-    fn the_peer_ending_first_makes_a_local_close_a_peer_close() {
-        let mut conn = Connection::new(socket(), 1, Instant::now());
-        assert_eq!(conn.input(), Input::Deliver);
-        assert_eq!(conn.peer_finished(), AfterEof::Deliver);
-        assert_eq!(conn.input(), Input::Ended);
-        assert!(conn.accepts_output());
-        assert!(conn.begin_close(CloseReason::Local));
-        assert!(!conn.accepts_output());
-        assert!(
-            !conn.begin_close(CloseReason::Shutdown),
-            "the first close stands"
-        );
-        assert_eq!(conn.linger(Instant::now()), Some(CloseReason::Peer));
-        assert!(conn.reported_closed());
-        assert_eq!(conn.peer_finished(), AfterEof::Forget);
-    }
-
-    #[test]
-    fn a_failed_write_still_delivers_input_then_reports_a_reset() {
-        let mut conn = Connection::new(socket(), 1, Instant::now());
-        conn.queue.push(b"unsent");
-        assert!(!conn.write_failed(), "input may still wait in the kernel");
-        assert!(conn.queue.is_empty());
-        assert_eq!(conn.input(), Input::Deliver);
-        assert!(!conn.accepts_output());
-        assert!(!conn.begin_close(CloseReason::Local));
-        assert_eq!(conn.peer_finished(), AfterEof::Close(CloseReason::Reset));
-    }
-
-    #[test]
-    fn a_closing_connection_discards_input_until_the_peer_ends() {
-        let mut conn = Connection::new(socket(), 1, Instant::now());
-        assert!(conn.begin_close(CloseReason::IdleTimeout));
-        assert_eq!(conn.input(), Input::Discard);
-        assert_eq!(conn.peer_finished(), AfterEof::Continue);
-        assert_eq!(conn.input(), Input::Ended);
-        assert!(conn.write_failed(), "nothing more can arrive: close now");
-        assert_eq!(conn.closing_reason(), Some(CloseReason::IdleTimeout));
-    }
-
-    #[test]
-    fn interest_follows_the_phase() {
-        let mut conn = Connection::new(socket(), 1, Instant::now());
-        let none = Interest {
-            readable: false,
-            writable: false,
-            hangup: true,
         };
-        assert!(conn.interest(true).readable);
-        assert_eq!(
-            conn.interest(false),
-            none,
-            "a stopping server reads no input"
-        );
-        conn.queue.push(b"x");
-        assert!(conn.interest(false).writable);
-        conn.peer_finished();
-        assert!(
-            !conn.interest(true).readable,
-            "after EOF a socket stays readable"
-        );
-        conn.begin_close(CloseReason::Local);
-        conn.linger(Instant::now());
-        assert!(conn.interest(false).readable, "lingering discards input");
-    }
-
-    #[test]
-    fn a_held_back_connection_watches_for_a_reset_and_reads_once_the_peer_is_gone() {
-        let mut conn = Connection::new(socket(), 1, Instant::now());
-        conn.set_paused(true);
-        // Input came while paused: it stays unread, and only a reset is heard.
-        conn.unread_input = true;
-        let held = conn.interest(true);
-        assert!(!held.readable, "a paused connection reads nothing");
-        assert!(held.hangup, "a paused connection still hears of a reset");
-        conn.peer_gone();
-        assert!(
-            conn.reads_input(),
-            "nothing is held back from a peer that is gone"
-        );
-        // On the ready list now: reading finds the reset, no report needed.
-        assert!(!conn.interest(true).hangup);
-    }
-
-    #[test]
-    fn a_failed_write_reads_the_input_to_its_end_even_while_paused() {
-        let mut conn = Connection::new(socket(), 1, Instant::now());
-        conn.set_paused(true);
-        assert!(!conn.write_failed(), "input may still wait in the kernel");
-        assert!(conn.reads_input());
-    }
-
-    #[test]
-    fn write_queue_keeps_order_across_partial_consumes() {
-        let mut queue = WriteQueue::default();
-        queue.push(b"hello ");
-        queue.consume(3);
-        queue.push(b"world");
-        assert_eq!(queue.fronts().concat(), b"lo world");
-        queue.consume(queue.len());
-        assert!(queue.is_empty());
-        queue.push(b"again");
-        assert_eq!(queue.fronts().concat(), b"again");
-    }
-
-    #[test]
-    fn write_queue_reuses_its_allocation_when_cycling() {
-        let mut queue = WriteQueue::default();
-        queue.push(&[1; 1000]);
-        let capacity = queue.bytes.capacity();
-        for _ in 0..100 {
-            queue.consume(600);
-            queue.push(&[2; 600]);
+        let started = self.message_started?;
+        if self.message_timer_armed {
+            return None;
         }
-        assert_eq!(queue.len(), 1000);
-        assert_eq!(queue.bytes.capacity(), capacity);
+        self.message_timer_armed = true;
+        Some(started)
     }
 
-    #[test]
-    fn write_queue_keeps_order_where_the_ring_wraps() {
-        let mut queue = WriteQueue::default();
-        let mut expected: VecDeque<u8> = VecDeque::new();
-        let mut next = 0u8;
-        for round in 0..200usize {
-            let chunk: Vec<u8> = (0..(round % 37) + 1)
-                .map(|_| {
-                    next = next.wrapping_add(1);
-                    next
-                })
-                .collect();
-            queue.push(&chunk);
-            expected.extend(&chunk);
-            let taken = (round * 7) % (queue.len() + 1);
-            queue.consume(taken);
-            expected.drain(..taken);
-            let [first, second] = queue.fronts();
-            assert_eq!([first, second].concat(), Vec::from(expected.clone()));
+    /// The message timer fired at `now`. Returns the message's deadline: as
+    /// it stands, or moved to `now + timeout` while the server holds the
+    /// message up (`stopping`, reading held back, input unread, messages
+    /// waiting in the decoder). `None`, and the timer disarmed, if no
+    /// message is unfinished or none can finish any more.
+    pub fn message_deadline(
+        &mut self,
+        now: Instant,
+        timeout: Duration,
+        stopping: bool,
+    ) -> Option<Instant> {
+        let Some(started) = self.message_started else {
+            self.message_timer_armed = false;
+            return None;
+        };
+        if self.input() != Input::Deliver {
+            // Its input has ended: the message can never finish, and the
+            // close under way decides what follows.
+            self.message_started = None;
+            self.message_timer_armed = false;
+            return None;
         }
+        let server_behind =
+            stopping || !self.reads_input() || self.unread_input || self.holds_messages();
+        if server_behind {
+            self.message_started = Some(now);
+            return Some(now + timeout);
+        }
+        Some(started + timeout)
+    }
+
+    /// The message timer fired for good (the connection closes for it).
+    pub fn disarm_message_timer(&mut self) {
+        self.message_timer_armed = false;
+    }
+
+    // The delivery ring.
+
+    /// Its data deliveries in the ring that the consumer has not released.
+    pub fn in_ring(&self) -> u32 {
+        self.in_ring
+    }
+
+    /// `n` more of its deliveries went into the ring.
+    pub fn delivered(&mut self, n: u32) {
+        self.in_ring += n;
+    }
+
+    /// The consumer released one of its deliveries.
+    pub fn released(&mut self) {
+        self.in_ring -= 1;
     }
 }
