@@ -35,6 +35,7 @@ use std::time::Duration;
 use socket2::Socket;
 
 use crate::framing::{Envelope, Framing};
+use crate::handover::Arrivals;
 use crate::message::{Command, CommandKind, ConnKey, Delivery, DeliveryKind, Loan};
 use crate::reactor::Reactor;
 use crate::ring::{ring, Consumer, Producer, ReleaseWatch};
@@ -232,16 +233,18 @@ pub(crate) struct Shared {
     pub(crate) io_sleep: IoSleep,
     /// The I/O thread no longer applies commands.
     pub(crate) finished: AtomicBool,
-    /// Connections another engine accepted for this one, and a flag that
-    /// says the list may be non-empty (read without the lock).
-    /// `None` once the engine's loop has ended: nothing is handed over then.
-    arrivals: Mutex<Option<Vec<Socket>>>,
-    pub(crate) has_arrivals: AtomicBool,
+    /// Connections another engine accepted for this one; closed once the
+    /// engine's loop has ended (or failed): nothing is handed over then.
+    pub(crate) arrivals: Arrivals<Socket>,
     waker: Arc<dyn Wake>,
     /// Entries in the I/O thread's timer heap, as of its last expiry (tests
     /// of the heap's bound).
     #[cfg(test)]
     pub(crate) timer_entries: AtomicUsize,
+    /// A `Hold` command's state: 0 free, 1 holding (the I/O thread waits in
+    /// the command until a test stores 0).
+    #[cfg(test)]
+    pub(crate) test_hold: AtomicUsize,
 }
 
 impl Shared {
@@ -257,14 +260,20 @@ impl Shared {
         }
     }
 
+    /// Waits until the test that sent `Hold` lets this I/O thread go.
+    #[cfg(test)]
+    pub(crate) fn hold_for_test(&self) {
+        self.test_hold.store(1, Release);
+        while self.test_hold.load(Acquire) == 1 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Hands `socket`, accepted by another engine, to this one.
     /// Gives it back if this engine's loop has ended.
     pub(crate) fn hand_over(&self, socket: Socket) -> Result<(), Socket> {
-        match lock(&self.arrivals).as_mut() {
-            Some(arrivals) => arrivals.push(socket),
-            None => return Err(socket),
-        }
-        self.has_arrivals.store(true, Release);
+        self.arrivals.hand_over(socket)?;
+        // After the flag is set: see `crate::handover`.
         self.wake_io();
         Ok(())
     }
@@ -272,30 +281,14 @@ impl Shared {
     /// Refuses hand-overs from now on and closes the sockets still parked,
     /// uncounting them from `hub.open`. Idempotent.
     pub(crate) fn close_arrivals(&self) {
-        let parked = lock(&self.arrivals).take();
-        self.has_arrivals.store(false, Release);
-        if let Some(parked) = parked {
-            self.hub.open.fetch_sub(parked.len(), Relaxed);
-        }
+        let parked = self.arrivals.close();
+        self.hub.open.fetch_sub(parked.len(), Relaxed);
     }
 
     /// Takes the connections handed over so far, into `into`.
     pub(crate) fn take_arrivals(&self, into: &mut Vec<Socket>) {
-        // A load first: the swap's write is for the rare turn with arrivals.
-        if self.has_arrivals.load(Relaxed) && self.has_arrivals.swap(false, Acquire) {
-            if let Some(arrivals) = lock(&self.arrivals).as_mut() {
-                into.append(arrivals);
-            }
-        }
+        self.arrivals.take(into);
     }
-}
-
-/// Locks `mutex`, whether or not a thread panicked while holding it: what
-/// it guards stays consistent at every step.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// How long a stop may flush output unless told otherwise.
@@ -466,15 +459,14 @@ impl Sender {
     /// Makes I/O thread `engine` panic (tests of the failure path).
     #[cfg(test)]
     pub(crate) fn inject_panic(&self, engine: usize) {
+        self.inject(engine, CommandKind::Panic);
+    }
+
+    /// Queues a test-only command (`Panic`, `Hold`) for I/O thread `engine`.
+    #[cfg(test)]
+    pub(crate) fn inject(&self, engine: usize, kind: CommandKind) {
         self.engines[engine]
-            .push(
-                CommandKind::Panic,
-                ConnKey::default(),
-                [&[]; 3],
-                None,
-                None,
-                true,
-            )
+            .push(kind, ConnKey::default(), [&[]; 3], None, None, true)
             .expect("server running");
     }
 }
@@ -698,11 +690,12 @@ impl Running {
                 command_space: Bell::new(),
                 io_sleep: IoSleep::new(),
                 finished: AtomicBool::new(false),
-                arrivals: Mutex::new(Some(Vec::new())),
-                has_arrivals: AtomicBool::new(false),
+                arrivals: Arrivals::new(),
                 waker: selector.waker(),
                 #[cfg(test)]
                 timer_entries: AtomicUsize::new(0),
+                #[cfg(test)]
+                test_hold: AtomicUsize::new(0),
             }));
             rings.push((delivery_tx, delivery_rx, command_rx));
         }
@@ -1080,7 +1073,7 @@ mod tests {
         let outcome = stranded.read(&mut byte);
         let open = sender.hub().open.load(Relaxed);
         // Set by every hand-over, cleared only by the engine taking them.
-        let parked = sender.engines[1].has_arrivals.load(Acquire);
+        let parked = sender.engines[1].arrivals.may_have_arrivals();
         running.join();
         assert!(
             !parked && opened_on_0 == 2 && open == 2,
@@ -1168,6 +1161,69 @@ mod tests {
                 "{backend:?}, io_threads={io_threads}: {entries} timer entries \
                  after {CHURN} connections came and went (1 open; at most {bound} expected)"
             );
+        }
+    }
+
+    /// Issue 13, item 7: connections dealt to an engine that fails before it
+    /// has opened them (parked in its hand-over list while it is busy) are
+    /// served by a live engine, not closed by the failing one.
+    #[test]
+    fn connections_parked_in_an_engine_that_fails_are_served_by_a_live_one() {
+        for backend in [Backend::Portable, Backend::platform_default()] {
+            let (socket, port) = listener();
+            let config = Config {
+                backend,
+                io_threads: 2,
+                ..Config::default()
+            };
+            let mut running = Running::start(&config, vec![socket]).unwrap();
+            let sender = running.sender();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // Engine 1 is busy in a command, with a panic queued behind it.
+            sender.inject(1, CommandKind::Hold);
+            while sender.engines[1].test_hold.load(Acquire) != 1 {
+                assert!(Instant::now() < deadline, "engine 1 did not hold");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            sender.inject_panic(1);
+            // Dealt in turn: the first to engine 0, the second to engine 1,
+            // where it waits in the hand-over list.
+            let _served = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let mut parked = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            while !sender.engines[1].arrivals.may_have_arrivals() {
+                assert!(Instant::now() < deadline, "nothing handed to engine 1");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Engine 1 goes on to the panic, and fails.
+            sender.engines[1].test_hold.store(0, Release);
+            while !sender.engines[1].finished.load(Acquire) {
+                assert!(Instant::now() < deadline, "engine 1 did not end");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Engine 0's deliveries only: taking engine 1's `Failed` would
+            // stop the server.
+            let mut opened_on_0 = 0;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline && opened_on_0 < 2 {
+                match running.engines[0].deliveries.take_with(|d| d.kind) {
+                    Some(DeliveryKind::Opened) => opened_on_0 += 1,
+                    Some(_) => {}
+                    None => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            running.engines[0].deliveries.release();
+            parked
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let outcome = parked.read(&mut [0u8; 1]);
+            let open = sender.hub().open.load(Relaxed);
+            running.join();
+            assert!(
+                opened_on_0 == 2 && open == 2,
+                "{backend:?}: opened by engine 0: {opened_on_0} (2 expected); hub.open = \
+                 {open}; the parked client's read: {outcome:?} (a timeout expected)"
+            );
+            assert!(outcome.is_err(), "{backend:?}: {outcome:?}");
         }
     }
 

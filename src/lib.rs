@@ -28,6 +28,7 @@ pub mod bench;
 pub mod conn;
 pub mod core;
 pub mod framing;
+pub mod handover;
 pub(crate) mod inbound;
 pub mod message;
 pub mod pool;

@@ -343,8 +343,10 @@ impl<S: Selector> Reactor<S> {
 
     /// Reports a failure of the loop (`detail`), then closes everything at
     /// once: connections whose output all went out end with FIN, the others
-    /// with a reset.
+    /// with a reset. Connections handed to this engine and not opened yet go
+    /// to the other engines instead.
     pub(crate) fn fail(&mut self, detail: String) {
+        self.io.pass_on_arrivals();
         self.io
             .emit(DeliveryKind::Failed, ConnKey::default(), None, Some(detail));
         self.io.begin_stop(Instant::now(), false);
@@ -392,7 +394,7 @@ impl<S: Selector> Reactor<S> {
             let commands = &mut self.commands;
             let may_sleep = shared.io_sleep.prepare(stalled, || {
                 !commands.is_empty()
-                    || shared.has_arrivals.load(Acquire)
+                    || shared.arrivals.may_have_arrivals()
                     || (stopping.is_none() && shared.hub.stop.load(Acquire))
                     || (stalled && ring_has_room(deliveries, *consumer_blocked_at))
             });
@@ -467,6 +469,8 @@ impl<S: Selector> Io<S> {
             CommandKind::ResumeReading => self.set_paused(command.conn, false),
             #[cfg(test)]
             CommandKind::Panic => panic!("panic requested by a test"),
+            #[cfg(test)]
+            CommandKind::Hold => self.shared.hold_for_test(),
         }
     }
 
@@ -1448,6 +1452,31 @@ impl<S: Selector> Io<S> {
             }
         }
         self.arrivals = arrivals;
+    }
+
+    /// Refuses hand-overs from now on, and deals the connections handed to
+    /// this engine and not opened yet to the other engines: a failing engine
+    /// would only close them, while the others may serve them. A connection
+    /// no engine takes (they have all ended) is closed.
+    fn pass_on_arrivals(&mut self) {
+        for socket in self.shared.arrivals.close() {
+            let mut socket = Some(socket);
+            for engine in self.engines.iter() {
+                if engine.engine == self.shared.engine {
+                    continue;
+                }
+                let Some(unserved) = socket.take() else {
+                    break;
+                };
+                match engine.hand_over(unserved) {
+                    Ok(()) => break,
+                    Err(back) => socket = Some(back),
+                }
+            }
+            if socket.is_some() {
+                self.shared.hub.open.fetch_sub(1, Relaxed);
+            }
+        }
     }
 
     /// Starts serving `socket`, counted in `hub.open` already.
