@@ -199,15 +199,14 @@ impl Sender {
     /// Makes I/O thread `engine` panic (tests of the failure path).
     #[cfg(test)]
     pub(crate) fn inject_panic(&self, engine: usize) {
+        self.inject(engine, CommandKind::Panic);
+    }
+
+    /// Queues a test-only command (`Panic`, `Hold`) for I/O thread `engine`.
+    #[cfg(test)]
+    pub(crate) fn inject(&self, engine: usize, kind: CommandKind) {
         self.engines[engine]
-            .push(
-                CommandKind::Panic,
-                ConnKey::default(),
-                [&[]; 3],
-                None,
-                None,
-                true,
-            )
+            .push(kind, ConnKey::default(), [&[]; 3], None, None, true)
             .expect("server running");
     }
 }
@@ -684,7 +683,7 @@ mod tests {
         let outcome = stranded.read(&mut byte);
         let open = sender.hub().open.load(Relaxed);
         // Set by every hand-over, cleared only by the engine taking them.
-        let parked = sender.engines[1].has_arrivals.load(Acquire);
+        let parked = sender.engines[1].arrivals.may_have_arrivals();
         running.join();
         assert!(
             !parked && opened_on_0 == 2 && open == 2,
@@ -772,6 +771,69 @@ mod tests {
                 "{backend:?}, io_threads={io_threads}: {entries} timer entries \
                  after {CHURN} connections came and went (1 open; at most {bound} expected)"
             );
+        }
+    }
+
+    /// Issue 13, item 7: connections dealt to an engine that fails before it
+    /// has opened them (parked in its hand-over list while it is busy) are
+    /// served by a live engine, not closed by the failing one.
+    #[test]
+    fn connections_parked_in_an_engine_that_fails_are_served_by_a_live_one() {
+        for backend in [Backend::Portable, Backend::platform_default()] {
+            let (socket, port) = listener();
+            let config = Config {
+                backend,
+                io_threads: 2,
+                ..Config::default()
+            };
+            let mut running = Running::start(&config, vec![socket]).unwrap();
+            let sender = running.sender();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // Engine 1 is busy in a command, with a panic queued behind it.
+            sender.inject(1, CommandKind::Hold);
+            while sender.engines[1].test_hold.load(Acquire) != 1 {
+                assert!(Instant::now() < deadline, "engine 1 did not hold");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            sender.inject_panic(1);
+            // Dealt in turn: the first to engine 0, the second to engine 1,
+            // where it waits in the hand-over list.
+            let _served = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let mut parked = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            while !sender.engines[1].arrivals.may_have_arrivals() {
+                assert!(Instant::now() < deadline, "nothing handed to engine 1");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Engine 1 goes on to the panic, and fails.
+            sender.engines[1].test_hold.store(0, Release);
+            while !sender.engines[1].finished.load(Acquire) {
+                assert!(Instant::now() < deadline, "engine 1 did not end");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Engine 0's deliveries only: taking engine 1's `Failed` would
+            // stop the server.
+            let mut opened_on_0 = 0;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline && opened_on_0 < 2 {
+                match running.engines[0].deliveries.take_with(|d| d.kind) {
+                    Some(DeliveryKind::Opened) => opened_on_0 += 1,
+                    Some(_) => {}
+                    None => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            running.engines[0].deliveries.release();
+            parked
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let outcome = parked.read(&mut [0u8; 1]);
+            let open = sender.hub().open.load(Relaxed);
+            running.join();
+            assert!(
+                opened_on_0 == 2 && open == 2,
+                "{backend:?}: opened by engine 0: {opened_on_0} (2 expected); hub.open = \
+                 {open}; the parked client's read: {outcome:?} (a timeout expected)"
+            );
+            assert!(outcome.is_err(), "{backend:?}: {outcome:?}");
         }
     }
 

@@ -30,6 +30,7 @@ pub mod config;
 pub mod conn;
 pub mod core;
 pub mod framing;
+pub mod handover;
 pub(crate) mod inbound;
 pub mod message;
 pub mod pool;

@@ -160,6 +160,10 @@ pub enum CommandKind {
     /// Panic on the I/O thread (tests of the failure path only).
     #[cfg(test)]
     Panic,
+    /// Hold the I/O thread inside this command until the test lets it go
+    /// (see `Shared::test_hold`; tests only).
+    #[cfg(test)]
+    Hold,
 }
 
 /// Bytes a `Send` command points to instead of carrying them: lent by the

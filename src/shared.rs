@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use socket2::Socket;
 
+use crate::handover::Arrivals;
 use crate::message::{Command, CommandKind, Loan};
 use crate::ring::{Producer, ReleaseWatch};
 use crate::stats::{Snapshot, Stats};
@@ -128,16 +129,18 @@ pub(crate) struct Shared {
     pub(crate) io_sleep: IoSleep,
     /// The I/O thread no longer applies commands.
     pub(crate) finished: AtomicBool,
-    /// Connections another engine accepted for this one, and a flag that
-    /// says the list may be non-empty (read without the lock).
-    /// `None` once the engine's loop has ended: nothing is handed over then.
-    arrivals: Mutex<Option<Vec<Socket>>>,
-    pub(crate) has_arrivals: AtomicBool,
+    /// Connections another engine accepted for this one; closed once the
+    /// engine's loop has ended (or failed): nothing is handed over then.
+    pub(crate) arrivals: Arrivals<Socket>,
     waker: Arc<dyn Wake>,
     /// Entries in the I/O thread's timer heap, as of its last expiry (tests
     /// of the heap's bound).
     #[cfg(test)]
     pub(crate) timer_entries: AtomicUsize,
+    /// A `Hold` command's state: 0 free, 1 holding (the I/O thread waits in
+    /// the command until a test stores 0).
+    #[cfg(test)]
+    pub(crate) test_hold: AtomicUsize,
 }
 
 impl Shared {
@@ -159,11 +162,12 @@ impl Shared {
             command_space: Bell::new(),
             io_sleep: IoSleep::new(),
             finished: AtomicBool::new(false),
-            arrivals: Mutex::new(Some(Vec::new())),
-            has_arrivals: AtomicBool::new(false),
+            arrivals: Arrivals::new(),
             waker,
             #[cfg(test)]
             timer_entries: AtomicUsize::new(0),
+            #[cfg(test)]
+            test_hold: AtomicUsize::new(0),
         }
     }
 
@@ -193,14 +197,20 @@ impl Shared {
         }
     }
 
+    /// Waits until the test that sent `Hold` lets this I/O thread go.
+    #[cfg(test)]
+    pub(crate) fn hold_for_test(&self) {
+        self.test_hold.store(1, Release);
+        while self.test_hold.load(Acquire) == 1 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Hands `socket`, accepted by another engine, to this one.
     /// Gives it back if this engine's loop has ended.
     pub(crate) fn hand_over(&self, socket: Socket) -> Result<(), Socket> {
-        match lock(&self.arrivals).as_mut() {
-            Some(arrivals) => arrivals.push(socket),
-            None => return Err(socket),
-        }
-        self.has_arrivals.store(true, Release);
+        self.arrivals.hand_over(socket)?;
+        // After the flag is set: see `crate::handover`.
         self.wake_io();
         Ok(())
     }
@@ -208,30 +218,14 @@ impl Shared {
     /// Refuses hand-overs from now on and closes the sockets still parked,
     /// uncounting them from `hub.open`. Idempotent.
     pub(crate) fn close_arrivals(&self) {
-        let parked = lock(&self.arrivals).take();
-        self.has_arrivals.store(false, Release);
-        if let Some(parked) = parked {
-            self.hub.open.fetch_sub(parked.len(), Relaxed);
-        }
+        let parked = self.arrivals.close();
+        self.hub.open.fetch_sub(parked.len(), Relaxed);
     }
 
     /// Takes the connections handed over so far, into `into`.
     pub(crate) fn take_arrivals(&self, into: &mut Vec<Socket>) {
-        // A load first: the swap's write is for the rare turn with arrivals.
-        if self.has_arrivals.load(Relaxed) && self.has_arrivals.swap(false, Acquire) {
-            if let Some(arrivals) = lock(&self.arrivals).as_mut() {
-                into.append(arrivals);
-            }
-        }
+        self.arrivals.take(into);
     }
-}
-
-/// Locks `mutex`, whether or not a thread panicked while holding it: what
-/// it guards stays consistent at every step.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Why a command was not queued.

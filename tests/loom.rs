@@ -9,6 +9,7 @@
 //! loom reports as a failure.
 #![cfg(loom)]
 
+use _rsepoll::handover::Arrivals;
 use _rsepoll::ring::{ring, Consumer, Producer};
 use _rsepoll::wake::{Bell, IoSleep};
 use loom::sync::{Arc, Condvar, Mutex};
@@ -271,5 +272,72 @@ fn stalled_io_thread_is_woken_by_release() {
             }
         }
         io_thread.join().unwrap();
+    });
+}
+
+/// An engine's hand-over list (`handover::Arrivals`), as the accepting engine
+/// and an ending engine use it: the dealer hands a socket over while the
+/// engine takes what arrived, then closes the list (`finish`, or `fail`,
+/// which passes what it finds on). The socket is taken, found at the close,
+/// or given back to the dealer, exactly once; and once the list is closed its
+/// flag is down, so that the ending engine, which re-checks the flag before
+/// each sleep, does sleep. (With the flag set after unlocking, a hand-over
+/// overtaken by the close leaves it up for good.)
+#[test]
+fn a_closed_hand_over_list_is_not_flagged() {
+    loom::model(|| {
+        let arrivals = Arc::new(Arrivals::new());
+        let dealer = {
+            let arrivals = Arc::clone(&arrivals);
+            thread::spawn(move || arrivals.hand_over(7usize).is_err())
+        };
+        let mut taken = Vec::new();
+        arrivals.take(&mut taken);
+        let parked = arrivals.close();
+        let refused = dealer.join().unwrap();
+        assert_eq!(taken.len() + parked.len() + usize::from(refused), 1);
+        assert!(
+            !arrivals.may_have_arrivals(),
+            "the flag of a closed list is up"
+        );
+    });
+}
+
+/// The engine's wait for hand-overs, as `Reactor::wait` makes it: it takes
+/// what arrived, prepares its sleep re-checking the flag, then blocks in the
+/// poller; the dealer hands over, then wakes the poller only if
+/// `wake_for_commands` says the engine sleeps (`Shared::hand_over`).
+#[test]
+fn io_thread_never_misses_a_hand_over() {
+    loom::model(|| {
+        let arrivals = Arc::new(Arrivals::new());
+        let sleep = Arc::new(IoSleep::new());
+        let poller = Arc::new(EventFd::new());
+        let dealer = {
+            let (arrivals, sleep, poller) = (
+                Arc::clone(&arrivals),
+                Arc::clone(&sleep),
+                Arc::clone(&poller),
+            );
+            thread::spawn(move || {
+                arrivals.hand_over(1usize).unwrap();
+                if sleep.wake_for_commands() {
+                    poller.wake();
+                }
+            })
+        };
+        let mut taken = Vec::new();
+        loop {
+            arrivals.take(&mut taken);
+            if !taken.is_empty() {
+                break;
+            }
+            if sleep.prepare(false, || arrivals.may_have_arrivals()) {
+                poller.wait();
+            }
+            sleep.awake();
+        }
+        assert_eq!(taken, [1]);
+        dealer.join().unwrap();
     });
 }

@@ -162,6 +162,31 @@ impl<S: Selector> Io<S> {
         self.arrivals = arrivals;
     }
 
+    /// Refuses hand-overs from now on, and deals the connections handed to
+    /// this engine and not opened yet to the other engines: a failing engine
+    /// would only close them, while the others may serve them. A connection
+    /// no engine takes (they have all ended) is closed.
+    pub(super) fn pass_on_arrivals(&mut self) {
+        for socket in self.shared.arrivals.close() {
+            let mut socket = Some(socket);
+            for engine in self.engines.iter() {
+                if engine.engine == self.shared.engine {
+                    continue;
+                }
+                let Some(unserved) = socket.take() else {
+                    break;
+                };
+                match engine.hand_over(unserved) {
+                    Ok(()) => break,
+                    Err(back) => socket = Some(back),
+                }
+            }
+            if socket.is_some() {
+                self.shared.hub.open.fetch_sub(1, Relaxed);
+            }
+        }
+    }
+
     /// Starts serving `socket`, counted in `hub.open` already.
     pub(super) fn open(&mut self, socket: Socket) {
         let fd = net::raw_handle(&socket);

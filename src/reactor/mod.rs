@@ -352,7 +352,7 @@ impl<S: Selector> Reactor<S> {
             let commands = &mut self.commands;
             let may_sleep = shared.io_sleep.prepare(stalled, || {
                 !commands.is_empty()
-                    || shared.has_arrivals.load(Acquire)
+                    || shared.arrivals.may_have_arrivals()
                     || (stopping.is_none() && shared.hub.stop.load(Acquire))
                     || (stalled && ring_has_room(deliveries, *consumer_blocked_at))
             });
@@ -387,6 +387,8 @@ impl<S: Selector> Io<S> {
             CommandKind::ResumeReading => self.set_paused(command.conn, false),
             #[cfg(test)]
             CommandKind::Panic => panic!("panic requested by a test"),
+            #[cfg(test)]
+            CommandKind::Hold => self.shared.hold_for_test(),
         }
     }
 

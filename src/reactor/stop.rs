@@ -33,8 +33,10 @@ pub(super) struct Stopping {
 impl<S: Selector> Reactor<S> {
     /// Reports a failure of the loop (`detail`), then closes everything at
     /// once: connections whose output all went out end with FIN, the others
-    /// with a reset.
+    /// with a reset. Connections handed to this engine and not opened yet go
+    /// to the other engines instead.
     pub(crate) fn fail(&mut self, detail: String) {
+        self.io.pass_on_arrivals();
         self.io
             .emit(DeliveryKind::Failed, ConnKey::default(), None, Some(detail));
         self.io.begin_stop(Instant::now(), false);
