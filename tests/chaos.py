@@ -207,6 +207,8 @@ class RunPlan:
         self.ring_slots = rng.choice([64, 512])
         self.write_buffer_high = rng.choice([64 << 10, 1 << 20])
         self.backend = args.backend
+        pool = random.Random(f"{args.seed}/pool").randbytes(3 << 20)
+        self.pool = pool.translate(LINE_SAFE) if self.framing == "line" else pool
         self.io_threads = args.io_threads
 
     def server_kwargs(self) -> dict[str, Any]:
@@ -226,7 +228,7 @@ class RunPlan:
         return kwargs
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return {k: v for k, v in vars(self).items() if k != "pool"}
 
 
 # ---------------------------------------------------------------------------
@@ -263,6 +265,10 @@ class ConnRecord:
         self.reason: str | None = None
         self.replies: list[tuple[int, int, bool, float]] = []  # seq, body length, worker, t
         self.workers_pending = 0
+        self.pause_at = self.close_at = -1
+        self.resume_after: float | None = None
+        self.abort = False
+        self.slow = 0.0
         self.close_when_done = False
         self.lock = threading.Lock()
 
@@ -479,7 +485,14 @@ class ChaosServer(rsepoll.Server):
             return self._bad(rec, "corrupted", f"record of kind {kind!r}")
         if rec.client is None:
             rec.client = client
-            rec.rng = random.Random(f"{self.plan.seed}/server/{client}")
+            rec.rng = rng = random.Random(f"{self.plan.seed}/server/{client}")
+            # What the application will do to this connection, and when.
+            rec.pause_at = int(log_uniform(rng, 1, 500)) if rng.random() < 0.25 else -1
+            rec.resume_after = rng.uniform(0.01, 0.6) if rng.random() < 0.75 else None
+            roll = rng.random()
+            rec.close_at = int(log_uniform(rng, 1, 500)) if roll < 0.08 else -1
+            rec.abort = roll < 0.03
+            rec.slow = rng.uniform(0.0001, 0.0003) if rng.random() < 0.1 else 0.0
         elif client != rec.client:
             return self._bad(rec, "corrupted", f"record of client {client} on this connection")
         if seq != rec.next_seq:
@@ -488,6 +501,10 @@ class ChaosServer(rsepoll.Server):
         rec.next_seq = seq + 1
         rec.msgs += 1
         rec.last_seq_delivered = seq
+        if rec.slow:
+            until = now() + rec.slow  # a slow callback, busy as real work is
+            while now() < until:
+                pass
         self._respond(conn, rec, seq, body)
 
     def _respond(self, conn: rsepoll.Connection, rec: ConnRecord, seq: int, body: bytes) -> None:
@@ -496,21 +513,17 @@ class ChaosServer(rsepoll.Server):
         reply = make_record(b"R", rec.client or 0, seq, body if rng.random() < 0.8 else b"")
         if rng.random() < 0.3:
             rec.workers_pending += 1
-            delay = rng.random() * 0.01
+            delay = rng.random() * 0.005 if rng.random() < 0.03 else 0.0
             self.pool.submit(self._worker_reply, conn, rec, seq, reply, delay)
         else:
             self._send(conn, rec, seq, reply, False)
-        roll = rng.random()
-        if roll < 0.02 and not rec.paused:
+        if rec.msgs == rec.pause_at and not rec.paused:
             rec.paused = rec.ever_paused = True
             self.pause_reading(conn)
-            if rng.random() < 0.8:
-                when = now() + rng.uniform(0.01, 0.6)
-                self.sched.at(when, lambda: self._resume(conn, rec))
-        elif roll < 0.028:
-            self._app_close(conn, rec, abort=False)
-        elif roll < 0.032:
-            self._app_close(conn, rec, abort=True)
+            if rec.resume_after is not None:
+                self.sched.at(now() + rec.resume_after, lambda: self._resume(conn, rec))
+        if rec.msgs == rec.close_at:
+            self._app_close(conn, rec, abort=rec.abort)
 
     def _send(
         self, conn: rsepoll.Connection, rec: ConnRecord, seq: int, reply: bytes, worker: bool
@@ -528,7 +541,8 @@ class ChaosServer(rsepoll.Server):
     def _worker_reply(
         self, conn: rsepoll.Connection, rec: ConnRecord, seq: int, reply: bytes, delay: float
     ) -> None:
-        time.sleep(delay)
+        if delay:
+            time.sleep(delay)
         self._send(conn, rec, seq, reply, True)
         with rec.lock:
             rec.workers_pending -= 1
@@ -676,12 +690,16 @@ class Client:
         framing = plan.framing
         rng = random.Random(f"{plan.seed}/client/{idx}")
         self.rng = rng
-        self.start_at = t0 + rng.uniform(0, 0.5) * plan.seconds
+        self.start_at = t0 + rng.uniform(0, 0.8) * plan.seconds
         roll = rng.random()
         if roll < 0.1:
             self.kind = "idle"
         elif roll < 0.17 and framing != "raw":
             self.kind = "oversize"
+        elif roll < 0.25:
+            self.kind = "burst"  # many small messages pipelined in few writes
+        elif roll < 0.4:
+            self.kind = "stream"  # paced messages until the run ends
         else:
             self.kind = "exchange"
         # Sizes: a byte budget per connection, then message bodies within it.
@@ -696,10 +714,24 @@ class Client:
             budget -= size + HEADER
         if self.kind == "oversize":
             self.sizes = self.sizes[: rng.randrange(0, 4)]
+        self.gap = 0.0
+        self.burst = 0
+        if self.kind == "burst":
+            self.burst = rng.randrange(50, 1000)
+            self.gap = rng.uniform(0.1, 0.6)
+            count = self.burst * (int(plan.seconds / self.gap) + 1)
+            self.sizes = [int(log_uniform(rng, 1, 256)) for _ in range(min(count, 3000))]
+        elif self.kind == "stream":
+            self.gap = rng.uniform(0.002, 0.03)
+            count = int(plan.seconds / self.gap) + 1
+            self.sizes = [min(int(log_uniform(rng, 1, 16 << 10)), cap) for _ in range(count)]
         self.chunking = rng.choice(["whole", "random", "random", "trickle"])
         if self.chunking == "trickle" and sum(self.sizes) > 64 << 10:
             self.chunking = "random"
         self.depth = rng.choice([1, 2, 4, 16, 1 << 30])
+        if self.kind == "burst":
+            self.chunking = rng.choice(["whole", "random"])
+            self.depth = 1 << 30
         self.read_mode = rng.choice(["normal", "normal", "slow", "stopped"])
         self.stop_windows: list[tuple[float, float]] = []
         if self.read_mode == "stopped":
@@ -719,13 +751,13 @@ class Client:
         self.port = -1
         self.state = "waiting"  # waiting, connecting, open, done
         self.t_connect: float | None = None
-        self.records: list[tuple[int, int, int, int, float, float]] = []
-        # (wire_start, wire_end, body_len, body_crc, t_first_start, t_last_start)
+        self.records: list[list[Any]] = []
+        # [wire_start, wire_end, body_len, body_crc, t_first_start, t_last_start]
         self.n_planned = len(self.sizes)
         self.out = b""
         self.out_pos = 0
         self.chunks: list[tuple[int, float]] = []
-        self.cur: list[Any] | None = None
+        self.unstamped = 0  # the first record whose last byte is not yet sent
         self.next_send_at = 0.0
         self.sent = 0
         self.writes: list[tuple[int, float]] = []  # (offset after, t start)
@@ -749,11 +781,12 @@ class Client:
     # -- helpers --
 
     def body(self, seq: int) -> bytes:
-        rng = random.Random(f"{self.plan.seed}/{self.idx}/{seq}")
-        body = rng.randbytes(self.sizes[seq])
-        if self.plan.framing == "line":
-            body = body.translate(LINE_SAFE)
-        return body
+        """Message ``seq``'s body: a slice of the run's random pool, at an
+        offset that differs between messages and clients."""
+        pool = self.plan.pool
+        size = self.sizes[seq]
+        offset = (self.idx * 7919 + seq * 104729) % (len(pool) - size + 1)
+        return pool[offset : offset + size]
 
     def chunk_plan(self, seq: int, total: int) -> list[tuple[int, float]]:
         rng = random.Random(f"{self.plan.seed}/{self.idx}/{seq}/chunks")
@@ -810,15 +843,31 @@ class Client:
         if seq < self.n_planned:
             if seq - len(self.replies) >= self.depth:
                 return
-            body = self.body(seq)
-            record = make_record(b"M", self.idx, seq, body)
-            self.out = frame(self.plan.framing, self.plan.length_prefix, record)
+            # Without pacing, consecutive messages go out in the same writes
+            # (pipelining), up to 256 KiB at a time.
+            out = []
+            start = self.sent
+            while True:
+                body = self.body(seq)
+                record = make_record(b"M", self.idx, seq, body)
+                wire = frame(self.plan.framing, self.plan.length_prefix, record)
+                out.append(wire)
+                self.records.append([start, start + len(wire), len(body), zlib.crc32(body), 0, 0])
+                start += len(wire)
+                seq += 1
+                if (
+                    (self.gap and (not self.burst or seq % self.burst == 0))
+                    or self.chunking == "trickle"
+                    or seq >= self.n_planned
+                    or seq - len(self.replies) >= self.depth
+                    or start - self.sent >= 256 << 10
+                ):
+                    break
+            self.out = b"".join(out)
             self.out_pos = 0
-            self.chunks = self.chunk_plan(seq, len(self.out))
-            self.records.append(
-                (self.sent, self.sent + len(self.out), len(body), zlib.crc32(body), 0.0, 0.0)
-            )
-            self.cur = list(self.records[-1])
+            self.chunks = self.chunk_plan(seq - 1, len(self.out))
+            if self.gap:
+                self.next_send_at = now() + self.gap
             return
         if self.kind == "oversize" and self.oversize_start is None:
             rng = random.Random(self.oversize_seed)
@@ -836,7 +885,6 @@ class Client:
             self.oversize_start = self.sent
             self.out_pos = 0
             self.chunks = self.chunk_plan(seq, len(self.out))
-            self.cur = None
             return
 
     def wants_write(self, t: float) -> bool:
@@ -888,23 +936,27 @@ class Client:
             if e.errno in (errno.ECONNRESET, errno.EPIPE):
                 self.reset_seen_on_send = True
             return
-        if self.cur is not None and self.out_pos == 0:
-            self.cur[4] = t_start
+        before = self.sent
         self.out_pos += n
         self.sent += n
         self.writes.append((self.sent, t_start))
+        # Stamp the records this write began or completed with its start time.
+        i = self.unstamped
+        while i < len(self.records) and self.records[i][0] < self.sent:
+            record = self.records[i]
+            if record[0] >= before:
+                record[4] = t_start
+            if record[1] <= self.sent:
+                record[5] = t_start
+                self.unstamped = i + 1
+            i += 1
         if n == size:
             self.chunks.pop(0)
             self.next_send_at = t_start + delay
         else:
             self.chunks[0] = (size - n, delay)
-        if self.out_pos >= len(self.out):
-            if self.cur is not None:
-                self.cur[5] = t_start
-                self.records[-1] = tuple(self.cur)  # type: ignore[assignment]
-                self.cur = None
-            else:
-                self.oversize_sent_at = t_start
+        if self.out_pos >= len(self.out) and self.oversize_start is not None:
+            self.oversize_sent_at = t_start
 
     def on_readable(self, t: float) -> None:
         assert self.sock is not None
@@ -1180,7 +1232,7 @@ def match(clients: list[Client], conns: list[dict[str, Any]], v: Violations) -> 
             if id(c) in taken:
                 v.add("corrupted", f"two connections carry records of client {c.idx}")
                 continue
-            if c.port != s["port"]:
+            if s["port"] >= 0 and c.port != s["port"]:
                 v.add("corrupted", f"client {c.idx}'s records arrived on another connection")
             taken.add(id(c))
             pairs.append((c, s))
@@ -1369,8 +1421,8 @@ def check(
             and s["t_open"] < t_stop
             and c.kind in ("idle", "exchange")
             and len(c.records) == c.n_planned
-            and (c.all_sent_at is not None or c.n_planned == 0)
-            and all(r[5] < t_stop for r in c.records)
+            and c.all_sent_at is not None
+            and c.all_sent_at < t_stop
             and sum(1 for r in c.replies if r[3] < t_stop) == len(c.records)
             and all(r[3] < t_stop for r in queued)
         ):
