@@ -102,6 +102,9 @@ WORKERS = 4
 #: applies only then; a shorter stop may legitimately reset them at its
 #: deadline).
 SETTLED_STOP = 2.0
+#: And this long, after the callbacks for the input read before the stop
+#: have all returned, to answer the stop and close such a connection.
+SETTLED_GRACE = 1.0
 #: How long a client's reset may go unreported before a stop for the report
 #: to count as missing (a liveness margin, see the reset check).
 RESET_NOTICE = 3.0
@@ -250,6 +253,7 @@ class ConnRecord:
         self.calls = 0  # on_message_received calls
         self.wire = 0  # bytes delivered, framing included
         self.buf = bytearray()  # raw mode: bytes of a record not yet whole
+        self.log: list[tuple[float, int]] = []  # (callback returned, bytes delivered before it)
         self.last_seq_delivered = -1
         self.eof_at: float | None = None
         self.msgs_at_eof = 0
@@ -444,6 +448,7 @@ class ChaosServer(rsepoll.Server):
         if rec is None:
             return
         rec.calls += 1
+        wire_before = rec.wire
         rec.wire += len(data) + self.overhead
         if self.plan.framing == "raw":
             rec.buf += data
@@ -466,6 +471,7 @@ class ChaosServer(rsepoll.Server):
             and now() >= self.stop_armed_at
         ):
             self.do_stop()
+        rec.log.append((now(), wire_before))
 
     def _bad(self, rec: ConnRecord, kind: str, detail: Any) -> None:
         self.v.add(kind, f"connection {rec.id} (client {rec.client}): {detail}")
@@ -832,11 +838,15 @@ class Client:
     def connected(self) -> None:
         assert self.sock is not None
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
+        with contextlib.suppress(OSError):
+            self.port = self.sock.getsockname()[1]
+        if err == errno.ECONNRESET:
+            # Connected, accepted, and reset before this thread looked.
+            self.finish("reset")
+        elif err:
             self.finish(f"connect:{errno.errorcode.get(err, err)}")
-            return
-        self.port = self.sock.getsockname()[1]
-        self.state = "open"
+        else:
+            self.state = "open"
 
     def next_message(self) -> None:
         seq = len(self.records)
@@ -1247,7 +1257,11 @@ def match(clients: list[Client], conns: list[dict[str, Any]], v: Violations) -> 
         if s["port"] < 0:
             continue  # no remote_address: its peer was gone when it was accepted
         if not candidates:
-            v.add("other", f"server connection {s['id']} (port {s['port']}) matches no client")
+            v.add(
+                "other",
+                f"server connection {s['id']} (port {s['port']}, opened {s['t_open']:.3f}, "
+                f"closed {s['reason']!r} at {s['closed_at']:.3f}) matches no client",
+            )
             continue
         c = candidates.pop(0)
         taken.add(id(c))
@@ -1289,8 +1303,22 @@ def check(
         if len(c.bad_replies) > 3:
             v.add("corrupted", f"client {c.idx}: more bad replies", len(c.bad_replies) - 3)
 
-    expected_read = 0  # the most bytes the server may have read and not delivered
-    delivered_wire = 0
+    # The most bytes the server may have read and not delivered. A connection
+    # that matches no client (its peer was gone before it was accepted, so it
+    # has no remote_address, and it delivered no whole record) may hold the
+    # start of one message, or an oversized one up to the limit and a read.
+    # When the callbacks were done with every byte sent before the stop.
+    work_done = 0.0
+    if t_stop is not None:
+        for c, s in pairs:
+            before = max((end for end, t in c.writes if t < t_stop), default=0)
+            work_done = max(
+                [work_done] + [t for t, wire_before in s["log"] if wire_before < before]
+            )
+    paired = {s["id"] for _, s in pairs}
+    unpaired = [s for s in conns if s["id"] not in paired]
+    expected_read = len(unpaired) * (plan.max_message_size + plan.length_prefix + (64 << 10))
+    delivered_wire = sum(s["wire"] for s in unpaired)
     for c, s in pairs:
         if c.idx in getattr(plan, "dump", ()):
             dump(c, s)
@@ -1405,16 +1433,19 @@ def check(
         if reason == "message_timeout" and closed_at - s["t_open"] < 30.0:
             v.add("other", f"{who}: 'message_timeout' within the 30 s message_timeout")
 
-        # README, stop_server: each connection closes with FIN as soon as its
-        # queued output has gone out; resets are for connections not closed
-        # by the deadline. A connection that was settled when the stop began
-        # (opened, everything it sent answered and received, nothing more to
-        # send) has nothing to wait for: it must end with FIN, when the stop
-        # allowed ample time (SETTLED_STOP).
+        # README, stop_server: input already read still reaches the callbacks,
+        # and their replies are sent; each connection closes with FIN as soon
+        # as its queued output has gone out; resets are for connections not
+        # closed by the deadline. A connection that was settled when the stop
+        # began (opened, everything it sent answered and received, nothing
+        # more to send) waits at most for the callbacks to finish the input
+        # sent before the stop: once they have (work_done), with ample time
+        # left before the deadline (SETTLED_GRACE), it must end with FIN.
         if (
             t_stop is not None
             and reason == "shutdown"
             and timeout >= SETTLED_STOP
+            and work_done + SETTLED_GRACE < t_stop + timeout
             and c.end == "reset"
             and not self_ended
             and s["app_abort"] is None
@@ -1429,7 +1460,9 @@ def check(
             v.add(
                 "other",
                 f"{who}: reset at the stop (timeout {timeout:.2f} s, seen "
-                f"{c.end_at - t_stop:.2f} s after it) though it was settled when the stop began",
+                f"{c.end_at - t_stop:.2f} s after it) though it was settled when the stop began "
+                f"and the callbacks had handled the input sent before it "
+                f"{max(0.0, work_done - t_stop):.2f} s after it",
             )
         # README, close_connection: a graceful close sends what is queued,
         # then FIN (and reads the peer's input until its EOF, for 5 s).
