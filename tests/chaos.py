@@ -55,6 +55,15 @@ them, the replies the client received, and how each side saw the end (EOF,
 reset, ``close_reason``). The checks below name the README sentence each
 one rests on; a check applies only where that sentence makes a promise.
 
+Three checks are about liveness, and carry a stated margin rather than an
+exact rule: a connection settled when the stop began may be reset only if
+the callbacks were still busy with input sent before the stop within
+``SETTLED_GRACE`` of a deadline at least ``SETTLED_STOP`` away; a client's
+reset must reach ``on_connection_closed`` before a stop that comes
+``RESET_NOTICE`` later; and the watchdog. Input delivered after the stop
+began is checked only with one I/O thread: a refused probe proves that the
+accepting thread began its stop, and says nothing of the others.
+
 ``--json`` prints one object: ``seed``, ``seconds``, ``connections``,
 ``messages_in``, ``messages_out``, ``bytes_in``, ``bytes_out``, ``lost``,
 ``reordered``, ``corrupted``, ``unaccounted``, ``leaked_fds``, ``other``
