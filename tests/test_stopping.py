@@ -89,10 +89,11 @@ def test_a_busy_framed_client_does_not_keep_a_stop_reading() -> None:
     assert after_stop not in received, "input sent after the stop was delivered"
 
 
-@pytest.mark.parametrize("hold", ["pause", "throttle"])
+@pytest.mark.parametrize("hold", ["pause", "throttle", "deadline"])
 def test_a_stop_delivers_what_a_held_framed_connection_had_read(hold: str) -> None:
     """Messages a paused (or throttled) framed connection had already read
-    still reach the callbacks when the server stops."""
+    still reach the callbacks when the server stops, and so do those of a
+    connection the stop's deadline resets."""
     received: list[bytes] = []
     big = b"x" * (8 << 20)
 
@@ -102,6 +103,11 @@ def test_a_stop_delivers_what_a_held_framed_connection_had_read(hold: str) -> No
             if len(received) == 1:
                 if hold == "pause":
                     assert self.pause_reading(conn) is True
+                elif hold == "deadline":
+                    # The deadline passes while this callback still runs.
+                    self.stop_server(0.001)
+                    time.sleep(0.05)
+                    return
                 else:
                     # More than the socket takes, past write_buffer_high: the
                     # connection stops reading while the client reads nothing.

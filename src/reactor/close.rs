@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use crate::close_reason::CloseReason;
+use crate::conn::Input;
 use crate::message::DeliveryKind;
 use crate::sys::Selector;
 use crate::token::ConnKey;
@@ -109,12 +110,18 @@ impl<S: Selector> Io<S> {
 
     /// Resets every connection still open (the stop deadline passed with
     /// their output not all sent).
-    pub(super) fn abort_all(&mut self) {
+    ///
+    /// Unless `cut`, a connection whose decoder still holds messages it read
+    /// before the stop is spared until they are in the ring: the deadline
+    /// cuts output, never input already read. Called every turn after the
+    /// deadline, it resets such a connection once its messages have gone.
+    pub(super) fn abort_all(&mut self, cut: bool) {
         let keys: Vec<ConnKey> = self.table.keys().collect();
         for key in keys {
             match self.table.get(key) {
                 // FIN went out after all of its output: close it quietly.
                 Some(conn) if conn.reported_closed() => self.close_now(key, None),
+                Some(conn) if !cut && conn.input() == Input::Deliver && conn.holds_messages() => {}
                 Some(_) => self.abort(key, CloseReason::Shutdown),
                 None => {}
             }

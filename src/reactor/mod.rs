@@ -286,11 +286,12 @@ impl<S: Selector> Reactor<S> {
             self.apply_commands();
             self.io.open_arrivals();
             if let Some(stopping) = &mut self.io.stopping {
-                if Instant::now() >= stopping.deadline || self.io.shared.hub.cut.load(Acquire) {
+                let cut = self.io.shared.hub.cut.load(Acquire);
+                if Instant::now() >= stopping.deadline || cut {
                     // Whatever has not finished by now (output, replies the
                     // consumer has not made) is cut, and the peers can tell.
                     stopping.closing_all = true;
-                    self.io.abort_all();
+                    self.io.abort_all(cut);
                 }
                 if self.io.stopping.as_ref().is_some_and(|s| s.closing_all)
                     && self.io.table.is_empty()
@@ -508,16 +509,22 @@ impl<S: Selector> Io<S> {
         {
             return Some(Duration::ZERO);
         }
+        let now = Instant::now();
         let deadlines = self
             .lingering
             .front()
             .map(|&(deadline, _)| deadline)
             .into_iter()
             .chain(self.listeners.iter().filter_map(|l| l.retry_at))
-            .chain(self.stopping.as_ref().map(|s| s.deadline))
+            // Once passed, the stop's deadline has been acted on: what is
+            // left waits for the consumer, which wakes this thread.
+            .chain(
+                self.stopping
+                    .as_ref()
+                    .map(|s| s.deadline)
+                    .filter(|&d| d > now),
+            )
             .chain(self.timers.next_deadline());
-        deadlines
-            .min()
-            .map(|at| at.saturating_duration_since(Instant::now()))
+        deadlines.min().map(|at| at.saturating_duration_since(now))
     }
 }

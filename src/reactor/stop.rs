@@ -41,7 +41,7 @@ impl<S: Selector> Reactor<S> {
             .emit(DeliveryKind::Failed, ConnKey::default(), None, Some(detail));
         self.io.begin_stop(Instant::now(), false);
         self.io.close_all();
-        self.io.abort_all();
+        self.io.abort_all(true);
         self.finish();
     }
 
