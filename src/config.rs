@@ -1,7 +1,7 @@
 //! How a server is built: [`Config`], its defaults and its validation.
 //!
 //! A leaf of plain values: the Python layer fills it from `Server(...)`'s
-//! arguments, [`crate::core::Running::start`] validates it, and each I/O
+//! arguments, [`crate::server::Running::start`] validates it, and each I/O
 //! thread reads the settings it needs from it once, at start.
 
 use std::time::Duration;

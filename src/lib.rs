@@ -13,7 +13,7 @@
 //! (edge-triggered epoll on Linux, a one-shot portable poller elsewhere),
 //! accepts, reads into the slots of the delivery [`ring`] and writes what the
 //! command ring brings, queueing per connection ([`conn`]) what a socket does not
-//! take at once. The consumer side ([`core::Running`]) takes deliveries in
+//! take at once. The consumer side ([`server::Running`]) takes deliveries in
 //! batches and answers with commands. Neither side blocks the other: each
 //! sleeps only when it has nothing to do and is woken through [`wake`].
 //!
@@ -28,7 +28,6 @@ pub mod bench;
 pub mod close_reason;
 pub mod config;
 pub mod conn;
-pub mod core;
 pub mod framing;
 pub mod handover;
 pub(crate) mod inbound;
@@ -36,6 +35,7 @@ pub mod message;
 pub mod pool;
 pub(crate) mod reactor;
 pub mod ring;
+pub mod server;
 pub(crate) mod shared;
 pub mod stats;
 pub(crate) mod sync;

@@ -168,7 +168,7 @@ pub enum CommandKind {
 
 /// Bytes a `Send` command points to instead of carrying them: lent by the
 /// sender, which keeps them alive and unchanged until the I/O thread has
-/// released the command's slot (see [`Sender::lend`](crate::core::Sender::lend)).
+/// released the command's slot (see [`Sender::lend`](crate::server::Sender::lend)).
 #[derive(Clone, Copy, Debug)]
 pub struct Loan {
     ptr: *const u8,

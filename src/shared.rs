@@ -8,8 +8,8 @@
 //! another engine accepted for it.
 //!
 //! Both are built once, before any I/O thread starts, and live in `Arc`s
-//! that the reactor, the consumer ([`crate::core::Running`]) and every
-//! [`crate::core::Sender`] hold. This module sits below all of them: it
+//! that the reactor, the consumer ([`crate::server::Running`]) and every
+//! [`crate::server::Sender`] hold. This module sits below all of them: it
 //! knows the rings and the wake-ups, not who drives them.
 
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
@@ -96,7 +96,7 @@ impl Hub {
         self.stop(Duration::ZERO);
     }
 
-    /// Asks every engine to shut down; see [`Sender::stop`](crate::core::Sender::stop).
+    /// Asks every engine to shut down; see [`Sender::stop`](crate::server::Sender::stop).
     pub(crate) fn stop(&self, timeout: Duration) {
         let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
         if !self.stop.load(Acquire) {
@@ -276,7 +276,7 @@ impl Shared {
             return Err(SendError::WouldBlock);
         }
         if let Some(latch) = latch {
-            // Under the lock: see `core::Sender::request`.
+            // Under the lock: see `server::Sender::request`.
             match kind {
                 CommandKind::Send if latch.load(Relaxed) => return Err(SendError::Closing),
                 CommandKind::Close if latch.swap(true, Relaxed) => return Err(SendError::Closing),

@@ -12,9 +12,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use _rsepoll::close_reason::CloseReason;
-use _rsepoll::core::{Config, Running};
 use _rsepoll::framing::{Framing, PrefixWidth};
 use _rsepoll::message::DeliveryKind;
+use _rsepoll::server::{Config, Running};
 use socket2::Socket;
 
 mod common;

@@ -9,8 +9,8 @@ use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use _rsepoll::close_reason::CloseReason;
-use _rsepoll::core::Config;
 use _rsepoll::message::DeliveryKind;
+use _rsepoll::server::Config;
 use socket2::Socket;
 
 mod common;
@@ -164,7 +164,7 @@ fn no_spin_on_a_reset_connection_that_wants_nothing() {
 }
 
 /// The bytes of the `Data` deliveries that arrive within 10 s, up to `expected`.
-fn receive(running: &mut _rsepoll::core::Running, expected: usize) -> Vec<u8> {
+fn receive(running: &mut _rsepoll::server::Running, expected: usize) -> Vec<u8> {
     let mut received = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while received.len() < expected && Instant::now() < deadline {

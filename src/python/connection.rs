@@ -8,9 +8,9 @@ use pyo3::prelude::*;
 
 use super::loans::Loans;
 use crate::close_reason::CloseReason;
-use crate::core::{Sender, WeakSender};
 use crate::framing::Framing;
 use crate::message::Opened;
+use crate::server::{Sender, WeakSender};
 use crate::token::ConnKey;
 
 /// One client connection.

@@ -20,9 +20,9 @@ use super::connection::Connection;
 use super::loans::Loans;
 use super::server::{lock, queue, ServerCore};
 use crate::close_reason::CloseReason;
-use crate::core::{Request, Running, WeakSender};
 use crate::framing::Framing;
 use crate::message::{Delivery, DeliveryKind};
+use crate::server::{Request, Running, WeakSender};
 use crate::token::ConnKey;
 
 /// Longest the listening thread waits with the GIL released before it checks

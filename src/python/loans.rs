@@ -2,7 +2,7 @@
 //!
 //! A large `bytes` payload is not copied into the command ring: the I/O
 //! thread writes it from the object's own buffer (see
-//! [`Sender::lend`](crate::core::Sender::lend)). The object must stay alive
+//! [`Sender::lend`](crate::server::Sender::lend)). The object must stay alive
 //! until the I/O thread is done with it, which the command ring tells: its
 //! slot has been released. So each lent object waits here with its
 //! [`Ticket`], and the listening thread lets the returned ones go after each
@@ -18,7 +18,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::server::lock;
-use crate::core::Ticket;
+use crate::server::Ticket;
 
 /// Payloads at least this large are lent rather than copied: below it, a
 /// copy costs less than keeping the object.

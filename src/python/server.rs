@@ -16,8 +16,8 @@ use super::connection::Connection;
 use super::dispatch::Dispatcher;
 use super::listener::ListenerSocket;
 use super::loans::{Loans, LEND_MIN};
-use crate::core::{Config, Request, Running, SendError, Sender, DEFAULT_STOP_TIMEOUT};
 use crate::framing::{self, Envelope, Framing, PrefixWidth};
+use crate::server::{Config, Request, Running, SendError, Sender, DEFAULT_STOP_TIMEOUT};
 use crate::stats::Snapshot;
 use crate::sys::Backend;
 

@@ -62,6 +62,7 @@ mod framed;
 mod outbox;
 mod read;
 mod stop;
+mod thread;
 mod write;
 
 use accept::Listener;

@@ -4,8 +4,8 @@
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use _rsepoll::core::{Config, Running};
 use _rsepoll::message::DeliveryKind;
+use _rsepoll::server::{Config, Running};
 use _rsepoll::sys::Backend;
 use _rsepoll::token::ConnKey;
 use socket2::{Domain, Socket, Type};

@@ -1,0 +1,195 @@
+//! The send side: [`Sender`] queues commands for the I/O threads from any
+//! thread, each to the engine of its connection; [`Ticket`] says when lent
+//! bytes are free again.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crate::framing::Envelope;
+use crate::message::{CommandKind, Loan};
+use crate::shared::{Hub, SendError, Shared};
+use crate::stats::Snapshot;
+use crate::token::ConnKey;
+
+/// What a [`Sender`] queues for a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// These bytes, behind everything queued before.
+    Send(&'a [u8]),
+    /// A payload framed for the wire: the envelope's header, the payload,
+    /// the envelope's trailer, written as one message.
+    SendFramed(&'a Envelope, &'a [u8]),
+    /// A graceful close: what is queued goes out, then FIN.
+    Close,
+    /// A reset at once; what is queued is dropped.
+    Abort,
+    /// Stop reading the connection.
+    PauseReading,
+    /// Read it again.
+    ResumeReading,
+}
+
+/// Queues commands for the I/O threads; cheap to clone, usable from any
+/// thread. Each command goes to the engine of its connection.
+#[derive(Clone)]
+pub struct Sender {
+    pub(super) engines: Arc<[Arc<Shared>]>,
+}
+
+impl Sender {
+    /// The engine that serves `conn`.
+    fn engine(&self, conn: ConnKey) -> Result<&Shared, SendError> {
+        self.engines
+            .get(usize::from(conn.engine))
+            .map(|shared| &**shared)
+            .ok_or(SendError::Stopped)
+    }
+
+    pub(super) fn hub(&self) -> &Hub {
+        &self.engines[0].hub
+    }
+
+    /// Queues `request` for `conn`. With `wait`, waits for ring space as long
+    /// as needed; without, fails with [`SendError::WouldBlock`] instead.
+    ///
+    /// `latch`, if given, is the connection's "close requested" flag, checked
+    /// and set under the ring's lock: a send fails with
+    /// [`SendError::Closing`] once a close was queued, and a close sets it. So
+    /// every send that succeeds is ordered before the close, and goes out
+    /// before the connection's FIN. An abort is queued even after a close (it
+    /// cuts the close short).
+    pub fn request(
+        &self,
+        conn: ConnKey,
+        request: Request<'_>,
+        latch: Option<&AtomicBool>,
+        wait: bool,
+    ) -> Result<(), SendError> {
+        let none: &[u8] = &[];
+        let (kind, parts) = match request {
+            Request::Send(data) => (CommandKind::Send, [data, none, none]),
+            Request::SendFramed(envelope, payload) => (
+                CommandKind::Send,
+                [envelope.header(), payload, envelope.trailer()],
+            ),
+            Request::Close => (CommandKind::Close, [none; 3]),
+            Request::Abort => (CommandKind::Abort, [none; 3]),
+            Request::PauseReading => (CommandKind::PauseReading, [none; 3]),
+            Request::ResumeReading => (CommandKind::ResumeReading, [none; 3]),
+        };
+        self.engine(conn)?
+            .push(kind, conn, parts, None, latch, wait)
+            .map(|_| ())
+    }
+
+    /// Queues, like [`Request::Send`] (or [`Request::SendFramed`] with
+    /// `envelope`), a send of `bytes` that the I/O thread writes from where
+    /// they are instead of from a copy in the ring: one command, whatever the
+    /// size. Returns the [`Ticket`] that says when the bytes are free again.
+    ///
+    /// # Safety
+    /// `bytes` must stay valid and unchanged until
+    /// [`has_returned`](Sender::has_returned) says so for the ticket, or until
+    /// the I/O thread is gone (the server joined).
+    pub unsafe fn lend(
+        &self,
+        conn: ConnKey,
+        envelope: Option<&Envelope>,
+        bytes: &[u8],
+        latch: Option<&AtomicBool>,
+        wait: bool,
+    ) -> Result<Ticket, SendError> {
+        let (header, trailer) = envelope.map_or((&[][..], &[][..]), |e| (e.header(), e.trailer()));
+        // SAFETY: the caller's promise, which `Ticket` lets it keep.
+        let loan = unsafe { Loan::new(bytes, header.len()) };
+        let position = self.engine(conn)?.push(
+            CommandKind::Send,
+            conn,
+            [header, trailer, &[]],
+            Some(loan),
+            latch,
+            wait,
+        )?;
+        Ok(Ticket {
+            engine: conn.engine,
+            position,
+        })
+    }
+
+    /// True once the I/O thread is done with the bytes lent for `ticket`.
+    pub fn has_returned(&self, ticket: Ticket) -> bool {
+        self.engines[usize::from(ticket.engine)].has_released(ticket.position)
+    }
+
+    /// The server's counters now, all engines together.
+    pub fn stats(&self) -> Snapshot {
+        self.hub().snapshot()
+    }
+
+    /// Queues `data` for `conn` if that can be done without waiting.
+    pub fn try_send(&self, conn: ConnKey, data: &[u8]) -> Result<(), SendError> {
+        self.request(conn, Request::Send(data), None, false)
+    }
+
+    /// Queues `data` for `conn`, waiting for ring space as long as needed.
+    pub fn send(&self, conn: ConnKey, data: &[u8]) -> Result<(), SendError> {
+        self.request(conn, Request::Send(data), None, true)
+    }
+
+    /// Asks for `conn` to be closed once what is queued for it is sent,
+    /// waiting for ring space as long as needed.
+    pub fn close(&self, conn: ConnKey) -> Result<(), SendError> {
+        self.request(conn, Request::Close, None, true)
+    }
+
+    /// Asks the I/O thread to shut down, giving queued output up to `timeout`
+    /// to go out. Safe from any thread, any time; the first stop's timeout
+    /// stands.
+    pub fn stop(&self, timeout: Duration) {
+        self.hub().stop(timeout);
+    }
+
+    /// A handle that does not keep the server's rings alive.
+    pub fn downgrade(&self) -> WeakSender {
+        WeakSender {
+            engines: Arc::downgrade(&self.engines),
+        }
+    }
+
+    /// Makes I/O thread `engine` panic (tests of the failure path).
+    #[cfg(test)]
+    pub(crate) fn inject_panic(&self, engine: usize) {
+        self.inject(engine, CommandKind::Panic);
+    }
+
+    /// Queues a test-only command (`Panic`, `Hold`) for I/O thread `engine`.
+    #[cfg(test)]
+    pub(crate) fn inject(&self, engine: usize, kind: CommandKind) {
+        self.engines[engine]
+            .push(kind, ConnKey::default(), [&[]; 3], None, None, true)
+            .expect("server running");
+    }
+}
+
+/// Says when bytes lent with [`Sender::lend`] are free again: the command's
+/// engine and ring position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    engine: u16,
+    position: usize,
+}
+
+/// A [`Sender`] that lets the server's memory go when the server ends: what
+/// handles held by the application (one per connection) keep.
+#[derive(Clone)]
+pub struct WeakSender {
+    engines: Weak<[Arc<Shared>]>,
+}
+
+impl WeakSender {
+    /// The sender, unless the server has ended.
+    pub fn upgrade(&self) -> Option<Sender> {
+        self.engines.upgrade().map(|engines| Sender { engines })
+    }
+}
