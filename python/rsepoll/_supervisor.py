@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _worker
 from ._reuseport import Address
-from .workers import (
+from ._workers_shared import (
     MAX_QUICK_CRASHES,
     QUICK_CRASH_SECONDS,
     WorkerError,

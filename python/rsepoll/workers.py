@@ -49,9 +49,17 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from ._reuseport import bind_shared, resolve
+from ._supervisor import Pool
+from ._workers_shared import (
+    MAX_QUICK_CRASHES,
+    QUICK_CRASH_SECONDS,
+    WorkerError,
+    WorkersReady,
+    WorkerStartupError,
+)
 
 if TYPE_CHECKING:
     from . import Server
@@ -65,33 +73,11 @@ __all__ = [
     "serve_workers",
 ]
 
-#: A worker that dies within this many seconds of being started counts as a
-#: quick crash: its replacement waits longer (0.5 s, then 1, then 2).
-QUICK_CRASH_SECONDS = 10.0
-
-#: After this many quick crashes in a row of one worker, the supervisor stops
-#: every worker and raises :class:`WorkerError` instead of trying again.
-MAX_QUICK_CRASHES = 5
-
-
-class WorkerError(RuntimeError):
-    """The workers could not go on: one crashed too often (or at all, with
-    ``restart=False``)."""
-
-
-class WorkerStartupError(WorkerError):
-    """A worker failed before it was serving: ``make_server()`` raised, its
-    socket could not be bound, it died, or it took longer than
-    ``startup_timeout``."""
-
-
-class WorkersReady(NamedTuple):
-    """What ``on_ready`` receives once every worker is serving."""
-
-    #: The ``(host, port)`` every worker listens on (the chosen port, for 0).
-    address: tuple[str, int]
-    #: The workers' process ids, in order.
-    pids: tuple[int, ...]
+# Defined beside the supervisor's needs, so that _supervisor.py need not
+# import this module; they belong to this module's API.
+for _public in (WorkerError, WorkerStartupError, WorkersReady):
+    _public.__module__ = __name__
+del _public
 
 
 def serve_workers(
@@ -156,9 +142,6 @@ def serve_workers(
     requested = resolve(host, port)
     with bind_shared(requested, backlog=None) as reservation:
         address = requested.with_port(reservation.getsockname()[1])
-        # Imported here: the supervisor uses this module's exceptions.
-        from ._supervisor import Pool
-
         Pool(
             make_server,
             address,
