@@ -565,6 +565,15 @@ pub struct Ticket {
     position: usize,
 }
 
+impl Ticket {
+    /// The engine whose command ring carries the loan, counting from 0.
+    /// One engine releases its commands in ring order, so its tickets return
+    /// in the order they were issued.
+    pub fn engine(&self) -> usize {
+        usize::from(self.engine)
+    }
+}
+
 /// Fills `buf` from the front of `parts`, in order, advancing them past what
 /// was copied.
 fn fill(buf: &mut [u8], parts: &mut [&[u8]]) {
