@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 import pytest
 import rsepoll
@@ -16,6 +17,7 @@ from conftest import (
     ipv6_loopback_available,
     make_server,
     recv_exactly,
+    recv_until_eof,
     running,
     start,
     wait_until,
@@ -69,6 +71,47 @@ def test_large_bytes_replies_go_out_whole_in_order_and_are_let_go(framing):
         c.sendall(framed(b"go"))
         assert recv_exactly(c, len(expected)) == expected
         assert wait_until(lambda: [sys.getrefcount(p) for p in lent] == refs_before)
+
+
+def test_a_lent_bytes_is_let_go_once_its_slot_is_released_while_callbacks_run():
+    """Issue 13, item 8: a lent ``bytes`` is let go once the I/O thread has
+    released its command slot, not only once the whole batch of callbacks has
+    run: a callback that waits on a worker sending large replies must not keep
+    every one of them alive meanwhile (on top of the queued copy)."""
+    first = bytes([1]) * 100_000
+    base = sys.getrefcount(first)
+    outcome = {}
+
+    class Streamer(rsepoll.Server):
+        def on_message_received(self, conn, data):
+            def worker():
+                assert self.send_message(conn, first)
+                outcome["held"] = sys.getrefcount(first) - base
+                # The worker goes on sending large replies, as long as the
+                # server still holds the first (at most 5 s).
+                deadline = time.monotonic() + 5.0
+                sends = 0
+                while sys.getrefcount(first) > base and time.monotonic() < deadline:
+                    assert self.send_message(conn, bytes([2]) * 5000)
+                    sends += 1
+                    time.sleep(0.005)
+                outcome["after"] = sys.getrefcount(first) - base
+                outcome["sends"] = sends
+
+            thread = threading.Thread(target=worker)
+            thread.start()
+            thread.join()
+            self.close_connection(conn)
+
+    with running(Streamer) as (_server, port), connect(port) as c:
+        c.sendall(b"go")
+        received = recv_until_eof(c)
+    assert outcome["held"] == 1, "the first reply was not lent"
+    assert received == first + bytes([2]) * 5000 * outcome["sends"]
+    assert outcome["after"] == 0, (
+        f"the first reply was still held after {outcome['sends']} more sends, "
+        "though the callback that waited on them had not returned"
+    )
 
 
 def test_reverse_round_trip_subclass():

@@ -167,6 +167,9 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
             dispatched += 1;
             if self.running.taken() >= RELEASE_BATCH {
                 self.running.release();
+                // Not only at the batch's end: see `Loans`.
+                let running = &self.running;
+                self.loans.settle(py, |ticket| running.has_returned(ticket));
             }
             self.handle(item);
         }

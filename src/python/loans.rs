@@ -5,8 +5,26 @@
 //! [`Sender::lend`](crate::server::Sender::lend)). The object must stay alive
 //! until the I/O thread is done with it, which the command ring tells: its
 //! slot has been released. So each lent object waits here with its
-//! [`Ticket`], and the listening thread lets the returned ones go after each
-//! batch of callbacks, with the GIL it already holds.
+//! [`Ticket`], and is let go, with the GIL its caller already holds, at the
+//! first of these points after its ticket has returned:
+//!
+//! - the next object lent to the same I/O thread ([`Loans::keep`]), from any
+//!   Python thread: so while a callback waits for workers sending large
+//!   replies, only the replies whose command slots the I/O thread had not
+//!   released at the last send are held, not all of them;
+//! - every 32 deliveries the listening thread takes, and the end of each of
+//!   its batches ([`Loans::settle`]).
+//!
+//! A check takes this lock and reads, per I/O thread with objects kept, how
+//! far that thread has released its commands (one atomic load per object let
+//! go, plus one). A message that is not lent adds nothing to it.
+//!
+//! Objects are kept per I/O thread, in the order they were kept. One thread
+//! releases its commands in ring order, so its returned tickets form a prefix
+//! of its queue, except when threads race to send: one that queued its command
+//! first may keep its object second. Then an object behind one whose ticket
+//! has not returned (or a command queued after its I/O thread ended) waits for
+//! a later check, or for [`Loans::clear`]: held longer, never let go early.
 //!
 //! Only exact `bytes` are lent: they are immutable, and freeing one runs no
 //! Python code, so it is safe to do under this lock.
@@ -24,39 +42,60 @@ use crate::server::Ticket;
 /// copy costs less than keeping the object.
 pub(super) const LEND_MIN: usize = 4096;
 
-/// The objects lent during one `listen()` run, oldest first.
+/// The objects lent during one `listen()` run, per I/O thread, oldest first.
 ///
-/// Whoever owns it must drop it only after the I/O thread has been joined
+/// Whoever owns it must drop it only after the I/O threads have been joined
 /// (the dispatcher declares it after its `Running`, so it is dropped after
-/// that has joined the thread).
+/// that has joined the threads).
 #[derive(Default)]
 pub(super) struct Loans {
-    kept: Mutex<VecDeque<(Ticket, Py<PyBytes>)>>,
+    kept: Mutex<Vec<Queue>>,
 }
 
+/// One I/O thread's lent objects, oldest first.
+type Queue = VecDeque<(Ticket, Py<PyBytes>)>;
+
 impl Loans {
-    /// Keeps `object` until `ticket` has returned.
-    pub(super) fn keep(&self, ticket: Ticket, object: Py<PyBytes>) {
-        lock(&self.kept).push_back((ticket, object));
+    /// Keeps `object` until `ticket` has returned, and lets go of the objects
+    /// lent to the same I/O thread whose tickets `has_returned` says have.
+    pub(super) fn keep(
+        &self,
+        _py: Python<'_>,
+        ticket: Ticket,
+        object: Py<PyBytes>,
+        has_returned: impl Fn(Ticket) -> bool,
+    ) {
+        let mut kept = lock(&self.kept);
+        let engine = ticket.engine();
+        if kept.len() <= engine {
+            kept.resize_with(engine + 1, VecDeque::new);
+        }
+        let queue = &mut kept[engine];
+        let_go_returned(queue, &has_returned);
+        queue.push_back((ticket, object));
     }
 
-    /// Lets go of the objects at the front whose tickets have returned. An
-    /// object behind one whose ticket has not (threads racing to send, a
-    /// busier I/O thread, or a command queued after its I/O thread ended)
-    /// waits for a later call, or for [`Loans::clear`]: held longer, never
-    /// let go early.
+    /// Lets go of the objects whose tickets `has_returned` says have returned
+    /// (see the module docs for which ones may wait longer).
     pub(super) fn settle(&self, _py: Python<'_>, has_returned: impl Fn(Ticket) -> bool) {
-        let mut kept = lock(&self.kept);
-        while kept
-            .front()
-            .is_some_and(|(ticket, _)| has_returned(*ticket))
-        {
-            kept.pop_front();
+        for queue in lock(&self.kept).iter_mut() {
+            let_go_returned(queue, &has_returned);
         }
     }
 
     /// Lets go of every object: only once the I/O thread is gone.
     pub(super) fn clear(&self, _py: Python<'_>) {
         lock(&self.kept).clear();
+    }
+}
+
+/// Lets go of the objects at the front of one I/O thread's `queue` whose
+/// tickets have returned.
+fn let_go_returned(queue: &mut Queue, has_returned: impl Fn(Ticket) -> bool) {
+    while queue
+        .front()
+        .is_some_and(|(ticket, _)| has_returned(*ticket))
+    {
+        queue.pop_front();
     }
 }

@@ -1,4 +1,4 @@
-//! The Python module `rsepoll._rsepoll`: a thin layer over [`crate::core`].
+//! The Python module `rsepoll._rsepoll`: a thin layer over [`crate::server`].
 //!
 //! - [`server::ServerCore`] is the base class of `rsepoll.Server`: its
 //!   options, the send path, and `listen()`;

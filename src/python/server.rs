@@ -435,10 +435,13 @@ fn lend(
         // been joined (see `Loans`).
         unsafe { sender.lend(conn.key, envelope, bytes, Some(&conn.closing), wait) }
     });
-    if let Some(ticket) = ticket {
-        loans.keep(ticket, object.clone().unbind());
-    }
-    ticket.is_some()
+    let Some(ticket) = ticket else {
+        return false;
+    };
+    let sender = conn.sender();
+    let has_returned = |ticket| sender.as_ref().is_some_and(|s| s.has_returned(ticket));
+    loans.keep(py, ticket, object.clone().unbind(), has_returned);
+    true
 }
 
 /// Runs `push` for `conn`'s sender, first without waiting and then, if it

@@ -180,6 +180,15 @@ pub struct Ticket {
     position: usize,
 }
 
+impl Ticket {
+    /// The engine whose command ring carries the loan, counting from 0.
+    /// One engine releases its commands in ring order, so its tickets return
+    /// in the order they were issued.
+    pub fn engine(&self) -> usize {
+        usize::from(self.engine)
+    }
+}
+
 /// A [`Sender`] that lets the server's memory go when the server ends: what
 /// handles held by the application (one per connection) keep.
 #[derive(Clone)]
