@@ -57,7 +57,7 @@ impl<T> Arrivals<T> {
     /// Dealer: adds `item`, or gives it back if the list is closed. Wake the
     /// engine after this (see the module docs).
     pub fn hand_over(&self, item: T) -> Result<(), T> {
-        let mut list = lock(&self.list);
+        let mut list = self.list.lock();
         match list.as_mut() {
             Some(list) => list.push(item),
             None => return Err(item),
@@ -73,7 +73,7 @@ impl<T> Arrivals<T> {
         if !self.flagged.load(Relaxed) {
             return;
         }
-        let mut list = lock(&self.list);
+        let mut list = self.list.lock();
         if let Some(list) = list.as_mut() {
             into.append(list);
         }
@@ -89,17 +89,9 @@ impl<T> Arrivals<T> {
     /// Engine: refuses hand-overs from now on, and returns what was handed
     /// over and not taken (nothing, if already closed).
     pub fn close(&self) -> Vec<T> {
-        let mut list = lock(&self.list);
+        let mut list = self.list.lock();
         let parked = list.take().unwrap_or_default();
         self.flagged.store(false, Relaxed);
         parked
     }
-}
-
-/// Locks `mutex`, whether or not a thread panicked while holding it: the list
-/// and the flag are consistent at every step a panic could interrupt.
-fn lock<T>(mutex: &Mutex<T>) -> crate::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

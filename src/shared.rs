@@ -14,7 +14,7 @@
 
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::Socket;
@@ -23,6 +23,7 @@ use crate::handover::Arrivals;
 use crate::message::{Command, CommandKind, Loan};
 use crate::ring::{Producer, ReleaseWatch};
 use crate::stats::{Snapshot, Stats};
+use crate::sync::Mutex;
 use crate::sys::Wake;
 use crate::token::ConnKey;
 use crate::wake::{Bell, IoSleep};
@@ -258,16 +259,9 @@ impl Shared {
             return Err(SendError::Stopped);
         }
         let mut producer = if wait {
-            shared
-                .commands
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
+            shared.commands.lock()
         } else {
-            match shared.commands.try_lock() {
-                Ok(producer) => producer,
-                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-                Err(TryLockError::WouldBlock) => return Err(SendError::WouldBlock),
-            }
+            shared.commands.try_lock().ok_or(SendError::WouldBlock)?
         };
         let total: usize = parts.iter().map(|part| part.len()).sum();
         let chunks = total.div_ceil(shared.slot_size).max(1);

@@ -51,16 +51,16 @@ impl Bell {
     /// Returns early, without sleeping, if `blocked()` is already false. Spurious
     /// returns are possible; callers loop. `timeout: None` waits for a ring.
     pub fn wait_while(&self, blocked: impl FnOnce() -> bool, timeout: Option<Duration>) {
-        let seen = *lock(&self.rings);
+        let seen = *self.rings.lock();
         self.sleepers.fetch_add(1, SeqCst);
         fence(SeqCst);
         if blocked() {
-            let mut rings = lock(&self.rings);
+            let mut rings = self.rings.lock();
             // A ring between `seen` and here bumped the counter: do not sleep.
             if *rings == seen {
                 rings = match timeout {
-                    Some(timeout) => wait_timeout(&self.cond, rings, timeout),
-                    None => wait(&self.cond, rings),
+                    Some(timeout) => self.cond.wait_timeout(rings, timeout),
+                    None => self.cond.wait(rings),
                 };
             }
             drop(rings);
@@ -73,7 +73,7 @@ impl Bell {
     pub fn ring(&self) {
         fence(SeqCst);
         if self.sleepers.load(Relaxed) > 0 {
-            *lock(&self.rings) += 1;
+            *self.rings.lock() += 1;
             self.cond.notify_all();
         }
     }
@@ -159,61 +159,6 @@ impl IoSleep {
         fence(SeqCst);
         self.stalled.load(Relaxed) && self.flag.take_wake()
     }
-}
-
-// `std` and loom disagree on lock poisoning and timeouts; these keep `Bell`
-// readable. A poisoned lock means a panic while holding a `u64` counter, which
-// cannot leave it inconsistent, so poisoning is ignored.
-#[cfg(not(loom))]
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-#[cfg(not(loom))]
-fn wait<'a, T>(
-    cond: &Condvar,
-    guard: std::sync::MutexGuard<'a, T>,
-) -> std::sync::MutexGuard<'a, T> {
-    cond.wait(guard)
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-#[cfg(not(loom))]
-fn wait_timeout<'a, T>(
-    cond: &Condvar,
-    guard: std::sync::MutexGuard<'a, T>,
-    timeout: Duration,
-) -> std::sync::MutexGuard<'a, T> {
-    match cond.wait_timeout(guard, timeout) {
-        Ok((guard, _)) => guard,
-        Err(poisoned) => poisoned.into_inner().0,
-    }
-}
-
-#[cfg(loom)]
-fn lock<T>(mutex: &Mutex<T>) -> loom::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap()
-}
-
-#[cfg(loom)]
-fn wait<'a, T>(
-    cond: &Condvar,
-    guard: loom::sync::MutexGuard<'a, T>,
-) -> loom::sync::MutexGuard<'a, T> {
-    cond.wait(guard).unwrap()
-}
-
-/// Loom has no clock: a timed wait is modelled as an untimed one, so a lost
-/// wake-up shows up as a deadlock instead of hiding behind the timeout.
-#[cfg(loom)]
-fn wait_timeout<'a, T>(
-    cond: &Condvar,
-    guard: loom::sync::MutexGuard<'a, T>,
-    _timeout: Duration,
-) -> loom::sync::MutexGuard<'a, T> {
-    wait(cond, guard)
 }
 
 #[cfg(all(test, not(loom)))]

@@ -22,11 +22,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use polling::{Events, Poller};
+
+use crate::sync::{Condvar, Mutex};
 
 mod connect;
 mod exchange;
@@ -305,30 +307,24 @@ struct Shared {
     latency: Mutex<Histogram>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl Shared {
     fn stopping(&self) -> bool {
         self.stop.load(Relaxed)
     }
 
     fn window(&self) -> Option<Window> {
-        lock(&self.gate).1
+        self.gate.lock().1
     }
 
     /// Arrives at the gate; the last worker to arrive fixes the window.
     /// With `wait`, waits for it (every worker arrives, even one that failed:
     /// see [`Worker`]).
     fn arrive(&self, wait: bool) -> Option<Window> {
-        let mut gate = lock(&self.gate);
+        let mut gate = self.gate.lock();
         gate.0 += 1;
         if gate.0 == self.threads {
             let now = Instant::now();
-            *lock(&self.connect_seconds) = now.duration_since(self.began).as_secs_f64();
+            *self.connect_seconds.lock() = now.duration_since(self.began).as_secs_f64();
             let warmup = match self.config.mode {
                 Mode::Idle => Duration::ZERO,
                 Mode::Rr | Mode::Stream => self.config.warmup,
@@ -341,16 +337,13 @@ impl Shared {
             self.gate_open.notify_all();
         }
         while wait && gate.1.is_none() {
-            gate = self
-                .gate_open
-                .wait(gate)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            gate = self.gate_open.wait(gate);
         }
         gate.1
     }
 
     fn sample(&self, message: String) {
-        let mut samples = lock(&self.samples);
+        let mut samples = self.samples.lock();
         if samples.len() < MAX_SAMPLES {
             samples.push(message);
         }
@@ -413,7 +406,7 @@ impl<'a> Tally<'a> {
         shared.requests.fetch_add(self.requests, Relaxed);
         shared.bytes_out.fetch_add(self.bytes_out, Relaxed);
         shared.bytes_in.fetch_add(self.bytes_in, Relaxed);
-        lock(&shared.latency).add(&self.latency);
+        shared.latency.lock().add(&self.latency);
         self.latency.clear();
         (self.requests, self.bytes_out, self.bytes_in) = (0, 0, 0);
         self.published = now;
@@ -448,7 +441,7 @@ impl Drop for Worker<'_> {
         if !self.arrived {
             self.shared.arrive(false);
         }
-        *lock(&self.shared.finished) += 1;
+        *self.shared.finished.lock() += 1;
         self.shared.all_finished.notify_all();
     }
 }
@@ -554,7 +547,7 @@ impl Bench {
             elapsed,
             requests: shared.requests.load(Relaxed),
             errors: shared.errors.load(Relaxed) + shared.stalled.load(Relaxed),
-            p99_us: lock(&shared.latency).percentile(99.0) as f64 / 1e3,
+            p99_us: shared.latency.lock().percentile(99.0) as f64 / 1e3,
         }
     }
 
@@ -565,23 +558,21 @@ impl Bench {
     /// window is always fixed before the run ends: every worker arrives at
     /// the gate, even one that failed.
     pub fn window(&self, timeout: Duration) -> Option<(Instant, Instant)> {
-        let gate = lock(&self.shared.gate);
-        let (gate, _) = self
+        let gate = self.shared.gate.lock();
+        let gate = self
             .shared
             .gate_open
-            .wait_timeout_while(gate, timeout, |gate| gate.1.is_none())
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .wait_timeout_while(gate, timeout, |gate| gate.1.is_none());
         gate.1.map(|w| (w.start, w.end))
     }
 
     /// Waits up to `timeout` for the run to end; true once it has.
     pub fn wait(&self, timeout: Duration) -> bool {
-        let finished = lock(&self.shared.finished);
-        let (finished, _) = self
+        let finished = self.shared.finished.lock();
+        let finished = self
             .shared
             .all_finished
-            .wait_timeout_while(finished, timeout, |n| *n < self.workers.len())
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .wait_timeout_while(finished, timeout, |n| *n < self.workers.len());
         *finished >= self.workers.len()
     }
 
@@ -589,7 +580,10 @@ impl Bench {
     /// connection attempt under way ends); the report covers the time until
     /// now.
     pub fn stop(&self) {
-        lock(&self.shared.stopped_at).get_or_insert_with(Instant::now);
+        self.shared
+            .stopped_at
+            .lock()
+            .get_or_insert_with(Instant::now);
         self.shared.stop.store(true, Relaxed);
     }
 
@@ -610,7 +604,7 @@ impl Bench {
         }
         let shared = &self.shared;
         let connected = shared.connected.load(Relaxed);
-        let samples = std::mem::take(&mut *lock(&shared.samples));
+        let samples = std::mem::take(&mut *shared.samples.lock());
         if connected == 0 {
             let why = samples.first().map_or("stopped before connecting", |s| s);
             let message = format!("no connection could be made: {why}");
@@ -618,7 +612,7 @@ impl Bench {
         }
         let seconds = match shared.window() {
             Some(w) => {
-                let end = lock(&shared.stopped_at).map_or(w.end, |t| t.min(w.end));
+                let end = shared.stopped_at.lock().map_or(w.end, |t| t.min(w.end));
                 end.saturating_duration_since(w.start).as_secs_f64()
             }
             None => 0.0,
@@ -629,7 +623,7 @@ impl Bench {
             config,
             connected,
             held: shared.held.load(Relaxed),
-            connect_seconds: *lock(&shared.connect_seconds),
+            connect_seconds: *shared.connect_seconds.lock(),
             seconds,
             requests: shared.requests.load(Relaxed),
             bytes_out: shared.bytes_out.load(Relaxed),
@@ -637,7 +631,7 @@ impl Bench {
             errors: shared.errors.load(Relaxed),
             stalled: shared.stalled.load(Relaxed),
             error_samples: samples,
-            latency: std::mem::take(&mut *lock(&shared.latency)),
+            latency: std::mem::take(&mut *shared.latency.lock()),
         })
     }
 }

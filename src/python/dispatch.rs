@@ -7,6 +7,7 @@
 //! from a callback goes to `on_exception_occurred`; `KeyboardInterrupt` and
 //! `SystemExit` stop the server and leave `listen()` once it has shut down.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,11 +19,12 @@ use pyo3::types::{PyBytes, PyString};
 
 use super::connection::Connection;
 use super::loans::Loans;
-use super::server::{lock, queue, ServerCore};
+use super::send::queue;
 use crate::close_reason::CloseReason;
 use crate::framing::Framing;
 use crate::message::{Delivery, DeliveryKind};
-use crate::server::{Request, Running, WeakSender};
+use crate::server::{Request, Running, WeakSender, DEFAULT_STOP_TIMEOUT};
+use crate::sync::Mutex;
 use crate::token::ConnKey;
 
 /// Longest the listening thread waits with the GIL released before it checks
@@ -33,9 +35,46 @@ const DISPATCH_BATCH: usize = 256;
 /// Deliveries dispatched before their slots go back to the I/O thread.
 const RELEASE_BATCH: usize = 32;
 
+/// What a run's stop request is, shared by `stop_server()` (from any thread)
+/// and the dispatcher: owned by the server object, read here.
+#[derive(Debug)]
+pub(super) struct RunState {
+    /// `stop_server()` was called and the running `listen()` has not ended.
+    pub(super) stop_requested: AtomicBool,
+    /// The timeout of the first `stop_server()` since the last run.
+    pub(super) stop_timeout: Mutex<Duration>,
+}
+
+impl RunState {
+    pub(super) fn new() -> Self {
+        RunState {
+            stop_requested: AtomicBool::new(false),
+            stop_timeout: Mutex::new(DEFAULT_STOP_TIMEOUT),
+        }
+    }
+
+    /// Asks the run to stop, giving queued output `timeout` (the first
+    /// request's timeout stands). Returns the timeout that stands.
+    pub(super) fn request_stop(&self, timeout: Duration) -> Duration {
+        let mut stands = self.stop_timeout.lock();
+        if !self.stop_requested.swap(true, SeqCst) {
+            *stands = timeout;
+        }
+        *stands
+    }
+
+    /// Forgets the run's stop request: the next `listen()` starts afresh.
+    pub(super) fn reset(&self) {
+        *self.stop_timeout.lock() = DEFAULT_STOP_TIMEOUT;
+        self.stop_requested.store(false, SeqCst);
+    }
+}
+
 /// Turns deliveries into callbacks, on the thread that called `listen()`.
 pub(super) struct Dispatcher<'py, 'a> {
-    server: &'a Bound<'py, ServerCore>,
+    /// The `rsepoll.Server` instance whose methods are the callbacks.
+    instance: &'a Bound<'py, PyAny>,
+    run: &'a RunState,
     running: Running,
     /// Payloads lent to the I/O thread. Declared after `running`, so that it
     /// is dropped after `running` has joined the I/O thread.
@@ -57,24 +96,31 @@ pub(super) struct Dispatcher<'py, 'a> {
 }
 
 impl<'py, 'a> Dispatcher<'py, 'a> {
+    /// The dispatcher of the run `running` of server `server_id` (framing
+    /// `framing`), calling back `instance`; `idle_timeout` paces
+    /// `on_waiting_for_activity`.
     pub(super) fn new(
-        server: &'a Bound<'py, ServerCore>,
+        instance: &'a Bound<'py, PyAny>,
+        run: &'a RunState,
+        server_id: u64,
+        framing: Framing,
         running: Running,
         idle_timeout: Duration,
     ) -> PyResult<Self> {
-        let py = server.py();
+        let py = instance.py();
         let logger = py
             .import(intern!(py, "logging"))?
             .call_method1(intern!(py, "getLogger"), ("rsepoll",))?;
         let loans = Arc::new(Loans::default());
         let factory = ConnectionFactory {
-            server_id: server.get().id,
-            framing: lock(&server.get().config).framing,
+            server_id,
+            framing,
             sender: running.sender().downgrade(),
             loans: Arc::downgrade(&loans),
         };
         Ok(Dispatcher {
-            server,
+            instance,
+            run,
             running,
             loans,
             connections: Connections::default(),
@@ -88,12 +134,12 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
     }
 
     fn py(&self) -> Python<'py> {
-        self.server.py()
+        self.instance.py()
     }
 
     pub(super) fn run(mut self) -> PyResult<()> {
         let py = self.py();
-        if self.server.get().stop_requested.load(SeqCst) {
+        if self.run.stop_requested.load(SeqCst) {
             self.begin_stop();
         }
         self.callback(intern!(py, "on_listen_success"), ());
@@ -109,7 +155,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
             if let Err(interrupt) = py.check_signals() {
                 self.fail_with(interrupt);
             }
-            if self.server.get().stop_requested.load(SeqCst) {
+            if self.run.stop_requested.load(SeqCst) {
                 self.begin_stop();
             }
             if dispatched > 0 {
@@ -244,7 +290,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
     where
         A: pyo3::call::PyCallArgs<'py>,
     {
-        if let Err(error) = self.server.call_method1(name, args) {
+        if let Err(error) = self.instance.call_method1(name, args) {
             self.on_callback_error(error);
         }
     }
@@ -256,7 +302,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
         }
         let value = error.into_value(py);
         let Err(second) = self
-            .server
+            .instance
             .call_method1(intern!(py, "on_exception_occurred"), (value,))
         else {
             return;
@@ -295,7 +341,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
     fn begin_stop(&mut self) {
         if !self.stopping {
             self.stopping = true;
-            let timeout = *lock(&self.server.get().stop_timeout);
+            let timeout = *self.run.stop_timeout.lock();
             self.running.stop(timeout);
         }
     }

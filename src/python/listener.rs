@@ -1,11 +1,12 @@
 //! `rsepoll.ListenerSocket` and `make_listener_socket`.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::Mutex;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::sync::Mutex;
 
 /// A bound, listening, non-blocking TCP socket, made by `make_listener_socket`.
 ///
@@ -20,7 +21,7 @@ pub struct ListenerSocket {
 impl ListenerSocket {
     /// A new handle on the same listening socket (a `dup`, close-on-exec).
     pub(super) fn duplicate(&self) -> PyResult<Socket> {
-        let guard = self.socket.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.socket.lock();
         match guard.as_ref() {
             Some(socket) => Ok(socket.try_clone()?),
             None => Err(PyValueError::new_err("the listener socket is closed")),
@@ -45,21 +46,18 @@ impl ListenerSocket {
     /// True after `close()`.
     #[getter]
     fn closed(&self) -> bool {
-        self.socket
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
+        self.socket.lock().is_none()
     }
 
     /// The file descriptor, or -1 once closed.
     fn fileno(&self) -> i64 {
-        let guard = self.socket.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.socket.lock();
         guard.as_ref().map_or(-1, crate::sys::net::raw_handle)
     }
 
     /// Closes this handle (servers it was registered with keep theirs).
     fn close(&self) {
-        self.socket.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.socket.lock().take();
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {

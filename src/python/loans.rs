@@ -30,13 +30,12 @@
 //! Python code, so it is safe to do under this lock.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use super::server::lock;
 use crate::server::Ticket;
+use crate::sync::Mutex;
 
 /// Payloads at least this large are lent rather than copied: below it, a
 /// copy costs less than keeping the object.
@@ -65,7 +64,7 @@ impl Loans {
         object: Py<PyBytes>,
         has_returned: impl Fn(Ticket) -> bool,
     ) {
-        let mut kept = lock(&self.kept);
+        let mut kept = self.kept.lock();
         let engine = ticket.engine();
         if kept.len() <= engine {
             kept.resize_with(engine + 1, VecDeque::new);
@@ -78,14 +77,14 @@ impl Loans {
     /// Lets go of the objects whose tickets `has_returned` says have returned
     /// (see the module docs for which ones may wait longer).
     pub(super) fn settle(&self, _py: Python<'_>, has_returned: impl Fn(Ticket) -> bool) {
-        for queue in lock(&self.kept).iter_mut() {
+        for queue in self.kept.lock().iter_mut() {
             let_go_returned(queue, &has_returned);
         }
     }
 
     /// Lets go of every object: only once the I/O thread is gone.
     pub(super) fn clear(&self, _py: Python<'_>) {
-        lock(&self.kept).clear();
+        self.kept.lock().clear();
     }
 }
 

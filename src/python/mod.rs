@@ -23,6 +23,7 @@ mod connection;
 mod dispatch;
 mod listener;
 mod loans;
+mod send;
 mod server;
 
 /// The compiled part of rsepoll; import `rsepoll` instead.

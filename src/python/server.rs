@@ -3,22 +3,21 @@
 //! starts the engine and hands the calling thread to [`Dispatcher`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::Mutex;
 use std::time::Duration;
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
-use pyo3::intern;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyMemoryView, PyString, PyTuple};
+use pyo3::types::{PyDict, PyTuple};
 use socket2::Socket;
 
 use super::connection::Connection;
-use super::dispatch::Dispatcher;
+use super::dispatch::{Dispatcher, RunState};
 use super::listener::ListenerSocket;
-use super::loans::{Loans, LEND_MIN};
-use crate::framing::{self, Envelope, Framing, PrefixWidth};
-use crate::server::{Config, Request, Running, SendError, Sender, DEFAULT_STOP_TIMEOUT};
+use super::send;
+use crate::framing::{Framing, PrefixWidth};
+use crate::server::{Config, Request, Running, Sender, DEFAULT_STOP_TIMEOUT};
 use crate::stats::Snapshot;
+use crate::sync::Mutex;
 use crate::sys::Backend;
 
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
@@ -27,27 +26,19 @@ static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
 const _: () =
     assert!(DEFAULT_STOP_TIMEOUT.as_secs() == 5 && DEFAULT_STOP_TIMEOUT.subsec_nanos() == 0);
 
-pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// The engine of `rsepoll.Server`; subclass `rsepoll.Server`, not this.
 #[pyclass(subclass, frozen, module = "rsepoll._rsepoll", name = "ServerCore")]
 pub struct ServerCore {
-    pub(super) id: u64,
-    pub(super) config: Mutex<Config>,
+    id: u64,
+    config: Mutex<Config>,
     /// Listening sockets registered for the next `listen()`.
     listeners: Mutex<Vec<Socket>>,
     /// A `listen()` is running.
     running: AtomicBool,
-    /// `stop_server()` was called and the running `listen()` has not ended yet.
-    pub(super) stop_requested: AtomicBool,
+    /// The running `listen()`'s stop request, which its dispatcher reads.
+    run: RunState,
     /// The running server's command handle, for `stop_server()`.
     current: Mutex<Option<Sender>>,
-    /// The timeout of the first `stop_server()` since the last run.
-    pub(super) stop_timeout: Mutex<Duration>,
     /// The counters as the last run left them.
     last_stats: Mutex<Snapshot>,
 }
@@ -62,9 +53,8 @@ impl ServerCore {
             config: Mutex::new(Config::default()),
             listeners: Mutex::new(Vec::new()),
             running: AtomicBool::new(false),
-            stop_requested: AtomicBool::new(false),
+            run: RunState::new(),
             current: Mutex::new(None),
-            stop_timeout: Mutex::new(DEFAULT_STOP_TIMEOUT),
             last_stats: Mutex::new(Snapshot::default()),
         }
     }
@@ -100,7 +90,7 @@ impl ServerCore {
         max_connections: Option<usize>,
         io_threads: Option<usize>,
     ) -> PyResult<()> {
-        let mut config = lock(&self.config).clone();
+        let mut config = self.config.lock().clone();
         if let Some(name) = backend {
             config.backend = Backend::from_name(name).map_err(PyValueError::new_err)?;
         }
@@ -136,20 +126,20 @@ impl ServerCore {
             }
         };
         config.validate().map_err(PyValueError::new_err)?;
-        *lock(&self.config) = config;
+        *self.config.lock() = config;
         Ok(())
     }
 
     /// How many I/O threads serve the connections.
     #[getter]
     fn io_threads(&self) -> usize {
-        lock(&self.config).io_threads
+        self.config.lock().io_threads
     }
 
     /// How messages are cut and framed: `"raw"`, `"line"` or `"length"`.
     #[getter]
     fn framing(&self) -> &'static str {
-        match lock(&self.config).framing {
+        match self.config.lock().framing {
             Framing::Raw => "raw",
             Framing::Line => "line",
             Framing::Length(_) => "length",
@@ -159,7 +149,7 @@ impl ServerCore {
     /// The readiness backend: `"epoll"` or `"portable"`.
     #[getter]
     fn backend(&self) -> &'static str {
-        lock(&self.config).backend.name()
+        self.config.lock().backend.name()
     }
 
     /// The server's counters: a dict of `connections_open`,
@@ -169,9 +159,9 @@ impl ServerCore {
     /// While `listen()` runs, they are at most one I/O turn old; after, they
     /// are the last run's. Cheap, and safe from any thread.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let snapshot = match lock(&self.current).as_ref() {
+        let snapshot = match self.current.lock().as_ref() {
             Some(sender) => sender.stats(),
-            None => *lock(&self.last_stats),
+            None => *self.last_stats.lock(),
         };
         let counters = &snapshot.counters;
         let dict = PyDict::new(py);
@@ -202,7 +192,7 @@ impl ServerCore {
     fn _add_listener(&self, listener: &ListenerSocket) -> PyResult<()> {
         self.check_not_running("register a listener")?;
         let socket = listener.duplicate()?;
-        lock(&self.listeners).push(socket);
+        self.listeners.lock().push(socket);
         Ok(())
     }
 
@@ -211,7 +201,7 @@ impl ServerCore {
     fn _add_listener_fd(&self, fd: i64) -> PyResult<()> {
         self.check_not_running("register a listener")?;
         let socket = super::listener::duplicate_fd(fd)?;
-        lock(&self.listeners).push(socket);
+        self.listeners.lock().push(socket);
         Ok(())
     }
 
@@ -231,21 +221,29 @@ impl ServerCore {
             return Err(PyRuntimeError::new_err("listen() is already running"));
         }
         let _running = RunningGuard(this);
-        let listeners = std::mem::take(&mut *lock(&this.listeners));
+        let listeners = std::mem::take(&mut *this.listeners.lock());
         if listeners.is_empty() {
             return Err(PyRuntimeError::new_err(
                 "no listener registered: call register_listener_socket() before listen()",
             ));
         }
-        let config = lock(&this.config).clone();
+        let config = this.config.lock().clone();
         log::debug!(
             "serving {} listener(s) with the {} backend",
             listeners.len(),
             config.backend.name()
         );
         let running = Running::start(&config, listeners)?;
-        *lock(&this.current) = Some(running.sender());
-        Dispatcher::new(slf, running, Duration::from_millis(timeout as u64))?.run()
+        *this.current.lock() = Some(running.sender());
+        Dispatcher::new(
+            slf.as_any(),
+            &this.run,
+            this.id,
+            config.framing,
+            running,
+            Duration::from_millis(timeout as u64),
+        )?
+        .run()
     }
 
     /// Queues `data` (bytes-like, or `str` sent as UTF-8) for `conn`. Returns
@@ -256,35 +254,7 @@ impl ServerCore {
         conn: &Bound<'_, Connection>,
         data: &Bound<'_, PyAny>,
     ) -> PyResult<bool> {
-        let conn = self.own_connection(conn)?;
-        let payload = Payload::extract(data)?;
-        if !conn.accepts_sends() {
-            return Ok(false);
-        }
-        let bytes = payload.as_bytes();
-        let envelope = match conn.framing {
-            Framing::Raw if bytes.is_empty() => return Ok(true),
-            Framing::Raw => None,
-            // A framed message is never empty on the wire: an empty line, or
-            // a zero length.
-            framing => Some(
-                framing::envelope(framing, bytes.len())
-                    .map_err(|e| PyValueError::new_err(e.to_string()))?,
-            ),
-        };
-        if bytes.len() >= LEND_MIN {
-            if let (Ok(object), Some(loans)) = (data.cast_exact::<PyBytes>(), conn.loans()) {
-                return Ok(lend(py, conn, envelope.as_ref(), object, &loans));
-            }
-        }
-        Ok(queue(
-            py,
-            conn,
-            match &envelope {
-                Some(envelope) => Request::SendFramed(envelope, bytes),
-                None => Request::Send(bytes),
-            },
-        ))
+        send::message(py, self.own_connection(conn)?, data)
     }
 
     /// Closes `conn` once what is queued for it has been sent (FIN), or at
@@ -306,7 +276,7 @@ impl ServerCore {
         } else {
             Request::Close
         };
-        Ok(queue(py, conn, request))
+        Ok(send::queue(py, conn, request))
     }
 
     /// Stops reading `conn` until `resume_reading(conn)`: TCP then slows the
@@ -314,14 +284,14 @@ impl ServerCore {
     /// connection at once. Returns False if `conn` has closed.
     fn pause_reading(&self, py: Python<'_>, conn: &Bound<'_, Connection>) -> PyResult<bool> {
         let conn = self.own_connection(conn)?;
-        Ok(conn.open.load(Relaxed) && queue(py, conn, Request::PauseReading))
+        Ok(conn.open.load(Relaxed) && send::queue(py, conn, Request::PauseReading))
     }
 
     /// Reads `conn` again after `pause_reading(conn)`. Returns False if `conn`
     /// has closed.
     fn resume_reading(&self, py: Python<'_>, conn: &Bound<'_, Connection>) -> PyResult<bool> {
         let conn = self.own_connection(conn)?;
-        Ok(conn.open.load(Relaxed) && queue(py, conn, Request::ResumeReading))
+        Ok(conn.open.load(Relaxed) && send::queue(py, conn, Request::ResumeReading))
     }
 
     /// Stops `listen()`: no new connections, input already read is still
@@ -339,11 +309,9 @@ impl ServerCore {
                 "timeout must be a non-negative number of seconds, got {timeout}"
             ))
         })?;
-        if !self.stop_requested.swap(true, SeqCst) {
-            *lock(&self.stop_timeout) = timeout;
-        }
-        if let Some(sender) = lock(&self.current).as_ref() {
-            sender.stop(*lock(&self.stop_timeout));
+        let timeout = self.run.request_stop(timeout);
+        if let Some(sender) = self.current.lock().as_ref() {
+            sender.stop(timeout);
         }
         Ok(())
     }
@@ -388,121 +356,10 @@ struct RunningGuard<'a>(&'a ServerCore);
 
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
-        if let Some(sender) = lock(&self.0.current).take() {
-            *lock(&self.0.last_stats) = sender.stats();
+        if let Some(sender) = self.0.current.lock().take() {
+            *self.0.last_stats.lock() = sender.stats();
         }
-        *lock(&self.0.stop_timeout) = DEFAULT_STOP_TIMEOUT;
-        self.0.stop_requested.store(false, SeqCst);
+        self.0.run.reset();
         self.0.running.store(false, SeqCst);
-    }
-}
-
-/// Queues `request` for `conn`: first without waiting, holding the GIL; if
-/// that cannot be done at once (another thread is sending, or the ring is
-/// full), again with the GIL released, so that waiting never blocks other
-/// Python threads and can never deadlock with a thread that holds the ring's
-/// lock. Returns whether it was queued: not once the connection's close was
-/// requested (see `Sender::request`), nor once the server has stopped.
-pub(super) fn queue(py: Python<'_>, conn: &Connection, request: Request<'_>) -> bool {
-    // Counted before it is queued: the I/O thread subtracts once it is written.
-    let sending = match request {
-        Request::Send(bytes) => bytes.len(),
-        Request::SendFramed(envelope, payload) => envelope.overhead() + payload.len(),
-        _ => 0,
-    };
-    submit(py, conn, sending, |sender, wait| {
-        sender.request(conn.key, request, Some(&conn.closing), wait)
-    })
-    .is_some()
-}
-
-/// Sends the `bytes` object `object` (framed by `envelope`, if any) from its
-/// own buffer, without copying it into the command ring; `loans` keeps it
-/// alive until the I/O thread is done with it. Otherwise as [`queue`].
-fn lend(
-    py: Python<'_>,
-    conn: &Connection,
-    envelope: Option<&Envelope>,
-    object: &Bound<'_, PyBytes>,
-    loans: &Loans,
-) -> bool {
-    let bytes = object.as_bytes();
-    let sending = envelope.map_or(0, Envelope::overhead) + bytes.len();
-    let ticket = submit(py, conn, sending, |sender, wait| {
-        // SAFETY: `bytes` belongs to an exact `bytes` object, which is
-        // immutable; the caller holds it until this returns, and then
-        // `loans` does until the I/O thread has returned the ticket, or has
-        // been joined (see `Loans`).
-        unsafe { sender.lend(conn.key, envelope, bytes, Some(&conn.closing), wait) }
-    });
-    let Some(ticket) = ticket else {
-        return false;
-    };
-    let sender = conn.sender();
-    let has_returned = |ticket| sender.as_ref().is_some_and(|s| s.has_returned(ticket));
-    loans.keep(py, ticket, object.clone().unbind(), has_returned);
-    true
-}
-
-/// Runs `push` for `conn`'s sender, first without waiting and then, if it
-/// would block, waiting with the GIL released (see [`queue`]). `sending`
-/// bytes are counted as pending meanwhile, and withdrawn if nothing was
-/// queued.
-fn submit<T: Send>(
-    py: Python<'_>,
-    conn: &Connection,
-    sending: usize,
-    push: impl Fn(&Sender, bool) -> Result<T, SendError> + Sync,
-) -> Option<T> {
-    let sender = conn.sender()?;
-    conn.opened.pending.add(sending);
-    let queued = match push(&sender, false) {
-        Ok(done) => Some(done),
-        Err(SendError::Stopped | SendError::Closing) => None,
-        Err(SendError::WouldBlock) => py.detach(|| push(&sender, true).ok()),
-    };
-    if queued.is_none() {
-        conn.opened.pending.withdraw(sending);
-    }
-    queued
-}
-
-/// The bytes of a `send_message` argument: borrowed from `bytes` and `str`
-/// (immutable, so safe to read with the GIL released), copied from other
-/// buffers (a `bytearray` may change under us).
-enum Payload<'a> {
-    Borrowed(&'a [u8]),
-    Owned(Vec<u8>),
-}
-
-impl<'a> Payload<'a> {
-    fn extract(data: &'a Bound<'_, PyAny>) -> PyResult<Payload<'a>> {
-        if let Ok(bytes) = data.cast::<PyBytes>() {
-            return Ok(Payload::Borrowed(bytes.as_bytes()));
-        }
-        if let Ok(text) = data.cast::<PyString>() {
-            return Ok(Payload::Borrowed(text.to_str()?.as_bytes()));
-        }
-        let type_error = || {
-            let name = data
-                .get_type()
-                .name()
-                .map_or_else(|_| "?".to_owned(), |n| n.to_string());
-            PyTypeError::new_err(format!(
-                "data must be bytes, a bytes-like object or str, not {name}"
-            ))
-        };
-        let view = PyMemoryView::from(data).map_err(|_| type_error())?;
-        // Any buffer format (array('i'), ...) is sent as its raw bytes.
-        let bytes = view.call_method1(intern!(data.py(), "cast"), ("B",))?;
-        let buffer = pyo3::buffer::PyBuffer::<u8>::get(&bytes)?;
-        Ok(Payload::Owned(buffer.to_vec(data.py())?))
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        match self {
-            Payload::Borrowed(bytes) => bytes,
-            Payload::Owned(bytes) => bytes,
-        }
     }
 }
