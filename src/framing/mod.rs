@@ -46,7 +46,8 @@
 //! The decoder's shared machinery (the state, offers to the sink, the kept
 //! buffers) is in `decoder`; each framing's loop is in a file of its own
 //! (`line`, `length`; raw needs no loop), and framing messages to send is in
-//! `encode`.
+//! `encode`. Besides the tests here, `fuzz/` at the repository's root fuzzes
+//! the decoders against a reference model (its README says how).
 //!
 //! [`BufferPool`]: crate::pool::BufferPool
 

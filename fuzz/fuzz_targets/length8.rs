@@ -1,0 +1,8 @@
+//! Length framing with an 8-byte prefix: every size limit, every chunking, refusals at random.
+//! The case and the checks: `rsepoll_fuzz` (fuzz/src/lib.rs).
+#![no_main]
+
+use _rsepoll::framing::{Framing, PrefixWidth};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| rsepoll_fuzz::check(data, Some(Framing::Length(PrefixWidth::Eight))));
