@@ -35,7 +35,7 @@ impl<S: Selector> Io<S> {
     pub(super) fn accept_from(&mut self, index: usize) {
         for _ in 0..ACCEPT_BUDGET {
             // An accepted connection needs a slot for its `Opened`.
-            if !self.backlog.is_empty() || self.deliveries.free() == 0 {
+            if !self.outbox.has_slot() {
                 self.listeners[index].pending = true;
                 return;
             }

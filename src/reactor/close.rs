@@ -74,7 +74,7 @@ impl<S: Selector> Io<S> {
         };
         self.shared.hub.open.fetch_sub(1, Relaxed);
         let _ = self.selector.deregister(conn.socket());
-        conn.clear_decoder(&mut self.large.pool);
+        conn.clear_decoder(self.outbox.pool());
         let reported = conn.reported_closed();
         drop(conn);
         if let (Some(reason), false) = (reason, reported) {

@@ -46,7 +46,6 @@ use crate::close_reason::CloseReason;
 use crate::config::Config;
 use crate::conn::{ConnectionTable, Watermarks};
 use crate::framing::Framing;
-use crate::inbound::LargeMessages;
 use crate::message::{Command, CommandKind, Delivery};
 use crate::ring::{Consumer, Producer};
 use crate::shared::Shared;
@@ -67,7 +66,7 @@ mod write;
 
 use accept::Listener;
 use deadlines::Deadline;
-use outbox::{ring_has_room, Pending};
+use outbox::Outbox;
 use stop::Stopping;
 
 /// What a listener or a new connection is watched for at first.
@@ -104,7 +103,8 @@ pub(crate) struct Reactor<S: Selector> {
 struct Io<S: Selector> {
     selector: S,
     shared: Arc<Shared>,
-    deliveries: Producer<Delivery>,
+    /// The delivery ring and what may go into it.
+    outbox: Outbox,
     listeners: Vec<Listener>,
     table: ConnectionTable,
     /// Every engine of the server, this one included: the one with the
@@ -116,8 +116,6 @@ struct Io<S: Selector> {
     arrivals: Vec<Socket>,
     /// Connections with unread input, served round-robin.
     ready: VecDeque<ConnKey>,
-    /// Control deliveries that found the ring full.
-    backlog: VecDeque<Pending>,
     /// Lingering connections in deadline order (the linger time is constant).
     lingering: VecDeque<(Instant, ConnKey)>,
     events: Vec<Event>,
@@ -138,28 +136,6 @@ struct Io<S: Selector> {
     max_message_size: usize,
     /// Largest message that travels in a slot's own buffer.
     slot_size: usize,
-    /// Buffers of messages larger than a slot.
-    large: LargeMessages,
-    /// Raw mode: the size of the buffer a read that fills its slot goes on
-    /// into ([`LARGE_READ`]); 0 where reads do not spill.
-    spill_size: usize,
-    /// The budget had no room for a spill buffer: the consumer's release
-    /// count then (see `may_spill`).
-    spill_blocked_at: Option<usize>,
-    /// Input waits for the consumer to release slots, though some are free: a
-    /// large message over the budget of buffers in the ring, or a connection
-    /// at its share of the ring. The consumer's release count then.
-    consumer_blocked_at: Option<usize>,
-    /// Data deliveries in the ring, oldest first: the producer position of
-    /// each and its connection, to keep each connection's share exact.
-    in_flight: VecDeque<(usize, ConnKey, usize)>,
-    /// Payload bytes of the data deliveries in the ring (the third field of
-    /// `in_flight`), and the most raw reads may bring it to: the ring's own
-    /// size, so that spilled reads do not raise what the ring holds.
-    ring_bytes: usize,
-    ring_byte_cap: usize,
-    /// The most data deliveries one connection may have in the ring.
-    ring_share: u32,
     /// Per-connection deadlines, at most one live entry per connection and
     /// kind; whether a deadline really passed is checked when its entry
     /// fires, and the entries of closed connections are compacted away
@@ -195,21 +171,16 @@ impl<S: Selector> Reactor<S> {
         commands: Consumer<Command>,
         listeners: Vec<Socket>,
     ) -> io::Result<Self> {
-        let spill_size = match config.framing {
-            Framing::Raw if config.slot_size < LARGE_READ => LARGE_READ,
-            _ => 0,
-        };
         let mut io = Io {
             selector,
             shared: Arc::clone(&shared),
-            deliveries,
+            outbox: Outbox::new(config, deliveries),
             listeners: Vec::with_capacity(listeners.len()),
             table: ConnectionTable::new(shared.engine),
             engines,
             next_engine: 0,
             arrivals: Vec::new(),
             ready: VecDeque::with_capacity(1024),
-            backlog: VecDeque::with_capacity(64),
             lingering: VecDeque::with_capacity(64),
             events: Vec::with_capacity(1024),
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
@@ -224,27 +195,6 @@ impl<S: Selector> Reactor<S> {
             framing: config.framing,
             max_message_size: config.max_message_size,
             slot_size: config.slot_size,
-            large: LargeMessages::new(
-                SMALLEST_ASSEMBLY.min(config.slot_size),
-                match config.framing {
-                    Framing::Raw => spill_size,
-                    _ => config.max_message_size,
-                },
-                // As many bytes as the ring carries in its own slots, and in
-                // the framed modes room for two of the largest messages.
-                match config.framing {
-                    Framing::Raw => config.ring_slots * config.slot_size,
-                    _ => (config.ring_slots * config.slot_size).max(2 * config.max_message_size),
-                },
-                config.ring_slots,
-            ),
-            spill_size,
-            spill_blocked_at: None,
-            consumer_blocked_at: None,
-            in_flight: VecDeque::with_capacity(config.ring_slots),
-            ring_bytes: 0,
-            ring_byte_cap: config.ring_slots * config.slot_size,
-            ring_share: (config.ring_slots / RING_SHARE_DIVISOR).max(MIN_RING_SHARE) as u32,
             timers: Timers::with_capacity(1024),
             expired: Vec::with_capacity(64),
             idle_timeout: config.idle_timeout,
@@ -344,19 +294,12 @@ impl<S: Selector> Reactor<S> {
         let stalled = timeout != Some(Duration::ZERO) && self.io.has_deferred_work();
         let io = &mut self.io;
         if timeout != Some(Duration::ZERO) {
-            let Io {
-                shared,
-                deliveries,
-                consumer_blocked_at,
-                stopping,
-                ..
-            } = io;
             let commands = &mut self.commands;
-            let may_sleep = shared.io_sleep.prepare(stalled, || {
+            let may_sleep = io.shared.io_sleep.prepare(stalled, || {
                 !commands.is_empty()
-                    || shared.arrivals.may_have_arrivals()
-                    || (stopping.is_none() && shared.hub.stop.load(Acquire))
-                    || (stalled && ring_has_room(deliveries, *consumer_blocked_at))
+                    || io.shared.arrivals.may_have_arrivals()
+                    || (io.stopping.is_none() && io.shared.hub.stop.load(Acquire))
+                    || (stalled && io.outbox.has_room())
             });
             if !may_sleep {
                 timeout = Some(Duration::ZERO);
@@ -459,14 +402,9 @@ impl<S: Selector> Io<S> {
 
     /// Serves what earlier turns left: backlog, ready connections, listeners.
     fn serve_leftovers(&mut self) {
-        self.drain_backlog();
-        self.settle_in_flight();
-        if self
-            .consumer_blocked_at
-            .is_some_and(|at| self.deliveries.released() != at)
-        {
-            self.consumer_blocked_at = None;
-        }
+        self.outbox.drain_backlog();
+        self.settle();
+        self.outbox.unblock();
         let now = Instant::now();
         for index in 0..self.listeners.len() {
             let listener = &mut self.listeners[index];
@@ -479,7 +417,7 @@ impl<S: Selector> Io<S> {
             }
         }
         for _ in 0..self.ready.len() {
-            if !self.backlog.is_empty() || self.deliveries.free() == 0 {
+            if !self.outbox.has_slot() {
                 break;
             }
             let Some(key) = self.ready.pop_front() else {
@@ -500,14 +438,13 @@ impl<S: Selector> Io<S> {
     /// deliveries, connections with unread input, listeners with pending
     /// connections.
     fn has_deferred_work(&self) -> bool {
-        !self.backlog.is_empty()
+        self.outbox.has_backlog()
             || !self.ready.is_empty()
             || self.listeners.iter().any(|l| l.pending)
     }
 
     fn poll_timeout(&mut self) -> Option<Duration> {
-        if self.has_deferred_work() && ring_has_room(&mut self.deliveries, self.consumer_blocked_at)
-        {
+        if self.has_deferred_work() && self.outbox.has_room() {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();

@@ -60,9 +60,9 @@ impl<S: Selector> Reactor<S> {
         // Keep draining commands meanwhile, so that no Python thread stays
         // blocked on a full command ring.
         loop {
-            self.io.drain_backlog();
+            self.io.outbox.drain_backlog();
             self.io.publish();
-            if self.io.backlog.is_empty() {
+            if !self.io.outbox.has_backlog() {
                 break;
             }
             self.discard_commands();
