@@ -14,7 +14,7 @@ use crate::message::{DeliveryKind, Opened};
 use crate::sys::{net, Selector};
 use crate::token::{ConnKey, Token};
 
-use super::{Deadline, Io, READABLE};
+use super::{Io, READABLE};
 
 /// Connections accepted from one listener per turn.
 const ACCEPT_BUDGET: usize = 128;
@@ -196,9 +196,7 @@ impl<S: Selector> Io<S> {
         let decoder = (self.framing != Framing::Raw)
             .then(|| Decoder::new(self.framing, self.max_message_size, self.slot_size));
         let key = self.table.insert(socket, id, decoder, self.now);
-        if let Some(idle) = self.idle_timeout {
-            self.timers.schedule((key, Deadline::Idle), self.now + idle);
-        }
+        self.deadlines.opened(key, self.now);
         let conn = self.table.get_mut(key).expect("just inserted");
         let opened = Opened {
             fd,

@@ -145,7 +145,7 @@ impl<S: Selector> Io<S> {
     /// message timeout. A decoder holding messages the ring could not take is
     /// waiting for the server, not for the peer: the clock does not run then.
     pub(super) fn track_message(&mut self, key: ConnKey) {
-        let Some(timeout) = self.message_timeout else {
+        let Some(timeout) = self.deadlines.message_timeout() else {
             return;
         };
         let now = self.now;
@@ -153,8 +153,8 @@ impl<S: Selector> Io<S> {
             return;
         };
         if let Some(started) = conn.track_message(now) {
-            self.timers
-                .schedule((key, Deadline::Message), started + timeout);
+            self.deadlines
+                .schedule(key, Deadline::Message, started + timeout);
         }
     }
 }

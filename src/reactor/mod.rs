@@ -51,7 +51,6 @@ use crate::ring::{Consumer, Producer};
 use crate::shared::Shared;
 use crate::stats::Counters;
 use crate::sys::{net, Event, Interest, Selector};
-use crate::timer::Timers;
 use crate::token::{id_matches, ConnKey, Target, Token};
 
 mod accept;
@@ -65,7 +64,7 @@ mod thread;
 mod write;
 
 use accept::Listener;
-use deadlines::Deadline;
+use deadlines::{Deadline, Deadlines};
 use outbox::Outbox;
 use stop::Stopping;
 
@@ -116,8 +115,6 @@ struct Io<S: Selector> {
     arrivals: Vec<Socket>,
     /// Connections with unread input, served round-robin.
     ready: VecDeque<ConnKey>,
-    /// Lingering connections in deadline order (the linger time is constant).
-    lingering: VecDeque<(Instant, ConnKey)>,
     events: Vec<Event>,
     /// Where discarded input goes.
     scratch: Box<[u8]>,
@@ -136,15 +133,8 @@ struct Io<S: Selector> {
     max_message_size: usize,
     /// Largest message that travels in a slot's own buffer.
     slot_size: usize,
-    /// Per-connection deadlines, at most one live entry per connection and
-    /// kind; whether a deadline really passed is checked when its entry
-    /// fires, and the entries of closed connections are compacted away
-    /// (see `expire_timers`).
-    timers: Timers<(ConnKey, Deadline)>,
-    /// Connections whose deadline passed, found by the last expiry.
-    expired: Vec<(ConnKey, Deadline, CloseReason)>,
-    idle_timeout: Option<Duration>,
-    message_timeout: Option<Duration>,
+    /// Per-connection deadlines and lingering connections.
+    deadlines: Deadlines,
     /// The time this turn's work started.
     now: Instant,
     /// Connections beyond this many are turned away.
@@ -181,7 +171,6 @@ impl<S: Selector> Reactor<S> {
             next_engine: 0,
             arrivals: Vec::new(),
             ready: VecDeque::with_capacity(1024),
-            lingering: VecDeque::with_capacity(64),
             events: Vec::with_capacity(1024),
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
             gathered: Vec::new(),
@@ -195,12 +184,7 @@ impl<S: Selector> Reactor<S> {
             framing: config.framing,
             max_message_size: config.max_message_size,
             slot_size: config.slot_size,
-            timers: Timers::with_capacity(1024),
-            expired: Vec::with_capacity(64),
-            idle_timeout: config.idle_timeout,
-            message_timeout: config
-                .message_timeout
-                .filter(|_| config.framing != Framing::Raw),
+            deadlines: Deadlines::new(config),
             now: Instant::now(),
             max_connections: config.max_connections,
             unreported_rejections: 0,
@@ -449,9 +433,8 @@ impl<S: Selector> Io<S> {
         }
         let now = Instant::now();
         let deadlines = self
-            .lingering
-            .front()
-            .map(|&(deadline, _)| deadline)
+            .deadlines
+            .next()
             .into_iter()
             .chain(self.listeners.iter().filter_map(|l| l.retry_at))
             // Once passed, the stop's deadline has been acted on: what is
@@ -461,8 +444,7 @@ impl<S: Selector> Io<S> {
                     .as_ref()
                     .map(|s| s.deadline)
                     .filter(|&d| d > now),
-            )
-            .chain(self.timers.next_deadline());
+            );
         deadlines.min().map(|at| at.saturating_duration_since(now))
     }
 }

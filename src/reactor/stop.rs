@@ -48,7 +48,7 @@ impl<S: Selector> Reactor<S> {
     /// Every connection is gone: deliver `Stopped` and hand the last
     /// deliveries over.
     pub(super) fn finish(&mut self) {
-        self.io.lingering.clear();
+        self.io.deadlines.clear_lingering();
         self.io.ready.clear();
         self.io.shared.stats().publish(&self.io.counters);
         // From here on, senders give up instead of waiting for ring space.
