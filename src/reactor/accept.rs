@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use socket2::Socket;
 
 use crate::close_reason::CloseReason;
-use crate::framing::{Decoder, Framing};
 use crate::message::{DeliveryKind, Opened};
 use crate::sys::{net, Selector};
 use crate::token::{ConnKey, Token};
@@ -193,8 +192,7 @@ impl<S: Selector> Io<S> {
         let peer = net::peer_addr(&socket);
         let local = net::local_addr(&socket);
         let id = self.shared.hub.next_id();
-        let decoder = (self.framing != Framing::Raw)
-            .then(|| Decoder::new(self.framing, self.max_message_size, self.slot_size));
+        let decoder = self.settings.decoder();
         let key = self.table.insert(socket, id, decoder, self.now);
         self.deadlines.opened(key, self.now);
         let conn = self.table.get_mut(key).expect("just inserted");

@@ -45,7 +45,7 @@ use socket2::Socket;
 use crate::close_reason::CloseReason;
 use crate::config::Config;
 use crate::conn::{ConnectionTable, Watermarks};
-use crate::framing::Framing;
+use crate::framing::{Decoder, Framing};
 use crate::message::{Command, CommandKind, Delivery};
 use crate::ring::{Consumer, Producer};
 use crate::shared::Shared;
@@ -67,6 +67,7 @@ use accept::Listener;
 use deadlines::{Deadline, Deadlines};
 use outbox::Outbox;
 use stop::Stopping;
+use write::Gather;
 
 /// What a listener or a new connection is watched for at first.
 const READABLE: Interest = Interest {
@@ -118,21 +119,14 @@ struct Io<S: Selector> {
     events: Vec<Event>,
     /// Where discarded input goes.
     scratch: Box<[u8]>,
-    /// The parts of a message larger than a slot, gathered so far, and the
-    /// connection they are for (see `send_part`).
-    gathered: Vec<u8>,
-    gathered_for: Option<ConnKey>,
+    /// The parts of a message larger than a slot, gathered so far.
+    gather: Gather,
     /// When an accept error was last reported, to report at most one a second.
     last_accept_error: Option<Instant>,
     /// Set once a stop has begun.
     stopping: Option<Stopping>,
-    /// Per-connection output limits.
-    watermarks: Watermarks,
-    /// How input is cut into messages.
-    framing: Framing,
-    max_message_size: usize,
-    /// Largest message that travels in a slot's own buffer.
-    slot_size: usize,
+    /// What the configuration fixed.
+    settings: Settings,
     /// Per-connection deadlines and lingering connections.
     deadlines: Deadlines,
     /// The time this turn's work started.
@@ -148,6 +142,51 @@ struct Io<S: Selector> {
     reserve: Option<net::ReserveFd>,
     /// What this thread counts; copied to `shared.stats` once per turn.
     counters: Counters,
+}
+
+/// What the loop reads of its configuration and never changes, built once
+/// from [`Config`].
+#[derive(Clone, Copy)]
+struct Settings {
+    /// Per-connection output limits.
+    watermarks: Watermarks,
+    /// How input is cut into messages.
+    framing: Framing,
+    max_message_size: usize,
+    /// Largest message that travels in a slot's own buffer.
+    slot_size: usize,
+}
+
+impl Settings {
+    fn new(config: &Config) -> Settings {
+        Settings {
+            watermarks: Watermarks {
+                high: config.write_buffer_high,
+                low: config.write_buffer_low,
+            },
+            framing: config.framing,
+            max_message_size: config.max_message_size,
+            slot_size: config.slot_size,
+        }
+    }
+
+    /// Per-connection output limits.
+    #[inline]
+    fn watermarks(&self) -> Watermarks {
+        self.watermarks
+    }
+
+    /// Largest message that travels in a slot's own buffer.
+    #[inline]
+    fn slot_size(&self) -> usize {
+        self.slot_size
+    }
+
+    /// A new connection's decoder: none in raw mode.
+    fn decoder(&self) -> Option<Decoder> {
+        (self.framing != Framing::Raw)
+            .then(|| Decoder::new(self.framing, self.max_message_size, self.slot_size))
+    }
 }
 
 impl<S: Selector> Reactor<S> {
@@ -173,17 +212,10 @@ impl<S: Selector> Reactor<S> {
             ready: VecDeque::with_capacity(1024),
             events: Vec::with_capacity(1024),
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
-            gathered: Vec::new(),
-            gathered_for: None,
+            gather: Gather::default(),
             last_accept_error: None,
             stopping: None,
-            watermarks: Watermarks {
-                high: config.write_buffer_high,
-                low: config.write_buffer_low,
-            },
-            framing: config.framing,
-            max_message_size: config.max_message_size,
-            slot_size: config.slot_size,
+            settings: Settings::new(config),
             deadlines: Deadlines::new(config),
             now: Instant::now(),
             max_connections: config.max_connections,
@@ -304,7 +336,7 @@ impl<S: Selector> Io<S> {
                     // SAFETY: the command's slot is not released before this
                     // returns, and the lender keeps the bytes until then.
                     let lent = unsafe { loan.bytes() };
-                    debug_assert!(self.gathered.is_empty(), "a message arrives whole");
+                    debug_assert!(self.gather.is_empty(), "a message arrives whole");
                     self.send(command.conn, &[header, lent, trailer], false);
                 }
                 None => self.send_part(command.conn, command.data(), command.more),

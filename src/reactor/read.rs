@@ -115,7 +115,7 @@ impl<S: Selector> Io<S> {
             if room == 0 {
                 return self.mark_unread(key);
             }
-            let spill = room > self.slot_size && self.outbox.may_spill();
+            let spill = room > self.settings.slot_size() && self.outbox.may_spill();
             let Some(conn) = self.table.get_mut(key) else {
                 return;
             };
@@ -165,7 +165,9 @@ impl<S: Selector> Io<S> {
                         ReadEnd::Drained => return self.mark_drained(key),
                         // A spilled read has had a turn's worth (16 slots'
                         // worth before); the ready list brings it back.
-                        ReadEnd::Full if n > self.slot_size => return self.mark_unread(key),
+                        ReadEnd::Full if n > self.settings.slot_size() => {
+                            return self.mark_unread(key)
+                        }
                         ReadEnd::Full => {}
                         ReadEnd::Eof => return self.on_eof(key),
                         ReadEnd::Failed(e) => {
