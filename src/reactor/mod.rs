@@ -63,7 +63,7 @@ mod stop;
 mod thread;
 mod write;
 
-use accept::Listener;
+use accept::{Listener, Throttle};
 use deadlines::{Deadline, Deadlines};
 use outbox::Outbox;
 use stop::Stopping;
@@ -121,8 +121,8 @@ struct Io<S: Selector> {
     scratch: Box<[u8]>,
     /// The parts of a message larger than a slot, gathered so far.
     gather: Gather,
-    /// When an accept error was last reported, to report at most one a second.
-    last_accept_error: Option<Instant>,
+    /// Accept errors are reported at most once a second.
+    accept_errors: Throttle,
     /// Set once a stop has begun.
     stopping: Option<Stopping>,
     /// What the configuration fixed.
@@ -133,9 +133,9 @@ struct Io<S: Selector> {
     now: Instant,
     /// Connections beyond this many are turned away.
     max_connections: usize,
-    /// Turned away since the last report, and when that was.
+    /// Turned away since the last report, reported at most once a second.
     unreported_rejections: u64,
-    last_rejection_report: Option<Instant>,
+    rejections: Throttle,
     /// A file descriptor kept in reserve: when accepting fails for lack of
     /// descriptors, closing it lets the loop accept the queued clients and
     /// close them at once, instead of leaving them waiting.
@@ -213,14 +213,14 @@ impl<S: Selector> Reactor<S> {
             events: Vec::with_capacity(1024),
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
             gather: Gather::default(),
-            last_accept_error: None,
+            accept_errors: Throttle::default(),
             stopping: None,
             settings: Settings::new(config),
             deadlines: Deadlines::new(config),
             now: Instant::now(),
             max_connections: config.max_connections,
             unreported_rejections: 0,
-            last_rejection_report: None,
+            rejections: Throttle::default(),
             // Only the engine that accepts needs one (see `turn_away_queued`).
             reserve: None,
             counters: Counters::default(),
