@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 use socket2::Socket;
 
 use crate::close_reason::CloseReason;
-use crate::framing::{Decoder, Framing};
 use crate::message::{DeliveryKind, Opened};
 use crate::sys::{net, Selector};
 use crate::token::{ConnKey, Token};
 
-use super::{Deadline, Io, READABLE};
+use super::{Io, READABLE};
 
 /// Connections accepted from one listener per turn.
 const ACCEPT_BUDGET: usize = 128;
@@ -31,11 +30,32 @@ pub(super) struct Listener {
     pub(super) retry_at: Option<Instant>,
 }
 
+/// Lets a report through at most once a second.
+#[derive(Default)]
+pub(super) struct Throttle {
+    /// When a report last went through.
+    last: Option<Instant>,
+}
+
+impl Throttle {
+    /// True if a report may go out `now`, which then counts as the last.
+    pub(super) fn allows(&mut self, now: Instant) -> bool {
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
+        {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+}
+
 impl<S: Selector> Io<S> {
     pub(super) fn accept_from(&mut self, index: usize) {
         for _ in 0..ACCEPT_BUDGET {
             // An accepted connection needs a slot for its `Opened`.
-            if !self.backlog.is_empty() || self.deliveries.free() == 0 {
+            if !self.outbox.has_slot() {
                 self.listeners[index].pending = true;
                 return;
             }
@@ -93,14 +113,9 @@ impl<S: Selector> Io<S> {
     pub(super) fn reject(&mut self, reason: CloseReason) {
         self.counters.rejected(reason);
         self.unreported_rejections += 1;
-        let now = Instant::now();
-        if self
-            .last_rejection_report
-            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
-        {
+        if !self.rejections.allows(Instant::now()) {
             return;
         }
-        self.last_rejection_report = Some(now);
         let detail = format!(
             "max_connections ({}) reached: turned away {} connection(s)",
             self.max_connections, self.unreported_rejections
@@ -116,15 +131,11 @@ impl<S: Selector> Io<S> {
             .set_interest(&listener.socket, Token::listener(index), READABLE);
     }
 
+    /// Reports a failed accept, at most once a second.
     pub(super) fn report_accept_error(&mut self, error: io::Error) {
-        let now = Instant::now();
-        if self
-            .last_accept_error
-            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
-        {
+        if !self.accept_errors.allows(Instant::now()) {
             return;
         }
-        self.last_accept_error = Some(now);
         let detail = format!("accepting a connection failed: {error}");
         self.emit(DeliveryKind::Error, ConnKey::default(), None, Some(detail));
     }
@@ -193,12 +204,9 @@ impl<S: Selector> Io<S> {
         let peer = net::peer_addr(&socket);
         let local = net::local_addr(&socket);
         let id = self.shared.hub.next_id();
-        let decoder = (self.framing != Framing::Raw)
-            .then(|| Decoder::new(self.framing, self.max_message_size, self.slot_size));
+        let decoder = self.settings.decoder();
         let key = self.table.insert(socket, id, decoder, self.now);
-        if let Some(idle) = self.idle_timeout {
-            self.timers.schedule((key, Deadline::Idle), self.now + idle);
-        }
+        self.deadlines.opened(key, self.now);
         let conn = self.table.get_mut(key).expect("just inserted");
         let opened = Opened {
             fd,
@@ -215,5 +223,20 @@ impl<S: Selector> Io<S> {
             return;
         }
         self.emit(DeliveryKind::Opened, key, Some(opened), None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_report_through_a_second() {
+        let mut throttle = Throttle::default();
+        let start = Instant::now();
+        assert!(throttle.allows(start));
+        assert!(!throttle.allows(start + Duration::from_millis(999)));
+        assert!(throttle.allows(start + Duration::from_secs(1)));
+        assert!(!throttle.allows(start + Duration::from_millis(1500)));
     }
 }

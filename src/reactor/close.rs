@@ -59,7 +59,7 @@ impl<S: Selector> Io<S> {
         let Some(reason) = conn.linger(deadline) else {
             return;
         };
-        self.lingering.push_back((deadline, key));
+        self.deadlines.linger(key, deadline);
         self.emit(DeliveryKind::Closed(reason), key, None, None);
         self.discard_input(key);
         self.update_interest(key);
@@ -74,7 +74,7 @@ impl<S: Selector> Io<S> {
         };
         self.shared.hub.open.fetch_sub(1, Relaxed);
         let _ = self.selector.deregister(conn.socket());
-        conn.clear_decoder(&mut self.large.pool);
+        conn.clear_decoder(self.outbox.pool());
         let reported = conn.reported_closed();
         drop(conn);
         if let (Some(reason), false) = (reason, reported) {
@@ -144,11 +144,7 @@ impl<S: Selector> Io<S> {
 
     pub(super) fn expire_lingering(&mut self) {
         let now = Instant::now();
-        while let Some(&(deadline, key)) = self.lingering.front() {
-            if deadline > now {
-                break;
-            }
-            self.lingering.pop_front();
+        while let Some((deadline, key)) = self.deadlines.lingered(now) {
             if let Some(conn) = self.table.get_mut(key) {
                 if conn.phase() == (crate::conn::Phase::Lingering { deadline }) {
                     self.close_now(key, None);

@@ -34,7 +34,7 @@ impl<S: Selector> Io<S> {
                     conn.hold_input();
                     return;
                 }
-                if !self.backlog.is_empty() || self.deliveries.free() == 0 || !self.has_share(key) {
+                if !self.outbox.has_slot() || !self.has_share(key) {
                     return self.mark_unread(key);
                 }
                 let Some(conn) = self.table.get_mut(key) else {
@@ -53,7 +53,7 @@ impl<S: Selector> Io<S> {
                     Err(e) => return self.close_now(key, Some(CloseReason::of_error(&e))),
                 }
             };
-            if self.deliveries.staged() >= PUBLISH_BATCH {
+            if self.outbox.staged() >= PUBLISH_BATCH {
                 self.publish();
             }
             self.track_message(key);
@@ -90,74 +90,53 @@ impl<S: Selector> Io<S> {
         key: ConnKey,
         read: Option<usize>,
     ) -> Result<(), crate::framing::FrameError> {
-        let Io {
-            table,
-            deliveries,
-            backlog,
-            large,
-            scratch,
-            consumer_blocked_at,
-            counters,
-            in_flight,
-            ring_bytes,
-            ring_share,
-            ..
-        } = self;
-        let Some(conn) = table.get_mut(key) else {
+        let Some(conn) = self.table.get_mut(key) else {
             return Ok(());
         };
-        let share = ring_share.saturating_sub(conn.in_ring());
+        let share = self.outbox.share().saturating_sub(conn.in_ring());
         let Some(decoder) = conn.decoder_mut() else {
             return Ok(());
         };
-        let account = &mut large.account;
+        let scratch = &self.scratch;
         let mut blocked = false;
         let mut staged = 0;
-        let sink = |message: Frame<'_>| -> Result<(), Refused> {
-            if !backlog.is_empty() || deliveries.free() == 0 {
-                return Err(message.into());
-            }
-            if staged >= share {
-                blocked = true;
-                return Err(message.into());
-            }
-            if let Frame::Owned(buffer) = &message {
-                if !account.admit(buffer.capacity(), deliveries) {
+        let outcome = self.outbox.with_pool(|pool, mut staging| {
+            let sink = |message: Frame<'_>| -> Result<(), Refused> {
+                if !staging.has_slot() {
+                    return Err(message.into());
+                }
+                if staged >= share {
                     blocked = true;
                     return Err(message.into());
                 }
-            }
-            let mut slot = deliveries.vacant().expect("free() > 0");
-            let len = slot.with_mut(|delivery| {
-                account.reclaim(delivery);
-                delivery.kind = DeliveryKind::Data;
-                delivery.conn = key;
-                delivery.opened = None;
-                delivery.detail = None;
-                match message {
-                    Frame::Slice(bytes) => {
-                        delivery.buf[..bytes.len()].copy_from_slice(bytes);
-                        delivery.len = bytes.len();
+                if let Frame::Owned(buffer) = &message {
+                    if !staging.admit(buffer.capacity()) {
+                        blocked = true;
+                        return Err(message.into());
                     }
-                    Frame::Owned(buffer) => account.place(delivery, buffer),
                 }
-                delivery.len
-            });
-            in_flight.push_back((slot.position(), key, len));
-            *ring_bytes += len;
-            slot.stage();
-            staged += 1;
-            counters.messages_received += 1;
-            Ok(())
-        };
-        let outcome = match read {
-            Some(n) => decoder.feed(&scratch[..n], &mut large.pool, sink),
-            None => decoder.pump(&mut large.pool, sink),
-        };
+                staging.stage(key, |delivery, account| {
+                    match message {
+                        Frame::Slice(bytes) => {
+                            delivery.buf[..bytes.len()].copy_from_slice(bytes);
+                            delivery.len = bytes.len();
+                        }
+                        Frame::Owned(buffer) => account.place(delivery, buffer),
+                    }
+                    (Some(delivery.len), ())
+                });
+                staged += 1;
+                Ok(())
+            };
+            match read {
+                Some(n) => decoder.feed(&scratch[..n], pool, sink),
+                None => decoder.pump(pool, sink),
+            }
+        });
         conn.delivered(staged);
-        large.settle();
+        self.counters.messages_received += u64::from(staged);
         if blocked {
-            *consumer_blocked_at = Some(deliveries.released());
+            self.outbox.block();
         }
         outcome
     }
@@ -166,7 +145,7 @@ impl<S: Selector> Io<S> {
     /// message timeout. A decoder holding messages the ring could not take is
     /// waiting for the server, not for the peer: the clock does not run then.
     pub(super) fn track_message(&mut self, key: ConnKey) {
-        let Some(timeout) = self.message_timeout else {
+        let Some(timeout) = self.deadlines.message_timeout() else {
             return;
         };
         let now = self.now;
@@ -174,8 +153,8 @@ impl<S: Selector> Io<S> {
             return;
         };
         if let Some(started) = conn.track_message(now) {
-            self.timers
-                .schedule((key, Deadline::Message), started + timeout);
+            self.deadlines
+                .schedule(key, Deadline::Message, started + timeout);
         }
     }
 }

@@ -45,14 +45,12 @@ use socket2::Socket;
 use crate::close_reason::CloseReason;
 use crate::config::Config;
 use crate::conn::{ConnectionTable, Watermarks};
-use crate::framing::Framing;
-use crate::inbound::LargeMessages;
+use crate::framing::{Decoder, Framing};
 use crate::message::{Command, CommandKind, Delivery};
 use crate::ring::{Consumer, Producer};
 use crate::shared::Shared;
 use crate::stats::Counters;
 use crate::sys::{net, Event, Interest, Selector};
-use crate::timer::Timers;
 use crate::token::{id_matches, ConnKey, Target, Token};
 
 mod accept;
@@ -65,10 +63,11 @@ mod stop;
 mod thread;
 mod write;
 
-use accept::Listener;
-use deadlines::Deadline;
-use outbox::{ring_has_room, Pending};
+use accept::{Listener, Throttle};
+use deadlines::{Deadline, Deadlines};
+use outbox::Outbox;
 use stop::Stopping;
+use write::Gather;
 
 /// What a listener or a new connection is watched for at first.
 const READABLE: Interest = Interest {
@@ -104,7 +103,8 @@ pub(crate) struct Reactor<S: Selector> {
 struct Io<S: Selector> {
     selector: S,
     shared: Arc<Shared>,
-    deliveries: Producer<Delivery>,
+    /// The delivery ring and what may go into it.
+    outbox: Outbox,
     listeners: Vec<Listener>,
     table: ConnectionTable,
     /// Every engine of the server, this one included: the one with the
@@ -116,21 +116,38 @@ struct Io<S: Selector> {
     arrivals: Vec<Socket>,
     /// Connections with unread input, served round-robin.
     ready: VecDeque<ConnKey>,
-    /// Control deliveries that found the ring full.
-    backlog: VecDeque<Pending>,
-    /// Lingering connections in deadline order (the linger time is constant).
-    lingering: VecDeque<(Instant, ConnKey)>,
     events: Vec<Event>,
     /// Where discarded input goes.
     scratch: Box<[u8]>,
-    /// The parts of a message larger than a slot, gathered so far, and the
-    /// connection they are for (see `send_part`).
-    gathered: Vec<u8>,
-    gathered_for: Option<ConnKey>,
-    /// When an accept error was last reported, to report at most one a second.
-    last_accept_error: Option<Instant>,
+    /// The parts of a message larger than a slot, gathered so far.
+    gather: Gather,
+    /// Accept errors are reported at most once a second.
+    accept_errors: Throttle,
     /// Set once a stop has begun.
     stopping: Option<Stopping>,
+    /// What the configuration fixed.
+    settings: Settings,
+    /// Per-connection deadlines and lingering connections.
+    deadlines: Deadlines,
+    /// The time this turn's work started.
+    now: Instant,
+    /// Connections beyond this many are turned away.
+    max_connections: usize,
+    /// Turned away since the last report, reported at most once a second.
+    unreported_rejections: u64,
+    rejections: Throttle,
+    /// A file descriptor kept in reserve: when accepting fails for lack of
+    /// descriptors, closing it lets the loop accept the queued clients and
+    /// close them at once, instead of leaving them waiting.
+    reserve: Option<net::ReserveFd>,
+    /// What this thread counts; copied to `shared.stats` once per turn.
+    counters: Counters,
+}
+
+/// What the loop reads of its configuration and never changes, built once
+/// from [`Config`].
+#[derive(Clone, Copy)]
+struct Settings {
     /// Per-connection output limits.
     watermarks: Watermarks,
     /// How input is cut into messages.
@@ -138,50 +155,38 @@ struct Io<S: Selector> {
     max_message_size: usize,
     /// Largest message that travels in a slot's own buffer.
     slot_size: usize,
-    /// Buffers of messages larger than a slot.
-    large: LargeMessages,
-    /// Raw mode: the size of the buffer a read that fills its slot goes on
-    /// into ([`LARGE_READ`]); 0 where reads do not spill.
-    spill_size: usize,
-    /// The budget had no room for a spill buffer: the consumer's release
-    /// count then (see `may_spill`).
-    spill_blocked_at: Option<usize>,
-    /// Input waits for the consumer to release slots, though some are free: a
-    /// large message over the budget of buffers in the ring, or a connection
-    /// at its share of the ring. The consumer's release count then.
-    consumer_blocked_at: Option<usize>,
-    /// Data deliveries in the ring, oldest first: the producer position of
-    /// each and its connection, to keep each connection's share exact.
-    in_flight: VecDeque<(usize, ConnKey, usize)>,
-    /// Payload bytes of the data deliveries in the ring (the third field of
-    /// `in_flight`), and the most raw reads may bring it to: the ring's own
-    /// size, so that spilled reads do not raise what the ring holds.
-    ring_bytes: usize,
-    ring_byte_cap: usize,
-    /// The most data deliveries one connection may have in the ring.
-    ring_share: u32,
-    /// Per-connection deadlines, at most one live entry per connection and
-    /// kind; whether a deadline really passed is checked when its entry
-    /// fires, and the entries of closed connections are compacted away
-    /// (see `expire_timers`).
-    timers: Timers<(ConnKey, Deadline)>,
-    /// Connections whose deadline passed, found by the last expiry.
-    expired: Vec<(ConnKey, Deadline, CloseReason)>,
-    idle_timeout: Option<Duration>,
-    message_timeout: Option<Duration>,
-    /// The time this turn's work started.
-    now: Instant,
-    /// Connections beyond this many are turned away.
-    max_connections: usize,
-    /// Turned away since the last report, and when that was.
-    unreported_rejections: u64,
-    last_rejection_report: Option<Instant>,
-    /// A file descriptor kept in reserve: when accepting fails for lack of
-    /// descriptors, closing it lets the loop accept the queued clients and
-    /// close them at once, instead of leaving them waiting.
-    reserve: Option<net::ReserveFd>,
-    /// What this thread counts; copied to `shared.stats` once per turn.
-    counters: Counters,
+}
+
+impl Settings {
+    fn new(config: &Config) -> Settings {
+        Settings {
+            watermarks: Watermarks {
+                high: config.write_buffer_high,
+                low: config.write_buffer_low,
+            },
+            framing: config.framing,
+            max_message_size: config.max_message_size,
+            slot_size: config.slot_size,
+        }
+    }
+
+    /// Per-connection output limits.
+    #[inline]
+    fn watermarks(&self) -> Watermarks {
+        self.watermarks
+    }
+
+    /// Largest message that travels in a slot's own buffer.
+    #[inline]
+    fn slot_size(&self) -> usize {
+        self.slot_size
+    }
+
+    /// A new connection's decoder: none in raw mode.
+    fn decoder(&self) -> Option<Decoder> {
+        (self.framing != Framing::Raw)
+            .then(|| Decoder::new(self.framing, self.max_message_size, self.slot_size))
+    }
 }
 
 impl<S: Selector> Reactor<S> {
@@ -195,66 +200,27 @@ impl<S: Selector> Reactor<S> {
         commands: Consumer<Command>,
         listeners: Vec<Socket>,
     ) -> io::Result<Self> {
-        let spill_size = match config.framing {
-            Framing::Raw if config.slot_size < LARGE_READ => LARGE_READ,
-            _ => 0,
-        };
         let mut io = Io {
             selector,
             shared: Arc::clone(&shared),
-            deliveries,
+            outbox: Outbox::new(config, deliveries),
             listeners: Vec::with_capacity(listeners.len()),
             table: ConnectionTable::new(shared.engine),
             engines,
             next_engine: 0,
             arrivals: Vec::new(),
             ready: VecDeque::with_capacity(1024),
-            backlog: VecDeque::with_capacity(64),
-            lingering: VecDeque::with_capacity(64),
             events: Vec::with_capacity(1024),
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
-            gathered: Vec::new(),
-            gathered_for: None,
-            last_accept_error: None,
+            gather: Gather::default(),
+            accept_errors: Throttle::default(),
             stopping: None,
-            watermarks: Watermarks {
-                high: config.write_buffer_high,
-                low: config.write_buffer_low,
-            },
-            framing: config.framing,
-            max_message_size: config.max_message_size,
-            slot_size: config.slot_size,
-            large: LargeMessages::new(
-                SMALLEST_ASSEMBLY.min(config.slot_size),
-                match config.framing {
-                    Framing::Raw => spill_size,
-                    _ => config.max_message_size,
-                },
-                // As many bytes as the ring carries in its own slots, and in
-                // the framed modes room for two of the largest messages.
-                match config.framing {
-                    Framing::Raw => config.ring_slots * config.slot_size,
-                    _ => (config.ring_slots * config.slot_size).max(2 * config.max_message_size),
-                },
-                config.ring_slots,
-            ),
-            spill_size,
-            spill_blocked_at: None,
-            consumer_blocked_at: None,
-            in_flight: VecDeque::with_capacity(config.ring_slots),
-            ring_bytes: 0,
-            ring_byte_cap: config.ring_slots * config.slot_size,
-            ring_share: (config.ring_slots / RING_SHARE_DIVISOR).max(MIN_RING_SHARE) as u32,
-            timers: Timers::with_capacity(1024),
-            expired: Vec::with_capacity(64),
-            idle_timeout: config.idle_timeout,
-            message_timeout: config
-                .message_timeout
-                .filter(|_| config.framing != Framing::Raw),
+            settings: Settings::new(config),
+            deadlines: Deadlines::new(config),
             now: Instant::now(),
             max_connections: config.max_connections,
             unreported_rejections: 0,
-            last_rejection_report: None,
+            rejections: Throttle::default(),
             // Only the engine that accepts needs one (see `turn_away_queued`).
             reserve: None,
             counters: Counters::default(),
@@ -344,19 +310,12 @@ impl<S: Selector> Reactor<S> {
         let stalled = timeout != Some(Duration::ZERO) && self.io.has_deferred_work();
         let io = &mut self.io;
         if timeout != Some(Duration::ZERO) {
-            let Io {
-                shared,
-                deliveries,
-                consumer_blocked_at,
-                stopping,
-                ..
-            } = io;
             let commands = &mut self.commands;
-            let may_sleep = shared.io_sleep.prepare(stalled, || {
+            let may_sleep = io.shared.io_sleep.prepare(stalled, || {
                 !commands.is_empty()
-                    || shared.arrivals.may_have_arrivals()
-                    || (stopping.is_none() && shared.hub.stop.load(Acquire))
-                    || (stalled && ring_has_room(deliveries, *consumer_blocked_at))
+                    || io.shared.arrivals.may_have_arrivals()
+                    || (io.stopping.is_none() && io.shared.hub.stop.load(Acquire))
+                    || (stalled && io.outbox.has_room())
             });
             if !may_sleep {
                 timeout = Some(Duration::ZERO);
@@ -377,7 +336,7 @@ impl<S: Selector> Io<S> {
                     // SAFETY: the command's slot is not released before this
                     // returns, and the lender keeps the bytes until then.
                     let lent = unsafe { loan.bytes() };
-                    debug_assert!(self.gathered.is_empty(), "a message arrives whole");
+                    debug_assert!(self.gather.is_empty(), "a message arrives whole");
                     self.send(command.conn, &[header, lent, trailer], false);
                 }
                 None => self.send_part(command.conn, command.data(), command.more),
@@ -459,14 +418,9 @@ impl<S: Selector> Io<S> {
 
     /// Serves what earlier turns left: backlog, ready connections, listeners.
     fn serve_leftovers(&mut self) {
-        self.drain_backlog();
-        self.settle_in_flight();
-        if self
-            .consumer_blocked_at
-            .is_some_and(|at| self.deliveries.released() != at)
-        {
-            self.consumer_blocked_at = None;
-        }
+        self.outbox.drain_backlog();
+        self.settle();
+        self.outbox.unblock();
         let now = Instant::now();
         for index in 0..self.listeners.len() {
             let listener = &mut self.listeners[index];
@@ -479,7 +433,7 @@ impl<S: Selector> Io<S> {
             }
         }
         for _ in 0..self.ready.len() {
-            if !self.backlog.is_empty() || self.deliveries.free() == 0 {
+            if !self.outbox.has_slot() {
                 break;
             }
             let Some(key) = self.ready.pop_front() else {
@@ -500,21 +454,19 @@ impl<S: Selector> Io<S> {
     /// deliveries, connections with unread input, listeners with pending
     /// connections.
     fn has_deferred_work(&self) -> bool {
-        !self.backlog.is_empty()
+        self.outbox.has_backlog()
             || !self.ready.is_empty()
             || self.listeners.iter().any(|l| l.pending)
     }
 
     fn poll_timeout(&mut self) -> Option<Duration> {
-        if self.has_deferred_work() && ring_has_room(&mut self.deliveries, self.consumer_blocked_at)
-        {
+        if self.has_deferred_work() && self.outbox.has_room() {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
         let deadlines = self
-            .lingering
-            .front()
-            .map(|&(deadline, _)| deadline)
+            .deadlines
+            .next()
             .into_iter()
             .chain(self.listeners.iter().filter_map(|l| l.retry_at))
             // Once passed, the stop's deadline has been acted on: what is
@@ -524,8 +476,7 @@ impl<S: Selector> Io<S> {
                     .as_ref()
                     .map(|s| s.deadline)
                     .filter(|&d| d > now),
-            )
-            .chain(self.timers.next_deadline());
+            );
         deadlines.min().map(|at| at.saturating_duration_since(now))
     }
 }

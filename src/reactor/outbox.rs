@@ -1,13 +1,26 @@
 //! The delivery side: each connection's share of the ring, the bytes in
 //! flight, control deliveries that wait in a backlog when the ring is full
 //! (so that nothing is reordered), and publishing to the consumer.
+//!
+//! [`Outbox`] owns the delivery ring's producer and everything that decides
+//! what may go into it. It never sees the connection table: where a
+//! connection's count of deliveries in the ring changes, it says so through
+//! a callback (see [`Outbox::settle`]), so that it can be tested on a bare
+//! ring, without sockets.
 
+use std::collections::VecDeque;
+
+use crate::config::Config;
+use crate::framing::Framing;
+use crate::inbound::{LargeMessages, RingAccount};
 use crate::message::{Delivery, DeliveryKind, Opened};
+use crate::pool::BufferPool;
 use crate::ring::Producer;
+use crate::stats::Counters;
 use crate::sys::Selector;
 use crate::token::ConnKey;
 
-use super::Io;
+use super::{Io, LARGE_READ, MIN_RING_SHARE, RING_SHARE_DIVISOR, SMALLEST_ASSEMBLY};
 
 /// A control delivery waiting for ring space.
 pub(super) struct Pending {
@@ -17,63 +30,254 @@ pub(super) struct Pending {
     pub(super) detail: Option<String>,
 }
 
-impl<S: Selector> Io<S> {
-    /// True if `key` may put another delivery in the ring: it holds less than
-    /// its share. Otherwise the consumer must move on first, and the loop
-    /// waits for it (see `consumer_blocked_at`), serving other connections.
-    pub(super) fn has_share(&mut self, key: ConnKey) -> bool {
-        let below = |io: &Self| {
-            io.table
-                .get(key)
-                .is_some_and(|c| c.in_ring() < io.ring_share)
+/// The delivery ring's producer and what governs it; see the module docs.
+pub(super) struct Outbox {
+    ring: Producer<Delivery>,
+    /// Control deliveries that found the ring full.
+    backlog: VecDeque<Pending>,
+    /// Data deliveries in the ring, oldest first: the producer position of
+    /// each, its connection and its payload bytes, to keep each connection's
+    /// share and the bytes in the ring exact.
+    in_flight: VecDeque<(usize, ConnKey, usize)>,
+    /// Payload bytes of the data deliveries in the ring (the third field of
+    /// `in_flight`), and the most raw reads may bring it to: the ring's own
+    /// size, so that spilled reads do not raise what the ring holds.
+    bytes: usize,
+    byte_cap: usize,
+    /// The most data deliveries one connection may have in the ring.
+    share: u32,
+    /// Largest message that travels in a slot's own buffer.
+    slot_size: usize,
+    /// Input waits for the consumer to release slots, though some are free: a
+    /// large message over the budget of buffers in the ring, or a connection
+    /// at its share of the ring. The consumer's release count then.
+    consumer_blocked_at: Option<usize>,
+    /// The budget had no room for a spill buffer: the consumer's release
+    /// count then (see [`Outbox::may_spill`]).
+    spill_blocked_at: Option<usize>,
+    /// Buffers of messages larger than a slot.
+    large: LargeMessages,
+    /// Raw mode: the size of the buffer a read that fills its slot goes on
+    /// into ([`LARGE_READ`]); 0 where reads do not spill.
+    spill_size: usize,
+}
+
+/// What staging a data delivery needs, lent out together with the buffer
+/// pool (see [`Outbox::with_pool`]): a decoder borrows the pool while its
+/// sink stages the messages it cuts.
+pub(super) struct Staging<'a> {
+    ring: &'a mut Producer<Delivery>,
+    backlog: &'a VecDeque<Pending>,
+    account: &'a mut RingAccount,
+    in_flight: &'a mut VecDeque<(usize, ConnKey, usize)>,
+    bytes: &'a mut usize,
+}
+
+impl Outbox {
+    /// The outbox of a loop configured by `config`, producing into `ring`.
+    pub(super) fn new(config: &Config, ring: Producer<Delivery>) -> Outbox {
+        let spill_size = match config.framing {
+            Framing::Raw if config.slot_size < LARGE_READ => LARGE_READ,
+            _ => 0,
         };
-        if below(self) {
+        Outbox {
+            ring,
+            backlog: VecDeque::with_capacity(64),
+            in_flight: VecDeque::with_capacity(config.ring_slots),
+            bytes: 0,
+            byte_cap: config.ring_slots * config.slot_size,
+            share: (config.ring_slots / RING_SHARE_DIVISOR).max(MIN_RING_SHARE) as u32,
+            slot_size: config.slot_size,
+            consumer_blocked_at: None,
+            spill_blocked_at: None,
+            large: LargeMessages::new(
+                SMALLEST_ASSEMBLY.min(config.slot_size),
+                match config.framing {
+                    Framing::Raw => spill_size,
+                    _ => config.max_message_size,
+                },
+                // As many bytes as the ring carries in its own slots, and in
+                // the framed modes room for two of the largest messages.
+                match config.framing {
+                    Framing::Raw => config.ring_slots * config.slot_size,
+                    _ => (config.ring_slots * config.slot_size).max(2 * config.max_message_size),
+                },
+                config.ring_slots,
+            ),
+            spill_size,
+        }
+    }
+
+    /// True if a data delivery may go into the ring now: no control delivery
+    /// waits, and a slot is free.
+    #[inline]
+    pub(super) fn has_slot(&mut self) -> bool {
+        self.backlog.is_empty() && self.ring.free() > 0
+    }
+
+    /// True if control deliveries wait for ring space.
+    #[inline]
+    pub(super) fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// True if the ring can take what waits: it has free slots, and input
+    /// blocked on the consumer has seen the consumer move on.
+    #[inline]
+    pub(super) fn has_room(&mut self) -> bool {
+        self.ring.free() > 0
+            && self
+                .consumer_blocked_at
+                .is_none_or(|at| self.ring.released() != at)
+    }
+
+    /// The most data deliveries one connection may have in the ring.
+    #[inline]
+    pub(super) fn share(&self) -> u32 {
+        self.share
+    }
+
+    /// True if `key`, which holds `held` deliveries in the ring (`None`: it
+    /// is gone), may put another there: it holds less than its share.
+    /// Otherwise the consumer must move on first, and the loop waits for it
+    /// (see `consumer_blocked_at`), serving other connections. `released`
+    /// is told of each delivery the consumer has released, as in
+    /// [`Outbox::settle`].
+    #[inline]
+    pub(super) fn has_share(
+        &mut self,
+        key: ConnKey,
+        held: Option<u32>,
+        mut released: impl FnMut(ConnKey),
+    ) -> bool {
+        if held.is_some_and(|held| held < self.share) {
             return true;
         }
-        self.settle_in_flight();
-        if below(self) {
+        let mut held = held;
+        self.settle(|done| {
+            if done == key {
+                held = held.map(|held| held - 1);
+            }
+            released(done);
+        });
+        if held.is_some_and(|held| held < self.share) {
             return true;
         }
-        self.consumer_blocked_at = Some(self.deliveries.released());
+        self.block();
         false
     }
 
-    /// Forgets the deliveries the consumer has released, so that each
-    /// connection's count of deliveries in the ring is exact.
-    pub(super) fn settle_in_flight(&mut self) {
-        let released = self.deliveries.released();
+    /// Forgets the deliveries the consumer has released, telling `released`
+    /// the connection of each, so that each connection's count of
+    /// deliveries in the ring stays exact.
+    pub(super) fn settle(&mut self, mut released: impl FnMut(ConnKey)) {
+        let done = self.ring.released();
         while let Some(&(position, key, len)) = self.in_flight.front() {
             // Positions wrap: compare distances, not values.
-            if released.wrapping_sub(position) as isize <= 0 {
+            if done.wrapping_sub(position) as isize <= 0 {
                 break;
             }
             self.in_flight.pop_front();
-            self.ring_bytes -= len;
-            if let Some(conn) = self.table.get_mut(key) {
-                conn.released();
-            }
+            self.bytes -= len;
+            released(key);
         }
     }
 
-    /// Queues a control delivery, behind any that already wait.
-    pub(super) fn emit(
-        &mut self,
-        kind: DeliveryKind,
-        conn: ConnKey,
-        opened: Option<Opened>,
-        detail: Option<String>,
-    ) {
-        match kind {
-            DeliveryKind::Opened => self.counters.connections_accepted += 1,
-            DeliveryKind::Closed(reason) => self.counters.closed(reason),
-            _ => {}
+    /// Input waits for the consumer to release a slot (see
+    /// [`Outbox::has_room`]).
+    #[inline]
+    pub(super) fn block(&mut self) {
+        self.consumer_blocked_at = Some(self.ring.released());
+    }
+
+    /// Forgets that input waited for the consumer, once it has moved on.
+    pub(super) fn unblock(&mut self) {
+        if self
+            .consumer_blocked_at
+            .is_some_and(|at| self.ring.released() != at)
+        {
+            self.consumer_blocked_at = None;
         }
-        let pending = Pending {
-            kind,
-            conn,
-            opened,
-            detail,
+    }
+
+    /// How many more payload bytes raw reads may put in the ring now, within
+    /// the ring's own size: at least a slot's worth, or 0. At 0 the loop
+    /// waits for the consumer, as for a full ring (see `consumer_blocked_at`),
+    /// rather than cut reads smaller than a slot. `released` as in
+    /// [`Outbox::settle`].
+    #[inline]
+    pub(super) fn ring_room(&mut self, released: impl FnMut(ConnKey)) -> usize {
+        if self.bytes + self.slot_size > self.byte_cap {
+            self.settle(released);
+        }
+        let room = self.byte_cap.saturating_sub(self.bytes);
+        if room < self.slot_size {
+            self.block();
+            return 0;
+        }
+        room
+    }
+
+    /// Raw mode: the size of the buffer a read that fills its slot goes on
+    /// into; 0 where reads do not spill.
+    #[inline]
+    pub(super) fn spill_size(&self) -> usize {
+        self.spill_size
+    }
+
+    /// True if a read that fills its slot may go on into a spill buffer: the
+    /// budget of buffers in the ring has room. When it has none, the check
+    /// (which takes back consumed slots' buffers) waits for the consumer to
+    /// move on before it runs again, so that it does not scan the ring at
+    /// every read.
+    #[inline]
+    pub(super) fn may_spill(&mut self) -> bool {
+        if self.spill_size == 0 {
+            return false;
+        }
+        if let Some(at) = self.spill_blocked_at {
+            if self.ring.released() == at {
+                return false;
+            }
+            self.spill_blocked_at = None;
+        }
+        let admitted = self.large.account.admit(self.spill_size, &mut self.ring);
+        if !admitted {
+            self.spill_blocked_at = Some(self.ring.released());
+        }
+        admitted
+    }
+
+    /// Runs `f` with the buffer pool and what staging data deliveries needs,
+    /// then gives the buffers taken out of reused slots back to the pool.
+    #[inline]
+    pub(super) fn with_pool<R>(&mut self, f: impl FnOnce(&mut BufferPool, Staging<'_>) -> R) -> R {
+        let LargeMessages { pool, account } = &mut self.large;
+        let staging = Staging {
+            ring: &mut self.ring,
+            backlog: &self.backlog,
+            account,
+            in_flight: &mut self.in_flight,
+            bytes: &mut self.bytes,
         };
+        let result = f(pool, staging);
+        self.large.settle();
+        result
+    }
+
+    /// The buffer pool, for a decoder that gives its buffers back.
+    pub(super) fn pool(&mut self) -> &mut BufferPool {
+        &mut self.large.pool
+    }
+
+    /// Deliveries staged and not yet published.
+    #[inline]
+    pub(super) fn staged(&self) -> usize {
+        self.ring.staged()
+    }
+
+    /// Queues a control delivery, behind any that already wait.
+    pub(super) fn emit(&mut self, pending: Pending) {
         if self.backlog.is_empty() {
             if let Some(pending) = self.try_deliver(pending) {
                 self.backlog.push_back(pending);
@@ -85,7 +289,7 @@ impl<S: Selector> Io<S> {
 
     /// Puts `pending` in a ring slot, or hands it back if the ring is full.
     pub(super) fn try_deliver(&mut self, pending: Pending) -> Option<Pending> {
-        let Some(mut slot) = self.deliveries.vacant() else {
+        let Some(mut slot) = self.ring.vacant() else {
             return Some(pending);
         };
         let account = &mut self.large.account;
@@ -101,6 +305,8 @@ impl<S: Selector> Io<S> {
         None
     }
 
+    /// Delivers the control deliveries that wait, in order, as far as the
+    /// ring has room.
     pub(super) fn drain_backlog(&mut self) {
         while let Some(pending) = self.backlog.pop_front() {
             if let Some(pending) = self.try_deliver(pending) {
@@ -110,23 +316,318 @@ impl<S: Selector> Io<S> {
         }
     }
 
+    /// Makes staged deliveries visible, noting the ring's high water in
+    /// `counters`. True if there were any: the consumer must be woken.
+    #[inline]
+    pub(super) fn publish(&mut self, counters: &mut Counters) -> bool {
+        if self.ring.staged() == 0 {
+            return false;
+        }
+        let held = (self.ring.capacity() - self.ring.free()) as u64;
+        counters.ring_high_water = counters.ring_high_water.max(held);
+        self.ring.publish();
+        true
+    }
+}
+
+impl Staging<'_> {
+    /// True if a data delivery may go into the ring now (see
+    /// [`Outbox::has_slot`]).
+    #[inline]
+    pub(super) fn has_slot(&mut self) -> bool {
+        self.backlog.is_empty() && self.ring.free() > 0
+    }
+
+    /// True if a buffer of `capacity` bytes may go into the ring now, within
+    /// the budget of buffers in the ring.
+    #[inline]
+    pub(super) fn admit(&mut self, capacity: usize) -> bool {
+        self.account.admit(capacity, self.ring)
+    }
+
+    /// Fills a vacant slot with a data delivery of `key`: `fill` gets the
+    /// delivery (kind and connection set, the buffer it held taken back) and
+    /// the account of buffers in the ring, writes the payload, and returns
+    /// its length if the delivery is to go out (`None` leaves the slot
+    /// free), along with what it wants to tell. The caller has checked
+    /// [`Staging::has_slot`].
+    #[inline]
+    pub(super) fn stage<R>(
+        &mut self,
+        key: ConnKey,
+        fill: impl FnOnce(&mut Delivery, &mut RingAccount) -> (Option<usize>, R),
+    ) -> R {
+        let mut slot = self.ring.vacant().expect("free() > 0");
+        let account = &mut *self.account;
+        let (len, told) = slot.with_mut(|delivery| {
+            account.reclaim(delivery);
+            delivery.kind = DeliveryKind::Data;
+            delivery.conn = key;
+            delivery.opened = None;
+            delivery.detail = None;
+            fill(delivery, account)
+        });
+        if let Some(len) = len {
+            self.in_flight.push_back((slot.position(), key, len));
+            *self.bytes += len;
+            slot.stage();
+        }
+        told
+    }
+}
+
+impl<S: Selector> Io<S> {
+    /// True if `key` may put another delivery in the ring (see
+    /// [`Outbox::has_share`]).
+    #[inline]
+    pub(super) fn has_share(&mut self, key: ConnKey) -> bool {
+        let held = self.table.get(key).map(|conn| conn.in_ring());
+        let table = &mut self.table;
+        self.outbox.has_share(key, held, |done| {
+            if let Some(conn) = table.get_mut(done) {
+                conn.released();
+            }
+        })
+    }
+
+    /// Forgets the deliveries the consumer has released (see
+    /// [`Outbox::settle`]).
+    pub(super) fn settle(&mut self) {
+        let table = &mut self.table;
+        self.outbox.settle(|done| {
+            if let Some(conn) = table.get_mut(done) {
+                conn.released();
+            }
+        });
+    }
+
+    /// How many more payload bytes raw reads may put in the ring now (see
+    /// [`Outbox::ring_room`]).
+    #[inline]
+    pub(super) fn ring_room(&mut self) -> usize {
+        let table = &mut self.table;
+        self.outbox.ring_room(|done| {
+            if let Some(conn) = table.get_mut(done) {
+                conn.released();
+            }
+        })
+    }
+
+    /// Counts a control delivery and queues it, behind any that already wait.
+    pub(super) fn emit(
+        &mut self,
+        kind: DeliveryKind,
+        conn: ConnKey,
+        opened: Option<Opened>,
+        detail: Option<String>,
+    ) {
+        match kind {
+            DeliveryKind::Opened => self.counters.connections_accepted += 1,
+            DeliveryKind::Closed(reason) => self.counters.closed(reason),
+            _ => {}
+        }
+        self.outbox.emit(Pending {
+            kind,
+            conn,
+            opened,
+            detail,
+        });
+    }
+
     /// Makes staged deliveries visible and wakes the Python thread if it sleeps.
+    #[inline]
     pub(super) fn publish(&mut self) {
-        if self.deliveries.staged() > 0 {
-            let held = (self.deliveries.capacity() - self.deliveries.free()) as u64;
-            self.counters.ring_high_water = self.counters.ring_high_water.max(held);
-            self.deliveries.publish();
+        if self.outbox.publish(&mut self.counters) {
             self.shared.hub.deliveries.ring();
         }
     }
 }
 
-/// True if the delivery ring can take what waits: it has free slots, and
-/// input blocked on the consumer (`blocked_at`: its release count then) has
-/// seen the consumer move on.
-pub(super) fn ring_has_room(
-    deliveries: &mut Producer<Delivery>,
-    blocked_at: Option<usize>,
-) -> bool {
-    deliveries.free() > 0 && blocked_at.is_none_or(|at| deliveries.released() != at)
+#[cfg(test)]
+mod tests {
+    //! The outbox on a bare ring: no sockets, no connection table.
+
+    use super::*;
+    use crate::close_reason::CloseReason;
+    use crate::ring::{ring, Consumer};
+
+    /// An outbox of `ring_slots` slots of `slot_size` bytes, and the
+    /// consumer's end of its ring.
+    fn new(framing: Framing, ring_slots: usize, slot_size: usize) -> (Outbox, Consumer<Delivery>) {
+        let config = Config {
+            framing,
+            ring_slots,
+            slot_size,
+            max_message_size: 4 * slot_size,
+            ..Config::default()
+        };
+        let (producer, consumer) = ring(ring_slots, || Delivery::with_capacity(slot_size));
+        (Outbox::new(&config, producer), consumer)
+    }
+
+    fn key(index: u32) -> ConnKey {
+        ConnKey {
+            index,
+            engine: 0,
+            id: u64::from(index) + 1,
+        }
+    }
+
+    /// Stages a data delivery of `len` bytes for `conn`.
+    fn stage(outbox: &mut Outbox, conn: ConnKey, len: usize) {
+        outbox.with_pool(|_, mut staging| {
+            assert!(staging.has_slot());
+            staging.stage(conn, |delivery, _| {
+                delivery.len = len;
+                (Some(len), ())
+            });
+        });
+    }
+
+    /// Stages a data delivery for `conn` in a spill buffer of `size` bytes.
+    fn stage_spilled(outbox: &mut Outbox, conn: ConnKey, size: usize) {
+        outbox.with_pool(|pool, mut staging| {
+            staging.stage(conn, |delivery, account| {
+                let mut buffer = pool.take(size);
+                buffer.resize(size, 7);
+                account.place(delivery, buffer);
+                (Some(delivery.len), ())
+            });
+        });
+    }
+
+    fn publish(outbox: &mut Outbox) {
+        outbox.publish(&mut Counters::default());
+    }
+
+    /// Takes and releases `n` deliveries: their kinds and connections.
+    fn consume(consumer: &mut Consumer<Delivery>, n: usize) -> Vec<(DeliveryKind, ConnKey)> {
+        let taken: Vec<_> = (0..n)
+            .map_while(|_| consumer.take_with(|delivery| (delivery.kind, delivery.conn)))
+            .collect();
+        consumer.release();
+        taken
+    }
+
+    fn control(kind: DeliveryKind, conn: ConnKey) -> Pending {
+        Pending {
+            kind,
+            conn,
+            opened: None,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn a_connection_at_its_share_waits_for_the_consumer_and_others_do_not() {
+        let (mut outbox, mut consumer) = new(Framing::Raw, 64, 16);
+        assert_eq!(outbox.share(), 8);
+        let (a, b) = (key(1), key(2));
+        for _ in 0..8 {
+            stage(&mut outbox, a, 16);
+        }
+        publish(&mut outbox);
+        let mut released = Vec::new();
+        assert!(!outbox.has_share(a, Some(8), |k| released.push(k)));
+        assert!(released.is_empty());
+        // Slots are free, but the loop waits for the consumer to move on.
+        assert!(!outbox.has_room());
+        assert!(outbox.has_share(b, Some(0), |_| unreachable!()));
+        assert!(
+            !outbox.has_share(b, None, |_| {}),
+            "a connection gone has no share"
+        );
+
+        assert_eq!(consume(&mut consumer, 3).len(), 3);
+        assert!(outbox.has_room());
+        assert!(outbox.has_share(a, Some(8), |k| released.push(k)));
+        assert_eq!(released, vec![a, a, a]);
+        // Settled once: nothing is told twice.
+        outbox.settle(|_| unreachable!());
+    }
+
+    #[test]
+    fn a_read_spills_only_while_the_buffers_in_the_ring_are_within_budget() {
+        // Raw slots of 1 KiB: a read that fills one goes on into a 256 KiB
+        // buffer, and the ring may hold 512 KiB of them.
+        let (mut outbox, mut consumer) = new(Framing::Raw, 512, 1024);
+        let spill = outbox.spill_size();
+        assert_eq!(spill, LARGE_READ);
+        for _ in 0..2 {
+            assert!(outbox.may_spill());
+            stage_spilled(&mut outbox, key(1), spill);
+        }
+        assert!(!outbox.may_spill());
+        // Until the consumer moves on, the answer stands without a scan.
+        assert!(!outbox.may_spill());
+        publish(&mut outbox);
+        assert_eq!(consume(&mut consumer, 1).len(), 1);
+        // The released slot's buffer is taken back: one more fits.
+        assert!(outbox.may_spill());
+
+        let (mut framed, _consumer) = new(Framing::Line, 8, 16);
+        assert_eq!(framed.spill_size(), 0);
+        assert!(!framed.may_spill(), "framed reads never spill");
+    }
+
+    #[test]
+    fn a_control_delivery_that_finds_the_ring_full_goes_out_before_anything_later() {
+        let (mut outbox, mut consumer) = new(Framing::Raw, 4, 16);
+        let (a, b) = (key(1), key(2));
+        for _ in 0..4 {
+            stage(&mut outbox, a, 1);
+        }
+        assert!(!outbox.has_slot());
+        outbox.emit(control(DeliveryKind::Closed(CloseReason::Local), a));
+        outbox.emit(control(DeliveryKind::Eof, b));
+        assert!(outbox.has_backlog());
+        publish(&mut outbox);
+
+        assert_eq!(consume(&mut consumer, 1), vec![(DeliveryKind::Data, a)]);
+        // A slot is free, but data waits behind the backlog.
+        assert!(!outbox.has_slot());
+        outbox.drain_backlog();
+        assert!(outbox.has_backlog(), "only one slot was free");
+        // A later control delivery queues behind those that wait.
+        outbox.emit(control(DeliveryKind::Opened, key(3)));
+        publish(&mut outbox);
+
+        assert_eq!(consume(&mut consumer, 4).len(), 4);
+        outbox.drain_backlog();
+        assert!(!outbox.has_backlog());
+        assert!(outbox.has_slot());
+        stage(&mut outbox, b, 1);
+        publish(&mut outbox);
+        let kinds: Vec<_> = consume(&mut consumer, 4)
+            .into_iter()
+            .map(|(kind, _)| kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![DeliveryKind::Eof, DeliveryKind::Opened, DeliveryKind::Data]
+        );
+    }
+
+    #[test]
+    fn ring_room_keeps_the_bytes_in_the_ring_within_its_own_size() {
+        // 8 slots of 16 bytes: at most 128 payload bytes in the ring.
+        let (mut outbox, mut consumer) = new(Framing::Raw, 8, 16);
+        let a = key(1);
+        assert_eq!(outbox.ring_room(|_| unreachable!()), 128);
+        stage(&mut outbox, a, 60);
+        assert_eq!(outbox.ring_room(|_| unreachable!()), 68);
+        stage(&mut outbox, a, 60);
+        // 8 bytes left: less than a slot, so reads wait for the consumer
+        // although six slots are free.
+        assert_eq!(outbox.ring_room(|_| {}), 0);
+        assert!(outbox.has_slot());
+        assert!(!outbox.has_room());
+        publish(&mut outbox);
+
+        assert_eq!(consume(&mut consumer, 1).len(), 1);
+        assert!(outbox.has_room());
+        let mut released = Vec::new();
+        assert_eq!(outbox.ring_room(|k| released.push(k)), 68);
+        assert_eq!(released, vec![a]);
+    }
 }

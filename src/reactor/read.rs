@@ -9,7 +9,6 @@ use socket2::Socket;
 
 use crate::close_reason::CloseReason;
 use crate::conn::{AfterEof, Input};
-use crate::inbound::LargeMessages;
 use crate::message::DeliveryKind;
 use crate::sys::{net, Selector};
 use crate::token::ConnKey;
@@ -109,59 +108,52 @@ impl<S: Selector> Io<S> {
     pub(super) fn read_into_ring(&mut self, key: ConnKey) {
         let now = self.now;
         for _ in 0..READ_BUDGET {
-            if !self.backlog.is_empty() || self.deliveries.free() == 0 || !self.has_share(key) {
+            if !self.outbox.has_slot() || !self.has_share(key) {
                 return self.mark_unread(key);
             }
             let room = self.ring_room();
             if room == 0 {
                 return self.mark_unread(key);
             }
-            let spill = room > self.slot_size && self.may_spill();
+            let spill = room > self.settings.slot_size() && self.outbox.may_spill();
             let Some(conn) = self.table.get_mut(key) else {
                 return;
             };
             let read_fully = conn.reads_fully();
-            let LargeMessages { pool, account } = &mut self.large;
-            let spill_size = self.spill_size;
-            let mut slot = self.deliveries.vacant().expect("free() > 0");
-            let (result, end) = slot.with_mut(|delivery| {
-                account.reclaim(delivery);
-                delivery.kind = DeliveryKind::Data;
-                delivery.conn = key;
-                delivery.opened = None;
-                delivery.detail = None;
-                let want = delivery.buf.len();
-                let result = net::recv(conn.socket(), &mut delivery.buf);
-                delivery.len = *result.as_ref().unwrap_or(&0);
-                let end = match result {
-                    Ok(n) if n == want && spill => {
-                        let mut buffer = pool.take(spill_size);
-                        buffer.extend_from_slice(&delivery.buf[..n]);
-                        let limit = buffer.capacity().min(room);
-                        let end = read_on(conn.socket(), &mut buffer, limit, read_fully);
-                        account.place(delivery, buffer);
-                        end
-                    }
-                    Ok(n) if n < want && !read_fully => ReadEnd::Drained,
-                    _ => ReadEnd::Full,
-                };
-                (result.map(|_| delivery.len), end)
-            });
+            let spill_size = self.outbox.spill_size();
             // The buffer the slot held before goes back for the next spill.
-            self.large.settle();
+            let (result, end) = self.outbox.with_pool(|pool, mut staging| {
+                staging.stage(key, |delivery, account| {
+                    let want = delivery.buf.len();
+                    let result = net::recv(conn.socket(), &mut delivery.buf);
+                    delivery.len = *result.as_ref().unwrap_or(&0);
+                    let end = match result {
+                        Ok(n) if n == want && spill => {
+                            let mut buffer = pool.take(spill_size);
+                            buffer.extend_from_slice(&delivery.buf[..n]);
+                            let limit = buffer.capacity().min(room);
+                            let end = read_on(conn.socket(), &mut buffer, limit, read_fully);
+                            account.place(delivery, buffer);
+                            end
+                        }
+                        Ok(n) if n < want && !read_fully => ReadEnd::Drained,
+                        _ => ReadEnd::Full,
+                    };
+                    let result = result.map(|_| delivery.len);
+                    // An empty read (EOF) or an error leaves the slot free.
+                    let len = *result.as_ref().unwrap_or(&0);
+                    ((len > 0).then_some(len), (result, end))
+                })
+            });
             match result {
                 // The slot stays unstaged, so it is still free.
                 Ok(0) => return self.on_eof(key),
                 Ok(n) => {
-                    let position = slot.position();
-                    slot.stage();
-                    self.in_flight.push_back((position, key, n));
-                    self.ring_bytes += n;
                     conn.delivered(1);
                     conn.touch(now);
                     self.counters.bytes_received += n as u64;
                     self.counters.messages_received += 1;
-                    if self.deliveries.staged() >= PUBLISH_BATCH {
+                    if self.outbox.staged() >= PUBLISH_BATCH {
                         self.publish();
                     }
                     match end {
@@ -173,7 +165,9 @@ impl<S: Selector> Io<S> {
                         ReadEnd::Drained => return self.mark_drained(key),
                         // A spilled read has had a turn's worth (16 slots'
                         // worth before); the ready list brings it back.
-                        ReadEnd::Full if n > self.slot_size => return self.mark_unread(key),
+                        ReadEnd::Full if n > self.settings.slot_size() => {
+                            return self.mark_unread(key)
+                        }
                         ReadEnd::Full => {}
                         ReadEnd::Eof => return self.on_eof(key),
                         ReadEnd::Failed(e) => {
@@ -188,47 +182,6 @@ impl<S: Selector> Io<S> {
             }
         }
         self.mark_unread(key);
-    }
-
-    /// How many more payload bytes raw reads may put in the ring now, within
-    /// the ring's own size: at least a slot's worth, or 0. At 0 the loop
-    /// waits for the consumer, as for a full ring (see `consumer_blocked_at`),
-    /// rather than cut reads smaller than a slot.
-    pub(super) fn ring_room(&mut self) -> usize {
-        if self.ring_bytes + self.slot_size > self.ring_byte_cap {
-            self.settle_in_flight();
-        }
-        let room = self.ring_byte_cap.saturating_sub(self.ring_bytes);
-        if room < self.slot_size {
-            self.consumer_blocked_at = Some(self.deliveries.released());
-            return 0;
-        }
-        room
-    }
-
-    /// True if a read that fills its slot may go on into a spill buffer: the
-    /// budget of buffers in the ring has room. When it has none, the check
-    /// (which takes back consumed slots' buffers) waits for the consumer to
-    /// move on before it runs again, so that it does not scan the ring at
-    /// every read.
-    pub(super) fn may_spill(&mut self) -> bool {
-        if self.spill_size == 0 {
-            return false;
-        }
-        if let Some(at) = self.spill_blocked_at {
-            if self.deliveries.released() == at {
-                return false;
-            }
-            self.spill_blocked_at = None;
-        }
-        let admitted = self
-            .large
-            .account
-            .admit(self.spill_size, &mut self.deliveries);
-        if !admitted {
-            self.spill_blocked_at = Some(self.deliveries.released());
-        }
-        admitted
     }
 
     /// Reads and drops input of a connection the application closed. EOF (or an

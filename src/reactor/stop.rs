@@ -48,7 +48,7 @@ impl<S: Selector> Reactor<S> {
     /// Every connection is gone: deliver `Stopped` and hand the last
     /// deliveries over.
     pub(super) fn finish(&mut self) {
-        self.io.lingering.clear();
+        self.io.deadlines.clear_lingering();
         self.io.ready.clear();
         self.io.shared.stats().publish(&self.io.counters);
         // From here on, senders give up instead of waiting for ring space.
@@ -60,9 +60,9 @@ impl<S: Selector> Reactor<S> {
         // Keep draining commands meanwhile, so that no Python thread stays
         // blocked on a full command ring.
         loop {
-            self.io.drain_backlog();
+            self.io.outbox.drain_backlog();
             self.io.publish();
-            if self.io.backlog.is_empty() {
+            if !self.io.outbox.has_backlog() {
                 break;
             }
             self.discard_commands();

@@ -17,30 +17,67 @@ use super::Io;
 /// The most of one message gathered before it is written (see `send_part`).
 const MAX_GATHER: usize = 256 * 1024;
 
+/// The parts of a message larger than a slot, gathered so far, and the
+/// connection they are for (see [`Io::send_part`]).
+#[derive(Default)]
+pub(super) struct Gather {
+    bytes: Vec<u8>,
+    conn: Option<ConnKey>,
+}
+
+impl Gather {
+    /// True if no part is held.
+    #[inline]
+    pub(super) fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Adds `key`'s part `data`; true if it is held back for the parts that
+    /// follow (`more`), false if what is gathered is to be written now.
+    pub(super) fn hold(&mut self, key: ConnKey, data: &[u8], more: bool) -> bool {
+        debug_assert!(self.conn.is_none_or(|k| k == key));
+        self.bytes.extend_from_slice(data);
+        if more && self.bytes.len() < MAX_GATHER {
+            self.conn = Some(key);
+            return true;
+        }
+        false
+    }
+
+    /// What is gathered, to be written; hand the buffer back with
+    /// [`Gather::restore`].
+    pub(super) fn take(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.bytes)
+    }
+
+    /// Takes back the buffer [`Gather::take`] lent, emptied, for the next
+    /// message.
+    pub(super) fn restore(&mut self, mut bytes: Vec<u8>) {
+        bytes.clear();
+        self.bytes = bytes;
+        self.conn = None;
+    }
+}
+
 impl<S: Selector> Io<S> {
     /// Sends one command's part of a message. A message larger than a slot
     /// comes in consecutive commands (a sender holds the command ring for a
     /// whole message), and its parts are gathered here and written with one
     /// call, as much as [`MAX_GATHER`] at a time, instead of one call per slot.
     pub(super) fn send_part(&mut self, key: ConnKey, data: &[u8], more: bool) {
-        if self.gathered.is_empty() && !more {
+        if self.gather.is_empty() && !more {
             return self.send(key, &[data], false);
         }
-        debug_assert!(self.gathered_for.is_none_or(|k| k == key));
-        self.gathered.extend_from_slice(data);
-        if more && self.gathered.len() < MAX_GATHER {
-            self.gathered_for = Some(key);
+        if self.gather.hold(key, data, more) {
             if let Some(conn) = self.table.get_mut(key) {
                 // Part of a message is held back: a close now must cut.
                 conn.set_mid_message(true);
             }
             return;
         }
-        let gathered = std::mem::take(&mut self.gathered);
+        let gathered = self.gather.take();
         self.send(key, &[&gathered], more);
-        self.gathered = gathered;
-        self.gathered.clear();
-        self.gathered_for = None;
+        self.gather.restore(gathered);
     }
 
     /// Writes `parts`, one message in order, now if the socket takes them and
@@ -83,7 +120,7 @@ impl<S: Selector> Io<S> {
                 skip -= from;
                 conn.queue_output(&part[from..]);
             }
-            conn.check_watermarks(self.watermarks);
+            conn.check_watermarks(self.settings.watermarks());
             self.update_interest(key);
         }
     }
@@ -117,7 +154,7 @@ impl<S: Selector> Io<S> {
                 Err(e) => return self.on_write_error(key, &e),
             }
         }
-        let resumed = conn.check_watermarks(self.watermarks);
+        let resumed = conn.check_watermarks(self.settings.watermarks());
         let drained_close = !conn.has_queued_output() && conn.closing_reason().is_some();
         if resumed {
             // Input that arrived while reading was off raised no new edge.
