@@ -52,7 +52,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ._reuseport import bind_shared, resolve
-from ._supervisor import Pool
 from ._workers_shared import (
     MAX_QUICK_CRASHES,
     QUICK_CRASH_SECONDS,
@@ -142,6 +141,11 @@ def serve_workers(
     requested = resolve(host, port)
     with bind_shared(requested, backlog=None) as reservation:
         address = requested.with_port(reservation.getsockname()[1])
+        # Imported when used: the supervisor relies on POSIX signals that
+        # Windows lacks, and this module must import everywhere (the CLI
+        # imports it).
+        from ._supervisor import Pool
+
         Pool(
             make_server,
             address,
