@@ -7,9 +7,11 @@
 //! same code that loom checks.
 //!
 //! [`Mutex`] and [`Condvar`] ignore lock poisoning (after tokio's
-//! `loom/std/mutex.rs`): everything the crate guards with a lock is left
-//! consistent at every step, so a panic while it was held leaves nothing to
-//! repair, and one shape of `lock()` serves every caller. Under loom, which
+//! `loom/std/mutex.rs`), so that one shape of `lock()` serves every caller.
+//! Nothing the crate does under a lock is expected to panic, and the state
+//! guarded is kept valid between steps. (A panic in the middle of a long
+//! send would leave the first parts of its message in the command ring, and
+//! the I/O thread would gather the next send onto them.) Under loom, which
 //! has no clock, a timed wait is an untimed one, so that a lost wake-up shows
 //! up as a deadlock instead of hiding behind the timeout.
 

@@ -10,6 +10,7 @@ of the suite.
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 import textwrap
@@ -127,6 +128,11 @@ def test_a_stop_delivers_what_a_held_framed_connection_had_read(hold: str) -> No
 
 
 @needs_visible_resets
+@pytest.mark.skipif(
+    sys.platform == "darwin",
+    reason="kqueue has no hang-up filter: a paused connection hears of a reset when "
+    "reading resumes (test_a_paused_connection_on_macos_reports_a_reset_on_resume)",
+)
 def test_a_paused_connection_reports_a_reset_after_the_input_before_it() -> None:
     """A paused connection whose peer resets is reported closed while still
     paused, after the input sent before the reset."""
@@ -212,3 +218,123 @@ def test_ctrl_c_delivers_input_already_read_and_sends_the_replies(tmp_path) -> N
         assert child.wait(15) == 0
         assert f"KI {LINES}" in child.stdout
     assert replies == payload
+
+
+def test_an_idle_timeout_waits_for_the_messages_a_decoder_holds() -> None:
+    """A connection whose decoder still holds messages it read is not idle:
+    the server, not the peer, is behind, and those messages still reach the
+    callbacks before the idle timeout may close it."""
+    received: list[bytes] = []
+    reasons: list[str | None] = []
+
+    class Slow(rsepoll.Server):
+        def on_message_received(self, conn: rsepoll.Connection, data: bytes) -> None:
+            received.append(data)
+            time.sleep(0.005)
+
+        def on_connection_closed(self, conn: rsepoll.Connection) -> None:
+            reasons.append(conn.close_reason)
+
+    payload = b"".join(b"%d\n" % i for i in range(300))
+    with running(Slow, framing="line", idle_timeout=0.3) as (_, port):
+        client = connect(port)
+        client.sendall(payload)
+        assert wait_until(lambda: reasons, 10.0)
+        client.close()
+    assert received == payload.splitlines()
+    assert reasons == ["idle_timeout"]
+
+
+CUT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    import rsepoll
+
+    BIG = b"x" * (8 << 20)
+
+    class S(rsepoll.Server):
+        def on_listen_success(self):
+            print("READY", flush=True)
+
+        def on_message_received(self, conn, data):
+            # More than the socket takes: output stays queued while the client
+            # reads nothing.
+            self.send_message(conn, BIG)
+            print("QUEUED", flush=True)
+
+    server = S(framing="line")
+    listener = rsepoll.make_listener_socket(0, "127.0.0.1")
+    server.register_listener_socket(listener)
+    print("PORT", listener.port, flush=True)
+    try:
+        server.listen()
+    except KeyboardInterrupt:
+        print("KI", flush=True)
+        sys.exit(0)
+    """
+)
+
+
+@needs_visible_resets
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals (SIGINT by kill)")
+def test_a_second_ctrl_c_cuts_the_stop_short(tmp_path) -> None:
+    """The first Ctrl-C stops as stop_server() does, giving queued output the
+    stop's timeout (5 s); a second one resets what is still open at once."""
+    script = tmp_path / "cut.py"
+    script.write_text(CUT_SCRIPT)
+    with ChildProcess([sys.executable, str(script)]) as child:
+        port = int(child.wait_for_output(r"PORT (\d+)").group(1))
+        child.wait_for_output("READY")
+        client = connect(port)
+        client.sendall(b"go\n")
+        child.wait_for_output("QUEUED")
+        began = time.monotonic()
+        child.signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert child.proc.poll() is None, "the first Ctrl-C did not wait for the output"
+        child.signal(signal.SIGINT)
+        assert child.wait(10) == 0
+        took = time.monotonic() - began
+        assert "KI" in child.stdout
+        client.settimeout(10)
+        with pytest.raises(ConnectionResetError):
+            while client.recv(1 << 20):
+                pass
+        client.close()
+    assert took < 3.0, f"the second Ctrl-C took {took:.2f} s to end the server"
+
+
+@needs_visible_resets
+@pytest.mark.skipif(sys.platform != "darwin", reason="the macOS behaviour (kqueue)")
+def test_a_paused_connection_on_macos_reports_a_reset_on_resume() -> None:
+    """What the README says of macOS: a paused connection's reset is noticed
+    once reading resumes, after the input sent before it."""
+    received: list[bytes] = []
+    reasons: list[str | None] = []
+    opened = threading.Event()
+
+    class Pausing(rsepoll.Server):
+        def on_connection_opened(self, conn: rsepoll.Connection) -> None:
+            self.conn = conn
+            self.pause_reading(conn)
+            opened.set()
+
+        def on_message_received(self, conn: rsepoll.Connection, data: bytes) -> None:
+            received.append(data)
+
+        def on_connection_closed(self, conn: rsepoll.Connection) -> None:
+            reasons.append(conn.close_reason)
+
+    with running(Pausing) as (server, port):
+        client = connect(port)
+        assert opened.wait(5)
+        client.sendall(b"before the reset")
+        time.sleep(0.2)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        client.close()
+        time.sleep(0.3)
+        server.resume_reading(server.conn)
+        assert wait_until(lambda: reasons, 5.0)
+        assert b"".join(received) == b"before the reset"
+        assert reasons == ["reset"]

@@ -13,7 +13,7 @@ use crate::message::{DeliveryKind, Opened};
 use crate::sys::{net, Selector};
 use crate::token::{ConnKey, Token};
 
-use super::{Io, READABLE};
+use super::{Core, READABLE};
 
 /// Connections accepted from one listener per turn.
 const ACCEPT_BUDGET: usize = 128;
@@ -51,7 +51,7 @@ impl Throttle {
     }
 }
 
-impl<S: Selector> Io<S> {
+impl<S: Selector> Core<S> {
     pub(super) fn accept_from(&mut self, index: usize) {
         for _ in 0..ACCEPT_BUDGET {
             // An accepted connection needs a slot for its `Opened`.

@@ -1,6 +1,6 @@
 //! Ending connections: a graceful close drains the queue, sends FIN, and
 //! lingers until the peer's EOF so that unread input cannot turn it into a
-//! reset; an abort resets at once. Every path ends in [`Io::close_now`], the
+//! reset; an abort resets at once. Every path ends in [`Core::close_now`], the
 //! one place a socket is deregistered and dropped and `Closed` reported.
 
 use std::net::Shutdown;
@@ -13,12 +13,12 @@ use crate::message::DeliveryKind;
 use crate::sys::Selector;
 use crate::token::ConnKey;
 
-use super::Io;
+use super::Core;
 
 /// How long a closed connection waits for the peer's EOF before it is dropped.
 const LINGER: Duration = Duration::from_secs(5);
 
-impl<S: Selector> Io<S> {
+impl<S: Selector> Core<S> {
     /// Starts a graceful close: the queue drains, then FIN.
     pub(super) fn close(&mut self, key: ConnKey, reason: CloseReason) {
         let Some(conn) = self.table.get_mut(key) else {

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use crate::close_reason::CloseReason;
 use crate::config::Config;
-use crate::conn::ConnectionTable;
+use crate::conn::{ConnectionTable, Input};
 use crate::framing::Framing;
 use crate::sys::Selector;
 use crate::timer::Timers;
 use crate::token::ConnKey;
 
-use super::Io;
+use super::Core;
 
 /// How long a close this thread started may go without progress before it
 /// becomes a reset.
@@ -146,10 +146,15 @@ impl Deadlines {
                 return None;
             }
             let (due, reason) = match deadline {
-                Deadline::Idle => (
-                    conn.last_activity() + (*idle_timeout)?,
-                    CloseReason::IdleTimeout,
-                ),
+                Deadline::Idle => {
+                    let idle = (*idle_timeout)?;
+                    if conn.input() == Input::Deliver && conn.holds_messages() {
+                        // The server, not the peer, is behind: the messages
+                        // its decoder holds go to the application first.
+                        return Some(now + idle);
+                    }
+                    (conn.last_activity() + idle, CloseReason::IdleTimeout)
+                }
                 Deadline::Message => (
                     conn.message_deadline(now, (*message_timeout)?, stopping)?,
                     CloseReason::MessageTimeout,
@@ -208,7 +213,7 @@ impl Deadlines {
     }
 }
 
-impl<S: Selector> Io<S> {
+impl<S: Selector> Core<S> {
     /// Closes the connections whose idle or message deadline has passed,
     /// resets those whose close made no progress, and schedules again the
     /// entries whose deadline moved later.

@@ -11,9 +11,9 @@ use crate::message::DeliveryKind;
 use crate::sys::{net, Selector};
 use crate::token::ConnKey;
 
-use super::{Deadline, Io, PUBLISH_BATCH, READ_BUDGET};
+use super::{Core, Deadline, PUBLISH_BATCH, READ_BUDGET};
 
-impl<S: Selector> Io<S> {
+impl<S: Selector> Core<S> {
     /// Reads into the I/O thread's scratch buffer and cuts what comes into
     /// messages, one delivery each, until the socket is drained, the ring is
     /// full, or the budget is spent. Messages the ring could not take wait in

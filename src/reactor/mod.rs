@@ -22,10 +22,12 @@
 //! connections' too), then delivers `Draining`; the consumer handles what it
 //! already has and answers `Shutdown`, behind every reply it queued.
 //! Then each connection closes as soon as its queue has gone out (FIN). At
-//! the stop deadline, connections that still hold output are reset instead,
-//! so that their peers can tell a cut from a clean end.
+//! the stop deadline, every connection not yet closed is reset instead, so
+//! that its peer can tell a cut from a clean end; one whose decoder still
+//! holds messages is reset once they are in the ring (the deadline cuts
+//! output, never input already read).
 //!
-//! The loop's state is one struct, [`Io`]; its methods live in child files by
+//! The loop's state is one struct, [`Core`]; its methods live in child files by
 //! concern, each an `impl` block of its own (as tokio's worker does with
 //! `worker/metrics.rs`): [`accept`] (listeners, limits, dealing connections
 //! out), [`read`] (raw input and the ready list), [`framed`] (decoders and
@@ -95,12 +97,12 @@ const LARGE_READ: usize = 256 * 1024;
 /// The I/O thread's state; see the module docs.
 pub(crate) struct Reactor<S: Selector> {
     commands: Consumer<Command>,
-    io: Io<S>,
+    core: Core<S>,
 }
 
 /// Everything but the command ring, so that applying a command can borrow it
 /// while the ring is borrowed too.
-struct Io<S: Selector> {
+struct Core<S: Selector> {
     selector: S,
     shared: Arc<Shared>,
     /// The delivery ring and what may go into it.
@@ -200,7 +202,7 @@ impl<S: Selector> Reactor<S> {
         commands: Consumer<Command>,
         listeners: Vec<Socket>,
     ) -> io::Result<Self> {
-        let mut io = Io {
+        let mut core = Core {
             selector,
             shared: Arc::clone(&shared),
             outbox: Outbox::new(config, deliveries),
@@ -227,55 +229,56 @@ impl<S: Selector> Reactor<S> {
         };
         for (index, socket) in listeners.into_iter().enumerate() {
             socket.set_nonblocking(true)?;
-            io.selector
+            core.selector
                 .register(&socket, Token::listener(index), READABLE)?;
-            io.listeners.push(Listener {
+            core.listeners.push(Listener {
                 socket,
                 // Connections may have queued before registration.
                 pending: true,
                 retry_at: None,
             });
         }
-        if !io.listeners.is_empty() {
-            io.reserve = net::ReserveFd::open();
+        if !core.listeners.is_empty() {
+            core.reserve = net::ReserveFd::open();
         }
-        Ok(Reactor { commands, io })
+        Ok(Reactor { commands, core })
     }
 
     /// Serves until asked to stop, then drains (see the module docs): every
     /// connection is closed and reported, then `Stopped` is delivered.
     pub(crate) fn run(&mut self) -> io::Result<()> {
         loop {
-            if self.io.stopping.is_none() && self.io.shared.hub.stop.load(Acquire) {
-                let timeout = self.io.shared.hub.stop_timeout();
-                self.io.begin_stop(Instant::now() + timeout, true);
+            if self.core.stopping.is_none() && self.core.shared.hub.stop.load(Acquire) {
+                let timeout = self.core.shared.hub.stop_timeout();
+                self.core.begin_stop(Instant::now() + timeout, true);
             }
             self.apply_commands();
-            self.io.open_arrivals();
-            if let Some(stopping) = &mut self.io.stopping {
-                let cut = self.io.shared.hub.cut.load(Acquire);
+            self.core.open_arrivals();
+            if let Some(stopping) = &mut self.core.stopping {
+                let cut = self.core.shared.hub.cut.load(Acquire);
                 if Instant::now() >= stopping.deadline || cut {
                     // Whatever has not finished by now (output, replies the
                     // consumer has not made) is cut, and the peers can tell.
                     stopping.closing_all = true;
-                    self.io.abort_all(cut);
+                    stopping.overdue = true;
+                    self.core.abort_all(cut);
                 }
-                if self.io.stopping.as_ref().is_some_and(|s| s.closing_all)
-                    && self.io.table.is_empty()
+                if self.core.stopping.as_ref().is_some_and(|s| s.closing_all)
+                    && self.core.table.is_empty()
                 {
                     break;
                 }
             }
-            self.io.serve_leftovers();
-            self.io.announce_draining();
-            self.io.publish();
-            let timeout = self.io.poll_timeout();
+            self.core.serve_leftovers();
+            self.core.announce_draining();
+            self.core.publish();
+            let timeout = self.core.poll_timeout();
             self.wait(timeout)?;
-            self.io.now = Instant::now();
-            self.io.dispatch_events();
-            self.io.expire_lingering();
-            self.io.expire_timers();
-            self.io.publish();
+            self.core.now = Instant::now();
+            self.core.dispatch_events();
+            self.core.expire_lingering();
+            self.core.expire_timers();
+            self.core.publish();
         }
         self.finish();
         Ok(())
@@ -288,46 +291,46 @@ impl<S: Selector> Reactor<S> {
         while applied < self.commands.capacity()
             && self
                 .commands
-                .take_with(|command| self.io.apply(command))
+                .take_with(|command| self.core.apply(command))
                 .is_some()
         {
             applied += 1;
             if self.commands.taken() >= PUBLISH_BATCH {
                 self.commands.release();
-                self.io.shared.command_space.ring();
+                self.core.shared.command_space.ring();
             }
         }
         if applied > 0 {
             self.commands.release();
-            self.io.shared.command_space.ring();
+            self.core.shared.command_space.ring();
         }
     }
 
     /// Sleeps in the selector, unless the sleep protocol finds work first.
     fn wait(&mut self, mut timeout: Option<Duration>) -> io::Result<()> {
         // Whatever was counted is visible before this thread may sleep.
-        self.io.shared.stats().publish(&self.io.counters);
-        let stalled = timeout != Some(Duration::ZERO) && self.io.has_deferred_work();
-        let io = &mut self.io;
+        self.core.shared.stats().publish(&self.core.counters);
+        let stalled = timeout != Some(Duration::ZERO) && self.core.has_deferred_work();
+        let core = &mut self.core;
         if timeout != Some(Duration::ZERO) {
             let commands = &mut self.commands;
-            let may_sleep = io.shared.io_sleep.prepare(stalled, || {
+            let may_sleep = core.shared.io_sleep.prepare(stalled, || {
                 !commands.is_empty()
-                    || io.shared.arrivals.may_have_arrivals()
-                    || (io.stopping.is_none() && io.shared.hub.stop.load(Acquire))
-                    || (stalled && io.outbox.has_room())
+                    || core.shared.arrivals.may_have_arrivals()
+                    || (core.stopping.is_none() && core.shared.hub.stop.load(Acquire))
+                    || (stalled && core.outbox.has_room())
             });
             if !may_sleep {
                 timeout = Some(Duration::ZERO);
             }
         }
-        let result = io.selector.select(&mut io.events, timeout);
-        io.shared.io_sleep.awake();
+        let result = core.selector.select(&mut core.events, timeout);
+        core.shared.io_sleep.awake();
         result
     }
 }
 
-impl<S: Selector> Io<S> {
+impl<S: Selector> Core<S> {
     fn apply(&mut self, command: &Command) {
         match command.kind {
             CommandKind::Send => match command.loan {
@@ -469,13 +472,14 @@ impl<S: Selector> Io<S> {
             .next()
             .into_iter()
             .chain(self.listeners.iter().filter_map(|l| l.retry_at))
-            // Once passed, the stop's deadline has been acted on: what is
-            // left waits for the consumer, which wakes this thread.
+            // Until the turn that acts on it: a deadline that passed during
+            // this turn gives a zero timeout, not a missed one. Once acted
+            // on, what is left waits for the consumer, which wakes this thread.
             .chain(
                 self.stopping
                     .as_ref()
-                    .map(|s| s.deadline)
-                    .filter(|&d| d > now),
+                    .filter(|s| !s.overdue)
+                    .map(|s| s.deadline),
             );
         deadlines.min().map(|at| at.saturating_duration_since(now))
     }

@@ -20,7 +20,7 @@ use crate::stats::Counters;
 use crate::sys::Selector;
 use crate::token::ConnKey;
 
-use super::{Io, LARGE_READ, MIN_RING_SHARE, RING_SHARE_DIVISOR, SMALLEST_ASSEMBLY};
+use super::{Core, LARGE_READ, MIN_RING_SHARE, RING_SHARE_DIVISOR, SMALLEST_ASSEMBLY};
 
 /// A control delivery waiting for ring space.
 pub(super) struct Pending {
@@ -376,7 +376,7 @@ impl Staging<'_> {
     }
 }
 
-impl<S: Selector> Io<S> {
+impl<S: Selector> Core<S> {
     /// True if `key` may put another delivery in the ring (see
     /// [`Outbox::has_share`]).
     #[inline]

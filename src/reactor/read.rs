@@ -13,7 +13,7 @@ use crate::message::DeliveryKind;
 use crate::sys::{net, Selector};
 use crate::token::ConnKey;
 
-use super::{Io, PUBLISH_BATCH, READ_BUDGET};
+use super::{Core, PUBLISH_BATCH, READ_BUDGET};
 
 /// How a read into a delivery ended, when it read something.
 pub(super) enum ReadEnd {
@@ -27,7 +27,7 @@ pub(super) enum ReadEnd {
     Failed(io::Error),
 }
 
-impl<S: Selector> Io<S> {
+impl<S: Selector> Core<S> {
     pub(super) fn on_readable(&mut self, key: ConnKey) {
         let reading = self.reading();
         let Some(conn) = self.table.get_mut(key) else {
@@ -52,10 +52,12 @@ impl<S: Selector> Io<S> {
         }
     }
 
-    /// The poller reported a hangup or an error. A connection that reads will
-    /// find out by reading, now or once its reading resumes; one that reads
-    /// no more (after the peer's EOF, or while stopping) must be closed here,
-    /// or the report would repeat.
+    /// The poller reported a hangup or an error. A connection that reads
+    /// finds out by reading; one held back (paused, throttled) is marked
+    /// gone and read to its end now, pause or not; one that reads no more
+    /// (after the peer's EOF, or while stopping) is closed here, or the
+    /// report would repeat, unless its decoder still holds messages, which
+    /// go first.
     pub(super) fn on_hangup(&mut self, key: ConnKey) {
         let reading = self.reading();
         let Some(conn) = self.table.get_mut(key) else {

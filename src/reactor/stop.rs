@@ -1,6 +1,6 @@
 //! Stopping the loop: a drain, not a cut (see the module essay of
-//! [`super`]). [`Io::begin_stop`] closes the listeners and stops reading;
-//! [`Io::announce_draining`] delivers `Draining` once the decoders have handed
+//! [`super`]). [`Core::begin_stop`] closes the listeners and stops reading;
+//! [`Core::announce_draining`] delivers `Draining` once the decoders have handed
 //! over what they had read; [`Reactor::fail`] closes everything at once after
 //! a failure; [`Reactor::finish`] delivers `Stopped` and hands the last
 //! deliveries over.
@@ -13,15 +13,19 @@ use crate::message::DeliveryKind;
 use crate::sys::Selector;
 use crate::token::ConnKey;
 
-use super::{Io, Reactor};
+use super::{Core, Reactor};
 
 /// The I/O thread's wait while it cannot hand its last deliveries over.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 
 /// A stop under way.
 pub(super) struct Stopping {
-    /// When connections that still hold output are reset.
+    /// When the connections not yet closed are reset (those whose decoders
+    /// still hold messages once these are in the ring).
     pub(super) deadline: Instant,
+    /// The deadline has passed and been acted on: from then on the loop
+    /// waits for the consumer, not for the clock.
+    pub(super) overdue: bool,
     /// Every connection has been told to close (the consumer answered
     /// `Draining`, or the deadline came first).
     pub(super) closing_all: bool,
@@ -36,33 +40,33 @@ impl<S: Selector> Reactor<S> {
     /// with a reset. Connections handed to this engine and not opened yet go
     /// to the other engines instead.
     pub(crate) fn fail(&mut self, detail: String) {
-        self.io.pass_on_arrivals();
-        self.io
+        self.core.pass_on_arrivals();
+        self.core
             .emit(DeliveryKind::Failed, ConnKey::default(), None, Some(detail));
-        self.io.begin_stop(Instant::now(), false);
-        self.io.close_all();
-        self.io.abort_all(true);
+        self.core.begin_stop(Instant::now(), false);
+        self.core.close_all();
+        self.core.abort_all(true);
         self.finish();
     }
 
     /// Every connection is gone: deliver `Stopped` and hand the last
     /// deliveries over.
     pub(super) fn finish(&mut self) {
-        self.io.deadlines.clear_lingering();
-        self.io.ready.clear();
-        self.io.shared.stats().publish(&self.io.counters);
+        self.core.deadlines.clear_lingering();
+        self.core.ready.clear();
+        self.core.shared.stats().publish(&self.core.counters);
         // From here on, senders give up instead of waiting for ring space.
-        self.io.shared.finished.store(true, Release);
+        self.core.shared.finished.store(true, Release);
         // And the accepting engine serves what it would have handed over.
-        self.io.shared.close_arrivals();
-        self.io
+        self.core.shared.close_arrivals();
+        self.core
             .emit(DeliveryKind::Stopped, ConnKey::default(), None, None);
         // Keep draining commands meanwhile, so that no Python thread stays
         // blocked on a full command ring.
         loop {
-            self.io.outbox.drain_backlog();
-            self.io.publish();
-            if !self.io.outbox.has_backlog() {
+            self.core.outbox.drain_backlog();
+            self.core.publish();
+            if !self.core.outbox.has_backlog() {
                 break;
             }
             self.discard_commands();
@@ -76,11 +80,11 @@ impl<S: Selector> Reactor<S> {
     pub(super) fn discard_commands(&mut self) {
         while self.commands.take_with(|_| ()).is_some() {}
         self.commands.release();
-        self.io.shared.command_space.ring();
+        self.core.shared.command_space.ring();
     }
 }
 
-impl<S: Selector> Io<S> {
+impl<S: Selector> Core<S> {
     /// Stops accepting and reading. `announce` delivers `Draining` so that
     /// the consumer answers `Shutdown` behind its last replies.
     pub(super) fn begin_stop(&mut self, deadline: Instant, announce: bool) {
@@ -89,6 +93,7 @@ impl<S: Selector> Io<S> {
         }
         self.stopping = Some(Stopping {
             deadline,
+            overdue: false,
             closing_all: false,
             announced: !announce,
         });

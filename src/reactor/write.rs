@@ -1,5 +1,5 @@
-//! Output: the commands that send ([`Io::send_part`] gathers a message
-//! larger than a slot, [`Io::send`] writes now what the socket takes and
+//! Output: the commands that send ([`Core::send_part`] gathers a message
+//! larger than a slot, [`Core::send`] writes now what the socket takes and
 //! queues the rest), flushing the queue when the socket is writable, and what
 //! a failed write means (the peer is gone; its input is still read to its
 //! end).
@@ -12,13 +12,13 @@ use crate::close_reason::CloseReason;
 use crate::sys::{net, Selector};
 use crate::token::ConnKey;
 
-use super::Io;
+use super::Core;
 
 /// The most of one message gathered before it is written (see `send_part`).
 const MAX_GATHER: usize = 256 * 1024;
 
 /// The parts of a message larger than a slot, gathered so far, and the
-/// connection they are for (see [`Io::send_part`]).
+/// connection they are for (see [`Core::send_part`]).
 #[derive(Default)]
 pub(super) struct Gather {
     bytes: Vec<u8>,
@@ -59,7 +59,7 @@ impl Gather {
     }
 }
 
-impl<S: Selector> Io<S> {
+impl<S: Selector> Core<S> {
     /// Sends one command's part of a message. A message larger than a slot
     /// comes in consecutive commands (a sender holds the command ring for a
     /// whole message), and its parts are gathered here and written with one
