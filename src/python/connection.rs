@@ -1,4 +1,6 @@
-//! `rsepoll.Connection`: what callbacks receive for each client.
+//! `rsepoll.Connection` (`PyConnection` here, so that the name does not
+//! collide with the I/O thread's [`crate::conn::Connection`]): what callbacks
+//! receive for each client.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -21,7 +23,7 @@ use crate::token::ConnKey;
 /// returns False: a later connection that gets the same fd number is a
 /// different object with a different `id`.
 #[pyclass(frozen, dict, weakref, module = "rsepoll", name = "Connection")]
-pub struct Connection {
+pub struct PyConnection {
     pub(super) key: ConnKey,
     pub(super) server_id: u64,
     pub(super) opened: Opened,
@@ -39,7 +41,7 @@ pub struct Connection {
     loans: Weak<Loans>,
 }
 
-impl Connection {
+impl PyConnection {
     /// The handle of a connection that has just opened.
     pub(super) fn new(
         key: ConnKey,
@@ -49,7 +51,7 @@ impl Connection {
         sender: WeakSender,
         loans: Weak<Loans>,
     ) -> Self {
-        Connection {
+        PyConnection {
             key,
             server_id,
             opened,
@@ -83,7 +85,7 @@ fn address_tuple(address: Option<SocketAddr>) -> Option<(String, u16)> {
 }
 
 #[pymethods]
-impl Connection {
+impl PyConnection {
     /// Unique for the server's life (fd numbers are not).
     #[getter]
     fn id(&self) -> u64 {

@@ -17,7 +17,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
-use super::connection::Connection;
+use super::connection::PyConnection;
 use super::loans::Loans;
 use super::send::queue;
 use crate::close_reason::CloseReason;
@@ -178,7 +178,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
         if vanished {
             // The I/O thread could not report its own end: close the books here.
             self.report_error::<PyRuntimeError>("the rsepoll I/O thread exited unexpectedly");
-            let open: Vec<Py<Connection>> = self.connections.drain().collect();
+            let open: Vec<Py<PyConnection>> = self.connections.drain().collect();
             for conn in open {
                 self.close_and_report(conn);
             }
@@ -273,7 +273,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
         }
     }
 
-    fn close_and_report(&mut self, conn: Py<Connection>) {
+    fn close_and_report(&mut self, conn: Py<PyConnection>) {
         let py = self.py();
         conn.get().open.store(false, Relaxed);
         self.callback(intern!(py, "on_connection_closed"), (conn,));
@@ -359,11 +359,11 @@ struct ConnectionFactory {
 /// slot: one lookup per delivery, without hashing.
 #[derive(Default)]
 struct Connections {
-    by_engine: Vec<Vec<Option<Py<Connection>>>>,
+    by_engine: Vec<Vec<Option<Py<PyConnection>>>>,
 }
 
 impl Connections {
-    fn slot(&mut self, key: ConnKey) -> &mut Option<Py<Connection>> {
+    fn slot(&mut self, key: ConnKey) -> &mut Option<Py<PyConnection>> {
         let engine = usize::from(key.engine);
         if self.by_engine.len() <= engine {
             self.by_engine.resize_with(engine + 1, Vec::new);
@@ -377,7 +377,7 @@ impl Connections {
     }
 
     /// The connection `key` names, if it is open.
-    fn get(&self, py: Python<'_>, key: ConnKey) -> Option<Py<Connection>> {
+    fn get(&self, py: Python<'_>, key: ConnKey) -> Option<Py<PyConnection>> {
         self.by_engine
             .get(usize::from(key.engine))?
             .get(key.index as usize)?
@@ -386,23 +386,23 @@ impl Connections {
             .map(|c| c.clone_ref(py))
     }
 
-    fn iter(&self) -> impl Iterator<Item = &Py<Connection>> {
+    fn iter(&self) -> impl Iterator<Item = &Py<PyConnection>> {
         self.by_engine.iter().flatten().flatten()
     }
 
-    fn drain(&mut self) -> impl Iterator<Item = Py<Connection>> + '_ {
+    fn drain(&mut self) -> impl Iterator<Item = Py<PyConnection>> + '_ {
         self.by_engine.drain(..).flatten().flatten()
     }
 }
 
 /// A delivery, read out of its slot.
 enum Item<'py> {
-    Opened(Py<Connection>),
-    Data(Py<Connection>, Bound<'py, PyBytes>),
-    Eof(Py<Connection>),
-    Closed(Py<Connection>, CloseReason),
+    Opened(Py<PyConnection>),
+    Data(Py<PyConnection>, Bound<'py, PyBytes>),
+    Eof(Py<PyConnection>),
+    Closed(Py<PyConnection>, CloseReason),
     Error(String),
-    TooLarge(Py<Connection>, String),
+    TooLarge(Py<PyConnection>, String),
     Failed(String),
     Nothing,
 }
@@ -420,7 +420,7 @@ impl<'py> Item<'py> {
                 let Some(opened) = delivery.opened.clone() else {
                     return Item::Nothing;
                 };
-                let conn = Connection::new(
+                let conn = PyConnection::new(
                     key,
                     factory.server_id,
                     opened,

@@ -5,7 +5,7 @@
 //! - [`dispatch::Dispatcher`] is the loop `listen()` runs on the calling
 //!   thread: it turns each delivery into a call of the instance's callback
 //!   method, so overrides in Python subclasses are honoured;
-//! - [`connection::Connection`] is the handle callbacks receive;
+//! - [`connection::PyConnection`] (`rsepoll.Connection` in Python) is the handle callbacks receive;
 //! - [`loans::Loans`] keeps large `bytes` payloads alive while the I/O thread
 //!   writes them from where they are;
 //! - [`listener::ListenerSocket`] and `make_listener_socket` make listening
@@ -32,7 +32,7 @@ fn _rsepoll(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust `log` records (warnings from the I/O thread) go to Python's logging.
     let _ = pyo3_log::try_init();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add_class::<connection::Connection>()?;
+    m.add_class::<connection::PyConnection>()?;
     m.add_class::<listener::ListenerSocket>()?;
     m.add_class::<server::ServerCore>()?;
     m.add_function(wrap_pyfunction!(listener::make_listener_socket, m)?)?;

@@ -9,7 +9,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyMemoryView, PyString};
 
-use super::connection::Connection;
+use super::connection::PyConnection;
 use super::loans::{Loans, LEND_MIN};
 use crate::framing::{self, Envelope, Framing};
 use crate::server::{Request, SendError, Sender};
@@ -18,7 +18,7 @@ use crate::server::{Request, SendError, Sender};
 /// `ServerCore.send_message`.
 pub(super) fn message(
     py: Python<'_>,
-    conn: &Connection,
+    conn: &PyConnection,
     data: &Bound<'_, PyAny>,
 ) -> PyResult<bool> {
     let payload = Payload::extract(data)?;
@@ -57,7 +57,7 @@ pub(super) fn message(
 /// Python threads and can never deadlock with a thread that holds the ring's
 /// lock. Returns whether it was queued: not once the connection's close was
 /// requested (see `Sender::request`), nor once the server has stopped.
-pub(super) fn queue(py: Python<'_>, conn: &Connection, request: Request<'_>) -> bool {
+pub(super) fn queue(py: Python<'_>, conn: &PyConnection, request: Request<'_>) -> bool {
     // Counted before it is queued: the I/O thread subtracts once it is written.
     let sending = match request {
         Request::Send(bytes) => bytes.len(),
@@ -75,7 +75,7 @@ pub(super) fn queue(py: Python<'_>, conn: &Connection, request: Request<'_>) -> 
 /// alive until the I/O thread is done with it. Otherwise as [`queue`].
 fn lend(
     py: Python<'_>,
-    conn: &Connection,
+    conn: &PyConnection,
     envelope: Option<&Envelope>,
     object: &Bound<'_, PyBytes>,
     loans: &Loans,
@@ -104,7 +104,7 @@ fn lend(
 /// queued.
 fn submit<T: Send>(
     py: Python<'_>,
-    conn: &Connection,
+    conn: &PyConnection,
     sending: usize,
     push: impl Fn(&Sender, bool) -> Result<T, SendError> + Sync,
 ) -> Option<T> {

@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use socket2::Socket;
 
-use super::connection::Connection;
+use super::connection::PyConnection;
 use super::dispatch::{Dispatcher, RunState};
 use super::listener::ListenerSocket;
 use super::send;
@@ -251,7 +251,7 @@ impl ServerCore {
     fn send_message(
         &self,
         py: Python<'_>,
-        conn: &Bound<'_, Connection>,
+        conn: &Bound<'_, PyConnection>,
         data: &Bound<'_, PyAny>,
     ) -> PyResult<bool> {
         send::message(py, self.own_connection(conn)?, data)
@@ -264,7 +264,7 @@ impl ServerCore {
     fn close_connection(
         &self,
         py: Python<'_>,
-        conn: &Bound<'_, Connection>,
+        conn: &Bound<'_, PyConnection>,
         abort: bool,
     ) -> PyResult<bool> {
         let conn = self.own_connection(conn)?;
@@ -282,14 +282,14 @@ impl ServerCore {
     /// Stops reading `conn` until `resume_reading(conn)`: TCP then slows the
     /// client. Input already read is still delivered, and a reset ends the
     /// connection at once. Returns False if `conn` has closed.
-    fn pause_reading(&self, py: Python<'_>, conn: &Bound<'_, Connection>) -> PyResult<bool> {
+    fn pause_reading(&self, py: Python<'_>, conn: &Bound<'_, PyConnection>) -> PyResult<bool> {
         let conn = self.own_connection(conn)?;
         Ok(conn.open.load(Relaxed) && send::queue(py, conn, Request::PauseReading))
     }
 
     /// Reads `conn` again after `pause_reading(conn)`. Returns False if `conn`
     /// has closed.
-    fn resume_reading(&self, py: Python<'_>, conn: &Bound<'_, Connection>) -> PyResult<bool> {
+    fn resume_reading(&self, py: Python<'_>, conn: &Bound<'_, PyConnection>) -> PyResult<bool> {
         let conn = self.own_connection(conn)?;
         Ok(conn.open.load(Relaxed) && send::queue(py, conn, Request::ResumeReading))
     }
@@ -328,7 +328,7 @@ impl ServerCore {
         }
     }
 
-    fn own_connection<'a>(&self, conn: &'a Bound<'_, Connection>) -> PyResult<&'a Connection> {
+    fn own_connection<'a>(&self, conn: &'a Bound<'_, PyConnection>) -> PyResult<&'a PyConnection> {
         let conn = conn.get();
         if conn.server_id != self.id {
             return Err(PyValueError::new_err(

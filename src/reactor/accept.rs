@@ -4,12 +4,14 @@
 
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
 use crate::close_reason::CloseReason;
 use crate::message::{DeliveryKind, Opened};
+use crate::shared::Shared;
 use crate::sys::{net, Selector};
 use crate::token::{ConnKey, Token};
 
@@ -22,24 +24,24 @@ const ACCEPT_BUDGET: usize = 128;
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// A listening socket and what the loop owes it.
-pub(super) struct Listener {
-    pub(super) socket: Socket,
+struct Listener {
+    socket: Socket,
     /// Connections may be waiting: the last accept stopped before `EAGAIN`.
-    pub(super) pending: bool,
+    pending: bool,
     /// Accepting failed for lack of resources; try again at this time.
-    pub(super) retry_at: Option<Instant>,
+    retry_at: Option<Instant>,
 }
 
 /// Lets a report through at most once a second.
 #[derive(Default)]
-pub(super) struct Throttle {
+struct Throttle {
     /// When a report last went through.
     last: Option<Instant>,
 }
 
 impl Throttle {
     /// True if a report may go out `now`, which then counts as the last.
-    pub(super) fn allows(&mut self, now: Instant) -> bool {
+    fn allows(&mut self, now: Instant) -> bool {
         if self
             .last
             .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
@@ -51,22 +53,127 @@ impl Throttle {
     }
 }
 
+/// What accepting needs (the first engine's listeners; every engine's
+/// hand-over list), owned here: the rest of the loop asks through methods.
+pub(super) struct Acceptor {
+    listeners: Vec<Listener>,
+    /// Every engine of the server, this one included: the one with the
+    /// listeners hands accepted connections to each in turn.
+    engines: Arc<[Arc<Shared>]>,
+    /// The engine the next accepted connection goes to.
+    next_engine: usize,
+    /// Connections handed to this engine, being opened (a buffer kept).
+    arrivals: Vec<Socket>,
+    /// Connections beyond this many are turned away.
+    max_connections: usize,
+    /// Turned away since the last report.
+    unreported_rejections: u64,
+    rejections: Throttle,
+    accept_errors: Throttle,
+    /// A file descriptor kept in reserve: when accepting fails for lack of
+    /// descriptors, closing it lets the loop accept the queued clients and
+    /// close them at once, instead of leaving them waiting.
+    reserve: Option<net::ReserveFd>,
+}
+
+impl Acceptor {
+    /// Registers `listeners` with `selector`; the engine with listeners
+    /// also keeps a descriptor in reserve.
+    pub(super) fn new(
+        listeners: Vec<Socket>,
+        selector: &impl Selector,
+        engines: Arc<[Arc<Shared>]>,
+        max_connections: usize,
+    ) -> io::Result<Acceptor> {
+        let mut registered = Vec::with_capacity(listeners.len());
+        for (index, socket) in listeners.into_iter().enumerate() {
+            socket.set_nonblocking(true)?;
+            selector.register(&socket, Token::listener(index), READABLE)?;
+            registered.push(Listener {
+                socket,
+                // Connections may have queued before registration.
+                pending: true,
+                retry_at: None,
+            });
+        }
+        let reserve = if registered.is_empty() {
+            None
+        } else {
+            net::ReserveFd::open()
+        };
+        Ok(Acceptor {
+            listeners: registered,
+            engines,
+            next_engine: 0,
+            arrivals: Vec::new(),
+            max_connections,
+            unreported_rejections: 0,
+            rejections: Throttle::default(),
+            accept_errors: Throttle::default(),
+            reserve,
+        })
+    }
+
+    /// True if the poller's report for listener `index` is to be acted on:
+    /// it is open and not waiting out an accept failure.
+    pub(super) fn may_accept(&self, index: usize) -> bool {
+        self.listeners
+            .get(index)
+            .is_some_and(|listener| listener.retry_at.is_none())
+    }
+
+    /// True if a listener may have connections waiting that no new report
+    /// will announce.
+    pub(super) fn has_pending(&self) -> bool {
+        self.listeners.iter().any(|listener| listener.pending)
+    }
+
+    /// When the next accept failure has been waited out, if one is.
+    pub(super) fn next_retry(&self) -> Option<Instant> {
+        self.listeners.iter().filter_map(|l| l.retry_at).min()
+    }
+}
+
 impl<S: Selector> Core<S> {
+    /// Accepts from the listeners that have connections waiting, and from
+    /// those whose accept failure has been waited out by `now`.
+    pub(super) fn accept_pending(&mut self, now: Instant) {
+        for index in 0..self.acceptor.listeners.len() {
+            let listener = &mut self.acceptor.listeners[index];
+            if listener.retry_at.is_some_and(|at| at <= now) {
+                listener.retry_at = None;
+                listener.pending = true;
+            }
+            if self.acceptor.listeners[index].pending {
+                self.accept_from(index);
+            }
+        }
+    }
+
+    /// Closes the listeners: new connections are refused from here on.
+    pub(super) fn close_listeners(&mut self) {
+        for listener in self.acceptor.listeners.drain(..) {
+            let _ = self.selector.deregister(&listener.socket);
+        }
+    }
+
     pub(super) fn accept_from(&mut self, index: usize) {
         for _ in 0..ACCEPT_BUDGET {
             // An accepted connection needs a slot for its `Opened`.
             if !self.outbox.has_slot() {
-                self.listeners[index].pending = true;
+                self.acceptor.listeners[index].pending = true;
                 return;
             }
-            match net::accept(&self.listeners[index].socket) {
-                Ok(socket) if self.shared.hub.open.load(Relaxed) >= self.max_connections => {
+            match net::accept(&self.acceptor.listeners[index].socket) {
+                Ok(socket)
+                    if self.shared.hub.open.load(Relaxed) >= self.acceptor.max_connections =>
+                {
                     drop(socket);
                     self.reject(CloseReason::Limit);
                 }
                 Ok(socket) => self.hand_out(socket),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.listeners[index].pending = false;
+                    self.acceptor.listeners[index].pending = false;
                     return self.rearm_listener(index);
                 }
                 Err(e) if net::is_transient_accept_error(&e) => {}
@@ -77,7 +184,7 @@ impl<S: Selector> Core<S> {
                     if net::is_out_of_descriptors(&e) {
                         self.turn_away_queued(index);
                     }
-                    let listener = &mut self.listeners[index];
+                    let listener = &mut self.acceptor.listeners[index];
                     listener.pending = false;
                     listener.retry_at = Some(Instant::now() + ACCEPT_RETRY);
                     self.report_accept_error(e);
@@ -85,18 +192,18 @@ impl<S: Selector> Core<S> {
                 }
             }
         }
-        self.listeners[index].pending = true;
+        self.acceptor.listeners[index].pending = true;
     }
 
     /// Out of descriptors: frees the reserve one, accepts and closes the
     /// clients queued on listener `index` (so they hear at once instead of
     /// waiting), then takes the reserve again.
     pub(super) fn turn_away_queued(&mut self, index: usize) {
-        if self.reserve.take().is_none() {
+        if self.acceptor.reserve.take().is_none() {
             return;
         }
         for _ in 0..ACCEPT_BUDGET {
-            match net::accept(&self.listeners[index].socket) {
+            match net::accept(&self.acceptor.listeners[index].socket) {
                 Ok(socket) => {
                     drop(socket);
                     self.counters.rejected(CloseReason::Limit);
@@ -105,27 +212,27 @@ impl<S: Selector> Core<S> {
                 Err(_) => break,
             }
         }
-        self.reserve = net::ReserveFd::open();
+        self.acceptor.reserve = net::ReserveFd::open();
     }
 
     /// Counts a connection turned away at `max_connections`, and reports
     /// the count at most once a second.
     pub(super) fn reject(&mut self, reason: CloseReason) {
         self.counters.rejected(reason);
-        self.unreported_rejections += 1;
-        if !self.rejections.allows(Instant::now()) {
+        self.acceptor.unreported_rejections += 1;
+        if !self.acceptor.rejections.allows(Instant::now()) {
             return;
         }
         let detail = format!(
             "max_connections ({}) reached: turned away {} connection(s)",
-            self.max_connections, self.unreported_rejections
+            self.acceptor.max_connections, self.acceptor.unreported_rejections
         );
-        self.unreported_rejections = 0;
+        self.acceptor.unreported_rejections = 0;
         self.emit(DeliveryKind::Error, ConnKey::default(), None, Some(detail));
     }
 
     pub(super) fn rearm_listener(&mut self, index: usize) {
-        let listener = &self.listeners[index];
+        let listener = &self.acceptor.listeners[index];
         let _ = self
             .selector
             .set_interest(&listener.socket, Token::listener(index), READABLE);
@@ -133,7 +240,7 @@ impl<S: Selector> Core<S> {
 
     /// Reports a failed accept, at most once a second.
     pub(super) fn report_accept_error(&mut self, error: io::Error) {
-        if !self.accept_errors.allows(Instant::now()) {
+        if !self.acceptor.accept_errors.allows(Instant::now()) {
             return;
         }
         let detail = format!("accepting a connection failed: {error}");
@@ -146,11 +253,11 @@ impl<S: Selector> Core<S> {
     /// lock taken per connection, never per message.
     pub(super) fn hand_out(&mut self, socket: Socket) {
         self.shared.hub.open.fetch_add(1, Relaxed);
-        let target = self.next_engine;
-        self.next_engine = (target + 1) % self.engines.len();
+        let target = self.acceptor.next_engine;
+        self.acceptor.next_engine = (target + 1) % self.acceptor.engines.len();
         if target == usize::from(self.shared.engine) {
             self.open(socket);
-        } else if let Err(socket) = self.engines[target].hand_over(socket) {
+        } else if let Err(socket) = self.acceptor.engines[target].hand_over(socket) {
             // That engine's loop has ended (it failed, or finished a stop
             // this one has not seen yet): serve it here.
             self.open(socket);
@@ -160,7 +267,7 @@ impl<S: Selector> Core<S> {
     /// Opens the connections other engines handed to this one; while
     /// stopping, closes them instead (the application never heard of them).
     pub(super) fn open_arrivals(&mut self) {
-        let mut arrivals = std::mem::take(&mut self.arrivals);
+        let mut arrivals = std::mem::take(&mut self.acceptor.arrivals);
         self.shared.take_arrivals(&mut arrivals);
         for socket in arrivals.drain(..) {
             if self.reading() {
@@ -170,7 +277,7 @@ impl<S: Selector> Core<S> {
                 self.counters.rejected(CloseReason::Shutdown);
             }
         }
-        self.arrivals = arrivals;
+        self.acceptor.arrivals = arrivals;
     }
 
     /// Refuses hand-overs from now on, and deals the connections handed to
@@ -180,7 +287,7 @@ impl<S: Selector> Core<S> {
     pub(super) fn pass_on_arrivals(&mut self) {
         for socket in self.shared.arrivals.close() {
             let mut socket = Some(socket);
-            for engine in self.engines.iter() {
+            for engine in self.acceptor.engines.iter() {
                 if engine.engine == self.shared.engine {
                     continue;
                 }

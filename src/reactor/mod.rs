@@ -27,7 +27,9 @@
 //! holds messages is reset once they are in the ring (the deadline cuts
 //! output, never input already read).
 //!
-//! The loop's state is one struct, [`Core`]; its methods live in child files by
+//! The loop's state is one struct, [`Core`], its fields grouped by owner
+//! (`Outbox`, `Acceptor`, `Deadlines`, `Settings`, `Gather`, the connection
+//! table); its methods live in child files by
 //! concern, each an `impl` block of its own (as tokio's worker does with
 //! `worker/metrics.rs`): [`accept`] (listeners, limits, dealing connections
 //! out), [`read`] (raw input and the ready list), [`framed`] (decoders and
@@ -52,7 +54,7 @@ use crate::message::{Command, CommandKind, Delivery};
 use crate::ring::{Consumer, Producer};
 use crate::shared::Shared;
 use crate::stats::Counters;
-use crate::sys::{net, Event, Interest, Selector};
+use crate::sys::{Event, Interest, Selector};
 use crate::token::{id_matches, ConnKey, Target, Token};
 
 mod accept;
@@ -65,7 +67,7 @@ mod stop;
 mod thread;
 mod write;
 
-use accept::{Listener, Throttle};
+use accept::Acceptor;
 use deadlines::{Deadline, Deadlines};
 use outbox::Outbox;
 use stop::Stopping;
@@ -107,15 +109,9 @@ struct Core<S: Selector> {
     shared: Arc<Shared>,
     /// The delivery ring and what may go into it.
     outbox: Outbox,
-    listeners: Vec<Listener>,
+    /// The listeners and the dealing of new connections to the engines.
+    acceptor: Acceptor,
     table: ConnectionTable,
-    /// Every engine of the server, this one included: the one with the
-    /// listeners hands accepted connections to each in turn.
-    engines: Arc<[Arc<Shared>]>,
-    /// The engine the next accepted connection goes to.
-    next_engine: usize,
-    /// Connections handed to this engine, being opened.
-    arrivals: Vec<Socket>,
     /// Connections with unread input, served round-robin.
     ready: VecDeque<ConnKey>,
     events: Vec<Event>,
@@ -123,8 +119,6 @@ struct Core<S: Selector> {
     scratch: Box<[u8]>,
     /// The parts of a message larger than a slot, gathered so far.
     gather: Gather,
-    /// Accept errors are reported at most once a second.
-    accept_errors: Throttle,
     /// Set once a stop has begun.
     stopping: Option<Stopping>,
     /// What the configuration fixed.
@@ -133,15 +127,6 @@ struct Core<S: Selector> {
     deadlines: Deadlines,
     /// The time this turn's work started.
     now: Instant,
-    /// Connections beyond this many are turned away.
-    max_connections: usize,
-    /// Turned away since the last report, reported at most once a second.
-    unreported_rejections: u64,
-    rejections: Throttle,
-    /// A file descriptor kept in reserve: when accepting fails for lack of
-    /// descriptors, closing it lets the loop accept the queued clients and
-    /// close them at once, instead of leaving them waiting.
-    reserve: Option<net::ReserveFd>,
     /// What this thread counts; copied to `shared.stats` once per turn.
     counters: Counters,
 }
@@ -202,45 +187,23 @@ impl<S: Selector> Reactor<S> {
         commands: Consumer<Command>,
         listeners: Vec<Socket>,
     ) -> io::Result<Self> {
-        let mut core = Core {
+        let acceptor = Acceptor::new(listeners, &selector, engines, config.max_connections)?;
+        let core = Core {
             selector,
             shared: Arc::clone(&shared),
             outbox: Outbox::new(config, deliveries),
-            listeners: Vec::with_capacity(listeners.len()),
+            acceptor,
             table: ConnectionTable::new(shared.engine),
-            engines,
-            next_engine: 0,
-            arrivals: Vec::new(),
             ready: VecDeque::with_capacity(1024),
             events: Vec::with_capacity(1024),
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
             gather: Gather::default(),
-            accept_errors: Throttle::default(),
             stopping: None,
             settings: Settings::new(config),
             deadlines: Deadlines::new(config),
             now: Instant::now(),
-            max_connections: config.max_connections,
-            unreported_rejections: 0,
-            rejections: Throttle::default(),
-            // Only the engine that accepts needs one (see `turn_away_queued`).
-            reserve: None,
             counters: Counters::default(),
         };
-        for (index, socket) in listeners.into_iter().enumerate() {
-            socket.set_nonblocking(true)?;
-            core.selector
-                .register(&socket, Token::listener(index), READABLE)?;
-            core.listeners.push(Listener {
-                socket,
-                // Connections may have queued before registration.
-                pending: true,
-                retry_at: None,
-            });
-        }
-        if !core.listeners.is_empty() {
-            core.reserve = net::ReserveFd::open();
-        }
         Ok(Reactor { commands, core })
     }
 
@@ -382,12 +345,11 @@ impl<S: Selector> Core<S> {
         for i in 0..self.events.len() {
             let event = self.events[i];
             match event.token.target() {
-                Target::Listener(index) if index < self.listeners.len() => {
-                    if self.listeners[index].retry_at.is_none() {
+                Target::Listener(index) => {
+                    if self.acceptor.may_accept(index) {
                         self.accept_from(index);
                     }
                 }
-                Target::Listener(_) => {}
                 Target::Connection { index, id_bits } => {
                     let Some(conn) = self.table.slot_mut(index) else {
                         continue;
@@ -424,17 +386,7 @@ impl<S: Selector> Core<S> {
         self.outbox.drain_backlog();
         self.settle();
         self.outbox.unblock();
-        let now = Instant::now();
-        for index in 0..self.listeners.len() {
-            let listener = &mut self.listeners[index];
-            if listener.retry_at.is_some_and(|at| at <= now) {
-                listener.retry_at = None;
-                listener.pending = true;
-            }
-            if self.listeners[index].pending {
-                self.accept_from(index);
-            }
-        }
+        self.accept_pending(Instant::now());
         for _ in 0..self.ready.len() {
             if !self.outbox.has_slot() {
                 break;
@@ -457,9 +409,7 @@ impl<S: Selector> Core<S> {
     /// deliveries, connections with unread input, listeners with pending
     /// connections.
     fn has_deferred_work(&self) -> bool {
-        self.outbox.has_backlog()
-            || !self.ready.is_empty()
-            || self.listeners.iter().any(|l| l.pending)
+        self.outbox.has_backlog() || !self.ready.is_empty() || self.acceptor.has_pending()
     }
 
     fn poll_timeout(&mut self) -> Option<Duration> {
@@ -471,7 +421,7 @@ impl<S: Selector> Core<S> {
             .deadlines
             .next()
             .into_iter()
-            .chain(self.listeners.iter().filter_map(|l| l.retry_at))
+            .chain(self.acceptor.next_retry())
             // Until the turn that acts on it: a deadline that passed during
             // this turn gives a zero timeout, not a missed one. Once acted
             // on, what is left waits for the consumer, which wakes this thread.

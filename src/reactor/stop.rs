@@ -98,9 +98,7 @@ impl<S: Selector> Core<S> {
             announced: !announce,
         });
         // New connections are refused from here on.
-        for listener in self.listeners.drain(..) {
-            let _ = self.selector.deregister(&listener.socket);
-        }
+        self.close_listeners();
         // One-shot registrations stop watching input that will not be read.
         let keys: Vec<ConnKey> = self.table.keys().collect();
         for key in keys {
