@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+from typing import Any
 
 import pytest
 import rsepoll
@@ -127,6 +128,37 @@ def test_a_stop_delivers_what_a_held_framed_connection_had_read(hold: str) -> No
     assert received == payload.splitlines()
 
 
+class Pausing(rsepoll.Server):
+    """Pauses every connection as it opens, and records what reaches it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.received: list[bytes] = []
+        self.reasons: list[str | None] = []
+        self.opened = threading.Event()
+
+    def on_connection_opened(self, conn: rsepoll.Connection) -> None:
+        self.conn = conn
+        self.pause_reading(conn)
+        self.opened.set()
+
+    def on_message_received(self, conn: rsepoll.Connection, data: bytes) -> None:
+        self.received.append(data)
+
+    def on_connection_closed(self, conn: rsepoll.Connection) -> None:
+        self.reasons.append(conn.close_reason)
+
+
+def reset_a_paused_connection(port: int, server: Pausing) -> None:
+    """Sends some input to a paused connection, then resets it."""
+    client = connect(port)
+    assert server.opened.wait(5)
+    client.sendall(b"before the reset")
+    time.sleep(0.2)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    client.close()
+
+
 @needs_visible_resets
 @pytest.mark.skipif(
     sys.platform == "darwin",
@@ -136,32 +168,11 @@ def test_a_stop_delivers_what_a_held_framed_connection_had_read(hold: str) -> No
 def test_a_paused_connection_reports_a_reset_after_the_input_before_it() -> None:
     """A paused connection whose peer resets is reported closed while still
     paused, after the input sent before the reset."""
-    received: list[bytes] = []
-    reasons: list[str | None] = []
-    opened = threading.Event()
-
-    class Pausing(rsepoll.Server):
-        def on_connection_opened(self, conn: rsepoll.Connection) -> None:
-            self.conn = conn
-            self.pause_reading(conn)
-            opened.set()
-
-        def on_message_received(self, conn: rsepoll.Connection, data: bytes) -> None:
-            received.append(data)
-
-        def on_connection_closed(self, conn: rsepoll.Connection) -> None:
-            reasons.append(conn.close_reason)
-
     with running(Pausing) as (server, port):
-        client = connect(port)
-        assert opened.wait(5)
-        client.sendall(b"before the reset")
-        time.sleep(0.2)
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-        client.close()
-        assert wait_until(lambda: reasons, 5.0), "a reset went unreported while paused"
-        assert b"".join(received) == b"before the reset"
-        assert reasons == ["reset"]
+        reset_a_paused_connection(port, server)
+        assert wait_until(lambda: server.reasons, 5.0), "a reset went unreported while paused"
+        assert b"".join(server.received) == b"before the reset"
+        assert server.reasons == ["reset"]
         assert server.conn.is_open is False
         assert server.send_message(server.conn, b"late") is False
         assert wait_until(lambda: server.stats()["connections_open"] == 0, 5.0)
@@ -310,31 +321,10 @@ def test_a_second_ctrl_c_cuts_the_stop_short(tmp_path) -> None:
 def test_a_paused_connection_on_macos_reports_a_reset_on_resume() -> None:
     """What the README says of macOS: a paused connection's reset is noticed
     once reading resumes, after the input sent before it."""
-    received: list[bytes] = []
-    reasons: list[str | None] = []
-    opened = threading.Event()
-
-    class Pausing(rsepoll.Server):
-        def on_connection_opened(self, conn: rsepoll.Connection) -> None:
-            self.conn = conn
-            self.pause_reading(conn)
-            opened.set()
-
-        def on_message_received(self, conn: rsepoll.Connection, data: bytes) -> None:
-            received.append(data)
-
-        def on_connection_closed(self, conn: rsepoll.Connection) -> None:
-            reasons.append(conn.close_reason)
-
     with running(Pausing) as (server, port):
-        client = connect(port)
-        assert opened.wait(5)
-        client.sendall(b"before the reset")
-        time.sleep(0.2)
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-        client.close()
+        reset_a_paused_connection(port, server)
         time.sleep(0.3)
         server.resume_reading(server.conn)
-        assert wait_until(lambda: reasons, 5.0)
-        assert b"".join(received) == b"before the reset"
-        assert reasons == ["reset"]
+        assert wait_until(lambda: server.reasons, 5.0)
+        assert b"".join(server.received) == b"before the reset"
+        assert server.reasons == ["reset"]
