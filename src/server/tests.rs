@@ -61,6 +61,23 @@ fn drain_to_stopped(running: &mut Running) -> Vec<DeliveryKind> {
     kinds
 }
 
+/// Counts the `Opened` deliveries engine 0 makes, up to `expected` or for at
+/// most 2 s. Engine 0's deliveries only: taking the other engine's `Failed`
+/// would stop the server.
+fn opened_on_engine_0(running: &mut Running, expected: usize) -> usize {
+    let mut opened = 0;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && opened < expected {
+        match running.engines[0].deliveries.take_with(|d| d.kind) {
+            Some(DeliveryKind::Opened) => opened += 1,
+            Some(_) => {}
+            None => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    running.engines[0].deliveries.release();
+    opened
+}
+
 #[test]
 fn a_panic_on_the_io_thread_is_reported_and_closes_everything() {
     for backend in [Backend::Portable, Backend::platform_default()] {
@@ -115,18 +132,7 @@ fn a_connection_dealt_to_a_finished_engine_is_served_by_a_live_one() {
     // Dealt in turn: the first to engine 0, the second to engine 1.
     let _served = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut stranded = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    // Engine 0's deliveries only: taking engine 1's `Failed` would stop
-    // the server.
-    let mut opened_on_0 = 0;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline && opened_on_0 < 2 {
-        match running.engines[0].deliveries.take_with(|d| d.kind) {
-            Some(DeliveryKind::Opened) => opened_on_0 += 1,
-            Some(_) => {}
-            None => std::thread::sleep(Duration::from_millis(5)),
-        }
-    }
-    running.engines[0].deliveries.release();
+    let opened_on_0 = opened_on_engine_0(&mut running, 2);
     stranded
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -261,18 +267,7 @@ fn connections_parked_in_an_engine_that_fails_are_served_by_a_live_one() {
             assert!(Instant::now() < deadline, "engine 1 did not end");
             std::thread::sleep(Duration::from_millis(1));
         }
-        // Engine 0's deliveries only: taking engine 1's `Failed` would
-        // stop the server.
-        let mut opened_on_0 = 0;
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline && opened_on_0 < 2 {
-            match running.engines[0].deliveries.take_with(|d| d.kind) {
-                Some(DeliveryKind::Opened) => opened_on_0 += 1,
-                Some(_) => {}
-                None => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-        running.engines[0].deliveries.release();
+        let opened_on_0 = opened_on_engine_0(&mut running, 2);
         parked
             .set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
