@@ -18,7 +18,9 @@
 //! the progress *and* the waker misses the announcement: at least one of them
 //! sees the other's store. `tests/loom.rs` checks both kinds under loom.
 //!
-//! [`Bell`] is for threads that block on a condition variable (the Python side);
+//! [`Bell`] is for threads that block on a condition variable (the Python side),
+//! or that sleep elsewhere, in an event loop, and are told through a
+//! [`Wake`] (the Python side under asyncio: [`Bell::announce`]);
 //! [`SleepFlag`] is for a thread that blocks in the poller and is woken
 //! through the poller's own waker (an eventfd on Linux). [`IoSleep`] is the I/O
 //! thread's whole handshake built on it: woken for commands by any sender, and
@@ -26,18 +28,41 @@
 //! and the consumer call exactly these methods, and `tests/loom.rs` checks
 //! them, so the model and the shipped code cannot drift apart.
 
+use std::fmt;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::sync::{fence, AtomicBool, AtomicUsize, Condvar, Mutex};
+use crate::sys::Wake;
 
 /// A condition-variable wait that any number of threads can sleep on, rung by
 /// the thread that makes their condition false.
-#[derive(Debug, Default)]
+///
+/// A thread that cannot block here, because it runs an event loop, sleeps
+/// *elsewhere*: it [announces](Bell::announce) itself as a sleeper, re-checks
+/// its condition, returns to its loop, and [retracts](Bell::retract) once
+/// the loop runs it again. A ring while it is announced is passed on to the
+/// [notifier](Bell::set_notifier) (which wakes the loop), once per
+/// announcement.
+#[derive(Default)]
 pub struct Bell {
     sleepers: AtomicUsize,
     rings: Mutex<u64>,
     cond: Condvar,
+    /// Wakes a sleeper that sleeps elsewhere.
+    notifier: Mutex<Option<Arc<dyn Wake>>>,
+    /// The notifier was called since the last announcement.
+    notified: AtomicBool,
+}
+
+impl fmt::Debug for Bell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bell")
+            .field("sleepers", &self.sleepers)
+            .field("notified", &self.notified)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Bell {
@@ -68,14 +93,44 @@ impl Bell {
         self.sleepers.fetch_sub(1, SeqCst);
     }
 
-    /// Wakes every thread in [`Bell::wait_while`]. Call it after making
-    /// progress visible; it costs one fence and one load when nobody sleeps.
+    /// Wakes every thread in [`Bell::wait_while`], and the one that sleeps
+    /// elsewhere (through the notifier, if it has not been told yet). Call it
+    /// after making progress visible; it costs one fence and one load when
+    /// nobody sleeps.
     pub fn ring(&self) {
         fence(SeqCst);
         if self.sleepers.load(Relaxed) > 0 {
             *self.rings.lock() += 1;
             self.cond.notify_all();
+            if !self.notified.swap(true, SeqCst) {
+                if let Some(notifier) = self.notifier.lock().as_ref() {
+                    // A failed wake-up cannot be helped here; the sleeper's
+                    // loop has its own timeout to fall back on.
+                    let _ = notifier.wake();
+                }
+            }
         }
+    }
+
+    /// Sets what wakes a sleeper that sleeps elsewhere (`None`: nothing).
+    pub fn set_notifier(&self, notifier: Option<Arc<dyn Wake>>) {
+        *self.notifier.lock() = notifier;
+    }
+
+    /// Sleeper elsewhere: announces a sleep. Re-check the condition after
+    /// this, as [`Bell::wait_while`] does; if it no longer holds, call
+    /// [`Bell::retract`] at once, else go to sleep in the event loop, and
+    /// call `retract` when woken (by the notifier or otherwise). Each
+    /// announcement must be retracted exactly once.
+    pub fn announce(&self) {
+        self.notified.store(false, SeqCst);
+        self.sleepers.fetch_add(1, SeqCst);
+        fence(SeqCst);
+    }
+
+    /// Sleeper elsewhere: awake again; see [`Bell::announce`].
+    pub fn retract(&self) {
+        self.sleepers.fetch_sub(1, SeqCst);
     }
 }
 

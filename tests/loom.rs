@@ -11,6 +11,7 @@
 
 use _rsepoll::handover::Arrivals;
 use _rsepoll::ring::{ring, Consumer, Producer};
+use _rsepoll::sys::Wake;
 use _rsepoll::wake::{Bell, IoSleep};
 use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
@@ -190,6 +191,56 @@ impl EventFd {
         }
         *pending = false;
     }
+}
+
+impl Wake for EventFd {
+    fn wake(&self) -> std::io::Result<()> {
+        EventFd::wake(self);
+        Ok(())
+    }
+}
+
+/// The Python side under asyncio sleeps in the event loop, not on the bell:
+/// it announces itself, re-checks the ring, and waits for the notifier (the
+/// loop's readable socket, an `EventFd` here); the I/O thread rings the bell
+/// after each publish, as always.
+#[test]
+fn a_sleeper_elsewhere_never_misses_a_publish() {
+    loom::model(|| {
+        let (mut tx, mut rx) = ring(2, || 0usize);
+        let bell = Arc::new(Bell::new());
+        // Shared through std's `Arc`, as the bell holds its notifier; the
+        // state inside is loom's.
+        let notifier = std::sync::Arc::new(EventFd::new());
+        bell.set_notifier(Some(std::sync::Arc::clone(&notifier) as std::sync::Arc<dyn Wake>));
+        let producer = {
+            let bell = Arc::clone(&bell);
+            thread::spawn(move || {
+                for value in 1..=2 {
+                    assert!(push(&mut tx, value));
+                    tx.publish();
+                    bell.ring();
+                }
+            })
+        };
+        let mut expected = 1;
+        while expected <= 2 {
+            match take(&mut rx) {
+                Some(value) => {
+                    assert_eq!(value, expected);
+                    expected += 1;
+                }
+                None => {
+                    bell.announce();
+                    if rx.is_empty() {
+                        notifier.wait();
+                    }
+                    bell.retract();
+                }
+            }
+        }
+        producer.join().unwrap();
+    });
 }
 
 /// The I/O thread's wait for commands, as `Reactor::wait` makes it: it

@@ -16,7 +16,7 @@ use crate::message::{Command, CommandKind, Delivery, DeliveryKind};
 use crate::reactor::Reactor;
 use crate::ring::{ring, Consumer};
 use crate::shared::{Hub, Shared, DEFAULT_STOP_TIMEOUT};
-use crate::sys::{Backend, Selector};
+use crate::sys::{Backend, Selector, Wake};
 use crate::token::ConnKey;
 
 /// A started server, held by the thread that consumes its deliveries.
@@ -223,13 +223,49 @@ impl Running {
 
     /// Blocks until a delivery is ready or `timeout` passes (or spuriously).
     pub fn wait(&mut self, timeout: Duration) {
+        self.wait_unless(timeout, || false);
+    }
+
+    /// Blocks until a delivery is ready, `other_work()` holds, or `timeout`
+    /// passes (or spuriously). Whoever makes `other_work()` true must then
+    /// call [`Sender::ring_consumer`].
+    pub fn wait_unless(&mut self, timeout: Duration, other_work: impl Fn() -> bool) {
         let Running {
             engines, sender, ..
         } = self;
-        sender
-            .hub()
-            .deliveries
-            .wait_while(|| engines.iter_mut().all(Engine::is_quiet), Some(timeout));
+        sender.hub().deliveries.wait_while(
+            || engines.iter_mut().all(Engine::is_quiet) && !other_work(),
+            Some(timeout),
+        );
+    }
+
+    /// For a consumer that sleeps in an event loop rather than in
+    /// [`Running::wait`]: `notifier` wakes it, once per sleep, when a
+    /// delivery is ready or the consumer is rung.
+    pub fn set_notifier(&self, notifier: Option<Arc<dyn Wake>>) {
+        self.sender.hub().deliveries.set_notifier(notifier);
+    }
+
+    /// Prepares to sleep in an event loop: true if the consumer may (nothing
+    /// ready, `other_work()` false), and is then announced, so the notifier
+    /// will wake it; call [`Running::end_sleep`] when the loop runs it again.
+    /// False if there is something to do now (no sleep to end).
+    pub fn begin_sleep(&mut self, other_work: impl Fn() -> bool) -> bool {
+        let Running {
+            engines, sender, ..
+        } = self;
+        let bell = &sender.hub().deliveries;
+        bell.announce();
+        let quiet = engines.iter_mut().all(Engine::is_quiet) && !other_work();
+        if !quiet {
+            bell.retract();
+        }
+        quiet
+    }
+
+    /// Ends a sleep that [`Running::begin_sleep`] began.
+    pub fn end_sleep(&self) {
+        self.sender.hub().deliveries.retract();
     }
 
     /// True once the I/O thread is done with the bytes lent for `ticket`.

@@ -50,6 +50,13 @@ impl Sender {
         &self.engines[0].hub
     }
 
+    /// Wakes the consumer if it sleeps, as a delivery would: call it after
+    /// making the work its `other_work` checks visible (see
+    /// [`Running::wait_unless`](super::Running::wait_unless)).
+    pub fn ring_consumer(&self) {
+        self.hub().deliveries.ring();
+    }
+
     /// Queues `request` for `conn`. With `wait`, waits for ring space as long
     /// as needed; without, fails with [`SendError::WouldBlock`] instead.
     ///
