@@ -150,3 +150,85 @@ def test_reset_peer_with_sigpipe_default_does_not_kill_server(tmp_path):
         assert no_traceback(child.stderr), child.stderr
         child.signal(signal.SIGUSR1)
         assert child.wait(5) == 0
+
+
+SIGTERM_SCRIPT = textwrap.dedent(
+    """
+    import asyncio
+    import signal
+    import sys
+
+    import rsepoll
+
+    MODE = {mode!r}
+
+
+    def previous(signum, frame):
+        print("PREVIOUS HANDLER", flush=True)
+
+
+    class S(rsepoll.Server):
+        def on_listen_success(self):
+            print("READY", flush=True)
+
+        def on_connection_closed(self, conn):
+            print("CLOSED", conn.close_reason, flush=True)
+
+        def on_shutdown_success(self):
+            print("SHUTDOWN", flush=True)
+
+
+    server = S(framing="line")
+    listener = rsepoll.make_listener_socket(0, "127.0.0.1")
+    server.register_listener_socket(listener)
+    print("PORT", listener.port, flush=True)
+    signal.signal(signal.SIGTERM, previous)
+    if MODE == "listen":
+        server.listen()
+    elif MODE == "listen-unhandled":
+        server.listen(handle_signals=False)
+    else:
+        asyncio.run(server.serve())
+    print("RETURNED", flush=True)
+    print("RESTORED", signal.getsignal(signal.SIGTERM) is previous, flush=True)
+    """
+)
+
+
+def start_sigterm_script(tmp_path, mode):
+    script = tmp_path / "sigterm_script.py"
+    script.write_text(SIGTERM_SCRIPT.format(mode=mode))
+    child = ChildProcess([sys.executable, str(script)], cwd=str(tmp_path))
+    port = int(child.wait_for_output(r"PORT (\d+)", stream="out").group(1))
+    child.wait_for_output(r"READY", stream="out")
+    return child, port
+
+
+@pytest.mark.parametrize("mode", ["listen", "serve"])
+def test_sigterm_stops_gracefully_and_the_previous_handler_comes_back(tmp_path, mode):
+    child, port = start_sigterm_script(tmp_path, mode)
+    with child, connect(port) as c:
+        c.sendall(b"ping\n")
+        assert recv_exactly(c, 5) == b"ping\n"
+        child.signal(signal.SIGTERM)
+        assert child.wait(10) == 0, child.stderr
+        lines = child.stdout.splitlines()
+        assert lines[-4:] == ["CLOSED shutdown", "SHUTDOWN", "RETURNED", "RESTORED True"], (
+            child.stdout
+        )
+        assert "PREVIOUS HANDLER" not in lines
+        assert no_traceback(child.stderr), child.stderr
+        assert_eof(c)
+
+
+def test_listen_without_signal_handling_leaves_sigterm_to_the_application(tmp_path):
+    child, port = start_sigterm_script(tmp_path, "listen-unhandled")
+    with child, connect(port) as c:
+        child.signal(signal.SIGTERM)
+        # The application's own handler ran and the server kept serving.
+        child.wait_for_output(r"PREVIOUS HANDLER", stream="out")
+        c.sendall(b"still\n")
+        assert recv_exactly(c, 6) == b"still\n"
+        child.signal(signal.SIGINT)
+        child.wait(10)
+        assert "RETURNED" not in child.stdout.splitlines()

@@ -22,13 +22,24 @@ To serve one port from several processes (Linux), see :mod:`rsepoll.workers`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Union
 
-from ._rsepoll import Connection, ListenerSocket, ServerCore, __version__, make_listener_socket
+from ._rsepoll import (
+    Connection,
+    ListenerSocket,
+    ServerCore,
+    TimerHandle,
+    __version__,
+    make_listener_socket,
+)
 
 __all__ = [
     "Connection",
@@ -36,6 +47,7 @@ __all__ = [
     "MessageTooLarge",
     "ProtocolError",
     "Server",
+    "TimerHandle",
     "__version__",
     "make_listener_socket",
 ]
@@ -201,7 +213,45 @@ class Server(ServerCore):
         self._add_listener_fd(sock.fileno())
         return True
 
-    # Callbacks. All run on the thread that called listen().
+    def listen(self, timeout: int = 1000, *, handle_signals: bool = True) -> None:
+        """Serves the registered listeners on this thread until the server stops.
+
+        It stops on :meth:`stop_server`, on Ctrl-C (which stops as
+        ``stop_server()`` does, then raises ``KeyboardInterrupt``; a second
+        Ctrl-C resets what is still open), on ``KeyboardInterrupt`` or
+        ``SystemExit`` from a callback (raised once the server has stopped),
+        and, with ``handle_signals`` on the main thread, on SIGTERM, which
+        stops as ``stop_server()`` does and lets ``listen()`` return normally.
+        The previous SIGTERM handler is put back when ``listen()`` returns;
+        ``handle_signals=False`` leaves signals alone.
+
+        ``timeout`` is the pace, in milliseconds, of
+        :meth:`on_waiting_for_activity`.
+        """
+        with _sigterm_stops(self, handle_signals):
+            super().listen(timeout)
+
+    async def serve(self, timeout: int = 1000, *, handle_signals: bool = True) -> None:
+        """Serves the registered listeners inside the running asyncio event loop.
+
+        ``await server.serve()`` is :meth:`listen` for asyncio programs: the
+        callbacks, timers and ``call_soon_threadsafe`` calls run on the
+        loop's thread, between the loop's other callbacks, so they may use
+        ``asyncio.get_running_loop()``, create tasks, and so on (but must not
+        block it). It returns once the server has stopped: after
+        :meth:`stop_server`, or SIGTERM with ``handle_signals`` (through the
+        loop's signal handling where it has one). Cancelling the task that
+        awaits it stops the server the same way, then lets the cancellation
+        through. Works with the standard loops and uvloop; a loop without
+        ``add_reader`` (Windows' Proactor loop) is woken through a helper
+        thread.
+        """
+        from ._serving import serve
+
+        await serve(self, timeout, handle_signals)
+
+    # Callbacks. All run on the thread that called listen() (or the event
+    # loop's, under serve()).
 
     def on_listen_success(self) -> None:
         """The server is serving its listeners."""
@@ -242,6 +292,21 @@ class Server(ServerCore):
     def on_shutdown_success(self) -> None:
         """The server has stopped: every connection was closed and reported."""
         logger.debug("shut down")
+
+
+@contextlib.contextmanager
+def _sigterm_stops(server: Server, enabled: bool) -> Iterator[None]:
+    """While the block runs, SIGTERM calls ``server.stop_server()`` (on the main
+    thread, when ``enabled``); the previous handler is put back after."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: server.stop_server())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _io_threads(io_threads: int | str | None) -> int:

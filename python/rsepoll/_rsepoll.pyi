@@ -9,12 +9,31 @@ from typing_extensions import disjoint_base, final
 __all__ = [
     "Connection",
     "ListenerSocket",
+    "ServeSession",
     "ServerCore",
+    "TimerHandle",
     "__version__",
     "make_listener_socket",
     "run_bench",
 ]
 __version__: str
+
+@final
+class TimerHandle:
+    """A callback scheduled with ``call_later`` or ``call_at``."""
+    def cancel(self) -> None:
+        """Cancels the call if it has not run yet; does nothing otherwise."""
+    def cancelled(self) -> bool:
+        """True once ``cancel()`` was called."""
+    def when(self) -> float:
+        """When the call is due, on the clock of ``Server.time()``."""
+
+@final
+class ServeSession:
+    """A server running under an asyncio event loop (see ``Server.serve``)."""
+    def turn(self) -> float | None: ...
+    def interrupt(self, error: BaseException) -> None: ...
+    def finish(self) -> None: ...
 
 @final
 class Connection:
@@ -143,6 +162,16 @@ class ServerCore:
         """Serves until stop_server(), Ctrl-C, or KeyboardInterrupt/SystemExit
         from a callback (each stops as stop_server() does; a second one resets
         what is still open); ``timeout`` (ms) paces on_waiting_for_activity."""
+    def _serve_session(self, wake_fd: int, timeout: int = 1000) -> ServeSession: ...
+    def time(self) -> float:
+        """The timers' clock: monotonic seconds from an arbitrary origin."""
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> TimerHandle:
+        """Runs ``callback(*args)`` on the listening thread ``delay`` seconds from now."""
+    def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> TimerHandle:
+        """Runs ``callback(*args)`` on the listening thread once ``time()`` reaches ``when``."""
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any) -> bool:
+        """Runs ``callback(*args)`` on the listening thread soon; from any thread.
+        False, running nothing, once the server has stopped."""
     def send_message(self, conn: Connection, data: bytes | bytearray | memoryview | str) -> bool:
         """Queues ``data`` for ``conn``; False if it has closed or is closing."""
     def close_connection(self, conn: Connection, abort: bool = False) -> bool:

@@ -126,7 +126,7 @@ def _run(
     # before listen() makes listen() stop at once.
     stopper.server = server
     _tell(ready_fd, "ready")
-    server.listen()
+    server.listen(handle_signals=False)
     return 0
 
 

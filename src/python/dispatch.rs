@@ -1,31 +1,35 @@
-//! The loop `listen()` runs on the calling thread: it takes deliveries from
-//! the I/O thread in batches and turns each into a call of the instance's
-//! callback method, so that overrides in Python subclasses are honoured.
+//! The listening thread's loop: it takes deliveries from the I/O threads in
+//! batches and turns each into a call of the instance's callback method (so
+//! that overrides in Python subclasses are honoured), and runs what the
+//! application asked for besides: calls from other threads and due timers.
 //!
-//! It waits with the GIL released, in slices short enough for Ctrl-C to be
-//! seen, and holds the GIL only while it dispatches a batch. An exception
-//! from a callback goes to `on_exception_occurred`; `KeyboardInterrupt` and
-//! `SystemExit` stop the server and leave `listen()` once it has shut down.
+//! One [`Dispatcher::turn`] does a batch of that work and says what is next:
+//! another turn, a sleep (until a delivery, a call, or the deadline it
+//! gives), or the end. `listen()` drives turns on the calling thread and
+//! sleeps with the GIL released, in slices short enough for Ctrl-C to be
+//! seen ([`Dispatcher::listen`]); `serve()` drives them from an asyncio
+//! event loop, sleeping in the loop (`serve.rs`). An exception from a
+//! callback goes to `on_exception_occurred`; `KeyboardInterrupt` and
+//! `SystemExit` stop the server and are raised once it has shut down.
 
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::{PyString, PyTuple};
 
+use super::calls::Calls;
 use super::connection::PyConnection;
+use super::deliveries::{ConnectionFactory, Connections, Item};
 use super::loans::Loans;
+use super::run::{RunState, RunTicket};
 use super::send::queue;
-use crate::close_reason::CloseReason;
+use super::timers::{self, TimerHandle, Timers};
 use crate::framing::Framing;
-use crate::message::{Delivery, DeliveryKind};
-use crate::server::{Request, Running, WeakSender, DEFAULT_STOP_TIMEOUT};
-use crate::sync::Mutex;
-use crate::token::ConnKey;
+use crate::server::{Request, Running};
 
 /// Longest the listening thread waits with the GIL released before it checks
 /// for signals (Ctrl-C) and stop requests.
@@ -35,46 +39,33 @@ const DISPATCH_BATCH: usize = 256;
 /// Deliveries dispatched before their slots go back to the I/O thread.
 const RELEASE_BATCH: usize = 32;
 
-/// What a run's stop request is, shared by `stop_server()` (from any thread)
-/// and the dispatcher: owned by the server object, read here.
-#[derive(Debug)]
-pub(super) struct RunState {
-    /// `stop_server()` was called and the running `listen()` has not ended.
-    pub(super) stop_requested: AtomicBool,
-    /// The timeout of the first `stop_server()` since the last run.
-    pub(super) stop_timeout: Mutex<Duration>,
+/// What comes after a turn.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Next {
+    /// More work may be ready: turn again (after a look at signals, or
+    /// after letting the event loop run).
+    Again,
+    /// Nothing to do: sleep until a delivery or a call arrives, or this
+    /// long at most (the next timer, or `on_waiting_for_activity`).
+    Sleep(Duration),
+    /// The server has stopped: call [`Dispatcher::finish`].
+    Done,
 }
 
-impl RunState {
-    pub(super) fn new() -> Self {
-        RunState {
-            stop_requested: AtomicBool::new(false),
-            stop_timeout: Mutex::new(DEFAULT_STOP_TIMEOUT),
-        }
-    }
-
-    /// Asks the run to stop, giving queued output `timeout` (the first
-    /// request's timeout stands). Returns the timeout that stands.
-    pub(super) fn request_stop(&self, timeout: Duration) -> Duration {
-        let mut stands = self.stop_timeout.lock();
-        if !self.stop_requested.swap(true, SeqCst) {
-            *stands = timeout;
-        }
-        *stands
-    }
-
-    /// Forgets the run's stop request: the next `listen()` starts afresh.
-    pub(super) fn reset(&self) {
-        *self.stop_timeout.lock() = DEFAULT_STOP_TIMEOUT;
-        self.stop_requested.store(false, SeqCst);
-    }
+/// What the application gave the server to run besides callbacks: shared by
+/// the server object, which fills it, and its runs' dispatchers.
+#[derive(Default)]
+pub(super) struct Agenda {
+    pub(super) timers: Timers,
+    pub(super) calls: Calls,
 }
 
-/// Turns deliveries into callbacks, on the thread that called `listen()`.
-pub(super) struct Dispatcher<'py, 'a> {
+/// Turns deliveries into callbacks, on the thread that runs the server.
+pub(super) struct Dispatcher {
     /// The `rsepoll.Server` instance whose methods are the callbacks.
-    instance: &'a Bound<'py, PyAny>,
-    run: &'a RunState,
+    instance: Py<PyAny>,
+    run: Arc<RunState>,
+    agenda: Arc<Agenda>,
     running: Running,
     /// Payloads lent to the I/O thread. Declared after `running`, so that it
     /// is dropped after `running` has joined the I/O thread.
@@ -84,33 +75,45 @@ pub(super) struct Dispatcher<'py, 'a> {
     /// What new `Connection` objects are made with.
     factory: ConnectionFactory,
     idle_timeout: Duration,
-    logger: Bound<'py, PyAny>,
+    /// When the last delivery came (or `on_waiting_for_activity` ran).
+    idle_since: Instant,
+    logger: Py<PyAny>,
     /// A stop was asked for.
     stopping: bool,
     /// A second Ctrl-C (or `KeyboardInterrupt`/`SystemExit` from a
     /// callback), or a failed I/O thread: input still in the ring is not
     /// handed to callbacks. The first one stops as `stop_server()` does.
     interrupted: bool,
-    /// What `listen()` will raise once the server has shut down.
+    /// An I/O thread exited without reporting its end.
+    vanished: bool,
+    /// What the run will raise once the server has shut down.
     exit_error: Option<PyErr>,
+    /// Timers taken from the heap to run, kept to reuse its allocation.
+    due: Vec<Py<TimerHandle>>,
+    /// The run's claim on the server; dropped last, when the run is over.
+    _ticket: RunTicket,
 }
 
-impl<'py, 'a> Dispatcher<'py, 'a> {
+impl Dispatcher {
     /// The dispatcher of the run `running` of server `server_id` (framing
     /// `framing`), calling back `instance`; `idle_timeout` paces
     /// `on_waiting_for_activity`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
-        instance: &'a Bound<'py, PyAny>,
-        run: &'a RunState,
+        py: Python<'_>,
+        instance: Py<PyAny>,
+        ticket: RunTicket,
+        run: Arc<RunState>,
+        agenda: Arc<Agenda>,
         server_id: u64,
         framing: Framing,
         running: Running,
         idle_timeout: Duration,
     ) -> PyResult<Self> {
-        let py = instance.py();
         let logger = py
             .import(intern!(py, "logging"))?
-            .call_method1(intern!(py, "getLogger"), ("rsepoll",))?;
+            .call_method1(intern!(py, "getLogger"), ("rsepoll",))?
+            .unbind();
         let loans = Arc::new(Loans::default());
         let factory = ConnectionFactory {
             server_id,
@@ -118,87 +121,155 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
             sender: running.sender().downgrade(),
             loans: Arc::downgrade(&loans),
         };
+        run.started(running.sender());
+        agenda.calls.open();
         Ok(Dispatcher {
             instance,
             run,
+            agenda,
             running,
             loans,
             connections: Connections::default(),
             factory,
             idle_timeout,
+            idle_since: Instant::now(),
             logger,
             stopping: false,
             interrupted: false,
+            vanished: false,
             exit_error: None,
+            due: Vec::new(),
+            _ticket: ticket,
         })
     }
 
-    fn py(&self) -> Python<'py> {
-        self.instance.py()
-    }
-
-    pub(super) fn run(mut self) -> PyResult<()> {
-        let py = self.py();
-        if self.run.stop_requested.load(SeqCst) {
-            self.begin_stop();
-        }
-        self.callback(intern!(py, "on_listen_success"), ());
-        let mut idle_since = Instant::now();
-        let vanished = loop {
-            let dispatched = self.dispatch_batch();
-            if self.running.has_stopped() {
-                break false;
-            }
-            if self.running.io_thread_vanished() {
-                break true;
+    /// Serves on this thread until the server stops (`listen()`).
+    pub(super) fn listen(mut self, py: Python<'_>) -> PyResult<()> {
+        self.start(py);
+        loop {
+            match self.turn(py) {
+                Next::Done => break,
+                Next::Again => {}
+                Next::Sleep(wait) => {
+                    let Dispatcher {
+                        running, agenda, ..
+                    } = &mut self;
+                    let wait = wait.min(SIGNAL_SLICE);
+                    py.detach(|| running.wait_unless(wait, || agenda.calls.is_pending()));
+                }
             }
             if let Err(interrupt) = py.check_signals() {
                 self.fail_with(interrupt);
             }
-            if self.run.stop_requested.load(SeqCst) {
-                self.begin_stop();
+        }
+        self.finish(py)
+    }
+
+    /// Begins the run: a stop asked for before it is acted on, and
+    /// `on_listen_success` runs.
+    pub(super) fn start(&mut self, py: Python<'_>) {
+        if self.run.stop_requested() {
+            self.begin_stop();
+        }
+        self.callback(py, intern!(py, "on_listen_success"), ());
+        self.idle_since = Instant::now();
+    }
+
+    /// Dispatches a batch of deliveries, runs the calls and the due timers,
+    /// and says what is next.
+    pub(super) fn turn(&mut self, py: Python<'_>) -> Next {
+        let dispatched = self.dispatch_batch(py);
+        if self.running.has_stopped() {
+            return Next::Done;
+        }
+        if self.running.io_thread_vanished() {
+            self.vanished = true;
+            return Next::Done;
+        }
+        if self.run.stop_requested() {
+            self.begin_stop();
+        }
+        let ran = self.run_calls(py) + self.run_timers(py);
+        if dispatched > 0 {
+            self.idle_since = Instant::now();
+        }
+        if dispatched > 0 || ran > 0 {
+            return Next::Again;
+        }
+        let now = Instant::now();
+        let idle_due = self.idle_since + self.idle_timeout;
+        if now >= idle_due {
+            if !self.stopping {
+                self.callback(py, intern!(py, "on_waiting_for_activity"), ());
             }
-            if dispatched > 0 {
-                idle_since = Instant::now();
-                continue;
-            }
-            let due = idle_since + self.idle_timeout;
-            let now = Instant::now();
-            if now >= due {
-                if !self.stopping {
-                    self.callback(intern!(py, "on_waiting_for_activity"), ());
-                }
-                idle_since = Instant::now();
-                continue;
-            }
-            let slice = SIGNAL_SLICE.min(due - now);
-            let running = &mut self.running;
-            py.detach(|| running.wait(slice));
-        };
-        if vanished {
+            self.idle_since = Instant::now();
+            return Next::Again;
+        }
+        let mut wait = idle_due - now;
+        if let Some(when) = self.agenda.timers.next_when() {
+            wait = wait.min(timers::until(when));
+        }
+        Next::Sleep(wait)
+    }
+
+    /// Ends the run, once [`Dispatcher::turn`] said so: joins the I/O
+    /// threads, runs the calls accepted before the end and drops the
+    /// timers, runs `on_shutdown_success`, and gives back what the run
+    /// raises, if anything.
+    pub(super) fn finish(mut self, py: Python<'_>) -> PyResult<()> {
+        if self.vanished {
             // The I/O thread could not report its own end: close the books here.
-            self.report_error::<PyRuntimeError>("the rsepoll I/O thread exited unexpectedly");
+            self.report_error::<PyRuntimeError>(py, "the rsepoll I/O thread exited unexpectedly");
             let open: Vec<Py<PyConnection>> = self.connections.drain().collect();
             for conn in open {
-                self.close_and_report(conn);
+                self.close_and_report(py, conn);
             }
         }
         let running = &mut self.running;
         py.detach(|| running.join());
         // The I/O thread is gone: nothing reads what was lent any more.
         self.loans.clear(py);
-        self.callback(intern!(py, "on_shutdown_success"), ());
+        for call in self.agenda.calls.close() {
+            self.run_call(py, call);
+        }
+        self.agenda.timers.clear();
+        self.callback(py, intern!(py, "on_shutdown_success"), ());
         match self.exit_error.take() {
             Some(error) => Err(error),
             None => Ok(()),
         }
     }
 
+    /// Prepares to sleep in an event loop (`serve()`): true if nothing is
+    /// ready; the run's notifier then wakes the loop when something is, and
+    /// the next turn must begin with [`Dispatcher::end_sleep`].
+    pub(super) fn begin_sleep(&mut self) -> bool {
+        let Dispatcher {
+            running, agenda, ..
+        } = self;
+        running.begin_sleep(|| agenda.calls.is_pending())
+    }
+
+    /// Ends a sleep that [`Dispatcher::begin_sleep`] began.
+    pub(super) fn end_sleep(&self) {
+        self.running.end_sleep();
+    }
+
+    /// The running server, for setting its notifier.
+    pub(super) fn running(&self) -> &Running {
+        &self.running
+    }
+
+    /// Stops the server and makes the run raise `error` once it has; see
+    /// [`Dispatcher::fail_with`]. For the driver's own interruptions.
+    pub(super) fn interrupt(&mut self, error: PyErr) {
+        self.fail_with(error);
+    }
+
     /// Dispatches up to a batch of ready deliveries; returns how many.
-    fn dispatch_batch(&mut self) -> usize {
+    fn dispatch_batch(&mut self, py: Python<'_>) -> usize {
         let mut dispatched = 0;
         while dispatched < DISPATCH_BATCH {
-            let py = self.py();
             let Dispatcher {
                 running,
                 connections,
@@ -217,37 +288,66 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
                 let running = &self.running;
                 self.loans.settle(py, |ticket| running.has_returned(ticket));
             }
-            self.handle(item);
+            self.handle(py, item);
         }
         self.running.release();
         let running = &self.running;
-        self.loans
-            .settle(self.py(), |ticket| running.has_returned(ticket));
+        self.loans.settle(py, |ticket| running.has_returned(ticket));
         dispatched
     }
 
-    fn handle(&mut self, item: Item<'py>) {
-        let py = self.py();
+    /// Runs the calls queued so far by other threads; returns how many.
+    fn run_calls(&mut self, py: Python<'_>) -> usize {
+        let calls = self.agenda.calls.take();
+        let count = calls.len();
+        for call in calls {
+            self.run_call(py, call);
+        }
+        count
+    }
+
+    fn run_call(&mut self, py: Python<'_>, (callback, args): (Py<PyAny>, Py<PyTuple>)) {
+        if let Err(error) = callback.call1(py, args.bind(py)) {
+            self.on_callback_error(py, error);
+        }
+    }
+
+    /// Runs the timers due now, in order; returns how many ran.
+    fn run_timers(&mut self, py: Python<'_>) -> usize {
+        let mut due = std::mem::take(&mut self.due);
+        self.agenda.timers.take_due(timers::now(), &mut due);
+        let mut ran = 0;
+        for handle in due.drain(..) {
+            // A timer that ran before may have cancelled this one.
+            if let Some(call) = handle.get().take() {
+                self.run_call(py, call);
+                ran += 1;
+            }
+        }
+        self.due = due;
+        ran
+    }
+
+    fn handle(&mut self, py: Python<'_>, item: Item<'_>) {
         match item {
             Item::Opened(conn) => {
-                let conn = conn.into_bound(py);
-                self.callback(intern!(py, "on_connection_opened"), (conn,));
+                self.callback(py, intern!(py, "on_connection_opened"), (conn,));
             }
             Item::Data(conn, data) => {
                 if !self.interrupted {
-                    self.callback(intern!(py, "on_message_received"), (conn, data));
+                    self.callback(py, intern!(py, "on_message_received"), (conn, data));
                 }
             }
             Item::Eof(conn) => {
                 // After the callbacks for what came before the EOF, so their
                 // replies are queued ahead of the default close.
-                self.callback(intern!(py, "on_eof_received"), (conn,));
+                self.callback(py, intern!(py, "on_eof_received"), (conn,));
             }
             Item::Closed(conn, reason) => {
                 let _ = conn.get().close_reason.set(reason);
-                self.close_and_report(conn);
+                self.close_and_report(py, conn);
             }
-            Item::Error(detail) => self.report_error::<PyOSError>(&detail),
+            Item::Error(detail) => self.report_error::<PyOSError>(py, &detail),
             Item::TooLarge(conn, detail) => {
                 let message = format!(
                     "{}: {detail}",
@@ -260,12 +360,12 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
                     .and_then(|module| module.getattr(intern!(py, "MessageTooLarge")))
                     .and_then(|class| class.call1((message, conn.clone_ref(py))))
                     .map_or_else(|e| e, PyErr::from_value);
-                self.on_callback_error(error);
+                self.on_callback_error(py, error);
                 // After the replies to the messages before it, as for EOF.
                 queue(py, conn.get(), Request::Close);
             }
             Item::Failed(detail) => {
-                self.report_error::<PyRuntimeError>(&detail);
+                self.report_error::<PyRuntimeError>(py, &detail);
                 self.stopping = true;
                 self.interrupted = true;
             }
@@ -273,36 +373,35 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
         }
     }
 
-    fn close_and_report(&mut self, conn: Py<PyConnection>) {
-        let py = self.py();
+    fn close_and_report(&mut self, py: Python<'_>, conn: Py<PyConnection>) {
         conn.get().open.store(false, Relaxed);
-        self.callback(intern!(py, "on_connection_closed"), (conn,));
+        self.callback(py, intern!(py, "on_connection_closed"), (conn,));
     }
 
-    fn report_error<E: pyo3::PyTypeInfo>(&mut self, detail: &str) {
-        let error = PyErr::from_type(E::type_object(self.py()), detail.to_owned());
-        self.on_callback_error(error);
+    fn report_error<E: pyo3::PyTypeInfo>(&mut self, py: Python<'_>, detail: &str) {
+        let error = PyErr::from_type(E::type_object(py), detail.to_owned());
+        self.on_callback_error(py, error);
     }
 
     /// Calls the instance's method `name`; exceptions go to
     /// `on_exception_occurred`, `KeyboardInterrupt`/`SystemExit` stop the server.
-    fn callback<A>(&mut self, name: &Bound<'py, PyString>, args: A)
+    fn callback<'py, A>(&mut self, py: Python<'py>, name: &Bound<'py, PyString>, args: A)
     where
         A: pyo3::call::PyCallArgs<'py>,
     {
-        if let Err(error) = self.instance.call_method1(name, args) {
-            self.on_callback_error(error);
+        if let Err(error) = self.instance.bind(py).call_method1(name, args) {
+            self.on_callback_error(py, error);
         }
     }
 
-    fn on_callback_error(&mut self, error: PyErr) {
-        let py = self.py();
+    fn on_callback_error(&mut self, py: Python<'_>, error: PyErr) {
         if !error.is_instance_of::<PyException>(py) {
             return self.fail_with(error);
         }
         let value = error.into_value(py);
         let Err(second) = self
             .instance
+            .bind(py)
             .call_method1(intern!(py, "on_exception_occurred"), (value,))
         else {
             return;
@@ -312,7 +411,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
         }
         let kwargs = [("exc_info", second.into_value(py))];
         let logged = pyo3::types::IntoPyDict::into_py_dict(kwargs, py).and_then(|kwargs| {
-            self.logger.call_method(
+            self.logger.bind(py).call_method(
                 intern!(py, "error"),
                 ("on_exception_occurred raised an exception",),
                 Some(&kwargs),
@@ -323,7 +422,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
         }
     }
 
-    /// Stops the server and makes `listen()` raise `error` once it has. The
+    /// Stops the server and makes the run raise `error` once it has. The
     /// first such error stops as `stop_server()` does: input already read
     /// is still handed to the callbacks and their replies go out. A second
     /// one cuts: no more input is handed over, and every connection still
@@ -341,134 +440,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
     fn begin_stop(&mut self) {
         if !self.stopping {
             self.stopping = true;
-            let timeout = *self.run.stop_timeout.lock();
-            self.running.stop(timeout);
-        }
-    }
-}
-
-/// Makes the `Connection` objects of one `listen()` run.
-struct ConnectionFactory {
-    server_id: u64,
-    framing: Framing,
-    sender: WeakSender,
-    loans: std::sync::Weak<Loans>,
-}
-
-/// The `Connection` objects of the open connections, by engine and table
-/// slot: one lookup per delivery, without hashing.
-#[derive(Default)]
-struct Connections {
-    by_engine: Vec<Vec<Option<Py<PyConnection>>>>,
-}
-
-impl Connections {
-    fn slot(&mut self, key: ConnKey) -> &mut Option<Py<PyConnection>> {
-        let engine = usize::from(key.engine);
-        if self.by_engine.len() <= engine {
-            self.by_engine.resize_with(engine + 1, Vec::new);
-        }
-        let slots = &mut self.by_engine[engine];
-        let index = key.index as usize;
-        if slots.len() <= index {
-            slots.resize_with(index + 1, || None);
-        }
-        &mut slots[index]
-    }
-
-    /// The connection `key` names, if it is open.
-    fn get(&self, py: Python<'_>, key: ConnKey) -> Option<Py<PyConnection>> {
-        self.by_engine
-            .get(usize::from(key.engine))?
-            .get(key.index as usize)?
-            .as_ref()
-            .filter(|c| c.get().key == key)
-            .map(|c| c.clone_ref(py))
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &Py<PyConnection>> {
-        self.by_engine.iter().flatten().flatten()
-    }
-
-    fn drain(&mut self) -> impl Iterator<Item = Py<PyConnection>> + '_ {
-        self.by_engine.drain(..).flatten().flatten()
-    }
-}
-
-/// A delivery, read out of its slot.
-enum Item<'py> {
-    Opened(Py<PyConnection>),
-    Data(Py<PyConnection>, Bound<'py, PyBytes>),
-    Eof(Py<PyConnection>),
-    Closed(Py<PyConnection>, CloseReason),
-    Error(String),
-    TooLarge(Py<PyConnection>, String),
-    Failed(String),
-    Nothing,
-}
-
-impl<'py> Item<'py> {
-    fn read(
-        py: Python<'py>,
-        factory: &ConnectionFactory,
-        connections: &mut Connections,
-        delivery: &Delivery,
-    ) -> Item<'py> {
-        let key = delivery.conn;
-        match delivery.kind {
-            DeliveryKind::Opened => {
-                let Some(opened) = delivery.opened.clone() else {
-                    return Item::Nothing;
-                };
-                let conn = PyConnection::new(
-                    key,
-                    factory.server_id,
-                    opened,
-                    factory.framing,
-                    factory.sender.clone(),
-                    factory.loans.clone(),
-                );
-                match Py::new(py, conn) {
-                    Ok(conn) => {
-                        *connections.slot(key) = Some(conn.clone_ref(py));
-                        Item::Opened(conn)
-                    }
-                    Err(_) => Item::Error("could not create a Connection object".into()),
-                }
-            }
-            DeliveryKind::Data => match connections.get(py, key) {
-                Some(conn) => Item::Data(conn, PyBytes::new(py, delivery.data())),
-                None => Item::Nothing,
-            },
-            DeliveryKind::Eof => connections.get(py, key).map_or(Item::Nothing, Item::Eof),
-            DeliveryKind::Closed(reason) => match connections.get(py, key) {
-                Some(conn) => {
-                    *connections.slot(key) = None;
-                    Item::Closed(conn, reason)
-                }
-                None => Item::Nothing,
-            },
-            DeliveryKind::Error => Item::Error(delivery.detail.clone().unwrap_or_default()),
-            DeliveryKind::TooLarge => match connections.get(py, key) {
-                Some(conn) => Item::TooLarge(conn, delivery.detail.clone().unwrap_or_default()),
-                None => Item::Nothing,
-            },
-            DeliveryKind::Failed => Item::Failed(delivery.detail.clone().unwrap_or_default()),
-            DeliveryKind::Draining => {
-                // Every connection of this engine (`key.engine`) is about to
-                // close: sends from now on are refused. `Running` answers with
-                // `Shutdown` right after this, so the latch is set before that
-                // command is queued. Other engines' connections may still
-                // have input to answer, ahead of their own `Draining`.
-                for conn in connections
-                    .iter()
-                    .filter(|c| c.get().key.engine == key.engine)
-                {
-                    conn.get().closing.store(true, SeqCst);
-                }
-                Item::Nothing
-            }
-            DeliveryKind::Stopped => Item::Nothing,
+            self.running.stop(self.run.stop_timeout());
         }
     }
 }

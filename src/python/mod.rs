@@ -2,9 +2,12 @@
 //!
 //! - [`server::ServerCore`] is the base class of `rsepoll.Server`: its
 //!   options, the send path, and `listen()`;
-//! - [`dispatch::Dispatcher`] is the loop `listen()` runs on the calling
-//!   thread: it turns each delivery into a call of the instance's callback
-//!   method, so overrides in Python subclasses are honoured;
+//! - [`dispatch::Dispatcher`] turns each delivery into a call of the
+//!   instance's callback method (so overrides in Python subclasses are
+//!   honoured) and runs the application's timers ([`timers`]) and calls
+//!   from other threads ([`calls`]), in turns that `listen()` drives on the
+//!   calling thread and `serve()` from an asyncio loop ([`serve`]); [`run`]
+//!   is what a run shares with the server object;
 //! - [`connection::PyConnection`] (`rsepoll.Connection` in Python) is the handle callbacks receive;
 //! - [`loans::Loans`] keeps large `bytes` payloads alive while the I/O thread
 //!   writes them from where they are;
@@ -19,12 +22,17 @@
 use pyo3::prelude::*;
 
 mod bench;
+mod calls;
 mod connection;
+mod deliveries;
 mod dispatch;
 mod listener;
 mod loans;
+mod run;
 mod send;
+mod serve;
 mod server;
+mod timers;
 
 /// The compiled part of rsepoll; import `rsepoll` instead.
 #[pymodule(gil_used = true)]
@@ -35,6 +43,8 @@ fn _rsepoll(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<connection::PyConnection>()?;
     m.add_class::<listener::ListenerSocket>()?;
     m.add_class::<server::ServerCore>()?;
+    m.add_class::<serve::ServeSession>()?;
+    m.add_class::<timers::TimerHandle>()?;
     m.add_function(wrap_pyfunction!(listener::make_listener_socket, m)?)?;
     m.add_function(wrap_pyfunction!(bench::run_bench, m)?)?;
     Ok(())

@@ -1,22 +1,27 @@
 //! `ServerCore`, the base class of `rsepoll.Server`: its configuration, the
-//! send path (`send_message`, `close_connection`, ...) and `listen()`, which
-//! starts the engine and hands the calling thread to [`Dispatcher`].
+//! send path (`send_message`, `close_connection`, ...), the application's
+//! timers and calls from other threads, and the two ways to run: `listen()`,
+//! which starts the engines and hands the calling thread to [`Dispatcher`],
+//! and `_serve_session()`, the same under an asyncio loop ([`ServeSession`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use socket2::Socket;
 
 use super::connection::PyConnection;
-use super::dispatch::{Dispatcher, RunState};
+use super::dispatch::{Agenda, Dispatcher};
 use super::listener::ListenerSocket;
+use super::run::RunState;
 use super::send;
+use super::serve::ServeSession;
+use super::timers::{self, TimerHandle};
 use crate::framing::{Framing, PrefixWidth};
-use crate::server::{Config, Request, Running, Sender, DEFAULT_STOP_TIMEOUT};
-use crate::stats::Snapshot;
+use crate::server::{Config, Request, Running, DEFAULT_STOP_TIMEOUT};
 use crate::sync::Mutex;
 use crate::sys::Backend;
 
@@ -31,16 +36,12 @@ const _: () =
 pub struct ServerCore {
     id: u64,
     config: Mutex<Config>,
-    /// Listening sockets registered for the next `listen()`.
+    /// Listening sockets registered for the next run.
     listeners: Mutex<Vec<Socket>>,
-    /// A `listen()` is running.
-    running: AtomicBool,
-    /// The running `listen()`'s stop request, which its dispatcher reads.
-    run: RunState,
-    /// The running server's command handle, for `stop_server()`.
-    current: Mutex<Option<Sender>>,
-    /// The counters as the last run left them.
-    last_stats: Mutex<Snapshot>,
+    /// Whether a run is under way, its stop request, its I/O threads.
+    run: Arc<RunState>,
+    /// Timers and calls from other threads, for the runs to carry out.
+    agenda: Arc<Agenda>,
 }
 
 #[pymethods]
@@ -52,10 +53,8 @@ impl ServerCore {
             id: NEXT_SERVER_ID.fetch_add(1, Relaxed),
             config: Mutex::new(Config::default()),
             listeners: Mutex::new(Vec::new()),
-            running: AtomicBool::new(false),
-            run: RunState::new(),
-            current: Mutex::new(None),
-            last_stats: Mutex::new(Snapshot::default()),
+            run: Arc::new(RunState::new()),
+            agenda: Arc::default(),
         }
     }
 
@@ -159,10 +158,7 @@ impl ServerCore {
     /// While `listen()` runs, they are at most one I/O turn old; after, they
     /// are the last run's. Cheap, and safe from any thread.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let snapshot = match self.current.lock().as_ref() {
-            Some(sender) => sender.stats(),
-            None => *self.last_stats.lock(),
-        };
+        let snapshot = self.run.stats();
         let counters = &snapshot.counters;
         let dict = PyDict::new(py);
         dict.set_item("connections_open", snapshot.connections_open())?;
@@ -182,10 +178,10 @@ impl ServerCore {
         Ok(dict)
     }
 
-    /// True while `listen()` runs.
+    /// True while `listen()` or `serve()` runs.
     #[getter]
     fn is_running(&self) -> bool {
-        self.running.load(SeqCst)
+        self.run.is_running()
     }
 
     /// Registers a duplicate of `listener` for the next `listen()`.
@@ -211,39 +207,67 @@ impl ServerCore {
     /// second Ctrl-C resets what is still open.
     #[pyo3(signature = (timeout = 1000))]
     fn listen(slf: &Bound<'_, Self>, timeout: i64) -> PyResult<()> {
-        let this = slf.get();
-        if timeout <= 0 {
-            return Err(PyValueError::new_err(format!(
-                "timeout must be a positive number of milliseconds, got {timeout}"
-            )));
+        Self::begin_run(slf, timeout)?.listen(slf.py())
+    }
+
+    /// Starts a run driven by an asyncio event loop, which watches the
+    /// socket `wake_fd` is the other end of; see `rsepoll.Server.serve`.
+    #[pyo3(signature = (wake_fd, timeout = 1000))]
+    fn _serve_session(slf: &Bound<'_, Self>, wake_fd: i64, timeout: i64) -> PyResult<ServeSession> {
+        let dispatcher = Self::begin_run(slf, timeout)?;
+        ServeSession::new(slf.py(), dispatcher, wake_fd)
+    }
+
+    /// The clock of `call_at` and `TimerHandle.when()`: monotonic seconds
+    /// from an arbitrary origin.
+    fn time(&self) -> f64 {
+        timers::now()
+    }
+
+    /// Runs `callback(*args)` on the listening thread `delay` seconds from
+    /// now (at once, after what is due before it, if `delay` is not
+    /// positive). Returns a `TimerHandle` that can cancel it.
+    #[pyo3(signature = (delay, callback, *args))]
+    fn call_later(
+        &self,
+        py: Python<'_>,
+        delay: f64,
+        callback: Py<PyAny>,
+        args: Py<PyTuple>,
+    ) -> PyResult<Py<TimerHandle>> {
+        if delay.is_nan() {
+            return Err(PyValueError::new_err("delay must be a number of seconds, not NaN"));
         }
-        if this.running.swap(true, SeqCst) {
-            return Err(PyRuntimeError::new_err("listen() is already running"));
+        self.schedule(py, timers::now() + delay, callback, args)
+    }
+
+    /// Runs `callback(*args)` on the listening thread once `time()` reaches
+    /// `when`. Returns a `TimerHandle` that can cancel it.
+    #[pyo3(signature = (when, callback, *args))]
+    fn call_at(
+        &self,
+        py: Python<'_>,
+        when: f64,
+        callback: Py<PyAny>,
+        args: Py<PyTuple>,
+    ) -> PyResult<Py<TimerHandle>> {
+        if when.is_nan() {
+            return Err(PyValueError::new_err("when must be a time, not NaN"));
         }
-        let _running = RunningGuard(this);
-        let listeners = std::mem::take(&mut *this.listeners.lock());
-        if listeners.is_empty() {
-            return Err(PyRuntimeError::new_err(
-                "no listener registered: call register_listener_socket() before listen()",
-            ));
+        self.schedule(py, when, callback, args)
+    }
+
+    /// Runs `callback(*args)` on the listening thread soon, waking it if it
+    /// sleeps. Safe from any thread; calls from one thread run in the order
+    /// made. Returns False, running nothing, once the server has stopped
+    /// (from the end of a run until the next one starts).
+    #[pyo3(signature = (callback, *args))]
+    fn call_soon_threadsafe(&self, callback: Py<PyAny>, args: Py<PyTuple>) -> PyResult<bool> {
+        if !self.agenda.calls.push((callback, args)) {
+            return Ok(false);
         }
-        let config = this.config.lock().clone();
-        log::debug!(
-            "serving {} listener(s) with the {} backend",
-            listeners.len(),
-            config.backend.name()
-        );
-        let running = Running::start(&config, listeners)?;
-        *this.current.lock() = Some(running.sender());
-        Dispatcher::new(
-            slf.as_any(),
-            &this.run,
-            this.id,
-            config.framing,
-            running,
-            Duration::from_millis(timeout as u64),
-        )?
-        .run()
+        self.run.wake_dispatcher();
+        Ok(true)
     }
 
     /// Queues `data` (bytes-like, or `str` sent as UTF-8) for `conn`. Returns
@@ -309,17 +333,68 @@ impl ServerCore {
                 "timeout must be a non-negative number of seconds, got {timeout}"
             ))
         })?;
-        let timeout = self.run.request_stop(timeout);
-        if let Some(sender) = self.current.lock().as_ref() {
-            sender.stop(timeout);
-        }
+        self.run.request_stop(timeout);
         Ok(())
     }
 }
 
 impl ServerCore {
+    /// Starts a run: the I/O threads serving the registered listeners, and
+    /// the dispatcher that will call back `slf`.
+    fn begin_run(slf: &Bound<'_, Self>, timeout: i64) -> PyResult<Dispatcher> {
+        let this = slf.get();
+        if timeout <= 0 {
+            return Err(PyValueError::new_err(format!(
+                "timeout must be a positive number of milliseconds, got {timeout}"
+            )));
+        }
+        let ticket = this.run.begin()?;
+        let listeners = std::mem::take(&mut *this.listeners.lock());
+        if listeners.is_empty() {
+            return Err(PyRuntimeError::new_err(
+                "no listener registered: call register_listener_socket() before listen()",
+            ));
+        }
+        let config = this.config.lock().clone();
+        log::debug!(
+            "serving {} listener(s) with the {} backend",
+            listeners.len(),
+            config.backend.name()
+        );
+        let running = Running::start(&config, listeners)?;
+        Dispatcher::new(
+            slf.py(),
+            slf.clone().into_any().unbind(),
+            ticket,
+            Arc::clone(&this.run),
+            Arc::clone(&this.agenda),
+            this.id,
+            config.framing,
+            running,
+            Duration::from_millis(timeout as u64),
+        )
+    }
+
+    /// Schedules a timer, waking a sleeping dispatcher if it is the earliest.
+    fn schedule(
+        &self,
+        py: Python<'_>,
+        when: f64,
+        callback: Py<PyAny>,
+        args: Py<PyTuple>,
+    ) -> PyResult<Py<TimerHandle>> {
+        if !callback.bind(py).is_callable() {
+            return Err(PyTypeError::new_err("the callback must be callable"));
+        }
+        let (handle, earliest) = self.agenda.timers.schedule(py, when, callback, args)?;
+        if earliest {
+            self.run.wake_dispatcher();
+        }
+        Ok(handle)
+    }
+
     fn check_not_running(&self, what: &str) -> PyResult<()> {
-        if self.running.load(SeqCst) {
+        if self.run.is_running() {
             Err(PyRuntimeError::new_err(format!(
                 "cannot {what} while listen() runs"
             )))
@@ -349,17 +424,4 @@ fn seconds(name: &str, value: f64) -> PyResult<Duration> {
                 "{name} must be a positive number of seconds or None, got {value}"
             ))
         })
-}
-
-/// Resets the server's run state however `listen()` ends.
-struct RunningGuard<'a>(&'a ServerCore);
-
-impl Drop for RunningGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(sender) = self.0.current.lock().take() {
-            *self.0.last_stats.lock() = sender.stats();
-        }
-        self.0.run.reset();
-        self.0.running.store(false, SeqCst);
-    }
 }

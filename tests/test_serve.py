@@ -1,0 +1,187 @@
+"""Server.serve(): the server inside a running asyncio event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+
+import pytest
+import rsepoll
+
+pytestmark = pytest.mark.timeout(60)
+
+LOOPS = ["asyncio"]
+if sys.platform != "win32":
+    LOOPS.append("uvloop")
+
+
+@pytest.fixture(params=LOOPS)
+def run(request):
+    """Runs a coroutine to completion on a fresh loop of the kind asked for."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
+        return uvloop.run
+    return asyncio.run
+
+
+class LoopServer(rsepoll.Server):
+    """Reverses lines, and records what the loop looked like from callbacks."""
+
+    def __init__(self, **kwargs):
+        super().__init__(framing="line", **kwargs)
+        self.events: list[str] = []
+        self.loop_threads: set[int] = set()
+        self.tasks_done = 0
+
+    def on_listen_success(self):
+        self.events.append("listening")
+
+    def on_connection_opened(self, conn):
+        asyncio.get_running_loop()  # raises outside a running loop
+        self.loop_threads.add(threading.get_ident())
+
+    def on_message_received(self, conn, data):
+        self.loop_threads.add(threading.get_ident())
+        if data == b"task":
+            asyncio.get_running_loop().create_task(self.reply_later(conn))
+        else:
+            self.send_message(conn, data[::-1])
+
+    async def reply_later(self, conn):
+        await asyncio.sleep(0.01)
+        self.send_message(conn, b"from a task")
+
+    def on_connection_closed(self, conn):
+        self.events.append("closed")
+
+    def on_shutdown_success(self):
+        self.events.append("shutdown")
+
+
+def listening(server):
+    listener = rsepoll.make_listener_socket(0, "127.0.0.1")
+    server.register_listener_socket(listener)
+    return listener
+
+
+async def exchange(port, lines):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    replies = []
+    for line in lines:
+        writer.write(line + b"\n")
+        await writer.drain()
+        replies.append(await asyncio.wait_for(reader.readline(), 5))
+    return reader, writer, replies
+
+
+def test_serve_runs_callbacks_on_the_loop_and_returns_after_stop_server(run):
+    server = LoopServer()
+    listener = listening(server)
+
+    async def main():
+        task = asyncio.ensure_future(server.serve(handle_signals=False))
+        await asyncio.sleep(0)
+        assert server.events == ["listening"]
+        reader, writer, replies = await exchange(listener.port, [b"abc", b"task", b"xyz"])
+        assert replies == [b"cba\n", b"from a task\n", b"zyx\n"]
+        assert server.is_running
+        server.stop_server()
+        await asyncio.wait_for(task, 10)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        return threading.get_ident()
+
+    loop_thread = run(main())
+    listener.close()
+    assert server.loop_threads == {loop_thread}
+    assert server.events == ["listening", "closed", "shutdown"]
+    assert not server.is_running
+
+
+def test_cancelling_the_serving_task_stops_the_server(run):
+    server = LoopServer()
+    listener = listening(server)
+
+    async def main():
+        task = asyncio.ensure_future(server.serve(handle_signals=False))
+        reader, writer, replies = await exchange(listener.port, [b"hello"])
+        assert replies == [b"olleh\n"]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+    run(main())
+    listener.close()
+    assert server.events == ["listening", "closed", "shutdown"]
+
+
+def test_timers_and_calls_from_threads_run_on_the_loop(run):
+    server = LoopServer(max_fds=64)
+    listener = listening(server)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(server.serve(timeout=60_000, handle_signals=False))
+        await asyncio.sleep(0.01)
+        fired = loop.create_future()
+        start = server.time()
+        server.call_later(0.05, lambda: fired.set_result(server.time()))
+        when = await asyncio.wait_for(fired, 5)
+        assert when >= start + 0.05
+        # With a 60 s pace and no timer, only the wake-up socket can bring
+        # the call in from another thread.
+        called = loop.create_future()
+        sent_at = []
+
+        def from_thread():
+            sent_at.append(time.monotonic())
+            server.call_soon_threadsafe(lambda: called.set_result(time.monotonic()))
+
+        await asyncio.sleep(0.05)
+        threading.Thread(target=from_thread).start()
+        arrived = await asyncio.wait_for(called, 5)
+        assert arrived - sent_at[0] < 1.0
+        server.stop_server()
+        await asyncio.wait_for(task, 10)
+
+    run(main())
+    listener.close()
+
+
+def test_an_idle_served_server_leaves_the_loop_idle(run):
+    server = LoopServer()
+    listener = listening(server)
+    turns = []
+
+    async def main():
+        task = asyncio.ensure_future(server.serve(timeout=60_000, handle_signals=False))
+        await asyncio.sleep(0.1)
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(1.0)
+        turns.append((time.process_time() - cpu0) / (time.monotonic() - wall0))
+        server.stop_server()
+        await asyncio.wait_for(task, 10)
+
+    run(main())
+    listener.close()
+    assert turns[0] < 0.05, f"the idle loop used {turns[0]:.1%} of a CPU"
+
+
+def test_serve_while_running_is_refused(run):
+    server = LoopServer()
+    listener = listening(server)
+
+    async def main():
+        task = asyncio.ensure_future(server.serve(handle_signals=False))
+        await asyncio.sleep(0.01)
+        with pytest.raises(RuntimeError, match="already running"):
+            await server.serve(handle_signals=False)
+        server.stop_server()
+        await asyncio.wait_for(task, 10)
+
+    run(main())
+    listener.close()
