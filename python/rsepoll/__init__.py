@@ -97,13 +97,12 @@ class Server(ServerCore):
         write_buffer_low: ... and resumes once at most this many do.
         framing: how the byte stream is cut into messages. ``"raw"``: each
             ``on_message_received`` gets the bytes at hand (one read, up to
-            256 KiB), and
-            ``send_message`` sends its bytes as they are. ``"line"``: each
-            call gets one line without its ``\n`` or ``\r\n``, and
-            ``send_message`` appends ``\n``. ``"length"``: each message is a
-            big-endian unsigned length of ``length_prefix`` bytes, then that
-            many bytes; each call gets one whole message, and
-            ``send_message`` writes the prefix.
+            256 KiB), and ``send_message`` sends its bytes as they are.
+            ``"line"``: each call gets one line without its ``\\n`` or
+            ``\\r\\n``, and ``send_message`` appends ``\\n``. ``"length"``:
+            each message is a big-endian unsigned length of ``length_prefix``
+            bytes, then that many bytes; each call gets one whole message,
+            and ``send_message`` writes the prefix.
         max_message_size: the largest line or declared length a client may
             send (framed modes); a client that sends more is disconnected
             and :class:`MessageTooLarge` goes to ``on_exception_occurred``.
@@ -125,8 +124,8 @@ class Server(ServerCore):
             callbacks still all run on the thread that calls :meth:`listen`.
             Connections are dealt to the I/O threads in turn as they are
             accepted. ``"auto"``: one per CPU available to the process, less
-            one for the callbacks' thread, at least 1 (at most 256). None, the default,
-            takes ``$RSEPOLL_IO_THREADS`` if set, else 1.
+            one for the callbacks' thread, at least 1 (at most 256). None,
+            the default, takes ``$RSEPOLL_IO_THREADS`` if set, else 1.
     """
 
     def __init__(
