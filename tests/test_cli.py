@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -133,13 +134,76 @@ def test_bad_option_values_fail_with_status_2():
         ["--idle-timeout", "0"],
         ["--max-connections", "0"],
         ["--max-message-size", "0"],
+        ["--max-message-size", "-5"],
         ["--io-threads", "0"],
         ["--io-threads", "many"],
     ):
         with rsepoll_cli("0", *args) as child:
             assert child.wait(10) == 2
-            assert "rsepoll: error:" in child.stderr
-            assert no_traceback(child.stderr), child.stderr
+            lines = error_lines(child.stderr)
+            assert len(lines) == 1 and lines[0].startswith("rsepoll: error:"), child.stderr
+
+
+#: 2**64 + 1: more than any size or count the server could hold.
+HUGE = str(2**64 + 1)
+
+
+@pytest.mark.parametrize(
+    "argv,option",
+    [
+        (["-5"], "port"),
+        ([HUGE], "port"),
+        (["0", "--max-fds", "0"], "max-fds"),
+        (["0", "--max-fds", "-1"], "max-fds"),
+        (["0", "--max-message-size", "-5"], "max_message_size"),
+        (["0", "--max-message-size", "0"], "max_message_size"),
+        (["0", "--max-message-size", HUGE], "max_message_size"),
+        (["0", "--max-connections", "-3"], "max_connections"),
+        (["0", "--max-connections", "0"], "max_connections"),
+        (["0", "--max-connections", HUGE], "max_connections"),
+        (["0", "--idle-timeout", "-1"], "idle_timeout"),
+        (["0", "--idle-timeout", "0"], "idle_timeout"),
+        (["0", "--idle-timeout", "nan"], "idle_timeout"),
+        (["0", "--idle-timeout", "inf"], "idle_timeout"),
+        (["0", "--idle-timeout", "1e19"], "idle_timeout"),
+        (["0", "--idle-timeout", "1e300"], "idle_timeout"),
+        (["0", "--io-threads", "-2"], "io_threads"),
+        (["0", "--io-threads", "0"], "io_threads"),
+        (["0", "--io-threads", "300"], "io_threads"),
+        (["0", "--io-threads", HUGE], "io_threads"),
+    ],
+)
+def test_every_numeric_option_rejects_a_bad_value_in_one_line(argv, option, capsys, monkeypatch):
+    """In this process, for speed: main() must refuse before it listens."""
+    from rsepoll import __main__ as cli
+
+    def must_not_listen(*args: object) -> None:
+        raise AssertionError(f"{argv} was accepted")
+
+    monkeypatch.setattr(cli, "make_listener_socket", must_not_listen)
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("rsepoll: error: "), err
+    assert re.search(option.replace("_", "[-_]"), lines[0]), err
+    assert len(lines[0]) < 200, err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--max-message-size", "big"], ["--idle-timeout", "soon"], ["--workers", "0"], ["x"]],
+)
+def test_non_numbers_are_usage_errors(args, capsys):
+    from rsepoll import __main__ as cli
+
+    port = [] if args == ["x"] else ["0"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*port, *args])
+    assert exit_info.value.code == 2
+    _, err = capsys.readouterr()
+    assert error_lines(err)[-1].startswith("rsepoll: error: "), err
 
 
 @stops_with_sigterm

@@ -23,10 +23,11 @@ To serve one port from several processes (Linux), see :mod:`rsepoll.workers`.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import socket
 import sys
-from typing import Union
+from typing import SupportsIndex, Union
 
 from ._rsepoll import Connection, ListenerSocket, ServerCore, __version__, make_listener_socket
 
@@ -145,16 +146,15 @@ class Server(ServerCore):
         max_connections: int | None = None,
         io_threads: int | str | None = None,
     ) -> None:
-        if max_fds <= 0:
-            raise ValueError(f"max_fds must be positive, got {max_fds}")
+        max_fds = _positive("max_fds", max_fds)
         self.max_fds = max_fds
         fd_limit = _raise_fd_limit(max_fds)
         threads = _io_threads(io_threads)
         if max_connections is None:
             reserved = _RESERVED_FDS + _FDS_PER_IO_THREAD * (threads - 1)
             max_connections = max(1, fd_limit - reserved)
-        elif max_connections <= 0:
-            raise ValueError(f"max_connections must be positive, got {max_connections}")
+        else:
+            max_connections = _positive("max_connections", max_connections)
         if backend is None or backend == "auto":
             backend = os.environ.get("RSEPOLL_BACKEND") or "auto"
         self._configure(
@@ -241,6 +241,17 @@ class Server(ServerCore):
     def on_shutdown_success(self) -> None:
         """The server has stopped: every connection was closed and reported."""
         logger.debug("shut down")
+
+
+def _positive(name: str, value: object) -> int:
+    """``value`` as an ``int``, if it is a positive integer; else ValueError
+    naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, SupportsIndex):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    number = operator.index(value)
+    if number <= 0:
+        raise ValueError(f"{name} must be positive, got {number}")
+    return number
 
 
 def _io_threads(io_threads: int | str | None) -> int:

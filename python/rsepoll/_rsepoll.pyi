@@ -111,17 +111,17 @@ class ServerCore:
     def _configure(
         self,
         backend: str | None = None,
-        ring_slots: int | None = None,
-        slot_size: int | None = None,
-        write_buffer_high: int | None = None,
-        write_buffer_low: int | None = None,
+        ring_slots: object = None,
+        slot_size: object = None,
+        write_buffer_high: object = None,
+        write_buffer_low: object = None,
         framing: str | None = None,
-        max_message_size: int | None = None,
-        length_prefix: int | None = None,
+        max_message_size: object = None,
+        length_prefix: object = None,
         idle_timeout: float | None = None,
         message_timeout: float | None = None,
-        max_connections: int | None = None,
-        io_threads: int | None = None,
+        max_connections: object = None,
+        io_threads: object = None,
     ) -> None: ...
     def stats(self) -> dict[str, Any]:
         """The server's counters (see rsepoll.Server.stats)."""
