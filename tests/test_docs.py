@@ -5,6 +5,10 @@ from __future__ import annotations
 import inspect
 import pydoc
 import re
+import socket
+import struct
+import sys
+import time
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -12,6 +16,7 @@ import pytest
 import rsepoll
 import rsepoll.bench
 import rsepoll.workers
+from conftest import make_server, start, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -53,3 +58,34 @@ def test_the_framing_paragraph_of_server_reads_as_one() -> None:
         "each call gets one line without its ``\\n`` or ``\\r\\n``, and ``send_message`` "
         "appends ``\\n``."
     ) in words, words
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux",
+    reason="Linux hands out a connection reset in the backlog; other systems may drop it",
+)
+def test_remote_address_is_none_when_the_client_reset_before_the_accept() -> None:
+    """As the stub and the docstring say: the system no longer knows the peer."""
+    seen: list[tuple[str, object]] = []
+
+    class Watcher(rsepoll.Server):
+        def on_connection_opened(self, conn: rsepoll.Connection) -> None:
+            seen.append(("opened", conn.remote_address))
+
+        def on_connection_closed(self, conn: rsepoll.Connection) -> None:
+            seen.append(("closed", conn.close_reason))
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        # Connected, then reset, while nobody accepts.
+        client = socket.create_connection(listener.getsockname())
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        time.sleep(0.05)
+        server = make_server(Watcher)
+        server.register_listener_socket(listener)
+        thread = start(server)
+        try:
+            assert wait_until(lambda: len(seen) == 2), seen
+        finally:
+            thread.stop()
+    assert seen == [("opened", None), ("closed", "reset")]

@@ -48,7 +48,7 @@ class ReverseServer(Server):
         )
 
     def on_connection_opened(self, conn: Connection) -> None:
-        conn.line_tail = b""  # type: ignore[attr-defined]
+        conn.line_tail = b""
 
     def on_message_received(self, conn: Connection, data: bytes) -> None:
         if not self.quiet:
@@ -67,9 +67,9 @@ class ReverseServer(Server):
         line that reads ``exit``; a line may arrive in several pieces)."""
         if self.framing != "raw":
             return data.strip() == b"exit"
-        text = conn.line_tail + data  # type: ignore[attr-defined]
+        text = conn.line_tail + data
         lines = text.split(b"\n")
-        conn.line_tail = lines[-1][-_LINE_TAIL:]  # type: ignore[attr-defined]
+        conn.line_tail = lines[-1][-_LINE_TAIL:]
         return any(line.strip() == b"exit" for line in lines[:-1])
 
 

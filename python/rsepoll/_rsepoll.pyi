@@ -2,7 +2,7 @@
 
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, type_check_only
 
 from typing_extensions import disjoint_base, final
 
@@ -21,9 +21,20 @@ class Connection:
     """One client connection, the same object from opened to closed.
 
     Hashable, usable as a dict key, and able to carry the application's own
-    attributes. Not constructible from Python.
+    attributes (``conn.name = ...``): it has a ``__dict__``. Not constructible
+    from Python.
     """
 
+    __dict__: dict[str, Any]
+    # The application's own attributes, in the __dict__: any name but the
+    # properties below (which are read-only). For the type checker only: at
+    # runtime these are object's.
+    @type_check_only
+    def __getattr__(self, name: str) -> Any: ...
+    @type_check_only
+    def __setattr__(self, name: str, value: Any) -> None: ...
+    @type_check_only
+    def __delattr__(self, name: str) -> None: ...
     @property
     def id(self) -> int:
         """Unique for the server's life (fd numbers are not)."""
@@ -32,10 +43,14 @@ class Connection:
         """The socket's fd, for display; the I/O thread owns the socket."""
     @property
     def remote_address(self) -> tuple[str, int] | None:
-        """The peer's ``(host, port)``."""
+        """The peer's ``(host, port)``; None if the client had reset the
+        connection before the server accepted it, so that the system no
+        longer knew the peer (the connection then closes at once, with
+        ``close_reason == "reset"``)."""
     @property
     def local_address(self) -> tuple[str, int] | None:
-        """The local ``(host, port)`` the connection arrived on."""
+        """The local ``(host, port)`` the connection arrived on; None only if
+        the system would not tell."""
     @property
     def is_open(self) -> bool:
         """False once the connection has closed."""
