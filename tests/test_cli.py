@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import time
+import types
 
 import pytest
 from conftest import (
@@ -235,8 +236,11 @@ def test_exit_ends_only_that_connection():
             reverse_round_trip(port, b"warm-up")
             stayer.sendall(b"before\n")
             assert recv_exactly(stayer, 7) == b"erofeb\n"
+            # Only the exact word ends it: this one is an ordinary line.
             leaver.sendall(b"  exit \r\n")
-            recv_until_eof(leaver, limit=1 << 16)  # whatever it says, then EOF
+            assert recv_exactly(leaver, 8) == b" tixe  \n"
+            leaver.sendall(b"exit\r\n")
+            assert recv_until_eof(leaver, limit=1 << 16) == b""
             stayer.sendall(b"after\n")
             assert recv_exactly(stayer, 6) == b"retfa\n"
             # A new client is still welcome.
@@ -244,6 +248,26 @@ def test_exit_ends_only_that_connection():
         assert child.proc.poll() is None
         child.signal(signal.SIGTERM)
         assert child.wait(5) == 0
+
+
+@pytest.mark.parametrize("framing", ["line", "length", "raw"])
+def test_only_the_exact_line_exit_ends_a_connection(framing):
+    """As the README says: the line ``exit`` (ended by ``\\n`` or ``\\r\\n``), not
+    one with spaces around the word or in capitals."""
+    from rsepoll.__main__ import ReverseServer
+
+    server = ReverseServer(quiet=True, exit_stops_server=False, framing=framing)
+
+    def is_exit(message: bytes, ending: bytes = b"\r\n") -> bool:
+        """Whether the line ``message`` ends the connection; in raw mode it
+        arrives with its line end, in the framed modes without."""
+        data = message + ending if framing == "raw" else message
+        return server._is_exit(types.SimpleNamespace(line_tail=b""), data)
+
+    assert is_exit(b"exit")
+    assert is_exit(b"exit", b"\n")
+    for other in (b" exit", b"exit ", b"  exit ", b"\texit", b"EXIT", b"exit\r", b"exi"):
+        assert not is_exit(other), other
 
 
 def test_exit_stops_server_option():

@@ -4,8 +4,9 @@ Every message a client sends is printed (unless ``--quiet``), reversed and sent
 back, so ``nc localhost 9090`` shows each typed line reversed. Messages are
 lines by default (``--framing line``); ``--framing raw`` reverses each read
 as it arrives, as the original epoll example did, and ``--framing length``
-speaks length-prefixed messages. A message ``exit`` ends that client's
-connection (``--exit-stops-server``: stops the server).
+speaks length-prefixed messages. The message ``exit``, exactly (a line
+``exit`` ended by ``\\n`` or ``\\r\\n``), ends that client's connection
+(``--exit-stops-server``: stops the server).
 
 ``--workers N`` runs the server in N processes on one port (Linux only; see
 :mod:`rsepoll.workers`).
@@ -63,14 +64,21 @@ class ReverseServer(Server):
         self.send_message(conn, data[::-1])
 
     def _is_exit(self, conn: Connection, data: bytes) -> bool:
-        """True if ``data`` is the message ``exit`` (in raw mode: completes a
-        line that reads ``exit``; a line may arrive in several pieces)."""
+        """True if ``data`` is the message ``exit``, exactly (in raw mode:
+        completes a line that reads ``exit`` once its ``\\n`` or ``\\r\\n`` is
+        taken off; a line may arrive in several pieces)."""
         if self.framing != "raw":
-            return data.strip() == b"exit"
+            # The line decoder has taken the line end off already.
+            return data == b"exit"
         text = conn.line_tail + data
         lines = text.split(b"\n")
         conn.line_tail = lines[-1][-_LINE_TAIL:]
-        return any(line.strip() == b"exit" for line in lines[:-1])
+        return any(_without_cr(line) == b"exit" for line in lines[:-1])
+
+
+def _without_cr(line: bytes) -> bytes:
+    """``line`` without the ``\\r`` of a ``\\r\\n`` line end."""
+    return line[:-1] if line.endswith(b"\r") else line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
             "Run the rsepoll reverse server: every message a client sends is printed, "
             "reversed and sent back. Try it with: nc localhost PORT"
         ),
-        epilog="A client that sends the message 'exit' ends its own connection. "
-        "Ctrl-C or SIGTERM stops the server.",
+        epilog="A client that sends the line 'exit' (that word alone) ends its own "
+        "connection. Ctrl-C or SIGTERM stops the server.",
     )
     parser.add_argument("port", type=int, help="TCP port to listen on (0 picks a free one)")
     parser.add_argument(
@@ -100,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--exit-stops-server",
         action="store_true",
-        help="a client's 'exit' line stops the whole server instead of its connection",
+        help="a client's line 'exit' stops the whole server instead of its connection",
     )
     parser.add_argument(
         "--framing",
