@@ -100,6 +100,15 @@ def test_modes_against_the_reverse_cli(mode):
     assert_clean(status, report, err, 3)
 
 
+def test_version(capsys):
+    from rsepoll import bench as cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"rsepoll {rsepoll.__version__}\n"
+
+
 def test_raw_reverse_against_the_reverse_cli():
     # In raw framing the CLI reverses each read: a small request is one read.
     with rsepoll_cli("0", "--quiet", "--framing", "raw") as server:

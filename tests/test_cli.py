@@ -12,6 +12,7 @@ import time
 import types
 
 import pytest
+import rsepoll
 from conftest import (
     CTRL_C_ON_WINDOWS,
     ChildProcess,
@@ -54,6 +55,8 @@ def test_reverse_round_trip_and_prints_received_lines():
         listening = next(line for line in output.splitlines() if "listening on" in line)
         assert f"127.0.0.1:{port}" in listening
         assert "line framing" in listening
+        threads = int(os.environ.get("RSEPOLL_IO_THREADS") or 1)
+        assert f", {threads} I/O thread{'s' if threads > 1 else ''} " in listening, listening
         with connect(port) as c:
             # Two lines in one read, a third split across reads.
             c.sendall(b"hello\nworld\nzyx_to")
@@ -124,6 +127,7 @@ def test_length_framing_and_limits_options():
 def test_io_threads_option_serves_with_several_io_threads():
     with rsepoll_cli("0", "--io-threads", "2", "--quiet") as child:
         port = wait_listening(child)
+        assert "line framing, 2 I/O threads (Ctrl-C to stop)" in child.stdout, child.stdout
         for i in range(4):  # dealt to both I/O threads in turn
             reverse_round_trip(port, b"abc%d" % i)
         child.signal(signal.SIGTERM)
@@ -205,6 +209,15 @@ def test_non_numbers_are_usage_errors(args, capsys):
     assert exit_info.value.code == 2
     _, err = capsys.readouterr()
     assert error_lines(err)[-1].startswith("rsepoll: error: "), err
+
+
+def test_version(capsys):
+    from rsepoll import __main__ as cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"rsepoll {rsepoll.__version__}\n"
 
 
 @stops_with_sigterm
@@ -340,6 +353,11 @@ def test_port_in_use():
             assert len(lines) == 1, child.stderr
             assert no_traceback(child.stderr)
             assert "listening on" not in child.stdout
+        # One clean line, the error number said once.
+        pattern = rf"rsepoll: error: \[Errno (\d+)\] cannot listen on 127\.0\.0\.1:{port}: (.+)"
+        m = re.fullmatch(pattern, lines[0])
+        assert m, lines[0]
+        assert m.group(1) not in m.group(2) and "os error" not in m.group(2), lines[0]
     finally:
         blocker.close()
 

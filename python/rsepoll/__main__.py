@@ -20,7 +20,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from . import Connection, Server, make_listener_socket
+from . import Connection, Server, __version__, make_listener_socket
 from .workers import WorkerError, WorkersReady, WorkerStartupError, serve_workers
 
 #: The longest partial line kept per connection to recognise "exit".
@@ -44,7 +44,8 @@ class ReverseServer(Server):
         if not self.announce:
             return
         print(
-            f"rsepoll: listening on {self.address}, {self.framing} framing (Ctrl-C to stop)",
+            f"rsepoll: listening on {self.address}, {self.framing} framing, "
+            f"{_io_threads(self.io_threads)} (Ctrl-C to stop)",
             flush=True,
         )
 
@@ -81,6 +82,11 @@ def _without_cr(line: bytes) -> bytes:
     return line[:-1] if line.endswith(b"\r") else line
 
 
+def _io_threads(count: int) -> str:
+    """``count`` I/O threads in words, for the startup line: "1 I/O thread"."""
+    return f"{count} I/O thread{'s' if count != 1 else ''}"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rsepoll",
@@ -91,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="A client that sends the line 'exit' (that word alone) ends its own "
         "connection. Ctrl-C or SIGTERM stops the server.",
     )
+    parser.add_argument("--version", action="version", version=f"rsepoll {__version__}")
     parser.add_argument("port", type=int, help="TCP port to listen on (0 picks a free one)")
     parser.add_argument(
         "--host",
@@ -205,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     if args.workers > 1:
-        return _serve_workers(args, lambda: make_server(announce=False), server.framing)
+        return _serve_workers(
+            args, lambda: make_server(announce=False), server.framing, server.io_threads
+        )
     try:
         listener = make_listener_socket(args.port, args.host)
     except (OSError, ValueError) as exc:
@@ -224,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve_workers(
-    args: argparse.Namespace, make_server: Callable[[], Server], framing: str
+    args: argparse.Namespace, make_server: Callable[[], Server], framing: str, io_threads: int
 ) -> int:
     """``--workers N`` for N > 1: N processes, this one supervising."""
 
@@ -232,7 +241,8 @@ def _serve_workers(
         pids = ", ".join(str(pid) for pid in ready.pids)
         print(
             f"rsepoll: listening on {_host_port(*ready.address)}, {framing} framing, "
-            f"{len(ready.pids)} workers (pids {pids}) (Ctrl-C to stop)",
+            f"{_io_threads(io_threads)} per worker, {len(ready.pids)} workers (pids {pids}) "
+            "(Ctrl-C to stop)",
             flush=True,
         )
 

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from . import _raise_fd_limit
+from . import __version__, _raise_fd_limit
 from ._rsepoll import run_bench
 
 _PROG = "python -m rsepoll.bench"
@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 if every connection ran clean, 1 if any failed or stalled "
         "(or none could connect), 2 for bad arguments.",
     )
+    parser.add_argument("--version", action="version", version=f"rsepoll {__version__}")
     parser.add_argument("address", metavar="HOST:PORT", help="the server, e.g. 127.0.0.1:9090")
     parser.add_argument(
         "--mode",
