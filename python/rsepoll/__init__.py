@@ -231,9 +231,25 @@ class Server(ServerCore):
         logger.debug("connection closed: %r", conn)
 
     def on_exception_occurred(self, exc: BaseException) -> None:
-        """A callback raised ``exc`` (or the I/O thread reported a problem).
-        The server keeps serving. The default logs it with its traceback."""
-        logger.error("exception in an rsepoll callback", exc_info=exc)
+        """A callback raised ``exc``, or the server reports a problem of its own:
+        :class:`MessageTooLarge` when a client sent too much (its connection
+        closes), ``OSError`` when connections were turned away at
+        ``max_connections`` or accepting one failed, ``RuntimeError`` when an
+        I/O thread failed. The server keeps serving, except after an I/O
+        thread failed: then it stops.
+
+        The default logs a callback's exception with its traceback, as
+        "exception in an rsepoll callback". The server's own reports were
+        never raised, so they have no traceback: it logs each as one line
+        that names it, such as "MessageTooLarge: <rsepoll.Connection ...>:
+        message too large: ..." (a warning for a client that broke the
+        protocol, an error otherwise)."""
+        if exc.__traceback__ is not None:
+            logger.error("exception in an rsepoll callback", exc_info=exc)
+        elif isinstance(exc, ProtocolError):
+            logger.warning("%s: %s", type(exc).__name__, exc)
+        else:
+            logger.error("%s: %s", type(exc).__name__, exc)
 
     def on_waiting_for_activity(self) -> None:
         """``timeout`` milliseconds passed with nothing to do."""
