@@ -115,7 +115,10 @@ def run_bench(
     ``p99_us``). ``marks``, if given, is called with ``"start"`` and then
     ``"end"`` at the edges of the measured time (a run that ends early gets
     them when it ends). Raises ValueError for bad arguments, OSError if no
-    connection could be made, KeyboardInterrupt on Ctrl-C.
+    connection could be made, KeyboardInterrupt on Ctrl-C. The exception that
+    ends a run early (Ctrl-C, or one raised by ``progress`` or ``marks``)
+    carries the report of what was measured until then as its ``report``
+    attribute, if the run had connected and wound down within a second.
     """
 
 @disjoint_base
