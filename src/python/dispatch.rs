@@ -243,6 +243,8 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
                 // replies are queued ahead of the default close.
                 self.callback(intern!(py, "on_eof_received"), (conn,));
             }
+            Item::WritingPaused(conn) => self.callback(intern!(py, "on_writing_paused"), (conn,)),
+            Item::WritingResumed(conn) => self.callback(intern!(py, "on_writing_resumed"), (conn,)),
             Item::Closed(conn, reason) => {
                 let _ = conn.get().close_reason.set(reason);
                 self.close_and_report(conn);
@@ -400,6 +402,8 @@ enum Item<'py> {
     Opened(Py<PyConnection>),
     Data(Py<PyConnection>, Bound<'py, PyBytes>),
     Eof(Py<PyConnection>),
+    WritingPaused(Py<PyConnection>),
+    WritingResumed(Py<PyConnection>),
     Closed(Py<PyConnection>, CloseReason),
     Error(String),
     TooLarge(Py<PyConnection>, String),
@@ -441,6 +445,12 @@ impl<'py> Item<'py> {
                 None => Item::Nothing,
             },
             DeliveryKind::Eof => connections.get(py, key).map_or(Item::Nothing, Item::Eof),
+            DeliveryKind::WritingPaused => connections
+                .get(py, key)
+                .map_or(Item::Nothing, Item::WritingPaused),
+            DeliveryKind::WritingResumed => connections
+                .get(py, key)
+                .map_or(Item::Nothing, Item::WritingResumed),
             DeliveryKind::Closed(reason) => match connections.get(py, key) {
                 Some(conn) => {
                     *connections.slot(key) = None;
