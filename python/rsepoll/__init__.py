@@ -233,19 +233,22 @@ class Server(ServerCore):
         """More than ``write_buffer_high`` bytes wait in ``conn``'s output
         queue on the I/O thread: the client reads more slowly than it is
         answered. The server stops reading ``conn`` meanwhile; you may stop
-        producing for it until :meth:`on_writing_resumed`. Only what the
-        socket did not take counts, not what was just sent: a burst of
-        :meth:`send_message` calls to a client that keeps up pauses nothing.
-        Calls alternate with ``on_writing_resumed``, in order with the
-        connection's other callbacks. The default does nothing."""
+        producing for it until :meth:`on_writing_resumed`. Only the bytes the
+        socket did not take count, not sends still on their way to the I/O
+        thread: a burst of :meth:`send_message` calls to a client that keeps
+        up pauses nothing (``conn.pending_bytes`` counts those sends too, so
+        it may be above ``write_buffer_high`` without a pause). Calls alternate with
+        ``on_writing_resumed``, in order with the connection's other
+        callbacks. The default does nothing."""
 
     def on_writing_resumed(self, conn: Connection) -> None:
         """``conn``'s output queue, paused before, fell to
         ``write_buffer_low`` bytes or fewer; reading it goes on (unless you
         paused it). Never called after :meth:`on_connection_closed`: a
-        connection that is reset or aborted while paused gets no resume (a
-        graceful close drains the queue, so its resume comes first). The
-        default does nothing."""
+        connection that ends while paused without its queue draining (a
+        reset, an abort, a stop's deadline) gets no resume; a graceful close
+        drains the queue, so its resume comes first. The default does
+        nothing."""
 
     def on_connection_closed(self, conn: Connection) -> None:
         """``conn`` closed (whoever closed it); called once per connection."""
