@@ -338,6 +338,12 @@ impl Dispatcher {
                     self.callback(py, intern!(py, "on_message_received"), (conn, data));
                 }
             }
+            Item::WritingPaused(conn) => {
+                self.callback(py, intern!(py, "on_writing_paused"), (conn,));
+            }
+            Item::WritingResumed(conn) => {
+                self.callback(py, intern!(py, "on_writing_resumed"), (conn,));
+            }
             Item::Eof(conn) => {
                 // After the callbacks for what came before the EOF, so their
                 // replies are queued ahead of the default close.
