@@ -232,8 +232,10 @@ impl Dispatcher {
         for call in self.agenda.calls.close() {
             self.run_call(py, call);
         }
-        self.agenda.timers.clear();
         self.callback(py, intern!(py, "on_shutdown_success"), ());
+        // After the last callback, so that no timer made in one outlives
+        // the run either.
+        self.agenda.timers.clear();
         match self.exit_error.take() {
             Some(error) => Err(error),
             None => Ok(()),
