@@ -7,7 +7,6 @@
 //! from a callback goes to `on_exception_occurred`; `KeyboardInterrupt` and
 //! `SystemExit` stop the server and leave `listen()` once it has shut down.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,12 +18,12 @@ use pyo3::types::{PyBytes, PyString};
 
 use super::connection::PyConnection;
 use super::loans::Loans;
+use super::run_state::RunState;
 use super::send::queue;
 use crate::close_reason::CloseReason;
 use crate::framing::Framing;
 use crate::message::{Delivery, DeliveryKind};
-use crate::server::{Request, Running, WeakSender, DEFAULT_STOP_TIMEOUT};
-use crate::sync::Mutex;
+use crate::server::{Request, Running, WeakSender};
 use crate::token::ConnKey;
 
 /// Longest the listening thread waits with the GIL released before it checks
@@ -34,41 +33,6 @@ pub(super) const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 const DISPATCH_BATCH: usize = 256;
 /// Deliveries dispatched before their slots go back to the I/O thread.
 const RELEASE_BATCH: usize = 32;
-
-/// What a run's stop request is, shared by `stop_server()` (from any thread)
-/// and the dispatcher: owned by the server object, read here.
-#[derive(Debug)]
-pub(super) struct RunState {
-    /// `stop_server()` was called and the running `listen()` has not ended.
-    pub(super) stop_requested: AtomicBool,
-    /// The timeout of the first `stop_server()` since the last run.
-    pub(super) stop_timeout: Mutex<Duration>,
-}
-
-impl RunState {
-    pub(super) fn new() -> Self {
-        RunState {
-            stop_requested: AtomicBool::new(false),
-            stop_timeout: Mutex::new(DEFAULT_STOP_TIMEOUT),
-        }
-    }
-
-    /// Asks the run to stop, giving queued output `timeout` (the first
-    /// request's timeout stands). Returns the timeout that stands.
-    pub(super) fn request_stop(&self, timeout: Duration) -> Duration {
-        let mut stands = self.stop_timeout.lock();
-        if !self.stop_requested.swap(true, SeqCst) {
-            *stands = timeout;
-        }
-        *stands
-    }
-
-    /// Forgets the run's stop request: the next `listen()` starts afresh.
-    pub(super) fn reset(&self) {
-        *self.stop_timeout.lock() = DEFAULT_STOP_TIMEOUT;
-        self.stop_requested.store(false, SeqCst);
-    }
-}
 
 /// Turns deliveries into callbacks, on the thread that called `listen()`.
 pub(super) struct Dispatcher<'py, 'a> {
@@ -139,10 +103,10 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
 
     pub(super) fn run(mut self) -> PyResult<()> {
         let py = self.py();
+        self.callback(intern!(py, "on_listen_success"), ());
         if self.run.stop_requested.load(SeqCst) {
             self.begin_stop();
         }
-        self.callback(intern!(py, "on_listen_success"), ());
         let mut idle_since = Instant::now();
         let vanished = loop {
             let dispatched = self.dispatch_batch();
@@ -165,7 +129,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
             let due = idle_since + self.idle_timeout;
             let now = Instant::now();
             if now >= due {
-                if !self.stopping {
+                if !self.stopping || self.run.keeps_connections() {
                     self.callback(intern!(py, "on_waiting_for_activity"), ());
                 }
                 idle_since = Instant::now();
@@ -266,7 +230,7 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
             }
             Item::Failed(detail) => {
                 self.report_error::<PyRuntimeError>(&detail);
-                self.stopping = true;
+                self.begin_stop();
                 self.interrupted = true;
             }
             Item::Nothing => {}
@@ -331,6 +295,10 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
     fn fail_with(&mut self, error: PyErr) {
         if self.exit_error.is_none() {
             self.exit_error = Some(error);
+            // As stop_server() does: a stop that keeps the connections
+            // becomes a drain.
+            let sender = self.running.sender();
+            self.run.request_stop(None, true, Some(&sender));
             return self.begin_stop();
         }
         self.interrupted = true;
@@ -341,8 +309,11 @@ impl<'py, 'a> Dispatcher<'py, 'a> {
     fn begin_stop(&mut self) {
         if !self.stopping {
             self.stopping = true;
-            let timeout = *self.run.stop_timeout.lock();
-            self.running.stop(timeout);
+            // The application's cue, before any connection closes for the
+            // stop: the engines announce `Draining`, whose answer closes
+            // them, only once `cue` lets them.
+            self.callback(intern!(self.py(), "on_stopping"), ());
+            self.run.cue(&self.running.sender());
         }
     }
 }

@@ -5,6 +5,8 @@
 //! - [`dispatch::Dispatcher`] is the loop `listen()` runs on the calling
 //!   thread: it turns each delivery into a call of the instance's callback
 //!   method, so overrides in Python subclasses are honoured;
+//! - [`run_state::RunState`] is a run's stop request, which `stop_server()`
+//!   makes from any thread and the dispatcher carries out;
 //! - [`connection::PyConnection`] (`rsepoll.Connection` in Python) is the handle callbacks receive;
 //! - [`loans::Loans`] keeps large `bytes` payloads alive while the I/O thread
 //!   writes them from where they are;
@@ -23,6 +25,7 @@ mod connection;
 mod dispatch;
 mod listener;
 mod loans;
+mod run_state;
 mod send;
 mod server;
 

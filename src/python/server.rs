@@ -11,8 +11,9 @@ use pyo3::types::{PyDict, PyTuple};
 use socket2::Socket;
 
 use super::connection::PyConnection;
-use super::dispatch::{Dispatcher, RunState};
+use super::dispatch::Dispatcher;
 use super::listener::ListenerSocket;
+use super::run_state::RunState;
 use super::send;
 use crate::framing::{Framing, PrefixWidth};
 use crate::server::{Config, Request, Running, Sender, DEFAULT_STOP_TIMEOUT};
@@ -294,25 +295,34 @@ impl ServerCore {
         Ok(conn.open.load(Relaxed) && send::queue(py, conn, Request::ResumeReading))
     }
 
-    /// Stops `listen()`: no new connections, input already read is still
-    /// handled, queued output gets up to `timeout` seconds to go out; then
-    /// connections still holding output are reset. Every connection is
-    /// reported closed, then `on_shutdown_success` runs and `listen()`
-    /// returns. Safe from any thread and from signal handlers; before
-    /// `listen()`, it makes the next one return at once.
+    /// Stops `listen()`: the listeners close, so new clients are refused, and
+    /// `on_stopping()` runs on the listening thread. Then, by default
+    /// (`close_connections`), input already read is still handled, no more
+    /// is read, and each connection closes once its queued output is out;
+    /// with `close_connections=False`, the open connections are served as
+    /// usual until the application (or the peer, or a timeout) has closed
+    /// each. What is still open after `timeout` seconds is reset
+    /// (`close_reason == "shutdown"`). Every connection is reported closed,
+    /// then `on_shutdown_success` runs and `listen()` returns.
+    ///
+    /// The first call's timeout stands; a later call that closes the
+    /// connections turns a stop that keeps them into a drain, by the first
+    /// call's deadline or its own timeout, whichever comes first. Safe from
+    /// any thread and from signal handlers; before `listen()`, it makes the
+    /// next one stop as soon as it has started (and return at once, with no
+    /// connection open).
     // The literal keeps the default visible to `inspect` (and stubtest); it is
     // DEFAULT_STOP_TIMEOUT, as a compile-time assertion at the top checks.
-    #[pyo3(signature = (timeout = 5.0))]
-    fn stop_server(&self, timeout: f64) -> PyResult<()> {
+    #[pyo3(signature = (timeout = 5.0, *, close_connections = true))]
+    fn stop_server(&self, timeout: f64, close_connections: bool) -> PyResult<()> {
         let timeout = Duration::try_from_secs_f64(timeout).map_err(|_| {
             PyValueError::new_err(format!(
                 "timeout must be a non-negative number of seconds, got {timeout}"
             ))
         })?;
-        let timeout = self.run.request_stop(timeout);
-        if let Some(sender) = self.current.lock().as_ref() {
-            sender.stop(timeout);
-        }
+        let current = self.current.lock();
+        self.run
+            .request_stop(Some(timeout), close_connections, current.as_ref());
         Ok(())
     }
 }
