@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -75,6 +76,7 @@ def run_tool(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str
 
 ALL = [
     "reverse.py",
+    "resp_server.py",
 ]
 
 
@@ -95,6 +97,7 @@ def test_each_example_says_what_it_shows_and_how_to_try_it(name):
 #: For each example: extra arguments, and a request with the end of its reply.
 PROBES = {
     "reverse.py": ([], b"ab\n", b"ba\n"),
+    "resp_server.py": ([], b"PING\r\n", b"+PONG\r\n"),
 }
 
 
@@ -154,4 +157,111 @@ def test_reverse_answers_each_line_in_order_and_exit_closes():
             assert recv_until_eof(a) == b"tsal\n"
             b.sendall(b"still here\n")
             assert recv_exactly(b, 11) == b"ereh llits\n"
+        stop(child)
+
+
+# ---------------------------------------------------------------------------
+# resp_server.py
+# ---------------------------------------------------------------------------
+
+
+def resp_command(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def test_resp_pipelined_arrays_and_inline_commands_split_anywhere():
+    with example("resp_server.py") as (child, port):
+        with connect(port) as c:
+            value = bytes(range(256)) * 4  # binary-safe, CRLFs inside
+            request = (
+                resp_command(b"SET", b"k", value)
+                + b"PING\r\n"
+                + resp_command(b"GET", b"k")
+                + b"incr n\r\n\r\n"  # an empty inline line is no command
+                + resp_command(b"INCR", b"n")
+                + resp_command(b"ECHO", b"")
+                + b"DEL k n missing\n"  # inline, LF only
+                + resp_command(b"GET", b"k")
+                + resp_command(b"ping", b"hi")
+            )
+            expected = (
+                b"+OK\r\n+PONG\r\n"
+                + b"$%d\r\n%s\r\n" % (len(value), value)
+                + b":1\r\n:2\r\n$0\r\n\r\n:2\r\n$-1\r\n$2\r\nhi\r\n"
+            )
+            # All of it in one send, then again one byte at a time.
+            c.sendall(request)
+            assert recv_exactly(c, len(expected)) == expected
+            for i in range(len(request)):
+                c.sendall(request[i : i + 1])
+            assert recv_exactly(c, len(expected)) == expected
+            # Errors answer without closing.
+            c.sendall(resp_command(b"SET", b"s", b"abc") + b"INCR s\r\nGET\r\nNOPE x\r\n")
+            expected = (
+                b"+OK\r\n"
+                b"-ERR value is not an integer or out of range\r\n"
+                b"-ERR wrong number of arguments for 'get' command\r\n"
+                b"-ERR unknown command 'NOPE'\r\n"
+            )
+            assert recv_exactly(c, len(expected)) == expected
+            c.sendall(b"QUIT\r\nPING\r\n")
+            assert recv_until_eof(c) == b"+OK\r\n"
+        with connect(port) as c:
+            c.sendall(b"PING\r\n*1\r\n+PING\r\n")
+            assert recv_until_eof(c) == b"+PONG\r\n-ERR Protocol error: expected '$', got '+'\r\n"
+        stop(child)
+
+
+def test_resp_with_redis_cli():
+    redis_cli = tool("redis-cli")
+    with example("resp_server.py") as (child, port):
+
+        def cli(*args: str) -> str:
+            done = run_tool(redis_cli, "--no-raw", "-p", str(port), *args)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        assert cli("PING") == "PONG\n"
+        assert cli("SET", "greeting", "hello world") == "OK\n"
+        assert cli("GET", "greeting") == '"hello world"\n'
+        assert cli("INCR", "visits") == "(integer) 1\n"
+        assert cli("INCR", "visits") == "(integer) 2\n"
+        assert cli("GET", "visits") == '"2"\n'
+        assert cli("INCR", "greeting") == "(error) ERR value is not an integer or out of range\n"
+        assert cli("DEL", "greeting", "visits", "absent") == "(integer) 2\n"
+        assert cli("GET", "greeting") == "(nil)\n"
+        assert cli("ECHO", "bye") == '"bye"\n'
+        assert cli("CONFIG", "GET", "appendonly") == '1) "appendonly"\n2) "no"\n'
+        stop(child)
+
+
+def redis_benchmark(port: int, *extra: str) -> dict[str, float]:
+    """Runs a bounded redis-benchmark; returns requests per second by test."""
+    done = run_tool(
+        tool("redis-benchmark"),
+        "-p", str(port), "-q", "-n", "2000", "-c", "10", "-t", "ping,set,get,incr",
+        *extra,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "error" not in output.lower() and "warning" not in output.lower(), output
+    rates = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"([A-Z_]+): ([\d.]+) requests per second", output)
+    }
+    assert set(rates) == {"PING_INLINE", "PING_MBULK", "SET", "GET", "INCR"}, output
+    assert all(rate > 0 for rate in rates.values()), output
+    return rates
+
+
+def test_resp_with_redis_benchmark_plain_and_pipelined():
+    tool("redis-benchmark")
+    with example("resp_server.py") as (child, port):
+        redis_benchmark(port)
+        redis_benchmark(port, "-P", "16")
+        # Every INCR ran exactly once: 2000 per run on one key.
+        with connect(port) as c:
+            c.sendall(b"GET counter:__rand_int__\r\nGET key:__rand_int__\r\n")
+            assert recv_exactly(c, 10) == b"$4\r\n4000\r\n"
+            assert recv_exactly(c, 9)[:4] == b"$3\r\n"  # SET's 3-byte value
         stop(child)
