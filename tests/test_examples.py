@@ -21,6 +21,7 @@ import pytest
 from conftest import (
     TESTS_DIR,
     ChildProcess,
+    LineReader,
     connect,
     no_traceback,
     recv_exactly,
@@ -77,6 +78,7 @@ def run_tool(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str
 ALL = [
     "reverse.py",
     "resp_server.py",
+    "http_hello.py",
 ]
 
 
@@ -98,6 +100,7 @@ def test_each_example_says_what_it_shows_and_how_to_try_it(name):
 PROBES = {
     "reverse.py": ([], b"ab\n", b"ba\n"),
     "resp_server.py": ([], b"PING\r\n", b"+PONG\r\n"),
+    "http_hello.py": ([], b"GET / HTTP/1.1\r\n\r\n", b"Hello, World!"),
 }
 
 
@@ -264,4 +267,117 @@ def test_resp_with_redis_benchmark_plain_and_pipelined():
             c.sendall(b"GET counter:__rand_int__\r\nGET key:__rand_int__\r\n")
             assert recv_exactly(c, 10) == b"$4\r\n4000\r\n"
             assert recv_exactly(c, 9)[:4] == b"$3\r\n"  # SET's 3-byte value
+        stop(child)
+
+
+# ---------------------------------------------------------------------------
+# http_hello.py
+# ---------------------------------------------------------------------------
+
+
+def read_response(
+    reader: LineReader, head: bool = False
+) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """One response: its status line, headers (names lowercased) and body."""
+    status = reader.readline()
+    assert status.endswith(b"\r"), status
+    headers = {}
+    while True:
+        line = reader.readline()
+        assert line.endswith(b"\r"), line
+        if line == b"\r":
+            break
+        name, _, value = line[:-1].partition(b":")
+        headers[name.lower()] = value.strip()
+    body = b"" if head else reader.read_exactly(int(headers[b"content-length"]))
+    return status[:-1], headers, body
+
+
+def test_http_keep_alive_pipelining_and_closes():
+    with example("http_hello.py") as (child, port):
+        with connect(port) as c:
+            reader = LineReader(c)
+            # Three pipelined requests in one send, a POST's body skipped.
+            c.sendall(
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"POST /form HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nGET / HTTP/"
+                b"HEAD /any HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            status, headers, body = read_response(reader)
+            assert (status, body) == (b"HTTP/1.1 200 OK", b"Hello, World!")
+            assert headers[b"content-length"] == b"13" and b"date" in headers
+            assert b"connection" not in headers
+            status, headers, body = read_response(reader)
+            assert (status, body, headers[b"allow"]) == (
+                b"HTTP/1.1 405 Method Not Allowed",
+                b"",
+                b"GET, HEAD",
+            )
+            status, headers, _ = read_response(reader, head=True)
+            assert (status, headers[b"content-length"]) == (b"HTTP/1.1 200 OK", b"13")
+            # One request a byte at a time, then one that closes.
+            for byte in b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n":
+                c.sendall(bytes([byte]))
+            assert read_response(reader)[2] == b"Hello, World!"
+            c.sendall(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+            status, headers, body = read_response(reader)
+            assert (headers[b"connection"], body) == (b"close", b"Hello, World!")
+            assert bytes(reader.buf) + recv_until_eof(c) == b""
+        with connect(port) as c:  # HTTP/1.0 closes by default
+            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            reader = LineReader(c)
+            assert read_response(reader)[2] == b"Hello, World!"
+            assert bytes(reader.buf) + recv_until_eof(c) == b""
+        with connect(port) as c:  # ... unless it asks to keep alive, as ab -k does
+            reader = LineReader(c)
+            for _ in range(2):
+                c.sendall(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+                _, headers, body = read_response(reader)
+                assert (headers[b"connection"], body) == (b"keep-alive", b"Hello, World!")
+        with connect(port) as c:
+            c.sendall(b"nonsense\r\n\r\n")
+            reader = LineReader(c)
+            assert read_response(reader)[0] == b"HTTP/1.1 400 Bad Request"
+            assert bytes(reader.buf) + recv_until_eof(c) == b""
+        stop(child)
+
+
+def test_http_curl_reuses_the_connection():
+    curl = tool("curl")
+    with example("http_hello.py") as (child, port):
+        url = f"http://127.0.0.1:{port}"
+        done = run_tool(curl, "-sS", "-v", "--max-time", "10", f"{url}/", f"{url}/again")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "Hello, World!Hello, World!"
+        assert "Re-using existing connection" in done.stderr, done.stderr
+        assert done.stderr.count("Connected to") == 1, done.stderr
+        stop(child)
+
+
+def test_http_wrk_sees_only_2xx():
+    wrk = tool("wrk")
+    with example("http_hello.py") as (child, port):
+        done = run_tool(wrk, "-t1", "-c10", "-d1s", f"http://127.0.0.1:{port}/")
+        assert done.returncode == 0, done.stdout + done.stderr
+        requests = re.search(r"(\d+) requests in", done.stdout)
+        assert requests and int(requests.group(1)) > 0, done.stdout
+        assert "Non-2xx" not in done.stdout and "Socket errors" not in done.stdout, done.stdout
+        stop(child)
+
+
+def test_http_ab_keep_alive_and_not():
+    ab = tool("ab")
+    with example("http_hello.py") as (child, port):
+        url = f"http://127.0.0.1:{port}/"
+        # -k: HTTP/1.0 with Connection: Keep-Alive; without it, a connection a request.
+        for keep_alive, requests in ((True, 2000), (False, 500)):
+            argv = ["-k"] if keep_alive else []
+            done = run_tool(ab, "-q", *argv, "-n", str(requests), "-c", "10", "-s", "10", url)
+            assert done.returncode == 0, done.stdout + done.stderr
+            out = done.stdout
+            assert re.search(rf"Complete requests:\s+{requests}\n", out), out
+            assert re.search(r"Failed requests:\s+0\n", out), out
+            assert "Non-2xx" not in out, out
+            if keep_alive:
+                assert re.search(rf"Keep-Alive requests:\s+{requests}\n", out), out
         stop(child)
