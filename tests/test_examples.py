@@ -8,6 +8,7 @@ installed; .ci/run installs them. Every load is bounded in count and time.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from conftest import (
     recv_exactly,
     recv_until_eof,
     wait_listening,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -79,6 +81,7 @@ ALL = [
     "reverse.py",
     "resp_server.py",
     "http_hello.py",
+    "asyncio_hosted.py",
 ]
 
 
@@ -101,6 +104,7 @@ PROBES = {
     "reverse.py": ([], b"ab\n", b"ba\n"),
     "resp_server.py": ([], b"PING\r\n", b"+PONG\r\n"),
     "http_hello.py": ([], b"GET / HTTP/1.1\r\n\r\n", b"Hello, World!"),
+    "asyncio_hosted.py": (["--heartbeat", "60"], b"x\n", b"x\n"),
 }
 
 
@@ -380,4 +384,40 @@ def test_http_ab_keep_alive_and_not():
             assert "Non-2xx" not in out, out
             if keep_alive:
                 assert re.search(rf"Keep-Alive requests:\s+{requests}\n", out), out
+        stop(child)
+
+
+# ---------------------------------------------------------------------------
+# asyncio_hosted.py
+# ---------------------------------------------------------------------------
+
+
+def test_asyncio_hosted_echoes_beats_and_reports_stats():
+    with example("asyncio_hosted.py", "--admin-port", "0", "--heartbeat", "0.2") as (child, port):
+        admin_port = int(re.search(r"admin on [\d.]+:(\d+)", child.stdout).group(1))
+
+        def admin() -> dict:
+            with connect(admin_port) as c:
+                return json.loads(recv_until_eof(c))
+
+        with connect(port) as a, connect(port) as b:
+            a.sendall(b"hello\n")
+            lines = LineReader(a)
+            echoed, beats = 0, []
+            while not echoed or len(beats) < 3:
+                line = lines.readline()
+                if line == b"hello":
+                    echoed += 1
+                    continue
+                m = re.fullmatch(rb"heartbeat (\d+)", line)
+                assert m, line
+                beats.append(int(m.group(1)))
+            assert echoed == 1
+            assert beats == list(range(beats[0], beats[0] + len(beats)))  # every beat
+            assert re.fullmatch(rb"heartbeat \d+", LineReader(b).readline())
+            assert wait_until(lambda: admin()["connections_open"] == 2)
+            report = admin()
+            assert report["heartbeats"] >= beats[-1]
+            assert report["messages_received"] == 1
+        assert wait_until(lambda: admin()["connections_closed"] == 2)
         stop(child)
