@@ -1,8 +1,8 @@
-"""HTTP/1.1 "Hello, World!" with keep-alive, for curl, wrk and ab.
+r"""HTTP/1.1 "Hello, World!" with keep-alive, for curl, wrk and ab.
 
 Shows incremental request parsing over ``framing="raw"``: each connection
 buffers what arrives until a request's head is complete (up to the blank line,
-``\\r\\n\\r\\n``), answers every complete request in the buffer (pipelined
+``\r\n\r\n``), answers every complete request in the buffer (pipelined
 requests get their responses in order, in one ``send_message``), and keeps the
 rest for the next read. Persistence follows RFC 9112: an HTTP/1.1 connection
 stays open unless the request says ``Connection: close``; an HTTP/1.0 one

@@ -1,4 +1,4 @@
-"""A tiny Redis: the RESP2 protocol over raw framing, enough for redis-cli and
+r"""A tiny Redis: the RESP2 protocol over raw framing, enough for redis-cli and
 redis-benchmark.
 
 Shows how to speak a real binary-safe protocol with ``framing="raw"``: each
@@ -6,8 +6,8 @@ connection owns an incremental parser that is fed whatever bytes arrive and
 yields every command they complete, so a command split across reads waits for
 its rest, and many pipelined commands in one read (``redis-benchmark -P 16``)
 are all answered with one ``send_message``. Both request forms are parsed:
-RESP arrays (``*2\\r\\n$3\\r\\nGET\\r\\n$1\\r\\nk\\r\\n``) and inline commands
-(``GET k\\r\\n``, what ``telnet`` and redis-benchmark's ``PING_INLINE`` send).
+RESP arrays (``*2\r\n$3\r\nGET\r\n$1\r\nk\r\n``) and inline commands
+(``GET k\r\n``, what ``telnet`` and redis-benchmark's ``PING_INLINE`` send).
 
 Commands: PING, ECHO, GET, SET, DEL, INCR, QUIT, and CONFIG GET (which
 redis-benchmark asks at start-up: ``save`` and ``appendonly`` are answered as a

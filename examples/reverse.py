@@ -1,15 +1,15 @@
-"""The reverse server of ``python -m rsepoll``, in a page.
+r"""The reverse server of ``python -m rsepoll``, in a page.
 
 Shows the smallest useful server: with ``framing="line"`` the Rust core cuts
 the byte stream into lines, so each ``on_message_received`` gets one whole line
-(without its ``\\n`` or ``\\r\\n``) however TCP chunked it, and ``send_message``
-adds the ``\\n``. Every line comes back reversed; the line ``exit`` closes the
+(without its ``\n`` or ``\r\n``) however TCP chunked it, and ``send_message``
+adds the ``\n``. Every line comes back reversed; the line ``exit`` closes the
 connection. SIGTERM or Ctrl-C stops the server gracefully.
 
 Try it:
 
     python examples/reverse.py 9000
-    printf 'hello\\nworld\\nexit\\n' | nc 127.0.0.1 9000     # prints olleh, dlrow
+    printf 'hello\nworld\nexit\n' | nc 127.0.0.1 9000     # prints olleh, dlrow
 """
 
 from __future__ import annotations
