@@ -22,7 +22,7 @@ import rsepoll
 
 class Reverser(rsepoll.Server):
     def on_message_received(self, conn: rsepoll.Connection, line: bytes) -> None:
-        if line.strip() == b"exit":
+        if line == b"exit":
             self.close_connection(conn)  # after the replies already queued
         else:
             self.send_message(conn, line[::-1])

@@ -158,10 +158,10 @@ def test_reverse_answers_each_line_in_order_and_exit_closes():
             assert recv_exactly(b, 9) == b"enil s'b\n"
             a.sendall(b"am\r\n")
             assert recv_exactly(a, 19) == b"olleh\ndlrow\nmaerts\n"
-            # Replies queued before "exit" still arrive, then EOF; what
-            # follows "exit" is not answered.
-            a.sendall(b"last\nexit\nignored\n")
-            assert recv_until_eof(a) == b"tsal\n"
+            # Only "exit" exactly ends the connection; replies queued before
+            # it still arrive, then EOF; what follows it is not answered.
+            a.sendall(b" exit\nlast\nexit\r\nignored\n")
+            assert recv_until_eof(a) == b"tixe \ntsal\n"
             b.sendall(b"still here\n")
             assert recv_exactly(b, 11) == b"ereh llits\n"
         stop(child)
