@@ -17,13 +17,16 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 from conftest import (
     TESTS_DIR,
+    UNDER_WINE,
     ChildProcess,
     LineReader,
+    Workers,
     connect,
     no_traceback,
     recv_exactly,
@@ -83,6 +86,7 @@ ALL = [
     "resp_server.py",
     "http_hello.py",
     "asyncio_hosted.py",
+    "chat.py",
 ]
 
 
@@ -105,6 +109,7 @@ PROBES = {
     "resp_server.py": ([], b"PING\r\n", b"+PONG\r\n"),
     "http_hello.py": ([], b"GET / HTTP/1.1\r\n\r\n", b"Hello, World!"),
     "asyncio_hosted.py": (["--heartbeat", "60"], b"x\n", b"x\n"),
+    "chat.py": ([], b"", b"\n"),  # the welcome line
 }
 
 
@@ -420,4 +425,113 @@ def test_asyncio_hosted_echoes_beats_and_reports_stats():
             assert report["heartbeats"] >= beats[-1]
             assert report["messages_received"] == 1
         assert wait_until(lambda: admin()["connections_closed"] == 2)
+        stop(child)
+
+
+# ---------------------------------------------------------------------------
+# chat.py
+# ---------------------------------------------------------------------------
+
+
+class ChatClient:
+    """A chat member that has read its welcome line."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = connect(port)
+        self.lines = LineReader(self.sock)
+        welcome = self.hear()
+        m = re.fullmatch(r"\* welcome, you are (user\d+)", welcome)
+        assert m, welcome
+        self.name = m.group(1)
+
+    def say(self, text: str) -> None:
+        self.sock.sendall(text.encode() + b"\n")
+
+    def hear(self) -> str:
+        return self.lines.readline().decode()
+
+    def __enter__(self) -> ChatClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def test_chat_broadcasts_each_line_to_the_others_in_order():
+    with example("chat.py") as (child, port):
+        with ChatClient(port) as a, ChatClient(port) as b:
+            assert a.hear() == f"* {b.name} joined"
+            with ChatClient(port) as c:
+                assert a.hear() == b.hear() == f"* {c.name} joined"
+                a.say("hi")
+                assert b.hear() == c.hear() == f"{a.name}: hi"
+                # Two lines in one send, a third in pieces, CRLF too.
+                b.sock.sendall(b"one\ntwo\r\nthr")
+                b.sock.sendall(b"ee\n")
+                for line in ("one", "two", "three"):
+                    assert a.hear() == c.hear() == f"{b.name}: {line}"
+            assert a.hear() == b.hear() == f"* {c.name} left"
+            b.say("bye")
+            # a's next line is b's: a heard nothing of its own "hi".
+            assert a.hear() == f"{b.name}: bye"
+            a.sock.close()
+            assert b.hear() == f"* {a.name} left"
+        stop(child)
+
+
+def test_chat_drops_a_reader_that_stays_behind_and_keeps_a_fast_one():
+    with example("chat.py") as (child, port), ChatClient(port) as fast:
+        slow = connect(port, rcvbuf=4096)  # reads nothing until it is dropped
+        with slow, ChatClient(port) as talker:
+            slow_name = re.fullmatch(r"\* (user\d+) joined", fast.hear()).group(1)
+            assert fast.hear() == f"* {talker.name} joined"
+            dropped = f"* {slow_name} was dropped (too slow)"
+            heard: list[tuple[float, str]] = []  # what fast reads, and when
+
+            def read_fast() -> None:
+                while True:
+                    line = fast.hear()
+                    heard.append((time.monotonic(), line))
+                    if line == f"{talker.name}: last":
+                        return
+
+            reader = Workers()
+            reader.spawn(read_fast)
+            # A burst far above write_buffer_high (256 KiB) and what the kernel
+            # holds for slow, then a line every 0.1 s until slow is dropped.
+            started = time.monotonic()
+            sent = [f"{i} {'x' * 200}" for i in range(20000)]
+            talker.sock.sendall("".join(line + "\n" for line in sent).encode())
+            while not any(line == dropped for _, line in heard):
+                assert time.monotonic() < started + 15, "the slow reader was not dropped"
+                sent.append(f"trickle {len(sent)}")
+                talker.say(sent[-1])
+                time.sleep(0.1)
+            sent.append("last")
+            talker.say("last")
+            reader.join(15)
+
+            lines = [line for _, line in heard]
+            assert lines.count(dropped) == 1
+            dropped_at = next(t for t, line in heard if line == dropped)
+            assert dropped_at - started >= 2.0, "dropped before --drop-after (2 s) had passed"
+            # The fast reader got every line, in order, and is still in the room.
+            assert [line for line in lines if line != dropped] == [
+                f"{talker.name}: {line}" for line in sent
+            ]
+            assert talker.hear() == dropped
+            # What slow received before the reset is the start of its stream.
+            expected = "".join(
+                [f"* welcome, you are {slow_name}\n", f"* {talker.name} joined\n"]
+                + [f"{talker.name}: {line}\n" for line in sent]
+            ).encode()
+            got = bytearray()
+            try:
+                while chunk := slow.recv(65536):
+                    got += chunk
+                # Wine reads a reset as EOF (see conftest.needs_visible_resets).
+                assert UNDER_WINE, "slow was closed, not reset"
+            except ConnectionResetError:
+                pass
+            assert len(got) < len(expected) and expected.startswith(bytes(got))
         stop(child)
