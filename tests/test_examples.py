@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -87,6 +89,7 @@ ALL = [
     "http_hello.py",
     "asyncio_hosted.py",
     "chat.py",
+    "rpc_threadpool.py",
 ]
 
 
@@ -110,6 +113,7 @@ PROBES = {
     "http_hello.py": ([], b"GET / HTTP/1.1\r\n\r\n", b"Hello, World!"),
     "asyncio_hosted.py": (["--heartbeat", "60"], b"x\n", b"x\n"),
     "chat.py": ([], b"", b"\n"),  # the welcome line
+    "rpc_threadpool.py": ([], b"\0\0\0\x08\0\0\0\x01ping", b"pong"),
 }
 
 
@@ -535,3 +539,70 @@ def test_chat_drops_a_reader_that_stays_behind_and_keeps_a_fast_one():
                 pass
             assert len(got) < len(expected) and expected.startswith(bytes(got))
         stop(child)
+
+
+# ---------------------------------------------------------------------------
+# rpc_threadpool.py
+# ---------------------------------------------------------------------------
+
+
+def rpc(request_id: int, method: bytes) -> bytes:
+    body = struct.pack(">I", request_id) + method
+    return struct.pack(">I", len(body)) + body
+
+
+def rpc_reply(sock: socket.socket) -> tuple[int, bytes]:
+    (length,) = struct.unpack(">I", recv_exactly(sock, 4))
+    body = recv_exactly(sock, length)
+    return struct.unpack(">I", body[:4])[0], body[4:]
+
+
+def hash_requests(count: int) -> tuple[bytes, dict[int, bytes]]:
+    """``count`` hash requests (ids 1 to count) and the replies they expect."""
+    data = {i: os.urandom(8).hex().encode() for i in range(1, count + 1)}
+    requests = b"".join(rpc(i, b"hash " + d) for i, d in data.items())
+    return requests, {i: hashlib.sha256(d).hexdigest().encode() for i, d in data.items()}
+
+
+def test_rpc_replies_carry_their_request_ids():
+    with example("rpc_threadpool.py", "--work-time", "0.2") as (child, port):
+        with connect(port) as c:
+            requests, expected = hash_requests(16)
+            c.sendall(requests + rpc(99, b"ping") + rpc(100, b"nonsense"))
+            # Answered on the listening thread, before any hash is done.
+            assert rpc_reply(c) == (99, b"pong")
+            assert rpc_reply(c) == (100, b"error unknown method")
+            assert dict(rpc_reply(c) for _ in range(16)) == expected
+            c.sendall(rpc(101, b"ping"))
+            assert rpc_reply(c) == (101, b"pong")
+        with connect(port) as c:
+            # EOF right after the requests: the connection closes once all
+            # their replies have gone out.
+            requests, expected = hash_requests(4)
+            c.sendall(requests)
+            c.shutdown(socket.SHUT_WR)
+            assert dict(rpc_reply(c) for _ in range(4)) == expected
+            assert recv_until_eof(c) == b""
+        stop(child)
+
+
+@pytest.mark.skipif(not HAS_SIGTERM, reason=NO_SIGTERM)
+def test_rpc_sigterm_answers_the_requests_in_flight_then_stops():
+    args = ("--work-time", "1.0", "--threads", "16")
+    with example("rpc_threadpool.py", *args) as (child, port):
+        with connect(port) as busy, connect(port) as idle:
+            idle.sendall(rpc(1, b"ping"))
+            assert rpc_reply(idle) == (1, b"pong")
+            requests, expected = hash_requests(16)
+            busy.sendall(requests + rpc(99, b"ping"))
+            # The pong comes after the 16 requests were handed to the pool.
+            assert rpc_reply(busy) == (99, b"pong")
+            child.signal(signal.SIGTERM)
+            child.wait_for_output(r"stopping; 16 requests in flight on 2 connections")
+            assert recv_until_eof(idle) == b""  # nothing in flight: closed at once
+            with pytest.raises(ConnectionRefusedError):
+                connect(port).close()  # no new connections
+            assert dict(rpc_reply(busy) for _ in range(16)) == expected
+            assert recv_until_eof(busy) == b""
+        assert child.wait(10) == 0, child.stderr
+        assert no_traceback(child.stderr), child.stderr
