@@ -486,30 +486,35 @@ def test_chat_broadcasts_each_line_to_the_others_in_order():
 def test_chat_drops_a_reader_that_stays_behind_and_keeps_a_fast_one():
     with example("chat.py") as (child, port), ChatClient(port) as fast:
         slow = connect(port, rcvbuf=4096)  # reads nothing until it is dropped
+        slow_name = re.fullmatch(r"\* (user\d+) joined", fast.hear()).group(1)
         with slow, ChatClient(port) as talker:
-            slow_name = re.fullmatch(r"\* (user\d+) joined", fast.hear()).group(1)
             assert fast.hear() == f"* {talker.name} joined"
             dropped = f"* {slow_name} was dropped (too slow)"
             heard: list[tuple[float, str]] = []  # what fast reads, and when
 
             def read_fast() -> None:
-                while True:
-                    line = fast.hear()
-                    heard.append((time.monotonic(), line))
-                    if line == f"{talker.name}: last":
-                        return
+                last = f"{talker.name}: last"
+                pending = bytes(fast.lines.buf)
+                while not heard or heard[-1][1] != last:
+                    chunk = fast.sock.recv(1 << 16)
+                    assert chunk, "fast was disconnected"
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    now = time.monotonic()
+                    heard.extend((now, line.decode()) for line in lines)
 
             reader = Workers()
             reader.spawn(read_fast)
-            # A burst far above write_buffer_high (256 KiB) and what the kernel
-            # holds for slow, then a line every 0.1 s until slow is dropped.
+            # The kernel buffers up to 4 MiB (Linux's tcp_wmem) for slow before
+            # the server's queue grows: a burst of 6 MiB, then 32 KiB every
+            # 0.1 s until slow is dropped. Lines of 8 KiB keep the callbacks few.
             started = time.monotonic()
-            sent = [f"{i} {'x' * 200}" for i in range(20000)]
+            sent = [f"{i} {'x' * 8186}" for i in range(768)]
             talker.sock.sendall("".join(line + "\n" for line in sent).encode())
             while not any(line == dropped for _, line in heard):
                 assert time.monotonic() < started + 15, "the slow reader was not dropped"
-                sent.append(f"trickle {len(sent)}")
-                talker.say(sent[-1])
+                more = [f"{len(sent) + i} {'y' * 8186}" for i in range(4)]
+                talker.sock.sendall("".join(line + "\n" for line in more).encode())
+                sent += more
                 time.sleep(0.1)
             sent.append("last")
             talker.say("last")
