@@ -36,6 +36,10 @@ MAX_PENDING = 64 * 1024
 
 
 class HeartbeatServer(rsepoll.Server):
+    #: "host:port" of the server and of the admin endpoint, for the line
+    #: on_listen_success prints.
+    address = admin_address = ""
+
     def __init__(self, interval: float, **kwargs) -> None:
         super().__init__(framing="line", **kwargs)
         self.interval = interval
@@ -43,6 +47,12 @@ class HeartbeatServer(rsepoll.Server):
         self.heartbeats = 0
 
     def on_listen_success(self) -> None:
+        # Serving now (on the loop's thread), and SIGTERM stops the server
+        # gracefully from here on.
+        print(
+            f"asyncio_hosted: listening on {self.address}, admin on {self.admin_address}",
+            flush=True,
+        )
         self.call_later(self.interval, self.heartbeat)
 
     def heartbeat(self) -> None:
@@ -84,11 +94,9 @@ async def serve(args: argparse.Namespace) -> None:
     admin = await asyncio.start_server(
         functools.partial(report_stats, server), args.host, admin_port
     )
-    async with admin:
-        admin_port = admin.sockets[0].getsockname()[1]
-        print(
-            f"asyncio_hosted: listening on {host}:{port}, admin on {host}:{admin_port}", flush=True
-        )
+    server.address = f"{host}:{port}"
+    server.admin_address = "{}:{}".format(*admin.sockets[0].getsockname()[:2])
+    async with admin:  # closes the admin endpoint once the server has stopped
         await server.serve()  # until SIGTERM (or Ctrl-C) has stopped the server
 
 

@@ -28,6 +28,9 @@ import rsepoll
 
 
 class ChatRoom(rsepoll.Server):
+    #: "host:port", for the line on_listen_success prints.
+    address = ""
+
     def __init__(self, drop_after: float, **kwargs) -> None:
         # A chat line is short: 256 KiB queued for one reader is far behind.
         super().__init__(
@@ -35,6 +38,10 @@ class ChatRoom(rsepoll.Server):
         )
         self.drop_after = drop_after
         self.members: set[rsepoll.Connection] = set()
+
+    def on_listen_success(self) -> None:
+        # Serving now, and SIGTERM stops the server gracefully from here on.
+        print(f"chat: listening on {self.address}", flush=True)
 
     def on_connection_opened(self, conn: rsepoll.Connection) -> None:
         conn.name = f"user{conn.id}"
@@ -95,8 +102,7 @@ def main() -> None:
     server = ChatRoom(args.drop_after)
     with rsepoll.make_listener_socket(args.port, args.host) as listener:
         server.register_listener_socket(listener)
-        host, port = listener.address
-    print(f"chat: listening on {host}:{port}", flush=True)
+        server.address = "{}:{}".format(*listener.address)
     # SIGTERM stops the server gracefully and listen() returns; Ctrl-C stops
     # it the same way, then raises KeyboardInterrupt.
     with contextlib.suppress(KeyboardInterrupt):

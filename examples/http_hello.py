@@ -33,10 +33,17 @@ MAX_HEAD = 16 * 1024
 
 
 class HttpServer(rsepoll.Server):
+    #: "host:port", for the line on_listen_success prints.
+    address = ""
+
     def __init__(self, **kwargs) -> None:
         super().__init__(framing="raw", **kwargs)
         self.date_second = 0
         self.date = b""
+
+    def on_listen_success(self) -> None:
+        # Serving now, and SIGTERM stops the server gracefully from here on.
+        print(f"http_hello: listening on http://{self.address}/", flush=True)
 
     def on_connection_opened(self, conn: rsepoll.Connection) -> None:
         conn.buffer = bytearray()
@@ -143,8 +150,7 @@ def main() -> None:
     server = HttpServer()
     with rsepoll.make_listener_socket(args.port, args.host) as listener:
         server.register_listener_socket(listener)
-        host, port = listener.address
-    print(f"http_hello: listening on http://{host}:{port}/", flush=True)
+        server.address = "{}:{}".format(*listener.address)
     # SIGTERM stops the server gracefully and listen() returns; Ctrl-C stops
     # it the same way, then raises KeyboardInterrupt.
     with contextlib.suppress(KeyboardInterrupt):

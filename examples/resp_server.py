@@ -161,9 +161,16 @@ ARITY = {
 
 
 class RespServer(rsepoll.Server):
+    #: "host:port", for the line on_listen_success prints.
+    address = ""
+
     def __init__(self, **kwargs) -> None:
         super().__init__(framing="raw", **kwargs)
         self.data: dict[bytes, bytes] = {}
+
+    def on_listen_success(self) -> None:
+        # Serving now, and SIGTERM stops the server gracefully from here on.
+        print(f"resp_server: listening on {self.address}", flush=True)
 
     def on_connection_opened(self, conn: rsepoll.Connection) -> None:
         conn.parser = RespParser()
@@ -231,8 +238,7 @@ def main() -> None:
     server = RespServer()
     with rsepoll.make_listener_socket(args.port, args.host) as listener:
         server.register_listener_socket(listener)
-        host, port = listener.address
-    print(f"resp_server: listening on {host}:{port}", flush=True)
+        server.address = "{}:{}".format(*listener.address)
     # SIGTERM stops the server gracefully and listen() returns; Ctrl-C stops
     # it the same way, then raises KeyboardInterrupt.
     with contextlib.suppress(KeyboardInterrupt):

@@ -21,6 +21,13 @@ import rsepoll
 
 
 class Reverser(rsepoll.Server):
+    #: "host:port", for the line on_listen_success prints.
+    address = ""
+
+    def on_listen_success(self) -> None:
+        # Serving now, and SIGTERM stops the server gracefully from here on.
+        print(f"reverse: listening on {self.address}", flush=True)
+
     def on_message_received(self, conn: rsepoll.Connection, line: bytes) -> None:
         if line == b"exit":
             self.close_connection(conn)  # after the replies already queued
@@ -37,8 +44,7 @@ def main() -> None:
     server = Reverser(framing="line")
     with rsepoll.make_listener_socket(args.port, args.host) as listener:
         server.register_listener_socket(listener)  # the server keeps a duplicate
-        host, port = listener.address
-    print(f"reverse: listening on {host}:{port}", flush=True)
+        server.address = "{}:{}".format(*listener.address)
     # SIGTERM stops the server gracefully and listen() returns; Ctrl-C stops
     # it the same way, then raises KeyboardInterrupt.
     with contextlib.suppress(KeyboardInterrupt):

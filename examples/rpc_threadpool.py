@@ -43,12 +43,19 @@ import rsepoll
 
 
 class RpcServer(rsepoll.Server):
+    #: "host:port", for the line on_listen_success prints.
+    address = ""
+
     def __init__(self, pool: ThreadPoolExecutor, work_time: float, **kwargs) -> None:
         super().__init__(framing="length", **kwargs)
         self.pool = pool
         self.work_time = work_time
         self.connections: set[rsepoll.Connection] = set()
         self.stopping = False
+
+    def on_listen_success(self) -> None:
+        # Serving now, and SIGTERM stops the server gracefully from here on.
+        print(f"rpc_threadpool: listening on {self.address}", flush=True)
 
     def on_connection_opened(self, conn: rsepoll.Connection) -> None:
         conn.in_flight = 0  # requests handed to the pool, not yet answered
@@ -121,14 +128,13 @@ def main() -> None:
         server = RpcServer(pool, args.work_time)
         with rsepoll.make_listener_socket(args.port, args.host) as listener:
             server.register_listener_socket(listener)
-            host, port = listener.address
+            server.address = "{}:{}".format(*listener.address)
 
         # SIGTERM: stop once the work in flight is answered (at most 60 s).
         def stop(signum: int, frame: object) -> None:
             server.stop_server(60.0, close_connections=False)
 
         signal.signal(signal.SIGTERM, stop)
-        print(f"rpc_threadpool: listening on {host}:{port}", flush=True)
         # Ctrl-C stops at once as stop_server() does (closing the
         # connections), then raises KeyboardInterrupt.
         with contextlib.suppress(KeyboardInterrupt):
