@@ -143,22 +143,8 @@ def test_stops_on_sigterm_closing_an_open_connection(name):
         assert no_traceback(child.stderr), child.stderr
 
 
-#: serve() makes its session, which runs on_listen_success, before it arms its
-#: SIGTERM handler (python/rsepoll/_serving.py): a SIGTERM in between kills
-#: the process (exit status -15 in about a third of the runs here).
-SERVE_ARMS_SIGTERM_LATE = pytest.mark.skip(
-    reason="serve() runs on_listen_success before it handles SIGTERM (a bug in serve())"
-)
-
-
 @pytest.mark.skipif(not HAS_SIGTERM, reason=NO_SIGTERM)
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=SERVE_ARMS_SIGTERM_LATE) if name == "asyncio_hosted.py" else name
-        for name in ALL
-    ],
-)
+@pytest.mark.parametrize("name", ALL)
 def test_stops_on_sigterm_as_soon_as_it_says_it_listens(name):
     with example(name) as (child, _):
         child.signal(signal.SIGTERM)
