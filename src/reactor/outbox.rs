@@ -48,9 +48,16 @@ pub(super) struct Outbox {
     share: u32,
     /// Largest message that travels in a slot's own buffer.
     slot_size: usize,
+    /// The consumer's release count as of the last [`Outbox::settle`]: what
+    /// `in_flight`, `bytes` and each connection's count of deliveries in the
+    /// ring say, and so what a decision to wait for the consumer was based on.
+    settled_at: usize,
     /// Input waits for the consumer to release slots, though some are free: a
     /// large message over the budget of buffers in the ring, or a connection
-    /// at its share of the ring. The consumer's release count then.
+    /// at its share of the ring. The release count that decision saw
+    /// (`settled_at`), not a later one: a release after it may already have
+    /// made the room, and the consumer, with nothing left to take, would
+    /// release nothing more.
     consumer_blocked_at: Option<usize>,
     /// The budget had no room for a spill buffer: the consumer's release
     /// count then (see [`Outbox::may_spill`]).
@@ -88,6 +95,7 @@ impl Outbox {
             byte_cap: config.ring_slots * config.slot_size,
             share: (config.ring_slots / RING_SHARE_DIVISOR).max(MIN_RING_SHARE) as u32,
             slot_size: config.slot_size,
+            settled_at: 0,
             consumer_blocked_at: None,
             spill_blocked_at: None,
             large: LargeMessages::new(
@@ -172,6 +180,7 @@ impl Outbox {
     /// deliveries in the ring stays exact.
     pub(super) fn settle(&mut self, mut released: impl FnMut(ConnKey)) {
         let done = self.ring.released();
+        self.settled_at = done;
         while let Some(&(position, key, len)) = self.in_flight.front() {
             // Positions wrap: compare distances, not values.
             if done.wrapping_sub(position) as isize <= 0 {
@@ -184,10 +193,14 @@ impl Outbox {
     }
 
     /// Input waits for the consumer to release a slot (see
-    /// [`Outbox::has_room`]).
+    /// [`Outbox::has_room`]): one it had not released when the outbox last
+    /// settled, since that is what the decision to wait was based on.
+    /// Reloading the count here instead would lose a release that came in
+    /// between, and the loop would sleep waiting for another one, which a
+    /// consumer that has taken everything never makes.
     #[inline]
     pub(super) fn block(&mut self) {
-        self.consumer_blocked_at = Some(self.ring.released());
+        self.consumer_blocked_at = Some(self.settled_at);
     }
 
     /// Forgets that input waited for the consumer, once it has moved on.
@@ -544,6 +557,28 @@ mod tests {
         assert_eq!(released, vec![a, a, a]);
         // Settled once: nothing is told twice.
         outbox.settle(|_| unreachable!());
+    }
+
+    #[test]
+    fn a_wait_for_the_consumer_ends_at_a_release_the_outbox_had_not_seen() {
+        let (mut outbox, mut consumer) = new(Framing::Line, 8, 16);
+        let a = key(1);
+        for _ in 0..4 {
+            stage(&mut outbox, a, 1);
+        }
+        publish(&mut outbox);
+        // The loop looks: `a` holds its share ...
+        outbox.settle(|_| unreachable!());
+        // ... the consumer takes and releases everything ...
+        assert_eq!(consume(&mut consumer, 4).len(), 4);
+        // ... and the loop, deciding on what it saw, waits for the consumer
+        // (as framed input does once a connection is at its share). The
+        // release it has not seen yet ends that wait: no other would come.
+        outbox.block();
+        assert!(outbox.has_room());
+        outbox.settle(|_| {});
+        outbox.block();
+        assert!(!outbox.has_room(), "now it waits for the next release");
     }
 
     #[test]
