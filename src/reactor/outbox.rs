@@ -255,6 +255,11 @@ impl Outbox {
             self.spill_blocked_at = None;
         }
         let admitted = self.large.account.admit(self.spill_size, &mut self.ring);
+        // What the check took back goes to the pool now, to serve this very
+        // spill: left for the read's own settle, it would make the pool
+        // allocate a buffer beyond the budget, and free one (over its cap)
+        // when they all come back, again and again in steady traffic.
+        self.large.settle();
         if !admitted {
             self.spill_blocked_at = Some(self.ring.released());
         }
@@ -603,6 +608,32 @@ mod tests {
         let (mut framed, _consumer) = new(Framing::Line, 8, 16);
         assert_eq!(framed.spill_size(), 0);
         assert!(!framed.may_spill(), "framed reads never spill");
+    }
+
+    #[test]
+    fn spills_take_back_their_buffers_and_allocate_no_more_than_the_budget_holds() {
+        // Slots of 64 KiB: two 256 KiB spill buffers fill the budget, and
+        // the pool caches as many.
+        let (mut outbox, mut consumer) = new(Framing::Raw, 8, 64 << 10);
+        let (a, spill) = (key(1), outbox.spill_size());
+        for round in 0..3 {
+            // Spills until the budget is full; the consumer takes them.
+            while outbox.may_spill() {
+                stage_spilled(&mut outbox, a, spill);
+            }
+            publish(&mut outbox);
+            consume(&mut consumer, 8);
+            // One spill, which takes the two back, then plain reads round
+            // the ring: reusing its slot gives its buffer back too.
+            assert!(outbox.may_spill());
+            stage_spilled(&mut outbox, a, spill);
+            for _ in 0..8 {
+                publish(&mut outbox);
+                consume(&mut consumer, 8);
+                stage(&mut outbox, a, 1);
+            }
+            assert_eq!(outbox.pool().misses(), 2, "round {round}");
+        }
     }
 
     #[test]
