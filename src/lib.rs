@@ -46,3 +46,8 @@ pub mod wake;
 
 #[cfg(feature = "python")]
 mod python;
+
+/// The loop's delivery side, for the model checks of `tests/loom.rs`.
+#[cfg(loom)]
+#[doc(hidden)]
+pub use reactor::LoomOutbox;

@@ -570,7 +570,8 @@ fn writing_pauses_above_high_resumes_at_low_and_never_after_closed() {
 #[test]
 fn flow_deliveries_that_find_the_ring_full_wait_in_order() {
     // Far more than the kernel buffers of a loopback connection hold for a
-    // client that does not read, so that both crossings happen.
+    // client that does not read: half of it leaves the queue above the high
+    // mark, so that both crossings happen.
     const BURST: usize = 16 << 20;
     let burst = stream(0, BURST);
     for backend in backends() {
@@ -590,20 +591,31 @@ fn flow_deliveries_that_find_the_ring_full_wait_in_order() {
         assert_eq!(kind, DeliveryKind::Opened);
         let _others = [connect(port), connect(port)];
         thread::sleep(Duration::from_millis(100));
+        let halfway = Arc::new(AtomicBool::new(false));
         let writer = thread::spawn({
-            let burst = burst.clone();
+            let (burst, halfway) = (burst.clone(), Arc::clone(&halfway));
             move || {
-                for chunk in burst.chunks(CHUNK) {
+                for (sent, chunk) in burst.chunks(CHUNK).enumerate() {
                     sender.send(conn, chunk).unwrap();
+                    if (sent + 1) * CHUNK == BURST / 2 {
+                        halfway.store(true, SeqCst);
+                    }
                 }
             }
         });
+        // The client reads nothing until half the burst is sent, so that
+        // writing pauses whatever the timing: a client that keeps up with
+        // the writer can take a whole burst without the queue ever rising
+        // above the mark.
+        while !halfway.load(SeqCst) && !writer.is_finished() {
+            thread::sleep(Duration::from_millis(1));
+        }
         let mut received = vec![0; BURST];
         client.read_exact(&mut received).unwrap();
         writer.join().unwrap();
         assert!(received == burst, "{backend:?}: bytes differ");
         // The queue is empty: every crossing was emitted, none was lost.
-        // (How many pause/resume cycles there were depends on how the
+        // (How many more pause/resume cycles there were depends on how the
         // client's reads and the writer's sends interleave.)
         let mut deliveries = Vec::new();
         while deliveries.len() < 4 {

@@ -10,9 +10,11 @@
 #![cfg(loom)]
 
 use _rsepoll::handover::Arrivals;
+use _rsepoll::message::Delivery;
 use _rsepoll::ring::{ring, Consumer, Producer};
 use _rsepoll::sys::Wake;
 use _rsepoll::wake::{Bell, IoSleep};
+use _rsepoll::LoomOutbox;
 use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
 
@@ -322,6 +324,64 @@ fn stalled_io_thread_is_woken_by_release() {
                     }
                 }
                 None => thread::yield_now(),
+            }
+        }
+        io_thread.join().unwrap();
+    });
+}
+
+/// The I/O thread waiting for the consumer to move on though a slot is
+/// free, as `Reactor::wait` makes it once raw reads have brought the ring's
+/// payload to its size: the shipped outbox decides (its room, then
+/// `has_room`), the loop sleeps stalled while `has_room` is false, and the
+/// consumer releases and wakes it through `wake_for_room`. A release that
+/// lands between the outbox's look at the consumer and its decision to wait
+/// must end that wait: the consumer has taken everything and waits on the
+/// bell, so it releases nothing more. (With the wait recorded at a count
+/// loaded after the look, this deadlocks.)
+#[test]
+fn io_thread_waiting_for_the_consumer_sees_a_release_made_meanwhile() {
+    loom::model(|| {
+        // Two slots of 16 bytes: one 32-byte (spilled) read fills the
+        // ring's payload and leaves a slot free.
+        let (tx, mut rx) = ring(2, || Delivery::with_capacity(16));
+        let bell = Arc::new(Bell::new());
+        let sleep = Arc::new(IoSleep::new());
+        let poller = Arc::new(EventFd::new());
+        let io_thread = {
+            let (bell, sleep, poller) =
+                (Arc::clone(&bell), Arc::clone(&sleep), Arc::clone(&poller));
+            thread::spawn(move || {
+                let mut outbox = LoomOutbox::new(16, tx);
+                for _ in 0..2 {
+                    loop {
+                        let room = outbox.room();
+                        if room >= 16 {
+                            outbox.stage(room);
+                            outbox.publish();
+                            bell.ring();
+                            break;
+                        }
+                        if !outbox.has_room() && sleep.prepare(true, || outbox.has_room()) {
+                            poller.wait();
+                        }
+                        sleep.awake();
+                    }
+                }
+            })
+        };
+        let mut taken = 0;
+        while taken < 2 {
+            match rx.take_with(|delivery| delivery.len) {
+                Some(len) => {
+                    assert_eq!(len, 32);
+                    taken += 1;
+                    rx.release();
+                    if sleep.wake_for_room() {
+                        poller.wake();
+                    }
+                }
+                None => bell.wait_while(|| rx.is_empty(), None),
             }
         }
         io_thread.join().unwrap();

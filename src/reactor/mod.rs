@@ -74,6 +74,8 @@ mod accept;
 mod close;
 mod deadlines;
 mod framed;
+#[cfg(loom)]
+mod model;
 mod outbox;
 mod read;
 mod stop;
@@ -82,6 +84,8 @@ mod write;
 
 use accept::Acceptor;
 use deadlines::{Deadline, Deadlines};
+#[cfg(loom)]
+pub use model::LoomOutbox;
 use outbox::Outbox;
 use stop::Stopping;
 use write::Gather;

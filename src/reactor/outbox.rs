@@ -48,9 +48,16 @@ pub(super) struct Outbox {
     share: u32,
     /// Largest message that travels in a slot's own buffer.
     slot_size: usize,
+    /// The consumer's release count as of the last [`Outbox::settle`]: what
+    /// `in_flight`, `bytes` and each connection's count of deliveries in the
+    /// ring say, and so what a decision to wait for the consumer was based on.
+    settled_at: usize,
     /// Input waits for the consumer to release slots, though some are free: a
     /// large message over the budget of buffers in the ring, or a connection
-    /// at its share of the ring. The consumer's release count then.
+    /// at its share of the ring. The release count that decision saw
+    /// (`settled_at`), not a later one: a release after it may already have
+    /// made the room, and the consumer, with nothing left to take, would
+    /// release nothing more.
     consumer_blocked_at: Option<usize>,
     /// The budget had no room for a spill buffer: the consumer's release
     /// count then (see [`Outbox::may_spill`]).
@@ -88,6 +95,7 @@ impl Outbox {
             byte_cap: config.ring_slots * config.slot_size,
             share: (config.ring_slots / RING_SHARE_DIVISOR).max(MIN_RING_SHARE) as u32,
             slot_size: config.slot_size,
+            settled_at: 0,
             consumer_blocked_at: None,
             spill_blocked_at: None,
             large: LargeMessages::new(
@@ -172,6 +180,7 @@ impl Outbox {
     /// deliveries in the ring stays exact.
     pub(super) fn settle(&mut self, mut released: impl FnMut(ConnKey)) {
         let done = self.ring.released();
+        self.settled_at = done;
         while let Some(&(position, key, len)) = self.in_flight.front() {
             // Positions wrap: compare distances, not values.
             if done.wrapping_sub(position) as isize <= 0 {
@@ -184,10 +193,14 @@ impl Outbox {
     }
 
     /// Input waits for the consumer to release a slot (see
-    /// [`Outbox::has_room`]).
+    /// [`Outbox::has_room`]): one it had not released when the outbox last
+    /// settled, since that is what the decision to wait was based on.
+    /// Reloading the count here instead would lose a release that came in
+    /// between, and the loop would sleep waiting for another one, which a
+    /// consumer that has taken everything never makes.
     #[inline]
     pub(super) fn block(&mut self) {
-        self.consumer_blocked_at = Some(self.ring.released());
+        self.consumer_blocked_at = Some(self.settled_at);
     }
 
     /// Forgets that input waited for the consumer, once it has moved on.
@@ -242,6 +255,11 @@ impl Outbox {
             self.spill_blocked_at = None;
         }
         let admitted = self.large.account.admit(self.spill_size, &mut self.ring);
+        // What the check took back goes to the pool now, to serve this very
+        // spill: left for the read's own settle, it would make the pool
+        // allocate a buffer beyond the budget, and free one (over its cap)
+        // when they all come back, again and again in steady traffic.
+        self.large.settle();
         if !admitted {
             self.spill_blocked_at = Some(self.ring.released());
         }
@@ -547,6 +565,28 @@ mod tests {
     }
 
     #[test]
+    fn a_wait_for_the_consumer_ends_at_a_release_the_outbox_had_not_seen() {
+        let (mut outbox, mut consumer) = new(Framing::Line, 8, 16);
+        let a = key(1);
+        for _ in 0..4 {
+            stage(&mut outbox, a, 1);
+        }
+        publish(&mut outbox);
+        // The loop looks: `a` holds its share ...
+        outbox.settle(|_| unreachable!());
+        // ... the consumer takes and releases everything ...
+        assert_eq!(consume(&mut consumer, 4).len(), 4);
+        // ... and the loop, deciding on what it saw, waits for the consumer
+        // (as framed input does once a connection is at its share). The
+        // release it has not seen yet ends that wait: no other would come.
+        outbox.block();
+        assert!(outbox.has_room());
+        outbox.settle(|_| {});
+        outbox.block();
+        assert!(!outbox.has_room(), "now it waits for the next release");
+    }
+
+    #[test]
     fn a_read_spills_only_while_the_buffers_in_the_ring_are_within_budget() {
         // Raw slots of 1 KiB: a read that fills one goes on into a 256 KiB
         // buffer, and the ring may hold 512 KiB of them.
@@ -568,6 +608,32 @@ mod tests {
         let (mut framed, _consumer) = new(Framing::Line, 8, 16);
         assert_eq!(framed.spill_size(), 0);
         assert!(!framed.may_spill(), "framed reads never spill");
+    }
+
+    #[test]
+    fn spills_take_back_their_buffers_and_allocate_no_more_than_the_budget_holds() {
+        // Slots of 64 KiB: two 256 KiB spill buffers fill the budget, and
+        // the pool caches as many.
+        let (mut outbox, mut consumer) = new(Framing::Raw, 8, 64 << 10);
+        let (a, spill) = (key(1), outbox.spill_size());
+        for round in 0..3 {
+            // Spills until the budget is full; the consumer takes them.
+            while outbox.may_spill() {
+                stage_spilled(&mut outbox, a, spill);
+            }
+            publish(&mut outbox);
+            consume(&mut consumer, 8);
+            // One spill, which takes the two back, then plain reads round
+            // the ring: reusing its slot gives its buffer back too.
+            assert!(outbox.may_spill());
+            stage_spilled(&mut outbox, a, spill);
+            for _ in 0..8 {
+                publish(&mut outbox);
+                consume(&mut consumer, 8);
+                stage(&mut outbox, a, 1);
+            }
+            assert_eq!(outbox.pool().misses(), 2, "round {round}");
+        }
     }
 
     #[test]
