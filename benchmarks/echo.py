@@ -57,7 +57,17 @@ LOADGEN_DIR = HERE / "loadgen"
 LOADGEN = LOADGEN_DIR / "target" / "release" / "echo-loadgen"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-SERVERS = ("rsepoll-epoll", "rsepoll-portable", "asyncio", "uvloop")
+SERVERS = (
+    "rsepoll-epoll",
+    "rsepoll-portable",
+    "asyncio",
+    "uvloop",
+    # rsepoll (epoll) under Server.serve() inside an asyncio or uvloop loop.
+    "rsepoll-serve-asyncio",
+    "rsepoll-serve-uvloop",
+)
+#: What --servers runs unless told otherwise.
+DEFAULT_SERVERS = SERVERS[:4]
 FRAMINGS = ("raw", "line", "length")
 
 
@@ -95,13 +105,19 @@ def serve(kind: str, framing: str, max_fds: int | None = None) -> None:
     """Runs one echo server on a free loopback port; prints ``ready PORT ...``.
     ``max_fds`` goes to the rsepoll servers (suite.py's idle cells need more
     than the default 8192); the asyncio servers take the limit they inherit."""
-    if kind.startswith("rsepoll-"):
+    if kind.startswith("rsepoll-serve-"):
+        serve_rsepoll("epoll", framing, max_fds, loop=kind.rsplit("-", 1)[1])
+    elif kind.startswith("rsepoll-"):
         serve_rsepoll(kind.split("-", 1)[1], framing, max_fds)
     else:
         serve_asyncio(kind)
 
 
-def serve_rsepoll(backend: str, framing: str, max_fds: int | None = None) -> None:
+def serve_rsepoll(
+    backend: str, framing: str, max_fds: int | None = None, loop: str | None = None
+) -> None:
+    """``loop``: None runs ``listen()``; "asyncio" or "uvloop" runs ``serve()`` in
+    that loop."""
     import rsepoll
 
     where = Path(rsepoll.__file__).parent
@@ -131,7 +147,14 @@ def serve_rsepoll(backend: str, framing: str, max_fds: int | None = None) -> Non
     # SIGINT may be ignored when started from a non-interactive shell.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
-        server.listen()
+        if loop is None:
+            server.listen()
+        elif loop == "uvloop":
+            import uvloop
+
+            uvloop.run(server.serve())
+        else:
+            asyncio.run(server.serve())
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -697,9 +720,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--servers",
-        default=",".join(SERVERS),
+        default=",".join(DEFAULT_SERVERS),
         help=f"comma-separated contenders KIND[/FRAMING][@SOURCE]; KIND is one of "
-        f"{','.join(SERVERS)} (default: all of them)",
+        f"{','.join(SERVERS)} (default: {','.join(DEFAULT_SERVERS)})",
     )
     parser.add_argument(
         "--rsepoll-from",

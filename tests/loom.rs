@@ -212,7 +212,9 @@ fn a_sleeper_elsewhere_never_misses_a_publish() {
         // Shared through std's `Arc`, as the bell holds its notifier; the
         // state inside is loom's.
         let notifier = std::sync::Arc::new(EventFd::new());
-        bell.set_notifier(Some(std::sync::Arc::clone(&notifier) as std::sync::Arc<dyn Wake>));
+        bell.set_notifier(Some(
+            std::sync::Arc::clone(&notifier) as std::sync::Arc<dyn Wake>
+        ));
         let producer = {
             let bell = Arc::clone(&bell);
             thread::spawn(move || {

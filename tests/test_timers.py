@@ -201,3 +201,15 @@ def test_a_raising_call_goes_to_on_exception_occurred():
         server.call_soon_threadsafe(server.finish)
         assert server.done.wait(5)
         assert [type(e) for e in server.test_errors] == [KeyError]
+
+
+def test_a_server_left_with_pending_timers_and_calls_is_collected():
+    # The callbacks refer back to the server: a cycle only the collector
+    # can break, through the timers and the call queue.
+    server = Recorder()
+    server.call_later(3600, server.note, "never")
+    server.call_soon_threadsafe(server.note, "never")
+    gone = weakref.ref(server)
+    del server
+    gc.collect()
+    assert gone() is None

@@ -12,8 +12,10 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
+use pyo3::PyTraverseError;
 
 use crate::sync::Mutex;
 
@@ -69,6 +71,25 @@ impl Calls {
         let mut queue = self.queue.lock();
         self.pending.store(false, SeqCst);
         std::mem::take(&mut queue.calls)
+    }
+
+    /// Shows the collector the queued calls.
+    pub(super) fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(queue) = self.queue.try_lock() {
+            for (callback, args) in &queue.calls {
+                visit.call(callback)?;
+                visit.call(args)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the queued calls without running them (the server is being
+    /// collected).
+    pub(super) fn clear(&self) {
+        let calls = std::mem::take(&mut self.queue.lock().calls);
+        self.pending.store(false, SeqCst);
+        drop(calls);
     }
 
     /// Accepts calls again (a run starts).

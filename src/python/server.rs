@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
+use pyo3::PyTraverseError;
 use socket2::Socket;
 
 use super::connection::PyConnection;
@@ -218,6 +220,16 @@ impl ServerCore {
         ServeSession::new(slf.py(), dispatcher, wake_fd)
     }
 
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        self.agenda.timers.traverse(&visit)?;
+        self.agenda.calls.traverse(&visit)
+    }
+
+    fn __clear__(&self) {
+        self.agenda.timers.clear();
+        self.agenda.calls.clear();
+    }
+
     /// The clock of `call_at` and `TimerHandle.when()`: monotonic seconds
     /// from an arbitrary origin.
     fn time(&self) -> f64 {
@@ -226,7 +238,9 @@ impl ServerCore {
 
     /// Runs `callback(*args)` on the listening thread `delay` seconds from
     /// now (at once, after what is due before it, if `delay` is not
-    /// positive). Returns a `TimerHandle` that can cancel it.
+    /// positive). Returns a `TimerHandle` that can cancel it. Call it from
+    /// the listening thread (a callback, a timer) or before the run; from
+    /// another thread, through `call_soon_threadsafe`.
     #[pyo3(signature = (delay, callback, *args))]
     fn call_later(
         &self,
@@ -236,13 +250,16 @@ impl ServerCore {
         args: Py<PyTuple>,
     ) -> PyResult<Py<TimerHandle>> {
         if delay.is_nan() {
-            return Err(PyValueError::new_err("delay must be a number of seconds, not NaN"));
+            return Err(PyValueError::new_err(
+                "delay must be a number of seconds, not NaN",
+            ));
         }
         self.schedule(py, timers::now() + delay, callback, args)
     }
 
     /// Runs `callback(*args)` on the listening thread once `time()` reaches
-    /// `when`. Returns a `TimerHandle` that can cancel it.
+    /// `when`. Returns a `TimerHandle` that can cancel it. From where to
+    /// call it: as `call_later`.
     #[pyo3(signature = (when, callback, *args))]
     fn call_at(
         &self,

@@ -19,8 +19,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, O
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
+use pyo3::PyTraverseError;
 
 use crate::sync::Mutex;
 
@@ -69,6 +71,25 @@ impl TimerHandle {
     /// When the call is due, on the clock of `Server.time()`.
     fn when(&self) -> f64 {
         self.when
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // The collector runs with the GIL held, as does every user of the
+        // lock, so it is free; if not, what it guards is simply not seen.
+        if let Some(scheduled) = self.scheduled.try_lock() {
+            if let Some((callback, args)) = scheduled.as_ref() {
+                visit.call(callback)?;
+                visit.call(args)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        // Dropped after the lock is released: a callback's `__del__` may
+        // come back to this handle.
+        let scheduled = self.scheduled.lock().take();
+        drop(scheduled);
     }
 
     fn __repr__(&self) -> String {
@@ -206,9 +227,21 @@ impl Timers {
             .fetch_update(Relaxed, Relaxed, |count| count.checked_sub(1));
     }
 
+    /// Shows the collector the handles in the heap (a callback may refer
+    /// back to the server that holds them).
+    pub(super) fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(heap) = self.heap.try_lock() {
+            for entry in heap.iter() {
+                visit.call(&entry.handle)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Drops every pending timer (the server has stopped).
     pub(super) fn clear(&self) {
         let entries = std::mem::take(&mut *self.heap.lock());
+        // Dropped after the lock is released, as in `TimerHandle::__clear__`.
         self.census.store(0, Relaxed);
         for entry in entries {
             // Let the callbacks go even if the application keeps the handles.
