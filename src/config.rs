@@ -70,6 +70,10 @@ impl Config {
     pub const RING_SLOTS_RANGE: (usize, usize) = (2, 1 << 16);
     /// Smallest and largest accepted `io_threads`.
     pub const IO_THREADS_RANGE: (usize, usize) = (1, 256);
+    /// The longest accepted `idle_timeout` and `message_timeout`, a billion
+    /// seconds (about 31 years): longer than any use, and far from where a
+    /// deadline (the clock plus the timeout) would overflow.
+    pub const TIMEOUT_MAX: Duration = Duration::from_secs(1_000_000_000);
 
     /// Explains what is wrong with the configuration, if anything.
     pub fn validate(&self) -> Result<(), String> {
@@ -101,8 +105,11 @@ impl Config {
             ("idle_timeout", self.idle_timeout),
             ("message_timeout", self.message_timeout),
         ] {
-            if timeout.is_some_and(|t| t.is_zero()) {
-                return Err(format!("{name} must be positive (or None for no timeout)"));
+            if timeout.is_some_and(|t| t.is_zero() || t > Self::TIMEOUT_MAX) {
+                return Err(format!(
+                    "{name} must be positive and at most {} seconds (or None for no timeout)",
+                    Self::TIMEOUT_MAX.as_secs()
+                ));
             }
         }
         let (min, max) = Self::MAX_MESSAGE_SIZE_RANGE;
@@ -119,5 +126,34 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_are_positive_and_at_most_the_longest() {
+        let with = |idle: Duration| Config {
+            idle_timeout: Some(idle),
+            ..Config::default()
+        };
+        assert!(with(Config::TIMEOUT_MAX).validate().is_ok());
+        assert!(with(Duration::from_nanos(1)).validate().is_ok());
+        for bad in [
+            Duration::ZERO,
+            Config::TIMEOUT_MAX + Duration::from_nanos(1),
+        ] {
+            let error = with(bad).validate().unwrap_err();
+            assert!(
+                error.starts_with("idle_timeout must be positive"),
+                "{error}"
+            );
+        }
+        // The longest deadline still fits the clock.
+        assert!(std::time::Instant::now()
+            .checked_add(Config::TIMEOUT_MAX)
+            .is_some());
     }
 }

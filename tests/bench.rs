@@ -19,6 +19,8 @@ enum Behaviour {
     Corrupt,
     /// Echoes once, then closes.
     CloseAfterOne,
+    /// Sends each read back reversed (`python -m rsepoll --framing raw`).
+    Reverse,
 }
 
 /// A thread-per-connection server on a free loopback port; runs until the
@@ -37,8 +39,10 @@ fn server(behaviour: Behaviour) -> SocketAddr {
                         Ok(0) | Err(_) => return,
                         Ok(n) => n,
                     };
-                    if let Behaviour::Corrupt = behaviour {
-                        buf[0] ^= 0xff;
+                    match behaviour {
+                        Behaviour::Corrupt => buf[0] ^= 0xff,
+                        Behaviour::Reverse => buf[..n].reverse(),
+                        Behaviour::Echo | Behaviour::CloseAfterOne => {}
                     }
                     if stream.write_all(&buf[..n]).is_err() {
                         return;
@@ -107,6 +111,7 @@ fn a_wrong_verify_or_a_corrupting_server_counts_errors() {
     reverse.verify = Verify::Reverse;
     let report = bench::run(reverse).unwrap();
     assert_eq!(report.errors, 4, "{:?}", report.error_samples);
+    assert_eq!(report.wrong_first_replies, 4);
     assert_eq!(report.held, 0);
     assert!(
         report.error_samples[0].contains("payload reversed"),
@@ -124,6 +129,30 @@ fn a_wrong_verify_or_a_corrupting_server_counts_errors() {
         let report = bench::run(lenient).unwrap();
         assert_eq!(report.errors, 0, "{mode:?}: {:?}", report.error_samples);
     }
+}
+
+#[test]
+fn a_server_that_does_not_echo_fails_every_first_reply_and_the_run_ends_early() {
+    let reverse = server(Behaviour::Reverse);
+    for mode in [Mode::Rr, Mode::Stream, Mode::Idle] {
+        let mut config = config(reverse, mode);
+        config.duration = Duration::from_secs(5);
+        let began = Instant::now();
+        let report = bench::run(config).unwrap();
+        assert!(began.elapsed() < Duration::from_secs(2), "{mode:?}");
+        assert_eq!(
+            (report.errors, report.wrong_first_replies),
+            (4, 4),
+            "{mode:?}: {:?}",
+            report.error_samples
+        );
+        // The measured time is what passed, not the duration asked for.
+        assert!(report.seconds < 2.0, "{mode:?}: {}", report.seconds);
+    }
+    // Right first replies, then a close: not a wrong first reply.
+    let closes = server(Behaviour::CloseAfterOne);
+    let report = bench::run(config(closes, Mode::Rr)).unwrap();
+    assert_eq!((report.errors, report.wrong_first_replies), (4, 0));
 }
 
 #[test]

@@ -109,3 +109,19 @@ def test_chat_three_users():
                 if u is not None:
                     u.close()
         assert wait_until(lambda: server.usernames == {} and server.buffers == {})
+
+
+def test_the_typed_chat_sample_keeps_names_on_connections():
+    """tests/typed_chat.py, which .ci/run checks with mypy --strict, works."""
+    from typed_chat import NamedChat
+
+    with running(NamedChat) as (server, port), connect(port) as a, connect(port) as b:
+        ra, rb = LineReader(a), LineReader(b)
+        assert ra.readline() == rb.readline() == b"name?"
+        a.sendall(b"alice\n")
+        assert ra.readline() == b"alice joined"
+        b.sendall(b"bob\n")
+        assert ra.readline() == rb.readline() == b"bob joined"
+        a.sendall(b"hi\n")
+        assert ra.readline() == rb.readline() == b"alice: hi"
+        assert sorted(conn.name for conn in server.members) == ["alice", "bob"]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import sys
 import time
+import types
 
 import pytest
+import rsepoll
 from conftest import (
     CTRL_C_ON_WINDOWS,
     ChildProcess,
@@ -52,6 +55,8 @@ def test_reverse_round_trip_and_prints_received_lines():
         listening = next(line for line in output.splitlines() if "listening on" in line)
         assert f"127.0.0.1:{port}" in listening
         assert "line framing" in listening
+        threads = int(os.environ.get("RSEPOLL_IO_THREADS") or 1)
+        assert f", {threads} I/O thread{'s' if threads > 1 else ''} " in listening, listening
         with connect(port) as c:
             # Two lines in one read, a third split across reads.
             c.sendall(b"hello\nworld\nzyx_to")
@@ -122,6 +127,7 @@ def test_length_framing_and_limits_options():
 def test_io_threads_option_serves_with_several_io_threads():
     with rsepoll_cli("0", "--io-threads", "2", "--quiet") as child:
         port = wait_listening(child)
+        assert "line framing, 2 I/O threads (Ctrl-C to stop)" in child.stdout, child.stdout
         for i in range(4):  # dealt to both I/O threads in turn
             reverse_round_trip(port, b"abc%d" % i)
         child.signal(signal.SIGTERM)
@@ -133,13 +139,85 @@ def test_bad_option_values_fail_with_status_2():
         ["--idle-timeout", "0"],
         ["--max-connections", "0"],
         ["--max-message-size", "0"],
+        ["--max-message-size", "-5"],
         ["--io-threads", "0"],
         ["--io-threads", "many"],
     ):
         with rsepoll_cli("0", *args) as child:
             assert child.wait(10) == 2
-            assert "rsepoll: error:" in child.stderr
-            assert no_traceback(child.stderr), child.stderr
+            lines = error_lines(child.stderr)
+            assert len(lines) == 1 and lines[0].startswith("rsepoll: error:"), child.stderr
+
+
+#: 2**64 + 1: more than any size or count the server could hold.
+HUGE = str(2**64 + 1)
+
+
+@pytest.mark.parametrize(
+    "argv,option",
+    [
+        (["-5"], "port"),
+        ([HUGE], "port"),
+        (["0", "--max-fds", "0"], "max-fds"),
+        (["0", "--max-fds", "-1"], "max-fds"),
+        (["0", "--max-message-size", "-5"], "max_message_size"),
+        (["0", "--max-message-size", "0"], "max_message_size"),
+        (["0", "--max-message-size", HUGE], "max_message_size"),
+        (["0", "--max-connections", "-3"], "max_connections"),
+        (["0", "--max-connections", "0"], "max_connections"),
+        (["0", "--max-connections", HUGE], "max_connections"),
+        (["0", "--idle-timeout", "-1"], "idle_timeout"),
+        (["0", "--idle-timeout", "0"], "idle_timeout"),
+        (["0", "--idle-timeout", "nan"], "idle_timeout"),
+        (["0", "--idle-timeout", "inf"], "idle_timeout"),
+        (["0", "--idle-timeout", "1e19"], "idle_timeout"),
+        (["0", "--idle-timeout", "1e300"], "idle_timeout"),
+        (["0", "--io-threads", "-2"], "io_threads"),
+        (["0", "--io-threads", "0"], "io_threads"),
+        (["0", "--io-threads", "300"], "io_threads"),
+        (["0", "--io-threads", HUGE], "io_threads"),
+    ],
+)
+def test_every_numeric_option_rejects_a_bad_value_in_one_line(argv, option, capsys, monkeypatch):
+    """In this process, for speed: main() must refuse before it listens."""
+    from rsepoll import __main__ as cli
+
+    def must_not_listen(*args: object) -> None:
+        raise AssertionError(f"{argv} was accepted")
+
+    monkeypatch.setattr(cli, "make_listener_socket", must_not_listen)
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("rsepoll: error: "), err
+    assert re.search(option.replace("_", "[-_]"), lines[0]), err
+    assert len(lines[0]) < 200, err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--max-message-size", "big"], ["--idle-timeout", "soon"], ["--workers", "0"], ["x"]],
+)
+def test_non_numbers_are_usage_errors(args, capsys):
+    from rsepoll import __main__ as cli
+
+    port = [] if args == ["x"] else ["0"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*port, *args])
+    assert exit_info.value.code == 2
+    _, err = capsys.readouterr()
+    assert error_lines(err)[-1].startswith("rsepoll: error: "), err
+
+
+def test_version(capsys):
+    from rsepoll import __main__ as cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"rsepoll {rsepoll.__version__}\n"
 
 
 @stops_with_sigterm
@@ -171,8 +249,11 @@ def test_exit_ends_only_that_connection():
             reverse_round_trip(port, b"warm-up")
             stayer.sendall(b"before\n")
             assert recv_exactly(stayer, 7) == b"erofeb\n"
+            # Only the exact word ends it: this one is an ordinary line.
             leaver.sendall(b"  exit \r\n")
-            recv_until_eof(leaver, limit=1 << 16)  # whatever it says, then EOF
+            assert recv_exactly(leaver, 8) == b" tixe  \n"
+            leaver.sendall(b"exit\r\n")
+            assert recv_until_eof(leaver, limit=1 << 16) == b""
             stayer.sendall(b"after\n")
             assert recv_exactly(stayer, 6) == b"retfa\n"
             # A new client is still welcome.
@@ -180,6 +261,26 @@ def test_exit_ends_only_that_connection():
         assert child.proc.poll() is None
         child.signal(signal.SIGTERM)
         assert child.wait(5) == 0
+
+
+@pytest.mark.parametrize("framing", ["line", "length", "raw"])
+def test_only_the_exact_line_exit_ends_a_connection(framing):
+    """As the README says: the line ``exit`` (ended by ``\\n`` or ``\\r\\n``), not
+    one with spaces around the word or in capitals."""
+    from rsepoll.__main__ import ReverseServer
+
+    server = ReverseServer(quiet=True, exit_stops_server=False, framing=framing)
+
+    def is_exit(message: bytes, ending: bytes = b"\r\n") -> bool:
+        """Whether the line ``message`` ends the connection; in raw mode it
+        arrives with its line end, in the framed modes without."""
+        data = message + ending if framing == "raw" else message
+        return server._is_exit(types.SimpleNamespace(line_tail=b""), data)
+
+    assert is_exit(b"exit")
+    assert is_exit(b"exit", b"\n")
+    for other in (b" exit", b"exit ", b"  exit ", b"\texit", b"EXIT", b"exit\r", b"exi"):
+        assert not is_exit(other), other
 
 
 def test_exit_stops_server_option():
@@ -252,6 +353,11 @@ def test_port_in_use():
             assert len(lines) == 1, child.stderr
             assert no_traceback(child.stderr)
             assert "listening on" not in child.stdout
+        # One clean line, the error number said once.
+        pattern = rf"rsepoll: error: \[Errno (\d+)\] cannot listen on 127\.0\.0\.1:{port}: (.+)"
+        m = re.fullmatch(pattern, lines[0])
+        assert m, lines[0]
+        assert m.group(1) not in m.group(2) and "os error" not in m.group(2), lines[0]
     finally:
         blocker.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -226,6 +227,7 @@ def test_default_on_exception_occurred_logs_with_traceback(caplog):
     assert all(r.name == "rsepoll" or r.name.startswith("rsepoll.") for r in records)
     assert any(r.levelno >= logging.ERROR for r in records)
     assert "Traceback" in caplog.text
+    assert [r.getMessage() for r in records] == ["exception in an rsepoll callback"]
 
 
 class DoubleFault(Recorder):
@@ -255,6 +257,57 @@ def test_exception_inside_on_exception_occurred_is_logged_and_serving_continues(
             b.close()
     names = {r.name for r in _records_mentioning(caplog, "second-fault-in-handler")}
     assert any(n == "rsepoll" or n.startswith("rsepoll.") for n in names), names
+
+
+def _under_rsepoll(name: str) -> bool:
+    return name == "rsepoll" or name.startswith("rsepoll.")
+
+
+def test_every_log_record_of_a_run_is_under_the_rsepoll_logger(caplog):
+    caplog.set_level(logging.DEBUG)  # on the root: every logger's records
+    with running() as (_, port), connect(port) as c:
+        c.sendall(b"ping")
+        assert recv_exactly(c, 4) == b"ping"
+    names = {r.name for r in caplog.records}
+    assert all(_under_rsepoll(name) for name in names), names
+    # The core's own record, from Rust, is among them.
+    assert any("listener" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_the_default_handler_says_a_message_was_too_large(caplog):
+    caplog.set_level(logging.DEBUG, logger="rsepoll")
+    with running(framing="line", max_message_size=16, expect_errors=True) as (server, port):
+        with connect(port) as c:
+            c.sendall(b"x" * 100 + b"\n")
+            assert recv_until_eof(c) == b""
+        assert wait_until(lambda: server.test_errors)
+    [error] = server.test_errors
+    assert type(error) is rsepoll.MessageTooLarge  # what users catch is unchanged
+    [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    message = record.getMessage()
+    assert message.startswith("MessageTooLarge: <rsepoll.Connection id="), message
+    assert "exceeds max_message_size of 16 bytes" in message, message
+    assert "callback" not in message and record.exc_info is None, caplog.text
+    assert _under_rsepoll(record.name)
+
+
+def test_the_default_handler_says_connections_were_turned_away(caplog):
+    caplog.set_level(logging.DEBUG, logger="rsepoll")
+    with running(max_connections=1, expect_errors=True) as (server, port), connect(port) as first:
+        first.sendall(b"a")
+        assert recv_exactly(first, 1) == b"a"
+        with connect(port) as second:
+            assert wait_until(lambda: server.test_errors)
+            with contextlib.suppress(ConnectionResetError):
+                assert second.recv(1) == b""
+    error = server.test_errors[0]
+    assert type(error) is OSError  # what users catch is unchanged
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert records, caplog.text
+    message = records[0].getMessage()
+    assert message.startswith("OSError: max_connections (1) reached: turned away 1 "), message
+    assert "callback" not in message and records[0].exc_info is None, caplog.text
+    assert _under_rsepoll(records[0].name)
 
 
 class StopByException(Recorder):

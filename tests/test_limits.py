@@ -142,11 +142,64 @@ def test_max_connections_defaults_from_max_fds() -> None:
         ({"idle_timeout": 0}, "idle_timeout"),
         ({"idle_timeout": -1.0}, "idle_timeout"),
         ({"message_timeout": 0}, "message_timeout"),
+        # Beyond what a deadline can hold: it would overflow the I/O thread's clock.
+        ({"idle_timeout": 1e19}, "idle_timeout"),
+        ({"message_timeout": 2e9}, "message_timeout"),
+        ({"idle_timeout": float("inf")}, "idle_timeout"),
+        ({"idle_timeout": float("nan")}, "idle_timeout"),
+        ({"message_timeout": 1e300}, r"message_timeout .*got 1e\+300$"),
     ],
 )
 def test_bad_timeouts_are_rejected(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         rsepoll.Server(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_longest_timeout_is_accepted() -> None:
+    rsepoll.Server(idle_timeout=1e9, message_timeout=1e9)
+
+
+#: Every option of rsepoll.Server that is a size or a count.
+SIZE_AND_COUNT_OPTIONS = (
+    "max_fds",
+    "ring_slots",
+    "slot_size",
+    "write_buffer_high",
+    "write_buffer_low",
+    "max_message_size",
+    "length_prefix",
+    "max_connections",
+    "io_threads",
+)
+
+#: Values no size or count may take, whatever its range.
+BAD_SIZES: tuple[object, ...] = (-5, -(2**70), 2**64, 2**70, 1.5, "8", b"8", True, None)
+
+#: Those some options accept: None asks for the default (but for max_fds);
+#: io_threads takes its count as a string too (as $RSEPOLL_IO_THREADS gives
+#: it); max_fds above the hard limit is lowered to it, with a warning.
+ACCEPTED = {
+    *((option, None) for option in SIZE_AND_COUNT_OPTIONS if option != "max_fds"),
+    ("io_threads", "8"),
+    ("max_fds", 2**64),
+    ("max_fds", 2**70),
+}
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        (option, value)
+        for option in SIZE_AND_COUNT_OPTIONS
+        for value in BAD_SIZES
+        if (option, value) not in ACCEPTED
+    ],
+)
+def test_a_bad_size_or_count_is_a_value_error_naming_the_option(option: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"^{option}\b") as info:
+        rsepoll.Server(**{option: value})  # type: ignore[arg-type]
+    assert type(info.value) is ValueError
+    assert len(str(info.value)) < 200
 
 
 def test_stats_count_traffic_and_closes() -> None:

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 import signal
 import socket
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Union
+from typing import SupportsIndex, Union
 
 from ._rsepoll import (
     Connection,
@@ -109,13 +110,12 @@ class Server(ServerCore):
         write_buffer_low: ... and resumes once at most this many do.
         framing: how the byte stream is cut into messages. ``"raw"``: each
             ``on_message_received`` gets the bytes at hand (one read, up to
-            256 KiB), and
-            ``send_message`` sends its bytes as they are. ``"line"``: each
-            call gets one line without its ``\n`` or ``\r\n``, and
-            ``send_message`` appends ``\n``. ``"length"``: each message is a
-            big-endian unsigned length of ``length_prefix`` bytes, then that
-            many bytes; each call gets one whole message, and
-            ``send_message`` writes the prefix.
+            256 KiB), and ``send_message`` sends its bytes as they are.
+            ``"line"``: each call gets one line without its ``\\n`` or
+            ``\\r\\n``, and ``send_message`` appends ``\\n``. ``"length"``:
+            each message is a big-endian unsigned length of ``length_prefix``
+            bytes, then that many bytes; each call gets one whole message,
+            and ``send_message`` writes the prefix.
         max_message_size: the largest line or declared length a client may
             send (framed modes); a client that sends more is disconnected
             and :class:`MessageTooLarge` goes to ``on_exception_occurred``.
@@ -137,8 +137,8 @@ class Server(ServerCore):
             callbacks still all run on the thread that calls :meth:`listen`.
             Connections are dealt to the I/O threads in turn as they are
             accepted. ``"auto"``: one per CPU available to the process, less
-            one for the callbacks' thread, at least 1 (at most 256). None, the default,
-            takes ``$RSEPOLL_IO_THREADS`` if set, else 1.
+            one for the callbacks' thread, at least 1 (at most 256). None,
+            the default, takes ``$RSEPOLL_IO_THREADS`` if set, else 1.
     """
 
     def __init__(
@@ -158,16 +158,15 @@ class Server(ServerCore):
         max_connections: int | None = None,
         io_threads: int | str | None = None,
     ) -> None:
-        if max_fds <= 0:
-            raise ValueError(f"max_fds must be positive, got {max_fds}")
+        max_fds = _positive("max_fds", max_fds)
         self.max_fds = max_fds
         fd_limit = _raise_fd_limit(max_fds)
         threads = _io_threads(io_threads)
         if max_connections is None:
             reserved = _RESERVED_FDS + _FDS_PER_IO_THREAD * (threads - 1)
             max_connections = max(1, fd_limit - reserved)
-        elif max_connections <= 0:
-            raise ValueError(f"max_connections must be positive, got {max_connections}")
+        else:
+            max_connections = _positive("max_connections", max_connections)
         if backend is None or backend == "auto":
             backend = os.environ.get("RSEPOLL_BACKEND") or "auto"
         self._configure(
@@ -282,9 +281,25 @@ class Server(ServerCore):
         logger.debug("connection closed: %r", conn)
 
     def on_exception_occurred(self, exc: BaseException) -> None:
-        """A callback raised ``exc`` (or the I/O thread reported a problem).
-        The server keeps serving. The default logs it with its traceback."""
-        logger.error("exception in an rsepoll callback", exc_info=exc)
+        """A callback raised ``exc``, or the server reports a problem of its own:
+        :class:`MessageTooLarge` when a client sent too much (its connection
+        closes), ``OSError`` when connections were turned away at
+        ``max_connections`` or accepting one failed, ``RuntimeError`` when an
+        I/O thread failed. The server keeps serving, except after an I/O
+        thread failed: then it stops.
+
+        The default logs a callback's exception with its traceback, as
+        "exception in an rsepoll callback". The server's own reports were
+        never raised, so they have no traceback: it logs each as one line
+        that names it, such as "MessageTooLarge: <rsepoll.Connection ...>:
+        message too large: ..." (a warning for a client that broke the
+        protocol, an error otherwise)."""
+        if exc.__traceback__ is not None:
+            logger.error("exception in an rsepoll callback", exc_info=exc)
+        elif isinstance(exc, ProtocolError):
+            logger.warning("%s: %s", type(exc).__name__, exc)
+        else:
+            logger.error("%s: %s", type(exc).__name__, exc)
 
     def on_waiting_for_activity(self) -> None:
         """``timeout`` milliseconds passed with nothing to do."""
@@ -307,6 +322,17 @@ def _sigterm_stops(server: Server, enabled: bool) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _positive(name: str, value: object) -> int:
+    """``value`` as an ``int``, if it is a positive integer; else ValueError
+    naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, SupportsIndex):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    number = operator.index(value)
+    if number <= 0:
+        raise ValueError(f"{name} must be positive, got {number}")
+    return number
 
 
 def _io_threads(io_threads: int | str | None) -> int:

@@ -4,8 +4,9 @@ Every message a client sends is printed (unless ``--quiet``), reversed and sent
 back, so ``nc localhost 9090`` shows each typed line reversed. Messages are
 lines by default (``--framing line``); ``--framing raw`` reverses each read
 as it arrives, as the original epoll example did, and ``--framing length``
-speaks length-prefixed messages. A message ``exit`` ends that client's
-connection (``--exit-stops-server``: stops the server).
+speaks length-prefixed messages. The message ``exit``, exactly (a line
+``exit`` ended by ``\\n`` or ``\\r\\n``), ends that client's connection
+(``--exit-stops-server``: stops the server).
 
 ``--workers N`` runs the server in N processes on one port (Linux only; see
 :mod:`rsepoll.workers`).
@@ -19,7 +20,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from . import Connection, Server, make_listener_socket
+from . import Connection, Server, __version__, make_listener_socket
 from .workers import WorkerError, WorkersReady, WorkerStartupError, serve_workers
 
 #: The longest partial line kept per connection to recognise "exit".
@@ -43,12 +44,13 @@ class ReverseServer(Server):
         if not self.announce:
             return
         print(
-            f"rsepoll: listening on {self.address}, {self.framing} framing (Ctrl-C to stop)",
+            f"rsepoll: listening on {self.address}, {self.framing} framing, "
+            f"{_io_threads(self.io_threads)} (Ctrl-C to stop)",
             flush=True,
         )
 
     def on_connection_opened(self, conn: Connection) -> None:
-        conn.line_tail = b""  # type: ignore[attr-defined]
+        conn.line_tail = b""
 
     def on_message_received(self, conn: Connection, data: bytes) -> None:
         if not self.quiet:
@@ -63,14 +65,26 @@ class ReverseServer(Server):
         self.send_message(conn, data[::-1])
 
     def _is_exit(self, conn: Connection, data: bytes) -> bool:
-        """True if ``data`` is the message ``exit`` (in raw mode: completes a
-        line that reads ``exit``; a line may arrive in several pieces)."""
+        """True if ``data`` is the message ``exit``, exactly (in raw mode:
+        completes a line that reads ``exit`` once its ``\\n`` or ``\\r\\n`` is
+        taken off; a line may arrive in several pieces)."""
         if self.framing != "raw":
-            return data.strip() == b"exit"
-        text = conn.line_tail + data  # type: ignore[attr-defined]
+            # The line decoder has taken the line end off already.
+            return data == b"exit"
+        text = conn.line_tail + data
         lines = text.split(b"\n")
-        conn.line_tail = lines[-1][-_LINE_TAIL:]  # type: ignore[attr-defined]
-        return any(line.strip() == b"exit" for line in lines[:-1])
+        conn.line_tail = lines[-1][-_LINE_TAIL:]
+        return any(_without_cr(line) == b"exit" for line in lines[:-1])
+
+
+def _without_cr(line: bytes) -> bytes:
+    """``line`` without the ``\\r`` of a ``\\r\\n`` line end."""
+    return line[:-1] if line.endswith(b"\r") else line
+
+
+def _io_threads(count: int) -> str:
+    """``count`` I/O threads in words, for the startup line: "1 I/O thread"."""
+    return f"{count} I/O thread{'s' if count != 1 else ''}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,9 +94,10 @@ def _parser() -> argparse.ArgumentParser:
             "Run the rsepoll reverse server: every message a client sends is printed, "
             "reversed and sent back. Try it with: nc localhost PORT"
         ),
-        epilog="A client that sends the message 'exit' ends its own connection. "
-        "Ctrl-C or SIGTERM stops the server.",
+        epilog="A client that sends the line 'exit' (that word alone) ends its own "
+        "connection. Ctrl-C or SIGTERM stops the server.",
     )
+    parser.add_argument("--version", action="version", version=f"rsepoll {__version__}")
     parser.add_argument("port", type=int, help="TCP port to listen on (0 picks a free one)")
     parser.add_argument(
         "--host",
@@ -100,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--exit-stops-server",
         action="store_true",
-        help="a client's 'exit' line stops the whole server instead of its connection",
+        help="a client's line 'exit' stops the whole server instead of its connection",
     )
     parser.add_argument(
         "--framing",
@@ -197,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     if args.workers > 1:
-        return _serve_workers(args, lambda: make_server(announce=False), server.framing)
+        return _serve_workers(
+            args, lambda: make_server(announce=False), server.framing, server.io_threads
+        )
     try:
         listener = make_listener_socket(args.port, args.host)
     except (OSError, ValueError) as exc:
@@ -216,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve_workers(
-    args: argparse.Namespace, make_server: Callable[[], Server], framing: str
+    args: argparse.Namespace, make_server: Callable[[], Server], framing: str, io_threads: int
 ) -> int:
     """``--workers N`` for N > 1: N processes, this one supervising."""
 
@@ -224,7 +241,8 @@ def _serve_workers(
         pids = ", ".join(str(pid) for pid in ready.pids)
         print(
             f"rsepoll: listening on {_host_port(*ready.address)}, {framing} framing, "
-            f"{len(ready.pids)} workers (pids {pids}) (Ctrl-C to stop)",
+            f"{_io_threads(io_threads)} per worker, {len(ready.pids)} workers (pids {pids}) "
+            "(Ctrl-C to stop)",
             flush=True,
         )
 

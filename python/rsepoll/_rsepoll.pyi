@@ -2,7 +2,7 @@
 
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, type_check_only
 
 from typing_extensions import disjoint_base, final
 
@@ -40,9 +40,20 @@ class Connection:
     """One client connection, the same object from opened to closed.
 
     Hashable, usable as a dict key, and able to carry the application's own
-    attributes. Not constructible from Python.
+    attributes (``conn.name = ...``): it has a ``__dict__``. Not constructible
+    from Python.
     """
 
+    __dict__: dict[str, Any]
+    # The application's own attributes, in the __dict__: any name but the
+    # properties below (which are read-only). For the type checker only: at
+    # runtime these are object's.
+    @type_check_only
+    def __getattr__(self, name: str) -> Any: ...
+    @type_check_only
+    def __setattr__(self, name: str, value: Any) -> None: ...
+    @type_check_only
+    def __delattr__(self, name: str) -> None: ...
     @property
     def id(self) -> int:
         """Unique for the server's life (fd numbers are not)."""
@@ -51,10 +62,14 @@ class Connection:
         """The socket's fd, for display; the I/O thread owns the socket."""
     @property
     def remote_address(self) -> tuple[str, int] | None:
-        """The peer's ``(host, port)``."""
+        """The peer's ``(host, port)``; None if the client had reset the
+        connection before the server accepted it, so that the system no
+        longer knew the peer (the connection then closes at once, with
+        ``close_reason == "reset"``)."""
     @property
     def local_address(self) -> tuple[str, int] | None:
-        """The local ``(host, port)`` the connection arrived on."""
+        """The local ``(host, port)`` the connection arrived on; None only if
+        the system would not tell."""
     @property
     def is_open(self) -> bool:
         """False once the connection has closed."""
@@ -119,7 +134,10 @@ def run_bench(
     ``p99_us``). ``marks``, if given, is called with ``"start"`` and then
     ``"end"`` at the edges of the measured time (a run that ends early gets
     them when it ends). Raises ValueError for bad arguments, OSError if no
-    connection could be made, KeyboardInterrupt on Ctrl-C.
+    connection could be made, KeyboardInterrupt on Ctrl-C. The exception that
+    ends a run early (Ctrl-C, or one raised by ``progress`` or ``marks``)
+    carries the report of what was measured until then as its ``report``
+    attribute, if the run had connected and wound down within a second.
     """
 
 @disjoint_base
@@ -130,17 +148,17 @@ class ServerCore:
     def _configure(
         self,
         backend: str | None = None,
-        ring_slots: int | None = None,
-        slot_size: int | None = None,
-        write_buffer_high: int | None = None,
-        write_buffer_low: int | None = None,
+        ring_slots: object = None,
+        slot_size: object = None,
+        write_buffer_high: object = None,
+        write_buffer_low: object = None,
         framing: str | None = None,
-        max_message_size: int | None = None,
-        length_prefix: int | None = None,
+        max_message_size: object = None,
+        length_prefix: object = None,
         idle_timeout: float | None = None,
         message_timeout: float | None = None,
-        max_connections: int | None = None,
-        io_threads: int | None = None,
+        max_connections: object = None,
+        io_threads: object = None,
     ) -> None: ...
     def stats(self) -> dict[str, Any]:
         """The server's counters (see rsepoll.Server.stats)."""

@@ -13,7 +13,12 @@ released, so the client is not the bottleneck and Ctrl-C works. Modes:
 
 Every reply is checked (``--verify``), and every request is one message in
 ``--framing``. A run never takes longer than ``--connect-timeout`` +
-``--warmup`` + ``--duration`` + 2 s.
+``--warmup`` + ``--duration`` + 2 s, and ends as soon as every connection
+has failed. When every connection's first reply was wrong, the server is not
+what ``--verify`` assumes (``python -m rsepoll``'s server reverses lines:
+``--framing line --verify reverse``), and the tool says so in one line
+instead of a table of errors. Ctrl-C ends a run early: the report covers what
+was measured until then, and the exit status is 130.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from . import _raise_fd_limit
+from . import __version__, _raise_fd_limit
 from ._rsepoll import run_bench
 
 _PROG = "python -m rsepoll.bench"
@@ -37,10 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_PROG,
         description="Load a TCP echo (or reverse) server and measure it: requests/s, "
-        "MB/s, latency percentiles and errors.",
+        "MB/s, latency percentiles and errors. Every reply must be the request "
+        "(--verify echo), unless told otherwise: against python -m rsepoll's server, "
+        "which reverses lines, use --framing line --verify reverse. A server whose "
+        "first reply on every connection is wrong ends the run at once, with one line "
+        "that says so.",
         epilog="Exit status: 0 if every connection ran clean, 1 if any failed or stalled "
-        "(or none could connect), 2 for bad arguments.",
+        "(or none could connect), 2 for bad arguments, 130 after Ctrl-C (which prints "
+        "what was measured until then).",
     )
+    parser.add_argument("--version", action="version", version=f"rsepoll {__version__}")
     parser.add_argument("address", metavar="HOST:PORT", help="the server, e.g. 127.0.0.1:9090")
     parser.add_argument(
         "--mode",
@@ -208,6 +219,43 @@ def _fail(message: str, status: int) -> int:
     return status
 
 
+def _wrong_server(report: dict[str, Any]) -> str | None:
+    """Why no reply of the run was right, if the server is not what
+    ``--verify`` assumes: every connection failed at its first reply, which
+    was wrong. None otherwise (the report tells the rest)."""
+    wrong = report["wrong_first_replies"]
+    if wrong == 0 or wrong != report["connected"]:
+        return None
+    verify = report["verify"]
+    if verify == "echo":
+        return (
+            "the server does not echo: the first reply on every connection differed "
+            "from the request (for python -m rsepoll's server, which reverses lines, "
+            "use --framing line --verify reverse)"
+        )
+    if verify == "reverse":
+        return (
+            "the server does not reverse: the first reply on every connection was not "
+            "the request with its payload reversed (for an echo server, use --verify echo)"
+        )
+    return "the first reply on every connection was longer than the request"
+
+
+def _show(report: dict[str, Any], as_json: bool) -> None:
+    """Prints the report, then the errors it describes (or why there were
+    only errors)."""
+    if as_json:
+        print(json.dumps(report))
+    wrong_server = _wrong_server(report)
+    if wrong_server is not None:
+        _fail(wrong_server, 1)
+        return
+    if not as_json:
+        print(format_table(report))
+    for sample in report["error_samples"]:
+        print(f"error: {sample}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -240,19 +288,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), 2)
     except OSError as exc:
         return _fail(str(exc), 1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"\n{_PROG}: interrupted", file=sys.stderr)
+        # What was measured until Ctrl-C, if the run had connected.
+        partial: dict[str, Any] | None = getattr(exc, "report", None)
+        if partial is not None:
+            _show(partial, args.json)
         return 130
     finally:
         if progress is not None:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(format_table(report))
-    for sample in report["error_samples"]:
-        print(f"error: {sample}", file=sys.stderr)
+    _show(report, args.json)
     return 0 if report["errors"] == 0 and report["stalled"] == 0 else 1
 
 

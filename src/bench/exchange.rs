@@ -25,6 +25,8 @@ pub(super) struct Exchange {
     wants_write: bool,
     /// Not failed (a failed connection has left the poller).
     pub(super) alive: bool,
+    /// It failed because its first reply was wrong.
+    first_reply_wrong: bool,
 }
 
 impl Exchange {
@@ -41,6 +43,7 @@ impl Exchange {
             in_flight: false,
             wants_write: false,
             alive: true,
+            first_reply_wrong: false,
         }
     }
 
@@ -131,6 +134,7 @@ impl Exchange {
                 Err(e) => return Err(format!("read: {e}")),
             };
             if !self.in_flight || self.received + n > size {
+                self.first_reply_wrong = self.in_flight && self.seq == 1;
                 return Err(format!(
                     "{} bytes back for request {}, which is {size} bytes",
                     self.received + n,
@@ -139,6 +143,7 @@ impl Exchange {
             }
             let chunk = &scratch[..n];
             if !self.message.check(self.received, chunk) {
+                self.first_reply_wrong = self.seq == 1;
                 return Err(self.mismatch(chunk));
             }
             self.received += n;
@@ -185,7 +190,12 @@ impl Exchange {
     /// Counts the connection as failed, for `message`, and closes it.
     pub(super) fn fail(&mut self, poller: &Poller, tally: &mut Tally<'_>, message: &str) {
         self.close(poller);
-        tally.fail(format!("connection {}: {message}", self.id));
+        let message = format!("connection {}: {message}", self.id);
+        if self.first_reply_wrong {
+            tally.fail_first_reply(message);
+        } else {
+            tally.fail(message);
+        }
     }
 
     /// Leaves the poller: a failed connection, or the end of the run.

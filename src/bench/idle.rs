@@ -42,8 +42,11 @@ pub(super) fn run(
     };
     idle.check(&mut conns, tally, connect_deadline, "first")?;
     let window = worker.arrive();
-    idle.hold(&mut conns, tally, window.end)?;
-    idle.check(&mut conns, tally, window.end + GRACE, "second")?;
+    // Nothing to hold once every connection has failed: the run ends early.
+    if conns.iter().any(|conn| conn.alive) {
+        idle.hold(&mut conns, tally, window.end)?;
+        idle.check(&mut conns, tally, window.end + GRACE, "second")?;
+    }
     for conn in &mut conns {
         if conn.alive {
             shared.held.fetch_add(1, Relaxed);

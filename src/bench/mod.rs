@@ -232,6 +232,12 @@ pub struct Report {
     pub errors: u64,
     /// Connections whose request was unanswered for over a second at the end.
     pub stalled: u64,
+    /// Connections that failed at their first reply because it was wrong: not
+    /// what [`Verify`] expects, or longer than the request. When that is every
+    /// connection, no reply was ever right: the server does not do what
+    /// `--verify` assumes (`python -m rsepoll`'s server reverses lines, and
+    /// `--verify echo` is the default).
+    pub wrong_first_replies: u64,
     /// The first few errors, described.
     pub error_samples: Vec<String>,
     /// Round trips in nanoseconds (stream mode: from the write of a chunk
@@ -303,6 +309,7 @@ struct Shared {
     bytes_in: AtomicU64,
     errors: AtomicU64,
     stalled: AtomicU64,
+    wrong_first_replies: AtomicU64,
     samples: Mutex<Vec<String>>,
     latency: Mutex<Histogram>,
 }
@@ -378,6 +385,12 @@ impl<'a> Tally<'a> {
         self.shared.sample(message);
     }
 
+    /// Counts a connection that failed because its first reply was wrong.
+    fn fail_first_reply(&mut self, message: String) {
+        self.shared.wrong_first_replies.fetch_add(1, Relaxed);
+        self.fail(message);
+    }
+
     /// Counts a connection that stalled.
     fn stall(&mut self, message: String) {
         self.shared.stalled.fetch_add(1, Relaxed);
@@ -441,7 +454,17 @@ impl Drop for Worker<'_> {
         if !self.arrived {
             self.shared.arrive(false);
         }
-        *self.shared.finished.lock() += 1;
+        let mut finished = self.shared.finished.lock();
+        *finished += 1;
+        if *finished == self.shared.threads {
+            // The run is over, early if every connection failed: the
+            // measured time ends here at the latest.
+            self.shared
+                .stopped_at
+                .lock()
+                .get_or_insert_with(Instant::now);
+        }
+        drop(finished);
         self.shared.all_finished.notify_all();
     }
 }
@@ -478,6 +501,7 @@ pub fn start(config: Config) -> io::Result<Bench> {
         bytes_in: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         stalled: AtomicU64::new(0),
+        wrong_first_replies: AtomicU64::new(0),
         samples: Mutex::new(Vec::new()),
         latency: Mutex::new(Histogram::new()),
     });
@@ -578,7 +602,8 @@ impl Bench {
 
     /// Asks the workers to stop now (they notice within ~50 ms, or when the
     /// connection attempt under way ends); the report covers the time until
-    /// now.
+    /// now. (A run whose workers all end early, every connection failed,
+    /// covers the time until they ended.)
     pub fn stop(&self) {
         self.shared
             .stopped_at
@@ -630,6 +655,7 @@ impl Bench {
             bytes_in: shared.bytes_in.load(Relaxed),
             errors: shared.errors.load(Relaxed),
             stalled: shared.stalled.load(Relaxed),
+            wrong_first_replies: shared.wrong_first_replies.load(Relaxed),
             error_samples: samples,
             latency: std::mem::take(&mut *shared.latency.lock()),
         })

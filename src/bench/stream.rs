@@ -38,6 +38,9 @@ struct Flow {
     marks: VecDeque<(u64, Instant)>,
     last_read: Instant,
     alive: bool,
+    /// It failed because its first reply (the first `size` bytes back) was
+    /// wrong.
+    first_reply_wrong: bool,
 }
 
 /// What every connection of a worker sends and expects.
@@ -78,6 +81,7 @@ pub(super) fn run(
             marks: VecDeque::new(),
             last_read: now,
             alive: true,
+            first_reply_wrong: false,
         })
         .collect();
     // Moved here, after `flows`, so that it is dropped (closed) before the streams.
@@ -108,7 +112,12 @@ pub(super) fn run(
             if let Err(message) = outcome {
                 flow.close(&poller);
                 alive -= 1;
-                tally.fail(format!("connection {}: {message}", flow.id));
+                let message = format!("connection {}: {message}", flow.id);
+                if flow.first_reply_wrong {
+                    tally.fail_first_reply(message);
+                } else {
+                    tally.fail(message);
+                }
             }
         }
     }
@@ -191,6 +200,7 @@ impl Flow {
             budget = budget.saturating_sub(n);
             let before = self.received;
             if before + n as u64 > self.sent {
+                self.first_reply_wrong = before < cycle.size;
                 return Err(format!(
                     "{} bytes back, more than the {} sent",
                     before + n as u64,
@@ -198,6 +208,7 @@ impl Flow {
                 ));
             }
             if let Some(at) = mismatch(&cycle.replies, before, &scratch[..n]) {
+                self.first_reply_wrong = before + (at as u64) < cycle.size;
                 return Err(format!(
                     "a reply is not {} (--verify {}): byte {} of the stream differs",
                     cycle.verify.expectation(),

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -45,7 +46,11 @@ fn choice<T>(name: &str, value: &str, parse: fn(&str) -> Option<T>, names: &str)
 /// `requests`, `errors`, `p99_us`). `marks`, if given, is called with
 /// `"start"` when the measured time starts and `"end"` when it ends (see
 /// [`Marks`]). Raises `ValueError` for bad arguments, `OSError` if no
-/// connection could be made, and `KeyboardInterrupt` on Ctrl-C.
+/// connection could be made, and `KeyboardInterrupt` on Ctrl-C. The
+/// exception that ends a run early (Ctrl-C, or one raised by `progress` or
+/// `marks`) carries the report of what was measured until then as its
+/// `report` attribute, if the run had connected and wound down within a
+/// second.
 #[pyfunction]
 #[pyo3(signature = (
     host, port, *, mode="rr", connections=100, size=1024, duration=10.0, warmup=0.0,
@@ -113,7 +118,11 @@ pub(super) fn run_bench<'py>(
         if let Err(error) = result {
             run.stop();
             if py.detach(|| run.wait(STOP_WAIT)) {
-                let _ = py.detach(|| run.join());
+                // What was measured until the stop, for the caller to show.
+                let report = py.detach(|| run.join()).ok();
+                if let Some(report) = report.and_then(|r| report_dict(py, &r).ok()) {
+                    let _ = error.value(py).setattr(intern!(py, "report"), report);
+                }
             }
             return Err(error);
         }
@@ -235,6 +244,7 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     d.set_item("max_us", r.latency.max() as f64 / 1e3)?;
     d.set_item("errors", r.errors)?;
     d.set_item("stalled", r.stalled)?;
+    d.set_item("wrong_first_replies", r.wrong_first_replies)?;
     d.set_item("error_samples", r.error_samples.clone())?;
     Ok(d)
 }

@@ -99,13 +99,17 @@ impl PyConnection {
         self.opened.fd
     }
 
-    /// The peer's `(host, port)`.
+    /// The peer's `(host, port)`; None if the client had reset the connection
+    /// before the server accepted it, so that the system no longer knew the
+    /// peer (the connection then closes at once, with `close_reason ==
+    /// "reset"`).
     #[getter]
     fn remote_address(&self) -> Option<(String, u16)> {
         address_tuple(self.opened.peer)
     }
 
-    /// The local `(host, port)` the connection arrived on.
+    /// The local `(host, port)` the connection arrived on; None only if the
+    /// system would not tell.
     #[getter]
     fn local_address(&self) -> Option<(String, u16)> {
         address_tuple(self.opened.local)

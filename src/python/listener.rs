@@ -109,7 +109,7 @@ pub fn make_listener_socket(port: i64, host: &str, backlog: i64) -> PyResult<Lis
     socket.bind(&address.into()).map_err(|e| {
         PyOSError::new_err((
             e.raw_os_error().unwrap_or(0),
-            format!("cannot listen on {address}: {e}"),
+            format!("cannot listen on {address}: {}", description(&e)),
         ))
     })?;
     socket.listen(backlog)?;
@@ -119,6 +119,19 @@ pub fn make_listener_socket(port: i64, host: &str, backlog: i64) -> PyResult<Lis
         socket: Mutex::new(Some(socket)),
         address,
     })
+}
+
+/// What the system says of `error`, without the " (os error N)" that Rust
+/// appends: an `OSError` shows its number already, as `[Errno N]`.
+fn description(error: &std::io::Error) -> String {
+    let text = error.to_string();
+    match error.raw_os_error() {
+        Some(code) => text
+            .strip_suffix(&format!(" (os error {code})"))
+            .unwrap_or(&text)
+            .to_owned(),
+        None => text,
+    }
 }
 
 /// A duplicate of the listening socket with descriptor (or handle) `fd`,

@@ -37,8 +37,13 @@ mod timers;
 /// The compiled part of rsepoll; import `rsepoll` instead.
 #[pymodule(gil_used = true)]
 fn _rsepoll(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // Rust `log` records (warnings from the I/O thread) go to Python's logging.
-    let _ = pyo3_log::try_init();
+    // Rust `log` records (from the listening thread: the I/O threads never
+    // log) go to Python's logging, under the `rsepoll` logger: a record of
+    // `_rsepoll::python::server` goes to `rsepoll._rsepoll.python.server`.
+    // Loggers are cached, levels are not: a level set after the first record
+    // still counts.
+    let logger = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Loggers)?.set_prefix("rsepoll");
+    let _ = logger.install();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<connection::PyConnection>()?;
     m.add_class::<listener::ListenerSocket>()?;

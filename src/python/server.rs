@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::gc::PyVisit;
+use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyTuple};
 use pyo3::PyTraverseError;
 use socket2::Socket;
 
@@ -78,36 +79,63 @@ impl ServerCore {
     #[allow(clippy::too_many_arguments)]
     fn _configure(
         &self,
+        py: Python<'_>,
         backend: Option<&str>,
-        ring_slots: Option<usize>,
-        slot_size: Option<usize>,
-        write_buffer_high: Option<usize>,
-        write_buffer_low: Option<usize>,
+        ring_slots: Option<&Bound<'_, PyAny>>,
+        slot_size: Option<&Bound<'_, PyAny>>,
+        write_buffer_high: Option<&Bound<'_, PyAny>>,
+        write_buffer_low: Option<&Bound<'_, PyAny>>,
         framing: Option<&str>,
-        max_message_size: Option<usize>,
-        length_prefix: Option<usize>,
+        max_message_size: Option<&Bound<'_, PyAny>>,
+        length_prefix: Option<&Bound<'_, PyAny>>,
         idle_timeout: Option<f64>,
         message_timeout: Option<f64>,
-        max_connections: Option<usize>,
-        io_threads: Option<usize>,
+        max_connections: Option<&Bound<'_, PyAny>>,
+        io_threads: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let mut config = self.config.lock().clone();
         if let Some(name) = backend {
             config.backend = Backend::from_name(name).map_err(PyValueError::new_err)?;
         }
-        config.ring_slots = ring_slots.unwrap_or(config.ring_slots);
-        config.slot_size = slot_size.unwrap_or(config.slot_size);
-        config.write_buffer_high = write_buffer_high.unwrap_or(config.write_buffer_high);
-        config.write_buffer_low = write_buffer_low.unwrap_or(config.write_buffer_low);
-        config.max_message_size = max_message_size.unwrap_or(config.max_message_size);
-        config.max_connections = max_connections.unwrap_or(config.max_connections);
-        config.io_threads = io_threads.unwrap_or(config.io_threads);
+        let sizes = [
+            ("ring_slots", ring_slots, &mut config.ring_slots),
+            ("slot_size", slot_size, &mut config.slot_size),
+            (
+                "write_buffer_high",
+                write_buffer_high,
+                &mut config.write_buffer_high,
+            ),
+            (
+                "write_buffer_low",
+                write_buffer_low,
+                &mut config.write_buffer_low,
+            ),
+            (
+                "max_message_size",
+                max_message_size,
+                &mut config.max_message_size,
+            ),
+            (
+                "max_connections",
+                max_connections,
+                &mut config.max_connections,
+            ),
+            ("io_threads", io_threads, &mut config.io_threads),
+        ];
+        for (name, value, setting) in sizes {
+            if let Some(value) = value {
+                *setting = size(name, value)?;
+            }
+        }
+        let length_prefix = length_prefix
+            .map(|value| size("length_prefix", value))
+            .transpose()?;
         // Unlike the options above, None here means no timeout.
         config.idle_timeout = idle_timeout
-            .map(|t| seconds("idle_timeout", t))
+            .map(|t| seconds(py, "idle_timeout", t))
             .transpose()?;
         config.message_timeout = message_timeout
-            .map(|t| seconds("message_timeout", t))
+            .map(|t| seconds(py, "message_timeout", t))
             .transpose()?;
         let width = match length_prefix {
             None => PrefixWidth::Four,
@@ -431,14 +459,42 @@ impl ServerCore {
     }
 }
 
-/// A positive number of seconds as a `Duration`.
-fn seconds(name: &str, value: f64) -> PyResult<Duration> {
+/// The size or count `value` of option `name`: an `int` (or an object with
+/// `__index__`, not a `bool`) that fits a `usize`, else a `ValueError`
+/// naming the option. `Config::validate` checks each option's own range.
+fn size(name: &str, value: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let refused = |what: &str| {
+        let shown = value.repr().map_or_else(|_| "?".into(), |r| r.to_string());
+        PyValueError::new_err(format!("{name} {what}, got {shown}"))
+    };
+    if value.is_instance_of::<PyBool>() {
+        return Err(refused("must be an integer"));
+    }
+    let Ok(number) = value.call_method0(intern!(value.py(), "__index__")) else {
+        return Err(refused("must be an integer"));
+    };
+    number.extract::<usize>().map_err(|_| {
+        if number.lt(0).unwrap_or(false) {
+            refused("must not be negative")
+        } else {
+            refused("is too large")
+        }
+    })
+}
+
+/// A positive number of seconds, at most [`Config::TIMEOUT_MAX`], as a
+/// `Duration`.
+fn seconds(py: Python<'_>, name: &str, value: f64) -> PyResult<Duration> {
     Duration::try_from_secs_f64(value)
         .ok()
-        .filter(|d| !d.is_zero())
+        .filter(|d| !d.is_zero() && *d <= Config::TIMEOUT_MAX)
         .ok_or_else(|| {
+            let shown = PyFloat::new(py, value)
+                .repr()
+                .map_or_else(|_| value.to_string(), |r| r.to_string());
             PyValueError::new_err(format!(
-                "{name} must be a positive number of seconds or None, got {value}"
+                "{name} must be a positive number of seconds, at most {}, or None, got {shown}",
+                Config::TIMEOUT_MAX.as_secs()
             ))
         })
 }
