@@ -28,6 +28,13 @@ pub enum DeliveryKind {
     Data,
     /// The peer shut down its sending side; more data will not come.
     Eof,
+    /// The connection's write queue rose above `write_buffer_high` (reading
+    /// it stops). `WritingResumed` follows if it falls to `write_buffer_low`
+    /// before the connection closes, never after `Closed`.
+    WritingPaused,
+    /// The write queue of a connection whose writing was paused fell to
+    /// `write_buffer_low` or below.
+    WritingResumed,
     /// The connection is closed, for this reason; nothing more will be
     /// delivered for it.
     Closed(CloseReason),

@@ -99,7 +99,9 @@ impl Bell {
     /// nobody sleeps.
     pub fn ring(&self) {
         fence(SeqCst);
-        if self.sleepers.load(Relaxed) > 0 {
+        // SeqCst, not Relaxed: ordered after an announcement's reset of
+        // `notified` by the language's rules too, not only by the fences.
+        if self.sleepers.load(SeqCst) > 0 {
             *self.rings.lock() += 1;
             self.cond.notify_all();
             if !self.notified.swap(true, SeqCst) {

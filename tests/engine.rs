@@ -5,7 +5,7 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread;
@@ -15,7 +15,8 @@ use _rsepoll::close_reason::CloseReason;
 use _rsepoll::framing::{Framing, PrefixWidth};
 use _rsepoll::message::DeliveryKind;
 use _rsepoll::server::{Config, Running};
-use socket2::Socket;
+use _rsepoll::token::ConnKey;
+use socket2::{Domain, Socket, Type};
 
 mod common;
 mod counting_alloc;
@@ -66,7 +67,10 @@ fn run_echo(running: &mut Running, mut on_idle: impl FnMut(), done: impl Fn() ->
                 DeliveryKind::Error | DeliveryKind::TooLarge | DeliveryKind::Failed => {
                     panic!("unexpected {kind:?}")
                 }
-                DeliveryKind::Draining | DeliveryKind::Stopped => {}
+                DeliveryKind::WritingPaused
+                | DeliveryKind::WritingResumed
+                | DeliveryKind::Draining
+                | DeliveryKind::Stopped => {}
             }
             if running.taken() >= 32 {
                 running.release();
@@ -468,6 +472,158 @@ fn a_busy_io_thread_does_not_starve_another_ones_connections() {
         running.stop(Duration::from_secs(1));
         drop(busy);
         drop(quiet);
+        running.join();
+    }
+}
+
+/// A client whose receive window is pinned small, so that a large reply
+/// waits in the server's queue rather than in the kernels' buffers.
+fn connect_small_window(port: u16) -> TcpStream {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    socket.connect(&address.into()).unwrap();
+    let stream = TcpStream::from(socket);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream
+}
+
+/// Bytes sent per `send` to a client that does not read.
+const CHUNK: usize = 64 << 10;
+
+/// The bytes of the test stream from `offset` on: byte `i` is `i % 251`.
+fn stream(offset: usize, len: usize) -> Vec<u8> {
+    (offset..offset + len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Sends the stream from `offset` on to `conn`, whose client does not read,
+/// until `WritingPaused` is delivered for it (nothing else may come first),
+/// then a chunk more. Returns the offset after the last byte sent.
+fn send_until_paused(running: &mut Running, conn: ConnKey, mut offset: usize) -> usize {
+    let sender = running.sender();
+    let start = offset;
+    loop {
+        assert!(offset - start < 64 << 20, "no pause after 64 MiB unread");
+        sender.send(conn, &stream(offset, CHUNK)).unwrap();
+        offset += CHUNK;
+        if let Some(delivery) = running.take_with(|d| (d.kind, d.conn)) {
+            running.release();
+            assert_eq!(delivery, (DeliveryKind::WritingPaused, conn));
+            break;
+        }
+    }
+    // Still above the mark: no second pause.
+    sender.send(conn, &stream(offset, CHUNK)).unwrap();
+    offset + CHUNK
+}
+
+#[test]
+fn writing_pauses_above_high_resumes_at_low_and_never_after_closed() {
+    for backend in backends() {
+        let config = Config {
+            backend,
+            write_buffer_high: 64 << 10,
+            write_buffer_low: 16 << 10,
+            ..Config::default()
+        };
+        let (mut running, port) = start(&config);
+        let mut client = connect_small_window(port);
+        let (kind, conn) = next_delivery(&mut running);
+        assert_eq!(kind, DeliveryKind::Opened);
+        let mut offset = 0;
+        for round in 0..2 {
+            let end = send_until_paused(&mut running, conn, offset);
+            let mut received = vec![0; end - offset];
+            client.read_exact(&mut received).unwrap();
+            assert!(
+                received == stream(offset, end - offset),
+                "{backend:?} {round}"
+            );
+            offset = end;
+            let resumed = next_delivery(&mut running);
+            assert_eq!(
+                resumed,
+                (DeliveryKind::WritingResumed, conn),
+                "{backend:?} {round}"
+            );
+        }
+        // Paused once more, then the client resets: `Closed`, and no resume
+        // after it, although the queue is dropped.
+        send_until_paused(&mut running, conn, offset);
+        let client = Socket::from(client);
+        client.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(client);
+        let (kind, key) = next_delivery(&mut running);
+        assert_eq!(key, conn);
+        assert!(
+            matches!(kind, DeliveryKind::Closed(_)),
+            "{backend:?}: {kind:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+        assert_eq!(running.take_with(|d| (d.kind, d.conn)), None, "{backend:?}");
+        running.join();
+    }
+}
+
+#[test]
+fn flow_deliveries_that_find_the_ring_full_wait_in_order() {
+    // Far more than the kernel buffers of a loopback connection hold for a
+    // client that does not read, so that both crossings happen.
+    const BURST: usize = 16 << 20;
+    let burst = stream(0, BURST);
+    for backend in backends() {
+        // Two delivery slots, which two other connections' `Opened` fill:
+        // the crossings find the ring full and wait in the backlog.
+        let config = Config {
+            backend,
+            ring_slots: 2,
+            write_buffer_high: 64 << 10,
+            write_buffer_low: 0,
+            ..Config::default()
+        };
+        let (mut running, port) = start(&config);
+        let sender = running.sender();
+        let mut client = connect_small_window(port);
+        let (kind, conn) = next_delivery(&mut running);
+        assert_eq!(kind, DeliveryKind::Opened);
+        let _others = [connect(port), connect(port)];
+        thread::sleep(Duration::from_millis(100));
+        let writer = thread::spawn({
+            let burst = burst.clone();
+            move || {
+                for chunk in burst.chunks(CHUNK) {
+                    sender.send(conn, chunk).unwrap();
+                }
+            }
+        });
+        let mut received = vec![0; BURST];
+        client.read_exact(&mut received).unwrap();
+        writer.join().unwrap();
+        assert!(received == burst, "{backend:?}: bytes differ");
+        // The queue is empty: both crossings were emitted, none was lost.
+        let mut deliveries = Vec::new();
+        while deliveries.len() < 4 {
+            deliveries.push(next_delivery(&mut running));
+        }
+        let opened = deliveries
+            .iter()
+            .filter(|(kind, key)| *kind == DeliveryKind::Opened && *key != conn)
+            .count();
+        let flow: Vec<_> = deliveries
+            .iter()
+            .filter(|(_, key)| *key == conn)
+            .map(|(kind, _)| *kind)
+            .collect();
+        assert_eq!(opened, 2, "{backend:?}: {deliveries:?}");
+        assert_eq!(
+            flow,
+            [DeliveryKind::WritingPaused, DeliveryKind::WritingResumed],
+            "{backend:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(running.take_with(|d| (d.kind, d.conn)), None, "{backend:?}");
         running.join();
     }
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import threading
 import time
@@ -12,9 +13,17 @@ import rsepoll
 
 pytestmark = pytest.mark.timeout(60)
 
-LOOPS = ["asyncio"]
+LOOPS = ["asyncio", "no-add-reader"]
 if sys.platform != "win32":
     LOOPS.append("uvloop")
+
+
+class NoReaderLoop(asyncio.SelectorEventLoop):
+    """A loop without ``add_reader``, as the Proactor loop (Windows' default):
+    serve() must then be woken through its helper thread."""
+
+    def add_reader(self, *args, **kwargs):
+        raise NotImplementedError
 
 
 @pytest.fixture(params=LOOPS)
@@ -23,6 +32,16 @@ def run(request):
     if request.param == "uvloop":
         uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
         return uvloop.run
+    if request.param == "no-add-reader":
+
+        def run_without_add_reader(coro):
+            loop = NoReaderLoop()
+            try:
+                return loop.run_until_complete(coro)
+            finally:
+                loop.close()
+
+        return run_without_add_reader
     return asyncio.run
 
 
@@ -152,23 +171,72 @@ def test_timers_and_calls_from_threads_run_on_the_loop(run):
     listener.close()
 
 
-def test_an_idle_served_server_leaves_the_loop_idle(run):
+@pytest.fixture
+def turns(monkeypatch):
+    """Counts the turns serve() asks of the server."""
+    from rsepoll import _serving
+
+    count = [0]
+    turn = _serving._Driver.turn
+
+    def counted(self):
+        count[0] += 1
+        turn(self)
+
+    monkeypatch.setattr(_serving._Driver, "turn", counted)
+    return count
+
+
+def test_an_idle_served_server_leaves_the_loop_idle(run, turns):
     server = LoopServer()
     listener = listening(server)
-    turns = []
+    counted = []
 
     async def main():
         task = asyncio.ensure_future(server.serve(timeout=60_000, handle_signals=False))
+        # A timer that will never be due leaves it idle too.
+        server.call_later(math.inf, print)
         await asyncio.sleep(0.1)
-        cpu0, wall0 = time.process_time(), time.monotonic()
+        before = turns[0]
         await asyncio.sleep(1.0)
-        turns.append((time.process_time() - cpu0) / (time.monotonic() - wall0))
+        counted.append(turns[0] - before)
         server.stop_server()
         await asyncio.wait_for(task, 10)
 
     run(main())
     listener.close()
-    assert turns[0] < 0.05, f"the idle loop used {turns[0]:.1%} of a CPU"
+    assert counted[0] <= 2, f"{counted[0]} turns in 1 s of idleness"
+
+
+def test_a_second_cancellation_cuts_the_stop_short(run):
+    class Flooder(LoopServer):
+        def on_message_received(self, conn, data):
+            for _ in range(128):
+                self.send_message(conn, b"x" * 65535)
+
+    server = Flooder()
+    listener = listening(server)
+
+    async def main():
+        task = asyncio.ensure_future(server.serve(handle_signals=False))
+        _, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(b"flood\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # 8 MiB queued for a client that reads nothing
+        task.cancel()
+        await asyncio.sleep(0.3)
+        assert not task.done(), "the first cancellation did not wait for the output"
+        start = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        writer.close()
+        return time.monotonic() - start
+
+    took = run(main())
+    listener.close()
+    assert took < 2.0, f"the second cancellation took {took:.2f} s (the stop's timeout is 5 s)"
+    assert server.events == ["listening", "closed", "shutdown"]
 
 
 def test_serve_while_running_is_refused(run):

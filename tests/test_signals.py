@@ -187,8 +187,20 @@ SIGTERM_SCRIPT = textwrap.dedent(
         server.listen()
     elif MODE == "listen-unhandled":
         server.listen(handle_signals=False)
-    else:
+    elif MODE == "serve":
         asyncio.run(server.serve())
+    elif MODE == "serve-unhandled":
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        asyncio.run(server.serve(handle_signals=False))
+    else:  # serve-beside-the-loop's-handler
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGTERM, lambda: print("LOOP HANDLER", flush=True))
+            serving = asyncio.ensure_future(server.serve())
+            print("SERVING", flush=True)
+            await serving
+
+        asyncio.run(main())
     print("RETURNED", flush=True)
     print("RESTORED", signal.getsignal(signal.SIGTERM) is previous, flush=True)
     """
@@ -232,3 +244,24 @@ def test_listen_without_signal_handling_leaves_sigterm_to_the_application(tmp_pa
         child.signal(signal.SIGINT)
         child.wait(10)
         assert "RETURNED" not in child.stdout.splitlines()
+
+
+def test_serve_without_signal_handling_leaves_sigterm_alone(tmp_path):
+    child, _ = start_sigterm_script(tmp_path, "serve-unhandled")
+    with child:
+        child.signal(signal.SIGTERM)
+        assert child.wait(10) == -signal.SIGTERM
+        assert "RETURNED" not in child.stdout.splitlines()
+
+
+def test_serve_leaves_a_loop_handler_of_the_application_in_place(tmp_path):
+    child, port = start_sigterm_script(tmp_path, "serve-beside-the-loop-handler")
+    with child, connect(port) as c:
+        child.wait_for_output(r"SERVING", stream="out")
+        child.signal(signal.SIGTERM)
+        child.wait_for_output(r"LOOP HANDLER", stream="out")
+        # The application's handler ran, and the server kept serving.
+        c.sendall(b"still\n")
+        assert recv_exactly(c, 6) == b"still\n"
+        child.signal(signal.SIGINT)
+        child.wait(10)

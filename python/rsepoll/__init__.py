@@ -80,8 +80,8 @@ class Server(ServerCore):
     """A TCP server whose callbacks run on the thread that calls :meth:`listen`.
 
     Override the ``on_*`` callbacks; call :meth:`send_message`,
-    :meth:`close_connection` and :meth:`stop_server` from callbacks or from any
-    other thread.
+    :meth:`close_connection`, :meth:`pause_reading`, :meth:`resume_reading`
+    and :meth:`stop_server` from callbacks or from any other thread.
 
     Args:
         max_fds: the number of file descriptors the process should be able to
@@ -107,7 +107,9 @@ class Server(ServerCore):
         write_buffer_high: reading a connection stops while more than this
             many bytes wait in its output queue, so that a client that sends
             without reading the replies is slowed by TCP itself ...
-        write_buffer_low: ... and resumes once at most this many do.
+        write_buffer_low: ... and resumes once at most this many do. The two
+            crossings call :meth:`on_writing_paused` and
+            :meth:`on_writing_resumed`.
         framing: how the byte stream is cut into messages. ``"raw"``: each
             ``on_message_received`` gets the bytes at hand (one read, up to
             256 KiB), and ``send_message`` sends its bytes as they are.
@@ -275,6 +277,27 @@ class Server(ServerCore):
         while replies are still being computed (for example in a thread pool),
         and call :meth:`close_connection` when they are sent."""
         self.close_connection(conn)
+
+    def on_writing_paused(self, conn: Connection) -> None:
+        """More than ``write_buffer_high`` bytes wait in ``conn``'s output
+        queue on the I/O thread: the client reads more slowly than it is
+        answered. The server stops reading ``conn`` meanwhile; you may stop
+        producing for it until :meth:`on_writing_resumed`. Only the bytes the
+        socket did not take count, not sends still on their way to the I/O
+        thread: a burst of :meth:`send_message` calls to a client that keeps
+        up pauses nothing (``conn.pending_bytes`` counts those sends too, so
+        it may be above ``write_buffer_high`` without a pause). Calls alternate with
+        ``on_writing_resumed``, in order with the connection's other
+        callbacks. The default does nothing."""
+
+    def on_writing_resumed(self, conn: Connection) -> None:
+        """``conn``'s output queue, paused before, fell to
+        ``write_buffer_low`` bytes or fewer; reading it goes on (unless you
+        paused it). Never called after :meth:`on_connection_closed`: a
+        connection that ends while paused without its queue draining (a
+        reset, an abort, a stop's deadline) gets no resume; a graceful close
+        drains the queue, so its resume comes first. The default does
+        nothing."""
 
     def on_connection_closed(self, conn: Connection) -> None:
         """``conn`` closed (whoever closed it); called once per connection."""

@@ -22,7 +22,7 @@ __version__: str
 class TimerHandle:
     """A callback scheduled with ``call_later`` or ``call_at``."""
     def cancel(self) -> None:
-        """Cancels the call if it has not run yet; does nothing otherwise."""
+        """Cancels the call if it has not run yet; ``cancelled()`` is True from then on."""
     def cancelled(self) -> bool:
         """True once ``cancel()`` was called."""
     def when(self) -> float:

@@ -10,16 +10,20 @@ only while the session sleeps, so an idle server costs the loop one timer
 Loops without ``add_reader`` (the Proactor loop, Windows' default) get a
 thread that blocks on the socket and hands each wake-up to the loop with
 ``call_soon_threadsafe``.
+
+A stop asked for by this module (SIGTERM, a cancelled task) belongs to the
+run: once the run has ended it is ignored, so it cannot stop the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,25 +36,38 @@ async def serve(server: Server, timeout: int, handle_signals: bool) -> None:
     wake_r, wake_w = socket.socketpair()
     try:
         wake_w.setblocking(False)
-        session = server._serve_session(wake_w.fileno(), timeout)
+        # Held by the driver alone, which lets it go on the loop's thread
+        # once finished: the session is unsendable, and this frame may end
+        # up in a cycle (an exception raised from here) that the collector
+        # breaks on any thread.
+        driver = _Driver(loop, server._serve_session(wake_w.fileno(), timeout), wake_r, wake_w)
     except BaseException:
         wake_r.close()
         wake_w.close()
         raise
-    driver = _Driver(loop, session, wake_r, wake_w)
-    with _stop_on_sigterm(loop, server, handle_signals):
-        driver.start()
-        try:
-            await asyncio.shield(driver.finished)
-        except asyncio.CancelledError:
-            # Cancelling the task that awaits serve() stops the server as
-            # stop_server() does; the cancellation goes on once it has.
-            server.stop_server()
-            while not driver.finished.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(driver.finished)
+    try:
+        with _stop_on_sigterm(loop, lambda: driver.stop(server), handle_signals):
+            driver.start()
+            try:
+                await asyncio.shield(driver.finished)
+            except asyncio.CancelledError:
+                # Cancelling the task that awaits serve() stops the server as
+                # stop_server() does; a second cancellation cuts the stop
+                # short, as a second Ctrl-C does. The cancellation goes on
+                # once the server has stopped.
+                driver.interrupt(asyncio.CancelledError())
+                while not driver.finished.done():
+                    try:
+                        await asyncio.shield(driver.finished)
+                    except asyncio.CancelledError:
+                        driver.interrupt(asyncio.CancelledError())
+                driver.finished.result()
+                raise
             driver.finished.result()
-            raise
+    finally:
+        # Only if something above failed before the run ended: abandon it
+        # rather than leave its I/O threads running.
+        driver.abandon()
 
 
 class _Driver:
@@ -81,6 +98,27 @@ class _Driver:
             threading.Thread(target=self.watch, name="rsepoll-serve-wake", daemon=True).start()
         self.next_turn = self.loop.call_soon(self.turn)
 
+    def stop(self, server: Server) -> None:
+        """``server.stop_server()``, while this run lasts."""
+        if not self.finished.done():
+            server.stop_server()
+
+    def interrupt(self, error: BaseException) -> None:
+        """Stops this run (a second call cuts the stop short), making ``serve()``
+        raise ``error`` once stopped, and makes sure a turn comes to act on
+        it; nothing once the run has ended."""
+        if not self.finished.done():
+            self.session.interrupt(error)
+            self.loop.call_soon(self.turn)
+
+    def abandon(self) -> None:
+        """Ends the run now if it has not ended (see ``ServeSession.finish``)."""
+        if not self.finished.done():
+            self.end(None)
+            # Nobody awaits it any more: retrieve what it holds.
+            with contextlib.suppress(BaseException):
+                self.finished.result()
+
     def on_readable(self) -> None:
         with contextlib.suppress(BlockingIOError, InterruptedError):
             while self.wake_r.recv(4096):
@@ -107,7 +145,12 @@ class _Driver:
             self.next_turn = None
         try:
             wait = self.session.turn()
-        except BaseException as error:  # a bug: serve() raises it
+        except (KeyboardInterrupt, SystemExit) as error:
+            # A signal's exception that landed here rather than in a
+            # callback: it stops the run as it would have there.
+            self.interrupt(error)
+            return
+        except BaseException as error:  # a bug in rsepoll: serve() raises it
             self.end(error)
             return
         if wait is None:
@@ -115,14 +158,22 @@ class _Driver:
         elif wait <= 0:
             self.next_turn = self.loop.call_soon(self.turn)
         else:
-            self.next_turn = self.loop.call_later(wait, self.turn)
+            # Whole milliseconds, rounded up: uvloop rounds to the nearest
+            # millisecond and would wake early, then spin until the deadline.
+            self.next_turn = self.loop.call_later(math.ceil(wait * 1000) / 1000, self.turn)
 
     def end(self, error: BaseException | None) -> None:
         try:
             self.session.finish()
         except BaseException as raised:
-            error = error or raised
+            if error is None:
+                error = raised
+            else:
+                error.__context__ = raised
         finally:
+            # The session is unsendable: let it go here, on the loop's thread,
+            # not on the helper thread that may hold this driver last.
+            self.session = None
             if self.reading:
                 self.loop.remove_reader(self.wake_r)
                 self.wake_r.close()
@@ -137,23 +188,40 @@ class _Driver:
 
 @contextlib.contextmanager
 def _stop_on_sigterm(
-    loop: asyncio.AbstractEventLoop, server: Server, enabled: bool
+    loop: asyncio.AbstractEventLoop, stop: Callable[[], None], enabled: bool
 ) -> Iterator[None]:
-    """SIGTERM calls ``server.stop_server()`` while the block runs; the previous
-    handler is put back after."""
+    """SIGTERM calls ``stop()`` while the block runs, and the previous handler is
+    put back after: through the loop's signal handling where it has one. If
+    the loop already handles SIGTERM for the application, it is left alone:
+    a loop's handler cannot be read back to be restored."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.getsignal(signal.SIGTERM)
-    try:
-        loop.add_signal_handler(signal.SIGTERM, server.stop_server)
-        through_loop = True
-    except (NotImplementedError, RuntimeError, ValueError):
-        signal.signal(signal.SIGTERM, lambda signum, frame: server.stop_server())
-        through_loop = False
+    if previous in (signal.SIG_DFL, None):
+        try:
+            loop.add_signal_handler(signal.SIGTERM, stop)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # no signal handling in this loop: below, as for listen()
+        else:
+            try:
+                yield
+            finally:
+                loop.remove_signal_handler(signal.SIGTERM)  # back to SIG_DFL
+            return
+    elif not callable(previous) or _is_loop_wakeup(previous):
+        # Ignored on purpose, or the loop's own handler: the application's.
+        yield
+        return
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop())
     try:
         yield
     finally:
-        if through_loop:
-            loop.remove_signal_handler(signal.SIGTERM)
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _is_loop_wakeup(handler: Callable[..., Any]) -> bool:
+    """True for the Python-level stand-in an event loop installs for the
+    signals it handles itself (asyncio's and uvloop's)."""
+    module = getattr(handler, "__module__", "") or ""
+    return module.startswith(("asyncio", "uvloop"))

@@ -29,6 +29,14 @@
 //! message is half sent); its fields are private, and the reactor asks and
 //! tells through methods. The write queue and the watermarks are in
 //! [`queue`], the table in [`table`].
+//!
+//! The watermarks' crossings ([`Connection::check_watermarks`]) are what the
+//! application hears as writing paused and resumed; they alternate. A
+//! connection that ends while paused drops its queue without a crossing
+//! ([`Connection::write_failed`], an abort): the application hears `Closed`
+//! and no resume, as asyncio calls no `resume_writing` after
+//! `connection_lost`. A graceful close drains the queue first, so its resume
+//! comes before its `Closed`.
 
 use std::time::{Duration, Instant};
 
@@ -45,7 +53,7 @@ mod table;
 #[cfg(test)]
 mod tests;
 
-pub use queue::{Watermarks, WriteQueue};
+pub use queue::{Crossing, Watermarks, WriteQueue};
 pub use table::ConnectionTable;
 
 /// Where a connection is in its life; see the module docs for the diagram.
@@ -114,6 +122,16 @@ pub enum AfterEof {
     Forget,
 }
 
+/// What re-checking a connection's queue against the watermarks found (see
+/// [`Connection::check_watermarks`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Checked {
+    /// The queue crossed a watermark: the application is to be told.
+    pub crossed: Option<Crossing>,
+    /// Reading resumed: input may be waiting that no new edge will report.
+    pub reads_again: bool,
+}
+
 /// One connection.
 #[derive(Debug)]
 pub struct Connection {
@@ -137,7 +155,9 @@ pub struct Connection {
     read_fully: bool,
     /// The application paused reading (`pause_reading`).
     paused: bool,
-    /// Reading stopped because the queue rose above the high watermark.
+    /// The queue rose above the high watermark and has not fallen to the low
+    /// one since: reading stops, and the application was told that writing
+    /// is paused.
     throttled: bool,
     /// The peer is gone (a reset, or a send failed): what it sent before is
     /// read to its end whether reading is paused or throttled, since nothing
@@ -216,22 +236,26 @@ impl Connection {
         self.pending.sub(n);
     }
 
-    /// Re-checks the queue against `marks` after it changed. Returns true if
-    /// reading resumed (see [`Connection::set_paused`]).
-    pub fn check_watermarks(&mut self, marks: Watermarks) -> bool {
+    /// Re-checks the queue against `marks` after it changed: whether it
+    /// crossed one, and whether reading resumed (see
+    /// [`Connection::set_paused`]).
+    pub fn check_watermarks(&mut self, marks: Watermarks) -> Checked {
         let was_reading = self.reads_input();
-        let queued = self.queue.len();
-        if queued > marks.high {
-            self.throttled = true;
-        } else if queued <= marks.low {
-            self.throttled = false;
+        let crossed = marks.crossing(self.throttled, self.queue.len());
+        if let Some(crossing) = crossed {
+            self.throttled = crossing == Crossing::Rose;
         }
-        !was_reading && self.reads_input()
+        Checked {
+            crossed,
+            reads_again: !was_reading && self.reads_input(),
+        }
     }
 
     fn drop_queue(&mut self) {
         let dropped = self.queue.discard();
         self.pending.sub(dropped);
+        // No crossing: the connection is ending, and the application hears
+        // `Closed`, not that writing resumed (see the module docs).
         self.throttled = false;
     }
 

@@ -1,5 +1,6 @@
 //! A connection's output: the bytes waiting for the socket, and the limits
-//! on how many may wait before reading stops.
+//! on how many may wait before reading stops (and the application is told
+//! that writing is paused).
 
 use std::collections::VecDeque;
 
@@ -56,12 +57,43 @@ impl WriteQueue {
 /// Per-connection output limits: reading a connection stops while more than
 /// `high` bytes wait in its queue and resumes once at most `low` do, so a
 /// client that sends without reading the replies is slowed by TCP itself.
+/// The same two crossings are what the application hears as
+/// `on_writing_paused` and `on_writing_resumed`.
+///
+/// Only this queue counts: bytes the application has sent that still wait
+/// in the command ring are not in it, so a burst of sends to a client that
+/// reads as fast as they are written crosses nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Watermarks {
     /// Stop reading above this many queued bytes.
     pub high: usize,
     /// Read again at or below this many.
     pub low: usize,
+}
+
+/// A crossing of the [`Watermarks`] by a connection's queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crossing {
+    /// The queue rose above `high`: reading stops, writing is paused.
+    Rose,
+    /// The queue, above `high` before, fell to `low` or below: reading may go
+    /// on, writing is resumed.
+    Fell,
+}
+
+impl Watermarks {
+    /// The crossing `queued` bytes make for a queue that is `above` (it rose
+    /// past `high` and has not fallen to `low` since), if they make one. In
+    /// between the two marks nothing changes, so the crossings alternate.
+    pub fn crossing(self, above: bool, queued: usize) -> Option<Crossing> {
+        if !above && queued > self.high {
+            Some(Crossing::Rose)
+        } else if above && queued <= self.low {
+            Some(Crossing::Fell)
+        } else {
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -92,6 +124,26 @@ mod tests {
         }
         assert_eq!(queue.len(), 1000);
         assert_eq!(queue.bytes.capacity(), capacity);
+    }
+
+    #[test]
+    fn crossings_alternate_and_nothing_changes_between_the_marks() {
+        let marks = Watermarks { high: 100, low: 10 };
+        assert_eq!(marks.crossing(false, 100), None, "at high is not above");
+        assert_eq!(marks.crossing(false, 101), Some(Crossing::Rose));
+        assert_eq!(marks.crossing(true, 500), None, "already above");
+        assert_eq!(marks.crossing(true, 50), None, "between the marks");
+        assert_eq!(marks.crossing(true, 11), None);
+        assert_eq!(marks.crossing(true, 10), Some(Crossing::Fell));
+        assert_eq!(
+            marks.crossing(false, 50),
+            None,
+            "below, rising not past high"
+        );
+        assert_eq!(marks.crossing(false, 0), None);
+        let equal = Watermarks { high: 64, low: 64 };
+        assert_eq!(equal.crossing(false, 65), Some(Crossing::Rose));
+        assert_eq!(equal.crossing(true, 64), Some(Crossing::Fell));
     }
 
     #[test]

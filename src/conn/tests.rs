@@ -115,3 +115,53 @@ fn a_failed_write_reads_the_input_to_its_end_even_while_paused() {
     assert!(!conn.write_failed(), "input may still wait in the kernel");
     assert!(conn.reads_input());
 }
+
+#[test]
+fn the_watermarks_are_crossed_once_each_way_and_not_by_an_ending() {
+    let marks = Watermarks { high: 8, low: 2 };
+    let rose = Checked {
+        crossed: Some(Crossing::Rose),
+        reads_again: false,
+    };
+    let mut conn = Connection::new(socket(), 1, None, Instant::now());
+    conn.queue_output(b"12345678");
+    assert_eq!(
+        conn.check_watermarks(marks),
+        Checked::default(),
+        "not above"
+    );
+    conn.queue_output(b"9");
+    assert_eq!(conn.check_watermarks(marks), rose);
+    assert!(!conn.reads_input());
+    conn.queue_output(b"more");
+    assert_eq!(
+        conn.check_watermarks(marks),
+        Checked::default(),
+        "still above"
+    );
+    conn.sent_queued(10);
+    assert_eq!(
+        conn.check_watermarks(marks),
+        Checked::default(),
+        "in between"
+    );
+    conn.sent_queued(1);
+    let fell = conn.check_watermarks(marks);
+    assert_eq!(fell.crossed, Some(Crossing::Fell));
+    assert!(fell.reads_again);
+
+    // Paused by the application: the crossings are the same, reading stays off.
+    conn.set_paused(true);
+    conn.queue_output(b"123456789");
+    assert_eq!(conn.check_watermarks(marks), rose);
+    conn.sent_queued(conn.queue.len());
+    let fell = conn.check_watermarks(marks);
+    assert_eq!(fell.crossed, Some(Crossing::Fell));
+    assert!(!fell.reads_again);
+
+    // A failed write drops the queue of a paused connection: no crossing.
+    conn.queue_output(b"123456789");
+    assert_eq!(conn.check_watermarks(marks), rose);
+    assert!(!conn.write_failed());
+    assert_eq!(conn.check_watermarks(marks), Checked::default());
+}

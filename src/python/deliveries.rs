@@ -72,6 +72,8 @@ pub(super) enum Item<'py> {
     Opened(Py<PyConnection>),
     Data(Py<PyConnection>, Bound<'py, PyBytes>),
     Eof(Py<PyConnection>),
+    WritingPaused(Py<PyConnection>),
+    WritingResumed(Py<PyConnection>),
     Closed(Py<PyConnection>, CloseReason),
     Error(String),
     TooLarge(Py<PyConnection>, String),
@@ -114,6 +116,12 @@ impl<'py> Item<'py> {
                 None => Item::Nothing,
             },
             DeliveryKind::Eof => connections.get(py, key).map_or(Item::Nothing, Item::Eof),
+            DeliveryKind::WritingPaused => connections
+                .get(py, key)
+                .map_or(Item::Nothing, Item::WritingPaused),
+            DeliveryKind::WritingResumed => connections
+                .get(py, key)
+                .map_or(Item::Nothing, Item::WritingResumed),
             DeliveryKind::Closed(reason) => match connections.get(py, key) {
                 Some(conn) => {
                     *connections.slot(key) = None;

@@ -232,8 +232,10 @@ impl Dispatcher {
         for call in self.agenda.calls.close() {
             self.run_call(py, call);
         }
-        self.agenda.timers.clear();
         self.callback(py, intern!(py, "on_shutdown_success"), ());
+        // After the last callback, so that no timer made in one outlives
+        // the run either.
+        self.agenda.timers.clear();
         match self.exit_error.take() {
             Some(error) => Err(error),
             None => Ok(()),
@@ -337,6 +339,12 @@ impl Dispatcher {
                 if !self.interrupted {
                     self.callback(py, intern!(py, "on_message_received"), (conn, data));
                 }
+            }
+            Item::WritingPaused(conn) => {
+                self.callback(py, intern!(py, "on_writing_paused"), (conn,));
+            }
+            Item::WritingResumed(conn) => {
+                self.callback(py, intern!(py, "on_writing_resumed"), (conn,));
             }
             Item::Eof(conn) => {
                 // After the callbacks for what came before the EOF, so their

@@ -363,7 +363,7 @@ impl ServerCore {
         Ok(conn.open.load(Relaxed) && send::queue(py, conn, Request::ResumeReading))
     }
 
-    /// Stops `listen()`: no new connections, input already read is still
+    /// Stops the run (`listen()` or `serve()`): no new connections, input already read is still
     /// handled, queued output gets up to `timeout` seconds to go out; then
     /// connections still holding output are reset. Every connection is
     /// reported closed, then `on_shutdown_success` runs and `listen()`
@@ -397,7 +397,7 @@ impl ServerCore {
         let listeners = std::mem::take(&mut *this.listeners.lock());
         if listeners.is_empty() {
             return Err(PyRuntimeError::new_err(
-                "no listener registered: call register_listener_socket() before listen()",
+                "no listener registered: call register_listener_socket() before listen() or serve()",
             ));
         }
         let config = this.config.lock().clone();
@@ -441,7 +441,7 @@ impl ServerCore {
     fn check_not_running(&self, what: &str) -> PyResult<()> {
         if self.run.is_running() {
             Err(PyRuntimeError::new_err(format!(
-                "cannot {what} while listen() runs"
+                "cannot {what} while the server runs (listen() or serve())"
             )))
         } else {
             Ok(())

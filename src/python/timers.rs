@@ -5,8 +5,9 @@
 //! timers due at the same moment run in the order they were made. A
 //! [`TimerHandle`] is what the application holds: cancelling one drops its
 //! callback at once, and leaves its heap entry to be skipped when it comes
-//! up; once more than half the entries are cancelled the heap is rebuilt
-//! without them, so memory follows the pending timers, not every timer ever
+//! up; when a timer is scheduled into a heap of 64 entries or more of
+//! which more than half are cancelled, the heap is first rebuilt without
+//! them, so memory follows the pending timers, not every timer ever
 //! cancelled. Scheduling is `O(log n)`, and the dispatcher looks only at the
 //! top, so pending timers cost a dispatch turn nothing while none is due.
 //!
@@ -38,7 +39,13 @@ pub(super) fn now() -> f64 {
 
 /// How long from now until `when` on the clock of [`now`] (zero if past).
 pub(super) fn until(when: f64) -> Duration {
-    Duration::try_from_secs_f64(when - now()).unwrap_or(Duration::ZERO)
+    let left = when - now();
+    if left > 0.0 {
+        // Far (or infinitely far) off: as long as a Duration goes.
+        Duration::try_from_secs_f64(left).unwrap_or(Duration::MAX)
+    } else {
+        Duration::ZERO
+    }
 }
 
 /// A callback scheduled with `call_later` or `call_at`.
@@ -54,7 +61,8 @@ pub struct TimerHandle {
 
 #[pymethods]
 impl TimerHandle {
-    /// Cancels the call if it has not run yet; does nothing otherwise.
+    /// Cancels the call if it has not run yet. `cancelled()` is True from
+    /// then on either way.
     fn cancel(&self) {
         self.cancelled.store(true, SeqCst);
         let dropped = self.scheduled.lock().take();

@@ -1,14 +1,24 @@
 //! Output: the commands that send ([`Core::send_part`] gathers a message
 //! larger than a slot, [`Core::send`] writes now what the socket takes and
-//! queues the rest), flushing the queue when the socket is writable, and what
-//! a failed write means (the peer is gone; its input is still read to its
-//! end).
+//! queues the rest), flushing the queue when the socket is writable, the
+//! watermarks' crossings (reading stops and resumes, and the application
+//! hears `WritingPaused` and `WritingResumed`), and what a failed write means
+//! (the peer is gone; its input is still read to its end).
+//!
+//! The crossings are decided here, on this thread's own write queue, and
+//! nowhere else: bytes the application sent that still wait in the command
+//! ring do not count, so a burst of sends to a client that reads as fast
+//! as they are written pauses nothing. Their deliveries are control
+//! deliveries ([`Core::emit`]): one that finds the ring full waits in the
+//! backlog, in order with the connection's `Eof` and `Closed`.
 
 use std::io;
 
 use socket2::Socket;
 
 use crate::close_reason::CloseReason;
+use crate::conn::Crossing;
+use crate::message::DeliveryKind;
 use crate::sys::{net, Selector};
 use crate::token::ConnKey;
 
@@ -120,9 +130,24 @@ impl<S: Selector> Core<S> {
                 skip -= from;
                 conn.queue_output(&part[from..]);
             }
-            conn.check_watermarks(self.settings.watermarks());
+            // The queue only grew: it may rise past `high`, never fall.
+            let checked = conn.check_watermarks(self.settings.watermarks());
+            self.tell_crossing(key, checked.crossed);
             self.update_interest(key);
         }
+    }
+
+    /// Tells the application that `key`'s queue crossed a watermark, if it
+    /// did. Never after its `Closed`: a connection is reported closed only
+    /// once its queue is empty or dropped (and no longer above the mark, see
+    /// `conn`'s module docs), and takes no output after that.
+    fn tell_crossing(&mut self, key: ConnKey, crossed: Option<Crossing>) {
+        let kind = match crossed {
+            Some(Crossing::Rose) => DeliveryKind::WritingPaused,
+            Some(Crossing::Fell) => DeliveryKind::WritingResumed,
+            None => return,
+        };
+        self.emit(kind, key, None, None);
     }
 
     /// Pauses or resumes reading `key` for the application.
@@ -154,12 +179,16 @@ impl<S: Selector> Core<S> {
                 Err(e) => return self.on_write_error(key, &e),
             }
         }
-        let resumed = conn.check_watermarks(self.settings.watermarks());
+        let checked = conn.check_watermarks(self.settings.watermarks());
         let drained_close = !conn.has_queued_output() && conn.closing_reason().is_some();
-        if resumed {
+        if checked.reads_again {
             // Input that arrived while reading was off raised no new edge.
             self.mark_unread(key);
         }
+        // Before `Closed`: a graceful close drains the queue, so its writing
+        // resumes first (as asyncio's `resume_writing` precedes
+        // `connection_lost`).
+        self.tell_crossing(key, checked.crossed);
         if drained_close {
             self.finish_close(key);
         }
