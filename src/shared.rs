@@ -1,7 +1,7 @@
 //! What the I/O threads and the threads that talk to them share.
 //!
-//! [`Hub`] is the server's: the stop flag and its timeout, the bell the
-//! consumer waits on, connection ids and the open count, every engine's
+//! [`Hub`] is the server's: the stop request (how far, by when), the bell
+//! the consumer waits on, connection ids and the open count, every engine's
 //! counters and poller waker. [`Shared`] is one engine's: the producer side
 //! of its command ring (behind a mutex, so that any thread can send; see
 //! [`Shared::push`]), its sleep handshake, and the list of connections
@@ -13,9 +13,9 @@
 //! knows the rings and the wake-ups, not who drives them.
 
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
@@ -35,15 +35,53 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// second, 64 bits last half a million years.
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
+/// How far a stop has gone, as the hub asks it of every engine; each level
+/// includes the ones before it, and a stop only ever goes further.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub(crate) enum StopLevel {
+    /// No stop: serving.
+    None = 0,
+    /// The listeners close; the open connections are served as usual until
+    /// they close.
+    Accepting = 1,
+    /// No more input is read either: what the decoders hold is delivered,
+    /// and the connections wait for the drain.
+    Reading = 2,
+    /// The drain: `Draining` is announced, and each connection closes once
+    /// the consumer has answered it and its queued output is out.
+    Drain = 3,
+}
+
+impl StopLevel {
+    fn from_u8(level: u8) -> StopLevel {
+        match level {
+            0 => StopLevel::None,
+            1 => StopLevel::Accepting,
+            2 => StopLevel::Reading,
+            _ => StopLevel::Drain,
+        }
+    }
+}
+
 /// What the engines of one server share.
 pub(crate) struct Hub {
-    /// Set to ask every engine to shut down.
-    pub(crate) stop: AtomicBool,
-    /// How long a stop may take to flush output, in nanoseconds; written
-    /// before `stop` is set.
-    stop_timeout_ns: AtomicU64,
+    /// How far the engines are asked to stop (a [`StopLevel`]).
+    stop_level: AtomicU8,
+    /// When the stop resets what is still open, in nanoseconds after
+    /// `epoch`; written before `stop_level` is raised.
+    stop_deadline_ns: AtomicU64,
+    /// The origin of `stop_deadline_ns`.
+    epoch: Instant,
+    /// Makes each stop request's reading and writing of the two fields
+    /// above one step: requests come from any thread.
+    stop_requests: Mutex<()>,
     /// Set to cut the stop under way short: what is still open is reset now.
     pub(crate) cut: AtomicBool,
+    /// Set once the first engine, the one that accepts, has closed its
+    /// listeners: from then on nothing is handed over to any engine (see
+    /// [`Hub::end_accepting`]).
+    pub(crate) accepting_ended: AtomicBool,
     /// Rung by an engine after it publishes deliveries: the consumer waits
     /// on all the delivery rings with this one bell.
     pub(crate) deliveries: Bell,
@@ -60,9 +98,12 @@ impl Hub {
     /// The hub of `wakers.len()` engines, one poller waker each.
     pub(crate) fn new(wakers: Box<[Arc<dyn Wake>]>) -> Hub {
         Hub {
-            stop: AtomicBool::new(false),
-            stop_timeout_ns: AtomicU64::new(DEFAULT_STOP_TIMEOUT.as_nanos() as u64),
+            stop_level: AtomicU8::new(StopLevel::None as u8),
+            stop_deadline_ns: AtomicU64::new(u64::MAX),
+            epoch: Instant::now(),
+            stop_requests: Mutex::new(()),
             cut: AtomicBool::new(false),
+            accepting_ended: AtomicBool::new(false),
             deliveries: Bell::new(),
             open: AtomicUsize::new(0),
             stats: wakers.iter().map(|_| Stats::default()).collect(),
@@ -70,9 +111,21 @@ impl Hub {
         }
     }
 
-    /// How long the stop under way may take to flush output.
-    pub(crate) fn stop_timeout(&self) -> Duration {
-        Duration::from_nanos(self.stop_timeout_ns.load(Acquire))
+    /// How far the engines are asked to stop. Read the deadline after it.
+    pub(crate) fn stop_level(&self) -> StopLevel {
+        StopLevel::from_u8(self.stop_level.load(Acquire))
+    }
+
+    /// When the stop under way resets the connections still open, as of
+    /// the [`Hub::stop_level`] read before.
+    pub(crate) fn stop_deadline(&self) -> Instant {
+        let after = Duration::from_nanos(self.stop_deadline_ns.load(Acquire));
+        // Beyond what an `Instant` holds (a timeout of centuries on some
+        // platforms) is as good as never.
+        self.epoch
+            .checked_add(after)
+            .or_else(|| self.epoch.checked_add(A_YEAR))
+            .unwrap_or(self.epoch)
     }
 
     /// A fresh connection id, never given out before in this process: not
@@ -94,24 +147,55 @@ impl Hub {
     /// connection still open instead of waiting for its output.
     pub(crate) fn cut(&self) {
         self.cut.store(true, Release);
-        self.stop(Duration::ZERO);
+        self.stop(Duration::ZERO, StopLevel::Drain);
     }
 
-    /// Asks every engine to shut down; see [`Sender::stop`](crate::server::Sender::stop).
-    pub(crate) fn stop(&self, timeout: Duration) {
-        let nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        if !self.stop.load(Acquire) {
-            self.stop_timeout_ns.store(nanos, Release);
+    /// Asks every engine to stop as far as `level`, resetting what is still
+    /// open `timeout` from now; see [`Sender::stop`](crate::server::Sender::stop)
+    /// and its siblings.
+    ///
+    /// A request that takes the stop no further changes nothing, so the
+    /// first request's deadline stands; one that takes it further brings the
+    /// deadline forward to `timeout` from now, if that is earlier.
+    pub(crate) fn stop(&self, timeout: Duration, level: StopLevel) {
+        {
+            let _requests = self.stop_requests.lock();
+            if level > StopLevel::from_u8(self.stop_level.load(Relaxed)) {
+                let deadline = self
+                    .epoch
+                    .elapsed()
+                    .checked_add(timeout)
+                    .and_then(|at| u64::try_from(at.as_nanos()).ok())
+                    .unwrap_or(u64::MAX);
+                self.stop_deadline_ns.fetch_min(deadline, Relaxed);
+                self.stop_level.store(level as u8, Release);
+            }
         }
-        self.stop.store(true, Release);
         // Pairs with the fence in each I/O thread's sleep announcement, as
-        // for commands: either it sees the flag before sleeping or it is woken.
+        // for commands: either it sees the level before sleeping or it is
+        // woken (and a cut, which may change no level, is woken for).
+        self.wake_all();
+    }
+
+    /// The first engine has closed its listeners: tells the others, which
+    /// may be waiting for nothing more to be handed over to end a stop that
+    /// kept the connections.
+    pub(crate) fn end_accepting(&self) {
+        self.accepting_ended.store(true, Release);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
         fence(SeqCst);
         for waker in self.wakers.iter() {
             let _ = waker.wake();
         }
     }
 }
+
+/// How far off a stop's deadline is when the one asked for does not fit an
+/// `Instant`: as good as never.
+const A_YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// State shared by one engine's I/O thread and every thread that sends to it.
 pub(crate) struct Shared {

@@ -602,10 +602,23 @@ fn flow_deliveries_that_find_the_ring_full_wait_in_order() {
         client.read_exact(&mut received).unwrap();
         writer.join().unwrap();
         assert!(received == burst, "{backend:?}: bytes differ");
-        // The queue is empty: both crossings were emitted, none was lost.
+        // The queue is empty: every crossing was emitted, none was lost.
+        // (How many pause/resume cycles there were depends on how the
+        // client's reads and the writer's sends interleave.)
         let mut deliveries = Vec::new();
         while deliveries.len() < 4 {
             deliveries.push(next_delivery(&mut running));
+        }
+        let mut quiet_since = Instant::now();
+        while quiet_since.elapsed() < Duration::from_millis(200) {
+            match running.take_with(|d| (d.kind, d.conn)) {
+                Some(item) => {
+                    running.release();
+                    deliveries.push(item);
+                    quiet_since = Instant::now();
+                }
+                None => running.wait(Duration::from_millis(10)),
+            }
         }
         let opened = deliveries
             .iter()
@@ -617,13 +630,12 @@ fn flow_deliveries_that_find_the_ring_full_wait_in_order() {
             .map(|(kind, _)| *kind)
             .collect();
         assert_eq!(opened, 2, "{backend:?}: {deliveries:?}");
-        assert_eq!(
-            flow,
-            [DeliveryKind::WritingPaused, DeliveryKind::WritingResumed],
-            "{backend:?}"
+        assert!(
+            !flow.is_empty()
+                && flow.chunks(2).all(|pair| pair
+                    == [DeliveryKind::WritingPaused, DeliveryKind::WritingResumed]),
+            "{backend:?}: {flow:?}"
         );
-        thread::sleep(Duration::from_millis(50));
-        assert_eq!(running.take_with(|d| (d.kind, d.conn)), None, "{backend:?}");
         running.join();
     }
 }

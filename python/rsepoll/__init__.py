@@ -327,6 +327,19 @@ class Server(ServerCore):
     def on_waiting_for_activity(self) -> None:
         """``timeout`` milliseconds passed with nothing to do."""
 
+    def on_stopping(self) -> None:
+        """The server has begun to stop (:meth:`stop_server`, Ctrl-C, a
+        ``KeyboardInterrupt`` or ``SystemExit`` from a callback, or a failed
+        I/O thread): it accepts no new connections. Called once per
+        :meth:`listen`, before the stop closes any connection (unless an I/O
+        thread failed: the I/O threads then stop on their own), so what you
+        send from it still goes out. By default the server has stopped
+        reading too, and closes each connection once its queued output is
+        out; with ``stop_server(close_connections=False)`` the open
+        connections are served as usual until you close each of them (or the
+        stop's timeout resets them): this is the cue to finish the work in
+        flight and close them. The default does nothing."""
+
     def on_shutdown_success(self) -> None:
         """The server has stopped: every connection was closed and reported."""
         logger.debug("shut down")

@@ -200,6 +200,9 @@ class ServerCore:
         still delivered; a reset still ends it); False if it has closed."""
     def resume_reading(self, conn: Connection) -> bool:
         """Reads ``conn`` again; False if it has closed."""
-    def stop_server(self, timeout: float = 5.0) -> None:
-        """Stops listen(), giving queued output up to ``timeout`` seconds; safe
-        from any thread and from signal handlers."""
+    def stop_server(self, timeout: float = 5.0, *, close_connections: bool = True) -> None:
+        """Stops listen(): accepting (and, by default, reading) stops and
+        on_stopping() runs; then the connections close once their queued
+        output is out or, with ``close_connections=False``, are served until
+        the application closes them; what is open after ``timeout`` seconds
+        is reset. Safe from any thread and from signal handlers."""

@@ -159,7 +159,7 @@ impl Dispatcher {
                 }
             }
             if let Err(interrupt) = py.check_signals() {
-                self.fail_with(interrupt);
+                self.fail_with(py, interrupt);
             }
         }
         self.finish(py)
@@ -168,10 +168,10 @@ impl Dispatcher {
     /// Begins the run: a stop asked for before it is acted on, and
     /// `on_listen_success` runs.
     pub(super) fn start(&mut self, py: Python<'_>) {
-        if self.run.stop_requested() {
-            self.begin_stop();
-        }
         self.callback(py, intern!(py, "on_listen_success"), ());
+        if self.run.stop_requested() {
+            self.begin_stop(py);
+        }
         self.idle_since = Instant::now();
     }
 
@@ -187,7 +187,7 @@ impl Dispatcher {
             return Next::Done;
         }
         if self.run.stop_requested() {
-            self.begin_stop();
+            self.begin_stop(py);
         }
         let ran = self.run_calls(py) + self.run_timers(py);
         if dispatched > 0 {
@@ -199,7 +199,7 @@ impl Dispatcher {
         let now = Instant::now();
         let idle_due = self.idle_since + self.idle_timeout;
         if now >= idle_due {
-            if !self.stopping {
+            if !self.stopping || self.run.keeps_connections() {
                 self.callback(py, intern!(py, "on_waiting_for_activity"), ());
             }
             self.idle_since = Instant::now();
@@ -264,8 +264,8 @@ impl Dispatcher {
 
     /// Stops the server and makes the run raise `error` once it has; see
     /// [`Dispatcher::fail_with`]. For the driver's own interruptions.
-    pub(super) fn interrupt(&mut self, error: PyErr) {
-        self.fail_with(error);
+    pub(super) fn interrupt(&mut self, py: Python<'_>, error: PyErr) {
+        self.fail_with(py, error);
     }
 
     /// Dispatches up to a batch of ready deliveries; returns how many.
@@ -374,7 +374,7 @@ impl Dispatcher {
             }
             Item::Failed(detail) => {
                 self.report_error::<PyRuntimeError>(py, &detail);
-                self.stopping = true;
+                self.begin_stop(py);
                 self.interrupted = true;
             }
             Item::Nothing => {}
@@ -404,7 +404,7 @@ impl Dispatcher {
 
     fn on_callback_error(&mut self, py: Python<'_>, error: PyErr) {
         if !error.is_instance_of::<PyException>(py) {
-            return self.fail_with(error);
+            return self.fail_with(py, error);
         }
         let value = error.into_value(py);
         let Err(second) = self
@@ -415,7 +415,7 @@ impl Dispatcher {
             return;
         };
         if !second.is_instance_of::<PyException>(py) {
-            return self.fail_with(second);
+            return self.fail_with(py, second);
         }
         let kwargs = [("exc_info", second.into_value(py))];
         let logged = pyo3::types::IntoPyDict::into_py_dict(kwargs, py).and_then(|kwargs| {
@@ -435,20 +435,27 @@ impl Dispatcher {
     /// is still handed to the callbacks and their replies go out. A second
     /// one cuts: no more input is handed over, and every connection still
     /// open is reset.
-    fn fail_with(&mut self, error: PyErr) {
+    fn fail_with(&mut self, py: Python<'_>, error: PyErr) {
         if self.exit_error.is_none() {
             self.exit_error = Some(error);
-            return self.begin_stop();
+            // As stop_server() does: a stop that keeps the connections
+            // becomes a drain.
+            self.run.request_stop(None, true);
+            return self.begin_stop(py);
         }
         self.interrupted = true;
         self.stopping = true;
         self.running.cut();
     }
 
-    fn begin_stop(&mut self) {
+    fn begin_stop(&mut self, py: Python<'_>) {
         if !self.stopping {
             self.stopping = true;
-            self.running.stop(self.run.stop_timeout());
+            // The application's cue, before any connection closes for the
+            // stop: the engines announce `Draining`, whose answer closes
+            // them, only once `cue` lets them.
+            self.callback(py, intern!(py, "on_stopping"), ());
+            self.run.cue();
         }
     }
 }

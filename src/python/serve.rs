@@ -90,7 +90,7 @@ impl ServeSession {
     /// `error` (the task awaiting `serve()` got it).
     fn interrupt(&mut self, error: Bound<'_, pyo3::exceptions::PyBaseException>) {
         if let Some(dispatcher) = self.dispatcher.as_mut() {
-            dispatcher.interrupt(PyErr::from_value(error.into_any()));
+            dispatcher.interrupt(error.py(), PyErr::from_value(error.into_any()));
         }
     }
 

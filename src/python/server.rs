@@ -363,22 +363,32 @@ impl ServerCore {
         Ok(conn.open.load(Relaxed) && send::queue(py, conn, Request::ResumeReading))
     }
 
-    /// Stops the run (`listen()` or `serve()`): no new connections, input already read is still
-    /// handled, queued output gets up to `timeout` seconds to go out; then
-    /// connections still holding output are reset. Every connection is
-    /// reported closed, then `on_shutdown_success` runs and `listen()`
-    /// returns. Safe from any thread and from signal handlers; before
-    /// `listen()`, it makes the next one return at once.
+    /// Stops the run (`listen()` or `serve()`): the listeners close, so new clients are refused, and
+    /// `on_stopping()` runs on the listening thread. Then, by default
+    /// (`close_connections`), input already read is still handled, no more
+    /// is read, and each connection closes once its queued output is out;
+    /// with `close_connections=False`, the open connections are served as
+    /// usual until the application (or the peer, or a timeout) has closed
+    /// each. What is still open after `timeout` seconds is reset
+    /// (`close_reason == "shutdown"`). Every connection is reported closed,
+    /// then `on_shutdown_success` runs and the run ends.
+    ///
+    /// The first call's timeout stands; a later call that closes the
+    /// connections turns a stop that keeps them into a drain, by the first
+    /// call's deadline or its own timeout, whichever comes first. Safe from
+    /// any thread and from signal handlers; before a run, it makes the
+    /// next one stop as soon as it has started (and return at once, with no
+    /// connection open).
     // The literal keeps the default visible to `inspect` (and stubtest); it is
     // DEFAULT_STOP_TIMEOUT, as a compile-time assertion at the top checks.
-    #[pyo3(signature = (timeout = 5.0))]
-    fn stop_server(&self, timeout: f64) -> PyResult<()> {
+    #[pyo3(signature = (timeout = 5.0, *, close_connections = true))]
+    fn stop_server(&self, timeout: f64, close_connections: bool) -> PyResult<()> {
         let timeout = Duration::try_from_secs_f64(timeout).map_err(|_| {
             PyValueError::new_err(format!(
                 "timeout must be a non-negative number of seconds, got {timeout}"
             ))
         })?;
-        self.run.request_stop(timeout);
+        self.run.request_stop(Some(timeout), close_connections);
         Ok(())
     }
 }

@@ -150,10 +150,17 @@ impl<S: Selector> Core<S> {
         }
     }
 
-    /// Closes the listeners: new connections are refused from here on.
+    /// Closes the listeners (and lets the reserve descriptor go): new
+    /// connections are refused from here on. The first engine, the one that
+    /// accepts, then tells the others that nothing more will be handed over.
     pub(super) fn close_listeners(&mut self) {
         for listener in self.acceptor.listeners.drain(..) {
             let _ = self.selector.deregister(&listener.socket);
+        }
+        self.acceptor.reserve = None;
+        if self.shared.engine == 0 {
+            // After the last hand-over, which this thread made.
+            self.shared.hub.end_accepting();
         }
     }
 
@@ -265,7 +272,9 @@ impl<S: Selector> Core<S> {
     }
 
     /// Opens the connections other engines handed to this one; while
-    /// stopping, closes them instead (the application never heard of them).
+    /// draining, closes them instead (the application never heard of them).
+    /// A stop that keeps the connections opens them: they were accepted
+    /// before it, as those the accepting engine opened itself.
     pub(super) fn open_arrivals(&mut self) {
         let mut arrivals = std::mem::take(&mut self.acceptor.arrivals);
         self.shared.take_arrivals(&mut arrivals);

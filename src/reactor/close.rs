@@ -40,17 +40,19 @@ impl<S: Selector> Core<S> {
         self.close_now(key, Some(reason));
     }
 
-    /// The queue is empty: send FIN and tell the application. While serving,
-    /// linger until the peer's EOF so that unread input cannot turn the close
-    /// into a reset; while stopping, close at once.
+    /// The queue is empty: send FIN and tell the application. While serving
+    /// (a stop that keeps the connections too), linger until the peer's EOF
+    /// so that unread input cannot turn the close into a reset; while
+    /// draining, close at once.
     pub(super) fn finish_close(&mut self, key: ConnKey) {
+        let draining = self.draining();
         let Some(conn) = self.table.get_mut(key) else {
             return;
         };
         if let Err(e) = conn.socket().shutdown(Shutdown::Write) {
             return self.close_now(key, Some(CloseReason::of_error(&e)));
         }
-        if self.stopping.is_some() {
+        if draining {
             let reason = conn.closing_reason();
             self.discard_input(key);
             return self.close_now(key, reason);
@@ -76,6 +78,9 @@ impl<S: Selector> Core<S> {
         let _ = self.selector.deregister(conn.socket());
         conn.clear_decoder(self.outbox.pool());
         let reported = conn.reported_closed();
+        if reported {
+            self.deadlines.stopped_lingering();
+        }
         drop(conn);
         if let (Some(reason), false) = (reason, reported) {
             self.emit(DeliveryKind::Closed(reason), key, None, None);

@@ -55,8 +55,12 @@ pub(super) struct Deadlines {
     idle_timeout: Option<Duration>,
     /// `None` in raw mode, where there are no messages.
     message_timeout: Option<Duration>,
-    /// Lingering connections in deadline order (the linger time is constant).
+    /// Lingering connections in deadline order (the linger time is constant);
+    /// entries of those that stopped lingering early stay until their
+    /// deadline ...
     lingering: VecDeque<(Instant, ConnKey)>,
+    /// ... so the connections lingering now are counted apart.
+    lingering_now: usize,
 }
 
 impl Deadlines {
@@ -70,6 +74,7 @@ impl Deadlines {
                 .message_timeout
                 .filter(|_| config.framing != Framing::Raw),
             lingering: VecDeque::with_capacity(64),
+            lingering_now: 0,
         }
     }
 
@@ -94,6 +99,19 @@ impl Deadlines {
     /// `key` lingers until `deadline`, later than any lingering before it.
     pub(super) fn linger(&mut self, key: ConnKey, deadline: Instant) {
         self.lingering.push_back((deadline, key));
+        self.lingering_now += 1;
+    }
+
+    /// A lingering connection has gone (its peer's EOF, its deadline, or a
+    /// stop let it go).
+    pub(super) fn stopped_lingering(&mut self) {
+        self.lingering_now -= 1;
+    }
+
+    /// How many connections linger now: closed as far as the application
+    /// knows, still in the table.
+    pub(super) fn lingering_now(&self) -> usize {
+        self.lingering_now
     }
 
     /// The next lingering connection whose deadline is not after `now`,
@@ -110,6 +128,7 @@ impl Deadlines {
     /// Forgets the lingering connections (the loop has ended).
     pub(super) fn clear_lingering(&mut self) {
         self.lingering.clear();
+        self.lingering_now = 0;
     }
 
     /// The earliest deadline, lingering or timer.
@@ -124,7 +143,7 @@ impl Deadlines {
     /// The connections of `table` whose idle or message deadline has passed
     /// at `now`, or whose close made no progress, with the reason each is
     /// closed for; entries whose deadline moved later are scheduled again.
-    /// `stopping`: a stop has begun (see
+    /// `stopping`: a stop drains the connections (see
     /// [`Connection::message_deadline`](crate::conn::Connection::message_deadline)).
     /// Hand the list back with [`Deadlines::recycle`].
     pub(super) fn expire(
@@ -218,8 +237,8 @@ impl<S: Selector> Core<S> {
     /// resets those whose close made no progress, and schedules again the
     /// entries whose deadline moved later.
     pub(super) fn expire_timers(&mut self) {
-        let stopping = self.stopping.is_some();
-        let mut expired = self.deadlines.expire(self.now, &mut self.table, stopping);
+        let draining = self.draining();
+        let mut expired = self.deadlines.expire(self.now, &mut self.table, draining);
         for (key, deadline, reason) in expired.drain(..) {
             let Some(conn) = self.table.get_mut(key) else {
                 continue;

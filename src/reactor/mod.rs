@@ -27,6 +27,18 @@
 //! holds messages is reset once they are in the ring (the deadline cuts
 //! output, never input already read).
 //!
+//! The hub says how far to stop ([`StopLevel`](crate::shared::StopLevel)).
+//! A drain whose consumer must first tell its application of the stop
+//! stops reading at once, but delivers `Draining` only once the hub asks
+//! for the drain itself. A stop may also keep the connections: the loop
+//! closes its listeners and goes on serving what is open, reading, writing
+//! and timing out as usual, until the application has closed every
+//! connection (and, on an engine that does not accept, until the accepting
+//! one has stopped dealing: what it dealt out is opened and served too).
+//! At the deadline it resets what is still open, as a drain's deadline
+//! does; a drain asked for meanwhile drains as above, by the earlier of the
+//! two deadlines.
+//!
 //! The loop's state is one struct, [`Core`], its fields grouped by owner
 //! (`Outbox`, `Acceptor`, `Deadlines`, `Settings`, `Gather`, the connection
 //! table); its methods live in child files by
@@ -34,9 +46,10 @@
 //! `worker/metrics.rs`): [`accept`] (listeners, limits, dealing connections
 //! out), [`read`] (raw input and the ready list), [`framed`] (decoders and
 //! the message clock), [`write`] (sends and flushing), [`close`] (every way a
-//! connection ends), [`stop`] (the drain), [`deadlines`] (timeouts) and
-//! [`outbox`] (the delivery ring's shares and backlog). This file keeps the
-//! turn itself: [`Reactor::run`], the wait, commands in, events out.
+//! connection ends), [`stop`] (the stop and its drain), [`deadlines`]
+//! (timeouts) and [`outbox`] (the delivery ring's shares and backlog). This
+//! file keeps the turn itself: [`Reactor::run`], the wait, commands in,
+//! events out.
 
 use std::collections::VecDeque;
 use std::io;
@@ -211,24 +224,14 @@ impl<S: Selector> Reactor<S> {
     /// connection is closed and reported, then `Stopped` is delivered.
     pub(crate) fn run(&mut self) -> io::Result<()> {
         loop {
-            if self.core.stopping.is_none() && self.core.shared.hub.stop.load(Acquire) {
-                let timeout = self.core.shared.hub.stop_timeout();
-                self.core.begin_stop(Instant::now() + timeout, true);
-            }
+            self.core.heed_stop();
+            // Read before the hand-overs are taken: see `stop_is_done`.
+            let dealing_over = self.core.shared.hub.accepting_ended.load(Acquire);
             self.apply_commands();
             self.core.open_arrivals();
-            if let Some(stopping) = &mut self.core.stopping {
-                let cut = self.core.shared.hub.cut.load(Acquire);
-                if Instant::now() >= stopping.deadline || cut {
-                    // Whatever has not finished by now (output, replies the
-                    // consumer has not made) is cut, and the peers can tell.
-                    stopping.closing_all = true;
-                    stopping.overdue = true;
-                    self.core.abort_all(cut);
-                }
-                if self.core.stopping.as_ref().is_some_and(|s| s.closing_all)
-                    && self.core.table.is_empty()
-                {
+            if self.core.stopping.is_some() {
+                self.core.enforce_stop_deadline();
+                if self.core.stop_is_done(dealing_over) {
                     break;
                 }
             }
@@ -280,7 +283,7 @@ impl<S: Selector> Reactor<S> {
             let may_sleep = core.shared.io_sleep.prepare(stalled, || {
                 !commands.is_empty()
                     || core.shared.arrivals.may_have_arrivals()
-                    || (core.stopping.is_none() && core.shared.hub.stop.load(Acquire))
+                    || stop::stop_news(&core.shared.hub, core.stopping.as_ref())
                     || (stalled && core.outbox.has_room())
             });
             if !may_sleep {
@@ -319,9 +322,15 @@ impl<S: Selector> Core<S> {
         }
     }
 
-    /// True unless a stop has begun: then no input is delivered any more.
+    /// True unless a stop drains the connections: then no input is
+    /// delivered any more.
     fn reading(&self) -> bool {
-        self.stopping.is_none()
+        !self.draining()
+    }
+
+    /// True once a stop drains the connections (see [`stop`]).
+    fn draining(&self) -> bool {
+        self.stopping.as_ref().is_some_and(|s| s.draining)
     }
 
     /// Tells the selector what the connection wants now (see

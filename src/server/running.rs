@@ -286,9 +286,17 @@ impl Running {
     }
 
     /// Asks the I/O threads to shut down, giving queued output up to
-    /// `timeout` to go out; deliveries continue until `Stopped`.
+    /// `timeout` to go out; deliveries continue until `Stopped`. See
+    /// [`Sender::stop`].
     pub fn stop(&self, timeout: Duration) {
         self.sender.stop(timeout);
+    }
+
+    /// Asks the I/O threads to stop accepting and serve the open
+    /// connections until each has closed, or `timeout`; deliveries continue
+    /// until `Stopped`. See [`Sender::stop_accepting`].
+    pub fn stop_accepting(&self, timeout: Duration) {
+        self.sender.stop_accepting(timeout);
     }
 
     /// Cuts the stop short (a second Ctrl-C): the I/O threads reset every

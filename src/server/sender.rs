@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::framing::Envelope;
 use crate::message::{CommandKind, Loan};
-use crate::shared::{Hub, SendError, Shared};
+use crate::shared::{Hub, SendError, Shared, StopLevel};
 use crate::stats::Snapshot;
 use crate::token::ConnKey;
 
@@ -150,11 +150,34 @@ impl Sender {
         self.request(conn, Request::Close, None, true)
     }
 
-    /// Asks the I/O thread to shut down, giving queued output up to `timeout`
-    /// to go out. Safe from any thread, any time; the first stop's timeout
-    /// stands.
+    /// Asks the I/O threads to shut down, draining the connections: they
+    /// stop accepting and reading, deliver what they had read, announce
+    /// `Draining`, and close each connection once the consumer has answered
+    /// it and the replies queued for it have gone out; what is still open
+    /// after `timeout` is reset. Safe from any thread, any time. The first
+    /// stop's timeout stands, but a stop that had not gone as far
+    /// ([`Sender::stop_accepting`], [`Sender::stop_reading`]) becomes this
+    /// drain by its own deadline or `timeout` from now, whichever comes
+    /// first.
     pub fn stop(&self, timeout: Duration) {
-        self.hub().stop(timeout);
+        self.hub().stop(timeout, StopLevel::Drain);
+    }
+
+    /// Asks the I/O threads to stop as [`Sender::stop`] does, but to hold
+    /// the connections open, once what they had read is delivered, until
+    /// [`Sender::stop`] follows (or `timeout` resets them): for a consumer
+    /// that has to hear of the stop before any connection closes for it.
+    pub fn stop_reading(&self, timeout: Duration) {
+        self.hub().stop(timeout, StopLevel::Reading);
+    }
+
+    /// Asks the I/O threads to stop accepting (the listeners close) and to
+    /// keep serving the open connections, reading, delivering and writing
+    /// as usual, until each has closed (whoever closed it); what is still
+    /// open after `timeout` is reset. They end once every connection has
+    /// closed. Safe from any thread, any time; after a stop it does nothing.
+    pub fn stop_accepting(&self, timeout: Duration) {
+        self.hub().stop(timeout, StopLevel::Accepting);
     }
 
     /// A handle that does not keep the server's rings alive.

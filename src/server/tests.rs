@@ -11,7 +11,7 @@ use crate::framing::Framing;
 use crate::message::{CommandKind, DeliveryKind};
 use crate::sys::Backend;
 use crate::token::ConnKey;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -326,5 +326,262 @@ fn lent_bytes_go_out_whole_with_their_envelope_and_come_back() {
             drain_to_stopped(&mut running);
             running.join();
         }
+    }
+}
+
+/// Takes deliveries until `Data` arrives, and answers it with `reply`;
+/// returns the key it came from. Fails after 10 s.
+fn answer(running: &mut Running, reply: &[u8]) -> ConnKey {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let key = loop {
+        assert!(Instant::now() < deadline, "no data");
+        match running.take_with(|d| (d.kind, d.conn)) {
+            Some((DeliveryKind::Data, from)) => break from,
+            Some(_) => {}
+            None => running.wait(Duration::from_millis(10)),
+        }
+        running.release();
+    };
+    running.release();
+    running.sender().send(key, reply).unwrap();
+    key
+}
+
+/// Waits until the accepting engine has closed its listeners.
+fn until_accepting_ended(sender: &Sender) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sender.hub().accepting_ended.load(Acquire) {
+        assert!(Instant::now() < deadline, "the listeners stayed open");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Issue 14, item 6: a stop that keeps the connections closes the
+/// listeners at once, serves the open connections as usual (input in,
+/// replies out) on every engine, and ends when the last one is closed, long
+/// before its deadline.
+#[test]
+fn a_stop_that_keeps_the_connections_serves_them_until_they_close() {
+    for (backend, io_threads) in [
+        (Backend::Portable, 1),
+        (Backend::platform_default(), 1),
+        (Backend::platform_default(), 2),
+    ] {
+        let config = Config {
+            backend,
+            io_threads,
+            ..Config::default()
+        };
+        let (socket, port) = listener();
+        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let sender = running.sender();
+        let mut clients: Vec<TcpStream> = (0..2 * io_threads)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        let keys = take_until(&mut running, clients.len(), 0);
+        let began = Instant::now();
+        running.stop_accepting(Duration::from_secs(60));
+        until_accepting_ended(&sender);
+        let refused = TcpStream::connect(("127.0.0.1", port));
+        assert!(refused.is_err(), "{backend:?}: a new client was accepted");
+        for client in &mut clients {
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            client.write_all(b"ping").unwrap();
+            answer(&mut running, b"pong");
+            let mut reply = [0; 4];
+            client.read_exact(&mut reply).unwrap();
+            assert_eq!(&reply, b"pong", "{backend:?}");
+        }
+        assert!(!running.has_stopped());
+        for &key in &keys {
+            sender.close(key).unwrap();
+        }
+        let kinds = drain_to_stopped(&mut running);
+        let closed = kinds
+            .iter()
+            .filter(|&&k| k == DeliveryKind::Closed(crate::close_reason::CloseReason::Local))
+            .count();
+        assert_eq!(closed, keys.len(), "{backend:?}: {kinds:?}");
+        assert!(!kinds.contains(&DeliveryKind::Draining), "{backend:?}");
+        assert!(began.elapsed() < Duration::from_secs(10), "{backend:?}");
+        for client in &mut clients {
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty(), "{backend:?}");
+        }
+        running.join();
+        assert_eq!(sender.hub().open.load(Relaxed), 0, "{backend:?}");
+    }
+}
+
+/// A drain asked for while a stop keeps the connections closes them as a
+/// drain does (`Draining`, then `Closed(Shutdown)` once their output is
+/// out), by the earlier deadline: here the drain's.
+#[test]
+fn a_drain_asked_for_during_a_kept_stop_closes_the_connections() {
+    for io_threads in [1, 2] {
+        let config = Config {
+            io_threads,
+            ..Config::default()
+        };
+        let (socket, port) = listener();
+        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let mut clients: Vec<TcpStream> = (0..2 * io_threads)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        let keys = take_until(&mut running, clients.len(), 0);
+        running.stop_accepting(Duration::from_secs(60));
+        until_accepting_ended(&running.sender());
+        running.stop(Duration::from_secs(30));
+        let began = Instant::now();
+        let kinds = drain_to_stopped(&mut running);
+        let draining = kinds
+            .iter()
+            .filter(|&&k| k == DeliveryKind::Draining)
+            .count();
+        let closed = kinds
+            .iter()
+            .filter(|&&k| k == DeliveryKind::Closed(crate::close_reason::CloseReason::Shutdown))
+            .count();
+        assert_eq!((draining, closed), (io_threads, keys.len()), "{kinds:?}");
+        assert!(began.elapsed() < Duration::from_secs(5));
+        for client in &mut clients {
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).unwrap();
+        }
+        running.join();
+    }
+}
+
+/// A stop that stops reading holds the connections open, announcing
+/// nothing, until the drain is asked for: what a consumer needs to tell its
+/// application of the stop before any connection closes for it.
+#[test]
+fn a_stop_that_stops_reading_waits_for_the_drain_to_close() {
+    for io_threads in [1, 2] {
+        let config = Config {
+            io_threads,
+            ..Config::default()
+        };
+        let (socket, port) = listener();
+        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let sender = running.sender();
+        let _clients: Vec<TcpStream> = (0..2 * io_threads)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        let keys = take_until(&mut running, 2 * io_threads, 0);
+        sender.stop_reading(Duration::from_secs(60));
+        until_accepting_ended(&sender);
+        let quiet_until = Instant::now() + Duration::from_millis(100);
+        while Instant::now() < quiet_until {
+            if let Some(kind) = running.take_with(|d| d.kind) {
+                panic!("{kind:?} before the drain was asked for");
+            }
+            running.wait(Duration::from_millis(10));
+        }
+        running.stop(Duration::from_secs(60));
+        let kinds = drain_to_stopped(&mut running);
+        let closed = kinds
+            .iter()
+            .filter(|&&k| k == DeliveryKind::Closed(crate::close_reason::CloseReason::Shutdown))
+            .count();
+        assert_eq!(closed, keys.len(), "{kinds:?}");
+        running.join();
+    }
+}
+
+/// Holds I/O thread `engine` inside a command until [`let_go`].
+fn hold(sender: &Sender, engine: usize) {
+    sender.inject(engine, CommandKind::Hold);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sender.engines[engine].test_hold.load(Acquire) != 1 {
+        assert!(Instant::now() < deadline, "engine {engine} did not hold");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn let_go(sender: &Sender, engine: usize) {
+    sender.engines[engine].test_hold.store(0, Release);
+}
+
+/// Lets every engine go when dropped: a test that fails while one is held
+/// then ends, instead of hanging in [`Running`]'s drop. Declare it after the
+/// `Running`, so that it is dropped first.
+struct LetGoOnDrop(Sender);
+
+impl Drop for LetGoOnDrop {
+    fn drop(&mut self) {
+        for engine in 0..self.0.engines.len() {
+            let_go(&self.0, engine);
+        }
+    }
+}
+
+/// A connection the accepting engine deals out after a stop that keeps the
+/// connections was asked for (it accepts until it sees the stop), and that
+/// reaches its engine after that one has begun the stop, is opened and
+/// served like the others: not closed unheard of, nor left parked. An
+/// engine with nothing open does not end its stop while the accepting one
+/// may still deal it connections.
+#[test]
+fn a_connection_handed_over_during_a_kept_stop_is_served() {
+    for backend in [Backend::Portable, Backend::platform_default()] {
+        let (socket, port) = listener();
+        let config = Config {
+            backend,
+            io_threads: 2,
+            ..Config::default()
+        };
+        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let sender = running.sender();
+        let _let_go = LetGoOnDrop(running.sender());
+        // The accepting engine is busy in a command: the clients wait in the
+        // kernel's queue.
+        hold(&sender, 0);
+        let _first = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut second = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        running.stop_accepting(Duration::from_secs(60));
+        // Time for engine 1, which has nothing open, to see the stop.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !sender.engines[1].finished.load(Acquire),
+            "{backend:?}: engine 1 ended while engine 0 could still deal to it"
+        );
+        // Engine 1 has begun the stop (the turn that applies this command
+        // began after the stop's wake-up), and is busy in turn.
+        hold(&sender, 1);
+        // Engine 0 accepts both in the turn it was held in, dealing the
+        // second to engine 1, then sees the stop.
+        let_go(&sender, 0);
+        until_accepting_ended(&sender);
+        assert!(
+            sender.engines[1].arrivals.may_have_arrivals(),
+            "{backend:?}: nothing handed to engine 1"
+        );
+        let_go(&sender, 1);
+        let keys = take_until(&mut running, 2, 0);
+        let key = *keys
+            .iter()
+            .find(|k| k.engine == 1)
+            .expect("opened on engine 1");
+        second
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        second.write_all(b"ping").unwrap();
+        assert_eq!(answer(&mut running, b"pong"), key, "{backend:?}");
+        let mut reply = [0; 4];
+        second.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"pong", "{backend:?}");
+        for key in keys {
+            sender.close(key).unwrap();
+        }
+        drain_to_stopped(&mut running);
+        running.join();
+        assert_eq!(sender.hub().open.load(Relaxed), 0, "{backend:?}");
     }
 }
