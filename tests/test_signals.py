@@ -170,6 +170,11 @@ SIGTERM_SCRIPT = textwrap.dedent(
     class S(rsepoll.Server):
         def on_listen_success(self):
             print("READY", flush=True)
+            if MODE.endswith("-signalled-at-start"):
+                # What a supervisor that waits for the ready line may do.
+                import os
+
+                os.kill(os.getpid(), signal.SIGTERM)
 
         def on_connection_closed(self, conn):
             print("CLOSED", conn.close_reason, flush=True)
@@ -183,11 +188,11 @@ SIGTERM_SCRIPT = textwrap.dedent(
     server.register_listener_socket(listener)
     print("PORT", listener.port, flush=True)
     signal.signal(signal.SIGTERM, previous)
-    if MODE == "listen":
+    if MODE in ("listen", "listen-signalled-at-start"):
         server.listen()
     elif MODE == "listen-unhandled":
         server.listen(handle_signals=False)
-    elif MODE == "serve":
+    elif MODE in ("serve", "serve-signalled-at-start"):
         asyncio.run(server.serve())
     elif MODE == "serve-unhandled":
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -265,3 +270,14 @@ def test_serve_leaves_a_loop_handler_of_the_application_in_place(tmp_path):
         assert recv_exactly(c, 6) == b"still\n"
         child.signal(signal.SIGINT)
         child.wait(10)
+
+
+@pytest.mark.parametrize("mode", ["listen", "serve"])
+def test_sigterm_at_the_ready_line_stops_gracefully(tmp_path, mode):
+    script = tmp_path / "sigterm_script.py"
+    script.write_text(SIGTERM_SCRIPT.format(mode=f"{mode}-signalled-at-start"))
+    child = ChildProcess([sys.executable, str(script)], cwd=str(tmp_path))
+    with child:
+        assert child.wait(10) == 0, child.stderr
+        lines = child.stdout.splitlines()
+        assert lines[-3:] == ["SHUTDOWN", "RETURNED", "RESTORED True"], child.stdout

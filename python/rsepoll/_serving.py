@@ -33,20 +33,30 @@ if TYPE_CHECKING:
 async def serve(server: Server, timeout: int, handle_signals: bool) -> None:
     """The body of :meth:`rsepoll.Server.serve`."""
     loop = asyncio.get_running_loop()
-    wake_r, wake_w = socket.socketpair()
-    try:
-        wake_w.setblocking(False)
-        # Held by the driver alone, which lets it go on the loop's thread
-        # once finished: the session is unsendable, and this frame may end
-        # up in a cycle (an exception raised from here) that the collector
-        # breaks on any thread.
-        driver = _Driver(loop, server._serve_session(wake_w.fileno(), timeout), wake_r, wake_w)
-    except BaseException:
-        wake_r.close()
-        wake_w.close()
-        raise
-    try:
-        with _stop_on_sigterm(loop, lambda: driver.stop(server), handle_signals):
+    driver: _Driver | None = None
+
+    def stop() -> None:
+        if driver is None:
+            server.stop_server()  # the run is starting: it stops at once
+        else:
+            driver.stop(server)
+
+    # SIGTERM is handled from before the run starts: on_listen_success is
+    # the signal a supervisor may act on.
+    with _stop_on_sigterm(loop, stop, handle_signals):
+        wake_r, wake_w = socket.socketpair()
+        try:
+            wake_w.setblocking(False)
+            # Held by the driver alone, which lets it go on the loop's
+            # thread once finished: the session is unsendable, and this
+            # frame may end up in a cycle (an exception raised from here)
+            # that the collector breaks on any thread.
+            driver = _Driver(loop, server._serve_session(wake_w.fileno(), timeout), wake_r, wake_w)
+        except BaseException:
+            wake_r.close()
+            wake_w.close()
+            raise
+        try:
             driver.start()
             try:
                 await asyncio.shield(driver.finished)
@@ -64,10 +74,10 @@ async def serve(server: Server, timeout: int, handle_signals: bool) -> None:
                 driver.finished.result()
                 raise
             driver.finished.result()
-    finally:
-        # Only if something above failed before the run ended: abandon it
-        # rather than leave its I/O threads running.
-        driver.abandon()
+        finally:
+            # Only if something above failed before the run ended: abandon
+            # it rather than leave its I/O threads running.
+            driver.abandon()
 
 
 class _Driver:
