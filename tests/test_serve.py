@@ -253,3 +253,27 @@ def test_serve_while_running_is_refused(run):
 
     run(main())
     listener.close()
+
+
+def test_stop_server_under_serve_stops_at_once_whatever_the_pace(run):
+    server = LoopServer()
+    listener = listening(server)
+
+    async def main():
+        # A 60 s pace: only the stop request itself can wake the sleeping
+        # session to begin the stop.
+        task = asyncio.ensure_future(server.serve(timeout=60_000, handle_signals=False))
+        reader, writer, replies = await exchange(listener.port, [b"abc"])
+        assert replies == [b"cba\n"]
+        await asyncio.sleep(0.1)
+        start = time.monotonic()
+        server.stop_server()
+        await asyncio.wait_for(task, 10)
+        took = time.monotonic() - start
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        return took
+
+    took = run(main())
+    listener.close()
+    assert took < 1.0, f"serve() took {took:.2f} s to stop"

@@ -261,3 +261,18 @@ def test_a_server_left_with_pending_timers_and_calls_is_collected():
     del server
     gc.collect()
     assert gone() is None
+
+
+@pytest.mark.parametrize("close_connections", [True, False])
+def test_on_stopping_runs_once_even_with_no_connection_open(close_connections):
+    class Stopping(Recorder):
+        def on_stopping(self):
+            self.note("stopping")
+
+    server = Stopping()
+    listener = rsepoll.make_listener_socket(0, "127.0.0.1")
+    server.register_listener_socket(listener)
+    server.call_later(0.05, lambda: server.stop_server(close_connections=close_connections))
+    server.listen(handle_signals=False)
+    listener.close()
+    assert server.log == ["stopping"]

@@ -151,11 +151,16 @@ impl Dispatcher {
                 Next::Done => break,
                 Next::Again => {}
                 Next::Sleep(wait) => {
-                    let Dispatcher {
-                        running, agenda, ..
-                    } = &mut self;
                     let wait = wait.min(SIGNAL_SLICE);
-                    py.detach(|| running.wait_unless(wait, || agenda.calls.is_pending()));
+                    let Dispatcher {
+                        running,
+                        agenda,
+                        run,
+                        stopping,
+                        ..
+                    } = &mut self;
+                    let other_work = || has_other_work(agenda, run, *stopping);
+                    py.detach(|| running.wait_unless(wait, other_work));
                 }
             }
             if let Err(interrupt) = py.check_signals() {
@@ -179,15 +184,17 @@ impl Dispatcher {
     /// and says what is next.
     pub(super) fn turn(&mut self, py: Python<'_>) -> Next {
         let dispatched = self.dispatch_batch(py);
+        // Before the end is noticed: engines with nothing open may have
+        // stopped at the request already, and `on_stopping` is still owed.
+        if self.run.stop_requested() {
+            self.begin_stop(py);
+        }
         if self.running.has_stopped() {
             return Next::Done;
         }
         if self.running.io_thread_vanished() {
             self.vanished = true;
             return Next::Done;
-        }
-        if self.run.stop_requested() {
-            self.begin_stop(py);
         }
         let ran = self.run_calls(py) + self.run_timers(py);
         if dispatched > 0 {
@@ -247,9 +254,13 @@ impl Dispatcher {
     /// the next turn must begin with [`Dispatcher::end_sleep`].
     pub(super) fn begin_sleep(&mut self) -> bool {
         let Dispatcher {
-            running, agenda, ..
+            running,
+            agenda,
+            run,
+            stopping,
+            ..
         } = self;
-        running.begin_sleep(|| agenda.calls.is_pending())
+        running.begin_sleep(|| has_other_work(agenda, run, *stopping))
     }
 
     /// Ends a sleep that [`Dispatcher::begin_sleep`] began.
@@ -458,4 +469,11 @@ impl Dispatcher {
             self.run.cue();
         }
     }
+}
+
+/// Work for the dispatcher that is not a delivery: a call from another
+/// thread, or a stop request it has not begun. Whoever makes either true
+/// wakes it ([`RunState::wake_dispatcher`]).
+fn has_other_work(agenda: &Agenda, run: &RunState, stopping: bool) -> bool {
+    agenda.calls.is_pending() || (!stopping && run.stop_requested())
 }

@@ -100,6 +100,9 @@ impl RunState {
         }
         if let Some(sender) = self.current.lock().as_ref() {
             stop.apply(sender);
+            // The dispatcher begins the stop (`on_stopping`, the cue) at
+            // once, even asleep in an event loop.
+            sender.ring_consumer();
         }
     }
 
