@@ -8,7 +8,7 @@ Single-purpose tests each check one promise in one situation. The stop and
 pause defects found in review (issue 13) each needed a mix: framing, a busy
 client and a stop; a pause and a stop; a pause and a reset. This harness
 mixes all of those events at once, at random, and then checks a ledger of
-every byte and every ending against what the README promises.
+every byte and every ending against what docs/api.md promises.
 
 **The run.** Hundreds of client connections are opened over the first half
 of the run from a few client threads, each driving its share with its own
@@ -52,7 +52,7 @@ got in order, the bytes the server's counters say it read (``stats()``,
 summed over connections: the counters are per server), the replies the
 application queued (``send_message`` returned True) in the order it queued
 them, the replies the client received, and how each side saw the end (EOF,
-reset, ``close_reason``). The checks below name the README sentence each
+reset, ``close_reason``). The checks below name the docs/api.md sentence each
 one rests on; a check applies only where that sentence makes a promise.
 
 Three checks are about liveness, and carry a stated margin rather than an
@@ -334,7 +334,7 @@ def guarded(callback: Any) -> Any:
     wrote down. In the signal variant the SIGINT handler (``CtrlC``) defers
     the interrupt while a callback runs; the callback raises it as it
     returns, and rsepoll treats a KeyboardInterrupt from a callback as
-    Ctrl-C (README, listen). Outside callbacks it is raised at once.
+    Ctrl-C (docs/api.md, listen). Outside callbacks it is raised at once.
     """
 
     def wrapper(self: ChaosServer, *args: Any) -> None:
@@ -432,7 +432,7 @@ class ChaosServer(rsepoll.Server):
             self.v.add("other", f"{what} for a connection never opened (id {conn.id})")
             return None
         if rec.closed_at is not None:
-            # README, Callbacks: on_connection_closed runs exactly once per
+            # docs/api.md, Callbacks: on_connection_closed runs exactly once per
             # opened connection, and it is the connection's last callback.
             self.v.add("other", f"{what} after on_connection_closed on connection {rec.id}")
         return rec
@@ -447,7 +447,7 @@ class ChaosServer(rsepoll.Server):
         conn.chaos = rec
         self.records.append(rec)
         if conn.id in self.by_id:
-            # README, Connections: id is unique for the server's life.
+            # docs/api.md, Connection: id is unique for the server's life.
             self.v.add("other", f"connection id {conn.id} given twice")
         self.by_id[conn.id] = rec
 
@@ -486,14 +486,14 @@ class ChaosServer(rsepoll.Server):
         self.v.add(kind, f"connection {rec.id} (client {rec.client}): {detail}")
 
     def _record(self, conn: rsepoll.Connection, rec: ConnRecord, record: bytes) -> None:
-        # README, Messages: each on_message_received gets exactly one whole
+        # docs/api.md, Messages: each on_message_received gets exactly one whole
         # message, once, in order (framed); bytes always arrive in order (raw).
         parsed = parse_record(record)
         if isinstance(parsed, str):
             return self._bad(rec, "corrupted", parsed)
         kind, client, seq, body = parsed
         if kind == b"X":
-            # README, Messages: a client that sends a message larger than
+            # docs/api.md, Messages: a client that sends a message larger than
             # max_message_size is disconnected; the message is not delivered.
             return self._bad(rec, "other", f"oversized record {seq} was delivered")
         if kind != b"M":
@@ -548,7 +548,7 @@ class ChaosServer(rsepoll.Server):
             if ok:
                 rec.replies.append((seq, len(reply) - HEADER, worker, now()))
                 if rec.app_close is not None or rec.app_abort is not None:
-                    # README, send_message: returns False, sending nothing,
+                    # docs/api.md, send_message: returns False, sending nothing,
                     # once close_connection(conn) has been called.
                     self._bad(rec, "other", "send_message returned True after close_connection")
         return ok
@@ -588,7 +588,7 @@ class ChaosServer(rsepoll.Server):
         rec.eof_at = now()
         rec.msgs_at_eof = rec.msgs
         rec.wire_at_eof = rec.wire
-        # README, Messages: with replies from worker threads, override it and
+        # docs/api.md, Messages: with replies from worker threads, override it and
         # close the connection when the last reply is sent.
         with rec.lock:
             if rec.workers_pending:
@@ -611,7 +611,7 @@ class ChaosServer(rsepoll.Server):
         if conn.is_open:
             self._bad(rec, "other", "is_open is True in on_connection_closed")
         if rec.rng is not None and rec.rng.random() < 0.2:
-            # README, send_message: False once conn has closed.
+            # docs/api.md, send_message: False once conn has closed.
             def late() -> None:
                 if self.send_message(conn, b"after closed"):
                     self._bad(rec, "other", "send_message returned True after on_connection_closed")
@@ -677,7 +677,7 @@ def resources() -> tuple[set[str], int]:
 def check_server_end(server: ChaosServer, v: Violations) -> None:
     """What must hold the moment listen() has returned."""
     stats = server.stats()
-    # README, stop_server: every connection gets on_connection_closed.
+    # docs/api.md, stop_server: every connection gets on_connection_closed.
     for rec in server.records:
         if rec.closed_at is None:
             v.add("other", f"connection {rec.id} never got on_connection_closed")
@@ -1172,7 +1172,7 @@ class Shared:
 
 class Probe:
     """After the stop, connects until the listener refuses: from that moment
-    the accepting I/O thread has begun to stop (README, stop_server: the
+    the accepting I/O thread has begun to stop (docs/api.md, stop_server: the
     server stops accepting, new connections are refused, and reading)."""
 
     def __init__(self, port: int, clients: list[Client], plan: RunPlan) -> None:
@@ -1345,18 +1345,18 @@ def check(
             next_wire = 1
         unsent = max(0, c.sent - wire)
         if app_closed or s["too_large_at"] is not None or framing == "raw":
-            # README gives no promise about input after the application's own
+            # docs/api.md gives no promise about input after the application's own
             # close; an oversized message is never delivered. (Raw mode is
             # held to the exact counters below instead.)
             expected_read += unsent
         else:
-            # README: input already read is still delivered (pause_reading;
+            # docs/api.md: input already read is still delivered (pause_reading;
             # stop_server: "input it has already read still reaches the
             # callbacks"): at most the start of one message may be read and
             # not delivered.
             expected_read += min(unsent, next_wire - 1)
 
-        # README, Messages: on_eof_received runs after the callbacks for
+        # docs/api.md, Messages: on_eof_received runs after the callbacks for
         # everything the client sent before it shut down its side.
         if s["eof_at"] is not None and c.fin_at is not None:
             if framing == "raw":
@@ -1369,7 +1369,7 @@ def check(
                     len(c.records) - s["msgs_at_eof"],
                 )
 
-        # README, Messages: a message larger than max_message_size: the
+        # docs/api.md, Messages: a message larger than max_message_size: the
         # messages before it are still delivered, then MessageTooLarge, and
         # the connection closes with close_reason "too_large".
         if s["too_large_at"] is not None:
@@ -1384,7 +1384,7 @@ def check(
         if s["reason"] == "too_large" and s["too_large_at"] is None:
             v.add("other", f"{who}: closed 'too_large' without MessageTooLarge")
 
-        # README, send_message: queued data is written whole and in order:
+        # docs/api.md, send_message: queued data is written whole and in order:
         # what the client got is a prefix of what the application queued.
         queued = s["replies"]
         for i, (seq, blen, ok, _) in enumerate(c.replies):
@@ -1407,11 +1407,11 @@ def check(
         if closed_at is None:
             continue  # reported already: never got on_connection_closed
         server_own = reason not in ("peer", "local")
-        # README, send_message: data queued is written before the connection's
+        # docs/api.md, send_message: data queued is written before the connection's
         # FIN, unless the peer goes away first; when the server closes on its
         # own, sends made before on_connection_closed may be dropped (those
         # are the worker threads' replies here: the callbacks' replies to
-        # input already read must go out, README stop_server).
+        # input already read must go out, docs/api.md, stop_server).
         if c.end == "eof" and not self_ended:
             missing = [r for r in queued[len(c.replies) :] if not (server_own and r[2])]
             if missing:
@@ -1422,7 +1422,7 @@ def check(
                     len(missing),
                 )
 
-        # README, Connections, close_reason table: each reason says who ended it.
+        # docs/api.md, Connection, close_reason table: each reason says who ended it.
         client_fin = [t for t in (c.fin_at, c.closed_at) if t is not None]
         if reason == "peer" and (not client_fin or min(client_fin) > closed_at or not app_closed):
             # "peer": the client shut down its side and the connection was
@@ -1442,7 +1442,7 @@ def check(
         if reason == "message_timeout" and closed_at - s["t_open"] < 30.0:
             v.add("other", f"{who}: 'message_timeout' within the 30 s message_timeout")
 
-        # README, stop_server: input already read still reaches the callbacks,
+        # docs/api.md, stop_server: input already read still reaches the callbacks,
         # and their replies are sent; each connection closes with FIN as soon
         # as its queued output has gone out; resets are for connections not
         # closed by the deadline. A connection that was settled when the stop
@@ -1473,7 +1473,7 @@ def check(
                 f"and the callbacks had handled the input sent before it "
                 f"{max(0.0, work_done - t_stop):.2f} s after it",
             )
-        # README, close_connection: a graceful close sends what is queued,
+        # docs/api.md, close_connection: a graceful close sends what is queued,
         # then FIN (and reads the peer's input until its EOF, for 5 s).
         if (
             reason in ("local", "peer")
@@ -1486,7 +1486,7 @@ def check(
         ):
             v.add("other", f"{who}: graceful close seen as a reset by the client")
 
-        # README, Known limitations: data that arrives after stop_server() is
+        # docs/limitations.md: data that arrives after stop_server() is
         # not delivered; stop_server: the server stops accepting and reading.
         # A refused probe proves the accepting I/O thread began the stop; with
         # one I/O thread that is the thread reading every connection.
@@ -1503,7 +1503,7 @@ def check(
                     "(listener refused) was delivered",
                 )
 
-        # README, close_reason "reset": noticed even on an idle half-closed
+        # docs/api.md, close_reason "reset": noticed even on an idle half-closed
         # connection. A client's reset must be reported; we allow RESET_NOTICE
         # seconds before a stop for that.
         if (
@@ -1520,7 +1520,7 @@ def check(
                 f"was not reported until the stop (paused at close: {s['paused_at_close']})",
             )
 
-    # README, pause_reading and stop_server: input already read is still
+    # docs/api.md, pause_reading and stop_server: input already read is still
     # delivered. The I/O thread's counters (stats(), exact once listen() has
     # returned) count what it read and what it handed over.
     calls = sum(s["calls"] for s in conns)
@@ -1686,7 +1686,7 @@ def run_in_thread(plan: RunPlan, report: dict[str, Any], v: Violations) -> dict[
 def leak_check(
     fds_before: set[str], tasks_before: int, pythreads_before: set[int | None], v: Violations
 ) -> None:
-    # README, register_listener_socket: the server closes its duplicate when
+    # docs/api.md, register_listener_socket: the server closes its duplicate when
     # listen() returns; stop_server: every connection is closed; and the I/O
     # threads end with the server. Nothing of it may outlive listen().
     fds_after, tasks_after = resources()
@@ -1785,7 +1785,7 @@ def run_in_child(plan: RunPlan, report: dict[str, Any], v: Violations, argv: lis
         if len(v.first) < 10:
             v.first.append(f"(server) {text}")
     if plan.signal == "SIGINT" and not ledger["ki"]:
-        # README, listen: Ctrl-C raises KeyboardInterrupt once the server has shut down.
+        # docs/api.md, listen: Ctrl-C raises KeyboardInterrupt once the server has shut down.
         v.add("other", "SIGINT did not raise KeyboardInterrupt out of listen()")
     summary = check(plan, clients, ledger, t_stop, probe.t_refused, v)
     report.update(summary)

@@ -2,7 +2,7 @@
 
 The chaos run drives hundreds of randomized clients against a recording
 server, stops it at a random moment, and checks a ledger of every byte and
-every ending against the README (its module docstring explains how). Each
+every ending against docs/api.md (its module docstring explains how). Each
 seed here runs it once, in a subprocess, for a few seconds, and the test
 fails with the run's first violations when any count is not zero.
 

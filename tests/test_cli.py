@@ -265,7 +265,7 @@ def test_exit_ends_only_that_connection():
 
 @pytest.mark.parametrize("framing", ["line", "length", "raw"])
 def test_only_the_exact_line_exit_ends_a_connection(framing):
-    """As the README says: the line ``exit`` (ended by ``\\n`` or ``\\r\\n``), not
+    """As docs/cli.md says: the line ``exit`` (ended by ``\\n`` or ``\\r\\n``), not
     one with spaces around the word or in capitals."""
     from rsepoll.__main__ import ReverseServer
 

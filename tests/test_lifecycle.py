@@ -522,7 +522,7 @@ def test_connection_ids_unique_over_server_life():
 
 
 def test_connection_ids_unique_across_listen_runs():
-    # The README: `id` is unique for the server's life, which spans every
+    # docs/api.md: `id` is unique for the server's life, which spans every
     # listen() run of the same Server object.
     server = make_server(Recorder)
     for run in range(2):

@@ -1,6 +1,6 @@
 """What stopping and pausing promise, under the load that used to break it.
 
-Each test here reproduces a way a stop or a pause once broke its README
+Each test here reproduces a way a stop or a pause once broke its documented
 promise: a busy framed client that kept the stop reading (and so reset every
 other client), messages a paused connection had read that a stop dropped,
 Ctrl-C dropping input already read, and a paused connection whose reset went
@@ -319,7 +319,7 @@ def test_a_second_ctrl_c_cuts_the_stop_short(tmp_path) -> None:
 @needs_visible_resets
 @pytest.mark.skipif(sys.platform != "darwin", reason="the macOS behaviour (kqueue)")
 def test_a_paused_connection_on_macos_reports_a_reset_on_resume() -> None:
-    """What the README says of macOS: a paused connection's reset is noticed
+    """What docs/api.md says of macOS: a paused connection's reset is noticed
     once reading resumes, after the input sent before it."""
     with running(Pausing) as (server, port):
         reset_a_paused_connection(port, server)

@@ -100,7 +100,7 @@ class Server(ServerCore):
             I/O thread stops reading, and TCP slows the clients, while the
             Python thread is behind. (Large ``bytes`` sends are lent rather
             than copied; raw-mode reads that fill a slot travel in pooled
-            buffers, within the same bound; see the README's *Memory*.)
+            buffers, within the same bound; see *Memory* in docs/api.md.)
         slot_size: bytes per slot. In raw mode a read that fills a slot goes
             on into a pooled 256 KiB buffer, so one ``on_message_received``
             gets up to 256 KiB (or ``slot_size``, if larger).
