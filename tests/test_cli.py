@@ -15,6 +15,7 @@ import pytest
 import rsepoll
 from conftest import (
     CTRL_C_ON_WINDOWS,
+    UNDER_WINE,
     ChildProcess,
     assert_eof,
     connect,
@@ -357,7 +358,11 @@ def test_port_in_use():
         pattern = rf"rsepoll: error: \[Errno (\d+)\] cannot listen on 127\.0\.0\.1:{port}: (.+)"
         m = re.fullmatch(pattern, lines[0])
         assert m, lines[0]
-        assert m.group(1) not in m.group(2) and "os error" not in m.group(2), lines[0]
+        assert "os error" not in m.group(2), lines[0]
+        # Wine has no system message table: FormatMessageW fails, and the
+        # only text Windows' error then has is its number.
+        if not UNDER_WINE:
+            assert m.group(1) not in m.group(2), lines[0]
     finally:
         blocker.close()
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import rsepoll
 from conftest import (
+    UNDER_WINE,
     Workers,
     connect,
     needs_visible_resets,
@@ -164,7 +165,9 @@ def test_a_connection_that_ends_while_paused_gets_no_resume(how: str) -> None:
         else:
             assert server.close_connection(conn, abort=True) is True
         assert wait_until(lambda: "closed" in server.events)
-        if how == "server_abort":
+        # Under Wine a Windows program reads a reset as EOF (see
+        # conftest.needs_visible_resets): the client cannot tell there.
+        if how == "server_abort" and not UNDER_WINE:
             with pytest.raises(ConnectionResetError):
                 while client.recv(1 << 20):
                     pass
