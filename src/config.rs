@@ -36,7 +36,8 @@ pub struct Config {
     pub write_buffer_high: usize,
     /// ... and resumes once at most this many do.
     pub write_buffer_low: usize,
-    /// I/O threads, each with its own poller and rings.
+    /// I/O threads, each with its own poller and rings; 0 runs the one
+    /// engine inline, on the thread that consumes its deliveries.
     pub io_threads: usize,
     /// Called first thing on each I/O thread (instrumentation, tests).
     pub on_io_thread_start: Option<fn()>,
@@ -69,7 +70,7 @@ impl Config {
     /// Smallest and largest accepted `ring_slots`.
     pub const RING_SLOTS_RANGE: (usize, usize) = (2, 1 << 16);
     /// Smallest and largest accepted `io_threads`.
-    pub const IO_THREADS_RANGE: (usize, usize) = (1, 256);
+    pub const IO_THREADS_RANGE: (usize, usize) = (0, 256);
     /// The longest accepted `idle_timeout` and `message_timeout`, a billion
     /// seconds (about 31 years): longer than any use, and far from where a
     /// deadline (the clock plus the timeout) would overflow.

@@ -151,6 +151,13 @@ impl<T> Producer<T> {
         self.head_seen
     }
 
+    /// True if the consumer has released every slot staged so far,
+    /// reloading its position: nothing waits for it.
+    pub fn is_drained(&mut self) -> bool {
+        self.head_seen = self.ring.head.load(Acquire);
+        self.head_seen == self.next
+    }
+
     /// A handle that follows the consumer's progress without the producer:
     /// for whoever must know when a slot it filled has been consumed.
     pub fn release_watch(&self) -> ReleaseWatch<T> {

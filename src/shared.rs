@@ -4,8 +4,9 @@
 //! the consumer waits on, connection ids and the open count, every engine's
 //! counters and poller waker. [`Shared`] is one engine's: the producer side
 //! of its command ring (behind a mutex, so that any thread can send; see
-//! [`Shared::push`]), its sleep handshake, and the list of connections
-//! another engine accepted for it.
+//! [`Shared::push`]), its sleep handshake, the list of connections
+//! another engine accepted for it, and, for an engine run inline by its
+//! consumer's thread ([`InlineLoop`]), the loop itself.
 //!
 //! Both are built once, before any I/O thread starts, and live in `Arc`s
 //! that the reactor, the consumer ([`crate::server::Running`]) and every
@@ -197,6 +198,22 @@ impl Hub {
 /// `Instant`: as good as never.
 const A_YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// An engine's loop run by its consumer's thread instead of a thread of
+/// its own, one turn at a time (`io_threads=0`). The engine's [`Shared`]
+/// keeps it, so that a sender that finds the command ring full can apply
+/// the commands itself rather than wait for a thread that may be its own.
+pub(crate) trait InlineLoop: Send {
+    /// One turn of the loop, waiting at most `limit` (`None`: as its own
+    /// deadlines allow), and not at all while `consumer_busy()` holds or
+    /// deliveries wait for the consumer. Never panics: a failure is
+    /// reported as a delivery and ends the loop.
+    fn turn(&mut self, limit: Option<Duration>, consumer_busy: &dyn Fn() -> bool);
+
+    /// True once the loop has ended and handed over every delivery it
+    /// will make: nothing more will come from it.
+    fn is_over(&self) -> bool;
+}
+
 /// State shared by one engine's I/O thread and every thread that sends to it.
 pub(crate) struct Shared {
     /// What all the engines share.
@@ -218,6 +235,9 @@ pub(crate) struct Shared {
     /// engine's loop has ended (or failed): nothing is handed over then.
     pub(crate) arrivals: Arrivals<Socket>,
     waker: Arc<dyn Wake>,
+    /// The engine's loop, when its consumer's thread runs it (an inline
+    /// engine, `io_threads=0`); held for one turn at a time.
+    inline: Mutex<Option<Box<dyn InlineLoop>>>,
     /// Entries in the I/O thread's timer heap, as of its last expiry (tests
     /// of the heap's bound).
     #[cfg(test)]
@@ -249,6 +269,7 @@ impl Shared {
             finished: AtomicBool::new(false),
             arrivals: Arrivals::new(),
             waker,
+            inline: Mutex::new(None),
             #[cfg(test)]
             timer_entries: AtomicUsize::new(0),
             #[cfg(test)]
@@ -280,6 +301,48 @@ impl Shared {
         if self.io_sleep.wake_for_commands() {
             let _ = self.waker.wake();
         }
+    }
+
+    /// Makes `inline` this engine's loop, run by whoever calls
+    /// [`Shared::turn_inline`]; `None` ends that (and drops the loop, which
+    /// holds this `Shared` in turn).
+    pub(crate) fn set_inline(&self, inline: Option<Box<dyn InlineLoop>>) {
+        *self.inline.lock() = inline;
+    }
+
+    /// Runs one turn of this engine's loop on this thread, if it is run
+    /// inline; see [`InlineLoop::turn`]. False if it is not (or if another
+    /// thread is running a turn and `wait` is false).
+    pub(crate) fn turn_inline(
+        &self,
+        limit: Option<Duration>,
+        consumer_busy: &dyn Fn() -> bool,
+        wait: bool,
+    ) -> bool {
+        let slot = if wait {
+            Some(self.inline.lock())
+        } else {
+            self.inline.try_lock()
+        };
+        match slot {
+            Some(mut slot) => match slot.as_mut() {
+                Some(inline) => {
+                    inline.turn(limit, consumer_busy);
+                    true
+                }
+                None => false,
+            },
+            None => false,
+        }
+    }
+
+    /// True if this engine is run inline and its loop is over (see
+    /// [`InlineLoop::is_over`]); waits for a turn under way to end.
+    pub(crate) fn inline_is_over(&self) -> bool {
+        self.inline
+            .lock()
+            .as_ref()
+            .is_some_and(|inline| inline.is_over())
     }
 
     /// Waits until the test that sent `Hold` lets this I/O thread go.
@@ -384,9 +447,19 @@ impl Shared {
                 }
                 // Full: let the I/O thread work on what is staged, and wait.
                 producer.publish();
-                shared.wake_io();
+                // Run inline, the loop is idle unless another thread is
+                // turning it (then that turn frees slots): apply the
+                // commands here, since the thread that would otherwise
+                // run it may be this one, inside a callback.
+                let turned = shared.turn_inline(Some(Duration::ZERO), &|| true, false);
+                if !turned {
+                    shared.wake_io();
+                }
                 if shared.finished.load(Acquire) {
                     return Err(SendError::Stopped);
+                }
+                if turned {
+                    continue;
                 }
                 shared.command_space.wait_while(
                     || producer.free() == 0 && !shared.finished.load(Acquire),

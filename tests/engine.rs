@@ -91,7 +91,11 @@ fn run_echo(running: &mut Running, mut on_idle: impl FnMut(), done: impl Fn() ->
 
 #[test]
 fn echo_is_byte_exact_for_many_clients_on_every_backend() {
-    for (backend, io_threads) in backends().into_iter().flat_map(|b| [(b, 1), (b, 3)]) {
+    // 0: the inline engine, turned by this thread in `running.wait`.
+    for (backend, io_threads) in backends()
+        .into_iter()
+        .flat_map(|b| [(b, 1), (b, 3), (b, 0)])
+    {
         let config = Config {
             backend,
             io_threads,
@@ -134,7 +138,7 @@ fn echo_is_byte_exact_for_many_clients_on_every_backend() {
         assert_eq!(tally.closed, 16, "{backend:?}");
         assert_eq!(tally.bytes, 16 * 300_000, "{backend:?}");
         // Dealt in turn: every I/O thread got some; ids unique across them.
-        assert_eq!(tally.engines.len(), io_threads, "{backend:?}");
+        assert_eq!(tally.engines.len(), io_threads.max(1), "{backend:?}");
         assert_eq!(tally.ids.len(), 16, "{backend:?}");
         let stats = running.sender().stats();
         assert_eq!(stats.counters.connections_accepted, 16, "{backend:?}");
@@ -144,12 +148,15 @@ fn echo_is_byte_exact_for_many_clients_on_every_backend() {
 
 #[test]
 fn a_full_delivery_ring_stalls_reading_without_losing_bytes() {
-    for backend in backends() {
-        // Two slots of 256 bytes: the I/O thread stalls on nearly every read.
+    for (backend, io_threads) in backends().into_iter().flat_map(|b| [(b, 1), (b, 0)]) {
+        // Two slots of 256 bytes: the I/O thread stalls on nearly every read
+        // (inline, the loop hands over to the consumer just as often), and
+        // the echo fills the command ring as often.
         let config = Config {
             backend,
             ring_slots: 2,
             slot_size: 256,
+            io_threads,
             ..Config::default()
         };
         let (mut running, port) = start(&config);
@@ -182,7 +189,10 @@ fn a_full_delivery_ring_stalls_reading_without_losing_bytes() {
         );
         client.join().unwrap();
         running.join();
-        assert_eq!(tally.bytes, 1_000_000, "{backend:?}");
+        assert_eq!(
+            tally.bytes, 1_000_000,
+            "{backend:?}, io_threads={io_threads}"
+        );
     }
 }
 
@@ -334,48 +344,72 @@ fn allocations_in_steady_state(config: &Config, size: usize) {
 
 #[test]
 fn sends_from_many_threads_keep_each_message_whole_and_in_order() {
-    let (mut running, port) = start(&Config::default());
-    let mut client = connect(port);
-    let (kind, conn) = next_delivery(&mut running);
-    assert_eq!(kind, DeliveryKind::Opened);
-    // Each thread sends numbered messages larger than a slot, so each spans
-    // several ring slots.
-    const THREADS: u8 = 4;
-    const MESSAGES: u32 = 50;
-    const SIZE: usize = 40_000;
-    let senders: Vec<_> = (0..THREADS)
-        .map(|thread_id| {
-            let sender = running.sender();
-            thread::spawn(move || {
-                for seq in 0..MESSAGES {
-                    let mut message = vec![thread_id; SIZE];
-                    message[1..5].copy_from_slice(&seq.to_be_bytes());
-                    sender.send(conn, &message).unwrap();
-                }
+    // Inline (0), this thread turns the loop while another reads: sends
+    // from the other threads wake it, or, finding the ring full, apply
+    // the commands themselves.
+    for io_threads in [1, 0] {
+        let config = Config {
+            io_threads,
+            ..Config::default()
+        };
+        let (mut running, port) = start(&config);
+        let client = connect(port);
+        let (kind, conn) = next_delivery(&mut running);
+        assert_eq!(kind, DeliveryKind::Opened);
+        // Each thread sends numbered messages larger than a slot, so each
+        // spans several ring slots.
+        const THREADS: u8 = 4;
+        const MESSAGES: u32 = 50;
+        const SIZE: usize = 40_000;
+        let senders: Vec<_> = (0..THREADS)
+            .map(|thread_id| {
+                let sender = running.sender();
+                thread::spawn(move || {
+                    for seq in 0..MESSAGES {
+                        let mut message = vec![thread_id; SIZE];
+                        message[1..5].copy_from_slice(&seq.to_be_bytes());
+                        sender.send(conn, &message).unwrap();
+                    }
+                })
             })
-        })
-        .collect();
-    let mut next_seq: HashMap<u8, u32> = HashMap::new();
-    let mut message = vec![0u8; SIZE];
-    for _ in 0..THREADS as u32 * MESSAGES {
-        client.read_exact(&mut message).unwrap();
-        let thread_id = message[0];
-        let seq = u32::from_be_bytes(message[1..5].try_into().unwrap());
-        assert!(
-            message[5..].iter().all(|&b| b == thread_id),
-            "bytes of two messages interleaved"
-        );
-        let expected = next_seq.entry(thread_id).or_insert(0);
-        assert_eq!(seq, *expected, "thread {thread_id} out of order");
-        *expected += 1;
+            .collect();
+        let reader = thread::spawn(move || {
+            let mut client = client;
+            let mut next_seq: HashMap<u8, u32> = HashMap::new();
+            let mut message = vec![0u8; SIZE];
+            for _ in 0..THREADS as u32 * MESSAGES {
+                client.read_exact(&mut message).unwrap();
+                let thread_id = message[0];
+                let seq = u32::from_be_bytes(message[1..5].try_into().unwrap());
+                assert!(
+                    message[5..].iter().all(|&b| b == thread_id),
+                    "bytes of two messages interleaved"
+                );
+                let expected = next_seq.entry(thread_id).or_insert(0);
+                assert_eq!(seq, *expected, "thread {thread_id} out of order");
+                *expected += 1;
+            }
+            client
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !reader.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "io_threads={io_threads}: not all sent"
+            );
+            while running.take_with(|_| ()).is_some() {}
+            running.release();
+            running.wait(Duration::from_millis(10));
+        }
+        let mut client = reader.join().unwrap();
+        for sender in senders {
+            sender.join().unwrap();
+        }
+        drop(running); // stops and joins the I/O thread
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
     }
-    for sender in senders {
-        sender.join().unwrap();
-    }
-    drop(running); // stops and joins the I/O thread
-    let mut rest = Vec::new();
-    client.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty());
 }
 
 /// TCP stops a read at the urgent mark, so a short read does not mean the

@@ -48,8 +48,10 @@
 //! the message clock), [`write`] (sends and flushing), [`close`] (every way a
 //! connection ends), [`stop`] (the stop and its drain), [`deadlines`]
 //! (timeouts) and [`outbox`] (the delivery ring's shares and backlog). This
-//! file keeps the turn itself: [`Reactor::run`], the wait, commands in,
-//! events out.
+//! file keeps the turn itself: [`Reactor::turn`], the wait, commands in,
+//! events out. An I/O thread turns it in [`Reactor::run`] ([`thread`]);
+//! with `io_threads=0` the consumer's own thread turns it ([`inline`]),
+//! and the wait also heeds what waits for the consumer.
 
 use std::collections::VecDeque;
 use std::io;
@@ -74,6 +76,7 @@ mod accept;
 mod close;
 mod deadlines;
 mod framed;
+mod inline;
 #[cfg(loom)]
 mod model;
 mod outbox;
@@ -84,6 +87,7 @@ mod write;
 
 use accept::Acceptor;
 use deadlines::{Deadline, Deadlines};
+pub(crate) use inline::Inline;
 #[cfg(loom)]
 pub use model::LoomOutbox;
 use outbox::Outbox;
@@ -117,6 +121,17 @@ const LARGE_READ: usize = 256 * 1024;
 pub(crate) struct Reactor<S: Selector> {
     commands: Consumer<Command>,
     core: Core<S>,
+    /// Run by its consumer's thread ([`inline`]), not by a thread of its own.
+    inline: bool,
+}
+
+/// Where the loop stands after a turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// Serving, or stopping: turn again.
+    Serving,
+    /// The stop is done and `Stopped` delivered (run inline: queued).
+    Finished,
 }
 
 /// Everything but the command ring, so that applying a command can borrow it
@@ -221,37 +236,60 @@ impl<S: Selector> Reactor<S> {
             now: Instant::now(),
             counters: Counters::default(),
         };
-        Ok(Reactor { commands, core })
+        Ok(Reactor {
+            commands,
+            core,
+            inline: false,
+        })
     }
 
     /// Serves until asked to stop, then drains (see the module docs): every
     /// connection is closed and reported, then `Stopped` is delivered.
     pub(crate) fn run(&mut self) -> io::Result<()> {
-        loop {
-            self.core.heed_stop();
-            // Read before the hand-overs are taken: see `stop_is_done`.
-            let dealing_over = self.core.shared.hub.accepting_ended.load(Acquire);
-            self.apply_commands();
-            self.core.open_arrivals();
-            if self.core.stopping.is_some() {
-                self.core.enforce_stop_deadline();
-                if self.core.stop_is_done(dealing_over) {
-                    break;
-                }
-            }
-            self.core.serve_leftovers();
-            self.core.announce_draining();
-            self.core.publish();
-            let timeout = self.core.poll_timeout();
-            self.wait(timeout)?;
-            self.core.now = Instant::now();
-            self.core.dispatch_events();
-            self.core.expire_lingering();
-            self.core.expire_timers();
-            self.core.publish();
-        }
-        self.finish();
+        while self.turn(None, &|| false)? == Progress::Serving {}
         Ok(())
+    }
+
+    /// One turn of the loop: commands in, what earlier turns left, then a
+    /// wait of at most `limit` (`None`: as long as the loop's own deadlines
+    /// allow), and the events it brings. Returns [`Progress::Finished`]
+    /// once the stop is done and `Stopped` delivered (or, run inline, on
+    /// its way: see [`Reactor::hand_over_last`]).
+    ///
+    /// `consumer_busy` is for a loop run inline by its consumer
+    /// ([`inline`]): true if the consumer has work of its own, so the turn
+    /// must not sleep.
+    pub(crate) fn turn(
+        &mut self,
+        limit: Option<Duration>,
+        consumer_busy: &dyn Fn() -> bool,
+    ) -> io::Result<Progress> {
+        self.core.heed_stop();
+        // Read before the hand-overs are taken: see `stop_is_done`.
+        let dealing_over = self.core.shared.hub.accepting_ended.load(Acquire);
+        self.apply_commands();
+        self.core.open_arrivals();
+        if self.core.stopping.is_some() {
+            self.core.enforce_stop_deadline();
+            if self.core.stop_is_done(dealing_over) {
+                self.finish();
+                return Ok(Progress::Finished);
+            }
+        }
+        self.core.serve_leftovers();
+        self.core.announce_draining();
+        self.core.publish();
+        let timeout = match (self.core.poll_timeout(), limit) {
+            (Some(own), Some(limit)) => Some(own.min(limit)),
+            (own, limit) => own.or(limit),
+        };
+        self.wait(timeout, consumer_busy)?;
+        self.core.now = Instant::now();
+        self.core.dispatch_events();
+        self.core.expire_lingering();
+        self.core.expire_timers();
+        self.core.publish();
+        Ok(Progress::Serving)
     }
 
     /// Applies queued commands, at most a ring's worth per turn, so that a fast
@@ -277,11 +315,28 @@ impl<S: Selector> Reactor<S> {
     }
 
     /// Sleeps in the selector, unless the sleep protocol finds work first.
-    fn wait(&mut self, mut timeout: Option<Duration>) -> io::Result<()> {
+    ///
+    /// Run inline, the loop's consumer is this very thread: it must not
+    /// sleep while deliveries wait for it or `consumer_busy()` holds, and
+    /// what would wake the consumer (a call from another thread, a stop
+    /// request) must wake the selector. So it announces itself on the hub's
+    /// bell, whose notifier is then this selector's waker, before looking.
+    fn wait(
+        &mut self,
+        mut timeout: Option<Duration>,
+        consumer_busy: &dyn Fn() -> bool,
+    ) -> io::Result<()> {
         // Whatever was counted is visible before this thread may sleep.
         self.core.shared.stats().publish(&self.core.counters);
         let stalled = timeout != Some(Duration::ZERO) && self.core.has_deferred_work();
         let core = &mut self.core;
+        let announced = self.inline && timeout != Some(Duration::ZERO);
+        if announced {
+            core.shared.hub.deliveries.announce();
+            if !core.outbox.all_taken() || consumer_busy() {
+                timeout = Some(Duration::ZERO);
+            }
+        }
         if timeout != Some(Duration::ZERO) {
             let commands = &mut self.commands;
             let may_sleep = core.shared.io_sleep.prepare(stalled, || {
@@ -296,6 +351,9 @@ impl<S: Selector> Reactor<S> {
         }
         let result = core.selector.select(&mut core.events, timeout);
         core.shared.io_sleep.awake();
+        if announced {
+            core.shared.hub.deliveries.retract();
+        }
         result
     }
 }

@@ -85,20 +85,30 @@ impl<S: Selector> Reactor<S> {
         self.core.shared.close_arrivals();
         self.core
             .emit(DeliveryKind::Stopped, ConnKey::default(), None, None);
+        // Run inline, the consumer is this thread: it takes the last
+        // deliveries between the turns that hand them over.
+        if self.inline {
+            return;
+        }
         // Keep draining commands meanwhile, so that no Python thread stays
         // blocked on a full command ring.
-        loop {
-            self.core.outbox.drain_backlog();
-            self.core.publish();
-            if !self.core.outbox.has_backlog() {
-                break;
-            }
-            self.discard_commands();
-            if self.wait(Some(SHUTDOWN_POLL)).is_err() {
+        while !self.hand_over_last() {
+            if self.wait(Some(SHUTDOWN_POLL), &|| false).is_err() {
                 break;
             }
         }
         self.discard_commands();
+    }
+
+    /// After [`Reactor::finish`]: publishes what the ring can take of the
+    /// last deliveries and drops the commands that came meanwhile, so that
+    /// no sender stays blocked on a full command ring. True once nothing
+    /// is left to hand over.
+    pub(crate) fn hand_over_last(&mut self) -> bool {
+        self.core.outbox.drain_backlog();
+        self.core.publish();
+        self.discard_commands();
+        !self.core.outbox.has_backlog()
     }
 
     pub(super) fn discard_commands(&mut self) {

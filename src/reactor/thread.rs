@@ -30,16 +30,29 @@ impl<S: Selector> Reactor<S> {
     }
 }
 
-/// Marks an I/O thread finished however it ends, so that no sender or
-/// consumer waits for it again.
-struct ExitGuard(Arc<Shared>);
+/// Marks an engine finished however its loop ends (its thread's, or an
+/// inline loop's), so that no sender or consumer waits for it again.
+pub(super) struct ExitGuard(Arc<Shared>);
 
-impl Drop for ExitGuard {
-    fn drop(&mut self) {
+impl ExitGuard {
+    /// The guard of the engine `shared`.
+    pub(super) fn new(shared: Arc<Shared>) -> ExitGuard {
+        ExitGuard(shared)
+    }
+
+    /// Marks the engine finished now; dropping the guard does it again
+    /// (every step is idempotent).
+    pub(super) fn mark(&self) {
         self.0.finished.store(true, Release);
         self.0.close_arrivals();
         self.0.hub.deliveries.ring();
         self.0.command_space.ring();
+    }
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.mark();
     }
 }
 
@@ -63,7 +76,7 @@ fn run_io_thread<S: Selector>(reactor: &mut Reactor<S>, on_start: Option<fn()>) 
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reactor.fail(detail)));
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(message) = panic.downcast_ref::<&str>() {
         (*message).to_owned()
     } else if let Some(message) = panic.downcast_ref::<String>() {

@@ -1,6 +1,11 @@
 //! The consumer's side of a running server: [`Running`] starts the I/O
 //! threads, takes their deliveries (engines in turn), answers `Draining`,
 //! and stops and joins them.
+//!
+//! With `io_threads=0` there is no I/O thread: the one engine is run
+//! inline (`crate::reactor::Inline`), and the consumer turns its loop
+//! where it would otherwise wait for a delivery ([`Running::wait_unless`],
+//! [`Running::poll`]). Everything else here reads the same either way.
 
 use std::io;
 use std::sync::atomic::Ordering::Acquire;
@@ -13,7 +18,7 @@ use socket2::Socket;
 use super::{Sender, Ticket, ABANDON_TIMEOUT};
 use crate::config::Config;
 use crate::message::{Command, CommandKind, Delivery, DeliveryKind};
-use crate::reactor::Reactor;
+use crate::reactor::{Inline, Reactor};
 use crate::ring::{ring, Consumer};
 use crate::shared::{Hub, Shared, DEFAULT_STOP_TIMEOUT};
 use crate::sys::{Backend, Selector, Wake};
@@ -37,27 +42,49 @@ pub struct Running {
 pub(super) struct Engine {
     pub(super) shared: Arc<Shared>,
     pub(super) deliveries: Consumer<Delivery>,
+    /// The I/O thread; `None` once joined, and for an inline engine.
     pub(super) thread: Option<JoinHandle<()>>,
+    /// Run inline by the consumer, through `shared` (no thread).
+    pub(super) inline: bool,
     pub(super) stopped_seen: bool,
 }
 
 impl Engine {
     /// True if the consumer may sleep as far as this engine goes: nothing to
     /// take, and not finished with a `Stopped` still to come (an engine whose
-    /// thread exited without one, `vanished`, is quiet too: nothing more
-    /// will come from it).
+    /// loop ended without one, `vanished`, is quiet too: nothing more
+    /// will come from it). An inline engine's loop runs only while the
+    /// consumer waits, so it is quiet whenever its ring is empty.
     fn is_quiet(&mut self) -> bool {
-        let gone = self.thread.as_ref().is_none_or(|t| t.is_finished());
         self.deliveries.is_empty()
-            && (self.stopped_seen || !self.shared.finished.load(Acquire) || gone)
+            && (self.inline
+                || self.stopped_seen
+                || !self.shared.finished.load(Acquire)
+                || self.thread.as_ref().is_none_or(|t| t.is_finished()))
     }
 
-    /// True if its I/O thread exited without delivering `Stopped`.
+    /// True if its loop ended without delivering `Stopped`.
     fn vanished(&mut self) -> bool {
         !self.stopped_seen
             && self.shared.finished.load(Acquire)
             && self.deliveries.is_empty()
-            && self.thread.as_ref().is_some_and(|t| t.is_finished())
+            && self.has_ended()
+    }
+
+    /// True if its loop will deliver nothing more: its thread has exited,
+    /// or its inline loop has handed everything over.
+    fn has_ended(&self) -> bool {
+        match &self.thread {
+            _ if self.inline => self.shared.inline_is_over(),
+            Some(thread) => thread.is_finished(),
+            None => true,
+        }
+    }
+
+    /// True while its loop may still deliver: not finished with `Stopped`
+    /// and not ended without it.
+    fn is_running(&self) -> bool {
+        !self.stopped_seen && !self.has_ended()
     }
 }
 
@@ -82,11 +109,17 @@ impl Running {
     }
 
     fn start_with<S: Selector>(config: &Config, listeners: Vec<Socket>) -> io::Result<Running> {
-        let count = config.io_threads;
+        // Inline (`io_threads == 0`): one engine, turned by this thread.
+        let inline = config.io_threads == 0;
+        let count = config.io_threads.max(1);
         let selectors = (0..count)
             .map(|_| S::new())
             .collect::<io::Result<Vec<S>>>()?;
         let hub = Arc::new(Hub::new(selectors.iter().map(Selector::waker).collect()));
+        if inline {
+            // What wakes the consumer must wake the selector it sleeps in.
+            hub.deliveries.set_notifier(Some(selectors[0].waker()));
+        }
         let mut rings = Vec::with_capacity(count);
         let mut engines = Vec::with_capacity(count);
         for (index, selector) in selectors.iter().enumerate() {
@@ -141,13 +174,19 @@ impl Running {
                 1 => "rsepoll-io".to_owned(),
                 _ => format!("rsepoll-io-{}", shared.engine),
             };
-            // On an error, dropping `running` stops and joins the threads
-            // started so far; the reactors not started drop their sockets.
-            let thread = reactor.spawn(name, Arc::clone(shared), config.on_io_thread_start)?;
+            let thread = if inline {
+                shared.set_inline(Some(Box::new(Inline::new(reactor, Arc::clone(shared)))));
+                None
+            } else {
+                // On an error, dropping `running` stops and joins the threads
+                // started so far; the reactors not started drop their sockets.
+                Some(reactor.spawn(name, Arc::clone(shared), config.on_io_thread_start)?)
+            };
             running.engines.push(Engine {
                 shared: Arc::clone(shared),
                 deliveries,
-                thread: Some(thread),
+                thread,
+                inline,
                 stopped_seen: false,
             });
         }
@@ -229,7 +268,15 @@ impl Running {
     /// Blocks until a delivery is ready, `other_work()` holds, or `timeout`
     /// passes (or spuriously). Whoever makes `other_work()` true must then
     /// call [`Sender::ring_consumer`].
+    ///
+    /// Inline, this is where the engine's loop turns: it waits in its
+    /// selector, at most `timeout`, and not at all if a delivery waits or
+    /// `other_work()` holds.
     pub fn wait_unless(&mut self, timeout: Duration, other_work: impl Fn() -> bool) {
+        if let Some(engine) = self.inline_engine() {
+            engine.shared.turn_inline(Some(timeout), &other_work, true);
+            return;
+        }
         let Running {
             engines, sender, ..
         } = self;
@@ -237,6 +284,26 @@ impl Running {
             || engines.iter_mut().all(Engine::is_quiet) && !other_work(),
             Some(timeout),
         );
+    }
+
+    /// Inline: one turn of the engine's loop without waiting (sends from
+    /// callbacks go out, ready sockets are read), for a consumer that has
+    /// more to do than take deliveries. Threaded: nothing.
+    pub fn poll(&mut self) {
+        if let Some(engine) = self.inline_engine() {
+            engine
+                .shared
+                .turn_inline(Some(Duration::ZERO), &|| true, true);
+        }
+    }
+
+    /// True if the engine is run inline, by this consumer (`io_threads=0`).
+    pub fn is_inline(&self) -> bool {
+        self.engines.iter().any(|e| e.inline)
+    }
+
+    fn inline_engine(&self) -> Option<&Engine> {
+        self.engines.first().filter(|e| e.inline)
     }
 
     /// For a consumer that sleeps in an event loop rather than in
@@ -311,11 +378,9 @@ impl Running {
     /// whose output has gone out end with FIN, and output still queued gets
     /// [`ABANDON_TIMEOUT`] before a reset).
     pub fn join(&mut self) {
-        let running =
-            |e: &Engine| !e.stopped_seen && e.thread.as_ref().is_some_and(|t| !t.is_finished());
-        if self.engines.iter().any(running) {
+        if self.engines.iter().any(Engine::is_running) {
             self.stop(ABANDON_TIMEOUT);
-            while self.engines.iter().any(running) {
+            while self.engines.iter().any(Engine::is_running) {
                 while self.take_with(|_| ()).is_some() {}
                 self.release();
                 self.wait(Duration::from_millis(10));
@@ -324,6 +389,11 @@ impl Running {
         for engine in &mut self.engines {
             if let Some(thread) = engine.thread.take() {
                 let _ = thread.join();
+            }
+            if engine.inline {
+                // The loop holds the engine's `Shared`, which holds it:
+                // dropping it here closes its sockets and ends the cycle.
+                engine.shared.set_inline(None);
             }
         }
     }

@@ -160,7 +160,7 @@ impl Sender {
     /// drain by its own deadline or `timeout` from now, whichever comes
     /// first.
     pub fn stop(&self, timeout: Duration) {
-        self.hub().stop(timeout, StopLevel::Drain);
+        self.stop_at(timeout, StopLevel::Drain);
     }
 
     /// Asks the I/O threads to stop as [`Sender::stop`] does, but to hold
@@ -168,7 +168,7 @@ impl Sender {
     /// [`Sender::stop`] follows (or `timeout` resets them): for a consumer
     /// that has to hear of the stop before any connection closes for it.
     pub fn stop_reading(&self, timeout: Duration) {
-        self.hub().stop(timeout, StopLevel::Reading);
+        self.stop_at(timeout, StopLevel::Reading);
     }
 
     /// Asks the I/O threads to stop accepting (the listeners close) and to
@@ -177,7 +177,18 @@ impl Sender {
     /// open after `timeout` is reset. They end once every connection has
     /// closed. Safe from any thread, any time; after a stop it does nothing.
     pub fn stop_accepting(&self, timeout: Duration) {
-        self.hub().stop(timeout, StopLevel::Accepting);
+        self.stop_at(timeout, StopLevel::Accepting);
+    }
+
+    /// Raises the stop to `level` and wakes the engines to act on it. An
+    /// engine run inline that is not turning now (its consumer is in a
+    /// callback) gets a turn from this thread, so that its listeners close
+    /// now, not once the callback returns.
+    fn stop_at(&self, timeout: Duration, level: StopLevel) {
+        self.hub().stop(timeout, level);
+        for engine in self.engines.iter() {
+            engine.turn_inline(Some(Duration::ZERO), &|| true, false);
+        }
     }
 
     /// A handle that does not keep the server's rings alive.

@@ -80,9 +80,14 @@ fn opened_on_engine_0(running: &mut Running, expected: usize) -> usize {
 
 #[test]
 fn a_panic_on_the_io_thread_is_reported_and_closes_everything() {
-    for backend in [Backend::Portable, Backend::platform_default()] {
+    // Inline (0), the panic is caught in the turn, on the consumer's thread.
+    let cases = [Backend::Portable, Backend::platform_default()]
+        .into_iter()
+        .flat_map(|backend| [(backend, 1), (backend, 0)]);
+    for (backend, io_threads) in cases {
         let config = Config {
             backend,
+            io_threads,
             ..Config::default()
         };
         // The connection is accepted before the thread breaks.
@@ -96,7 +101,7 @@ fn a_panic_on_the_io_thread_is_reported_and_closes_everything() {
                 DeliveryKind::Closed(crate::close_reason::CloseReason::Shutdown),
                 DeliveryKind::Stopped
             ],
-            "{backend:?}"
+            "{backend:?}, io_threads={io_threads}"
         );
         // The client sees the connection end, and senders give up at once.
         let mut rest = Vec::new();
