@@ -116,3 +116,9 @@ step "pytest under Wine with two I/O threads (RSEPOLL_IO_THREADS=2): round trips
 RSEPOLL_IO_THREADS=2 wine "$embed/python.exe" -m pytest -p no:cacheprovider -q \
     tests/test_echo.py tests/test_threads.py tests/test_endings.py tests/test_flow.py \
     </dev/null 2>&1 | tr -d '\r' | cat
+
+step "pytest under Wine inline (RSEPOLL_IO_THREADS=0): round trips, threads, endings, flow control, the inline tests"
+RSEPOLL_IO_THREADS=0 wine "$embed/python.exe" -m pytest -p no:cacheprovider -q \
+    tests/test_echo.py tests/test_threads.py tests/test_endings.py tests/test_flow.py \
+    tests/test_inline.py tests/test_timers.py \
+    </dev/null 2>&1 | tr -d '\r' | cat

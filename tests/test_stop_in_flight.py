@@ -120,8 +120,9 @@ def read_framed(framing: str, sock: socket.socket) -> bytes:
 
 
 def clients_for(server: Any, port: int, per_thread: int = 2) -> list[socket.socket]:
-    """Connections, ``per_thread`` per I/O thread, all opened by the server."""
-    clients = [connect(port) for _ in range(per_thread * server.io_threads)]
+    """Connections, ``per_thread`` per I/O thread (inline: per engine), all
+    opened by the server."""
+    clients = [connect(port) for _ in range(per_thread * max(server.io_threads, 1))]
     assert wait_until(lambda: len(server.conns) == len(clients), 5.0)
     return clients
 

@@ -68,7 +68,7 @@ def test_a_busy_framed_client_does_not_keep_a_stop_reading() -> None:
     with running(Slow, framing="line") as (server, port):
         # Two connections per I/O thread at least, so that the idle one shares
         # an I/O thread with the busy one whatever the count.
-        idle = [connect(port) for _ in range(server.io_threads)]
+        idle = [connect(port) for _ in range(max(server.io_threads, 1))]
         busy = connect(port)
         sender = threading.Thread(target=pipeline, args=(busy,))
         sender.start()

@@ -305,15 +305,17 @@ def test_stale_handles_never_deliver_to_a_reused_fd():
 # ---------------------------------------------------------------------------
 
 
-def test_io_threads_takes_a_positive_count_or_auto(monkeypatch):
+def test_io_threads_takes_a_count_or_auto(monkeypatch):
     monkeypatch.delenv("RSEPOLL_IO_THREADS", raising=False)
     assert rsepoll.Server().io_threads == 1
     assert rsepoll.Server(io_threads=3).io_threads == 3
-    assert rsepoll.Server(io_threads="auto").io_threads >= 1
+    assert rsepoll.Server(io_threads=0).io_threads == 0
     monkeypatch.setenv("RSEPOLL_IO_THREADS", "2")
     assert rsepoll.Server().io_threads == 2
     assert rsepoll.Server(io_threads=1).io_threads == 1
-    for bad in (0, -1, "two", 1.5, True, 100_000):
+    monkeypatch.setenv("RSEPOLL_IO_THREADS", "0")
+    assert rsepoll.Server().io_threads == 0
+    for bad in (-1, "two", 1.5, True, 100_000):
         with pytest.raises(ValueError, match="io_threads"):
             rsepoll.Server(io_threads=bad)
 

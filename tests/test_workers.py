@@ -193,7 +193,8 @@ def cli_workers(tracker: Tracker, *args: str) -> tuple[ChildProcess, int, list[i
     line = child.wait_for_output(r"listening on .*", stream="out").group(0)
     m = re.search(r"(\d+) workers \(pids ([\d, ]+)\)", line)
     assert m, line
-    assert re.search(r" framing, \d+ I/O threads? per worker, \d+ workers ", line), line
+    threads = r"(\d+ I/O threads?|inline \(no I/O thread\))"
+    assert re.search(rf" framing, {threads} per worker, \d+ workers ", line), line
     pids = [int(p) for p in m.group(2).split(", ")]
     assert len(pids) == int(m.group(1))
     tracker.add(pids)

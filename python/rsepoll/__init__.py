@@ -40,6 +40,7 @@ from ._rsepoll import (
     TimerHandle,
     __version__,
     make_listener_socket,
+    usable_cpus,
 )
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "TimerHandle",
     "__version__",
     "make_listener_socket",
+    "usable_cpus",
 ]
 
 logger = logging.getLogger("rsepoll")
@@ -138,9 +140,15 @@ class Server(ServerCore):
         io_threads: I/O threads, each with its own poller and rings; the
             callbacks still all run on the thread that calls :meth:`listen`.
             Connections are dealt to the I/O threads in turn as they are
-            accepted. ``"auto"``: one per CPU available to the process, less
-            one for the callbacks' thread, at least 1 (at most 256). None,
-            the default, takes ``$RSEPOLL_IO_THREADS`` if set, else 1.
+            accepted. ``0``: the inline mode, no I/O thread: the listening
+            thread waits in the poller itself, reads, runs the callbacks
+            and writes their replies, with no hand-off between threads
+            (the fastest on one CPU; a long callback delays reading).
+            ``"auto"``: inline if the process may use one CPU only (its
+            affinity mask and cgroup CPU quota, see :func:`usable_cpus`),
+            else one I/O thread per usable CPU less one for the callbacks'
+            thread (at most 256). None, the default, takes
+            ``$RSEPOLL_IO_THREADS`` if set, else 1.
     """
 
     def __init__(
@@ -165,7 +173,7 @@ class Server(ServerCore):
         fd_limit = _raise_fd_limit(max_fds)
         threads = _io_threads(io_threads)
         if max_connections is None:
-            reserved = _RESERVED_FDS + _FDS_PER_IO_THREAD * (threads - 1)
+            reserved = _RESERVED_FDS + _FDS_PER_IO_THREAD * max(threads - 1, 0)
             max_connections = max(1, fd_limit - reserved)
         else:
             max_connections = _positive("max_connections", max_connections)
@@ -245,7 +253,10 @@ class Server(ServerCore):
         awaits it stops the server the same way, then lets the cancellation
         through. Works with the standard loops and uvloop; a loop without
         ``add_reader`` (Windows' Proactor loop) is woken through a helper
-        thread.
+        thread. The loop's thread sleeps in the loop's own poller, so it
+        cannot also wait in rsepoll's: a server configured inline
+        (``io_threads=0``, or ``"auto"`` on one CPU) serves under
+        ``serve()`` with one I/O thread.
         """
         from ._serving import serve
 
@@ -372,24 +383,24 @@ def _positive(name: str, value: object) -> int:
 
 
 def _io_threads(io_threads: int | str | None) -> int:
-    """The number of I/O threads ``io_threads`` asks for (see :class:`Server`)."""
+    """The number of I/O threads ``io_threads`` asks for, 0 for the inline
+    mode (see :class:`Server`)."""
     if io_threads is None:
         io_threads = os.environ.get("RSEPOLL_IO_THREADS") or 1
     if io_threads == "auto":
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cpus = os.cpu_count() or 1
-        return max(1, min(cpus - 1, _MAX_IO_THREADS))
+        cpus = usable_cpus()
+        return 0 if cpus == 1 else min(cpus - 1, _MAX_IO_THREADS)
     if isinstance(io_threads, str):
         try:
             io_threads = int(io_threads)
         except ValueError:
             raise ValueError(
-                f"io_threads must be a positive integer or 'auto', got {io_threads!r}"
+                f"io_threads must be 0 (inline), a positive integer or 'auto', got {io_threads!r}"
             ) from None
-    if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
-        raise ValueError(f"io_threads must be a positive integer or 'auto', got {io_threads!r}")
+    if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 0:
+        raise ValueError(
+            f"io_threads must be 0 (inline), a positive integer or 'auto', got {io_threads!r}"
+        )
     return io_threads
 
 

@@ -83,7 +83,10 @@ def _without_cr(line: bytes) -> bytes:
 
 
 def _io_threads(count: int) -> str:
-    """``count`` I/O threads in words, for the startup line: "1 I/O thread"."""
+    """``count`` I/O threads in words, for the startup line: "1 I/O thread",
+    or "inline (no I/O thread)" for 0."""
+    if count == 0:
+        return "inline (no I/O thread)"
     return f"{count} I/O thread{'s' if count != 1 else ''}"
 
 
@@ -156,8 +159,9 @@ def _parser() -> argparse.ArgumentParser:
         "--io-threads",
         default=None,
         metavar="N",
-        help="I/O threads feeding the one Python thread: a count or 'auto' (default: "
-        "$RSEPOLL_IO_THREADS if set, else 1)",
+        help="I/O threads feeding the one Python thread: a count, 0 for the inline mode "
+        "(the Python thread does the I/O itself), or 'auto' (inline on one usable CPU; "
+        "default: $RSEPOLL_IO_THREADS if set, else 1)",
     )
     parser.add_argument(
         "--workers",

@@ -15,6 +15,7 @@ __all__ = [
     "__version__",
     "make_listener_socket",
     "run_bench",
+    "usable_cpus",
 ]
 __version__: str
 
@@ -108,6 +109,11 @@ class ListenerSocket:
 
 def make_listener_socket(port: int, host: str = "0.0.0.0", backlog: int = 1024) -> ListenerSocket:
     """A TCP socket bound to ``(host, port)`` and listening; port 0 picks one."""
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on, at least 1: its affinity mask and,
+    on Linux, its cgroup CPU quota (``cpu.max``; 1.5 CPUs counts as 1). What
+    ``io_threads="auto"`` picks by."""
 
 def run_bench(
     host: str,

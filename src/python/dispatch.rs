@@ -149,7 +149,14 @@ impl Dispatcher {
         loop {
             match self.turn(py) {
                 Next::Done => break,
-                Next::Again => {}
+                // Inline, the engine's loop turns here too, so that calls
+                // and timers that keep coming cannot starve the sockets.
+                Next::Again => {
+                    if self.running.is_inline() {
+                        let running = &mut self.running;
+                        py.detach(|| running.poll());
+                    }
+                }
                 Next::Sleep(wait) => {
                     let wait = wait.min(SIGNAL_SLICE);
                     let Dispatcher {
@@ -200,7 +207,12 @@ impl Dispatcher {
         if dispatched > 0 {
             self.idle_since = Instant::now();
         }
-        if dispatched > 0 || ran > 0 {
+        // A batch cut short by its size may have left deliveries; one that
+        // ended on an empty ring has not, and the sleep below returns at
+        // once if more came meanwhile. Inline, that sleep is where the
+        // loop turns (writing the replies just queued and reading what
+        // came), so going there rather than round again saves a turn.
+        if dispatched == DISPATCH_BATCH || ran > 0 {
             return Next::Again;
         }
         let now = Instant::now();

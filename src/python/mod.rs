@@ -52,5 +52,15 @@ fn _rsepoll(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<timers::TimerHandle>()?;
     m.add_function(wrap_pyfunction!(listener::make_listener_socket, m)?)?;
     m.add_function(wrap_pyfunction!(bench::run_bench, m)?)?;
+    m.add_function(wrap_pyfunction!(usable_cpus, m)?)?;
     Ok(())
+}
+
+/// The CPUs this process may run on, at least 1: its affinity mask and,
+/// on Linux, its cgroup CPU quota (`cpu.max`: a limit of 1.5 CPUs counts
+/// as 1), as the standard library reads them. What `io_threads="auto"`
+/// picks by.
+#[pyfunction]
+fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }

@@ -237,14 +237,14 @@ impl ServerCore {
     /// second Ctrl-C resets what is still open.
     #[pyo3(signature = (timeout = 1000))]
     fn listen(slf: &Bound<'_, Self>, timeout: i64) -> PyResult<()> {
-        Self::begin_run(slf, timeout)?.listen(slf.py())
+        Self::begin_run(slf, timeout, false)?.listen(slf.py())
     }
 
     /// Starts a run driven by an asyncio event loop, which watches the
     /// socket `wake_fd` is the other end of; see `rsepoll.Server.serve`.
     #[pyo3(signature = (wake_fd, timeout = 1000))]
     fn _serve_session(slf: &Bound<'_, Self>, wake_fd: i64, timeout: i64) -> PyResult<ServeSession> {
-        let dispatcher = Self::begin_run(slf, timeout)?;
+        let dispatcher = Self::begin_run(slf, timeout, true)?;
         ServeSession::new(slf.py(), dispatcher, wake_fd)
     }
 
@@ -394,9 +394,10 @@ impl ServerCore {
 }
 
 impl ServerCore {
-    /// Starts a run: the I/O threads serving the registered listeners, and
-    /// the dispatcher that will call back `slf`.
-    fn begin_run(slf: &Bound<'_, Self>, timeout: i64) -> PyResult<Dispatcher> {
+    /// Starts a run, `listen()`'s or `serve()`'s (`under_loop`): the I/O
+    /// threads serving the registered listeners, and the dispatcher that
+    /// will call back `slf`.
+    fn begin_run(slf: &Bound<'_, Self>, timeout: i64, under_loop: bool) -> PyResult<Dispatcher> {
         let this = slf.get();
         if timeout <= 0 {
             return Err(PyValueError::new_err(format!(
@@ -410,7 +411,13 @@ impl ServerCore {
                 "no listener registered: call register_listener_socket() before listen() or serve()",
             ));
         }
-        let config = this.config.lock().clone();
+        let mut config = this.config.lock().clone();
+        if under_loop && config.io_threads == 0 {
+            // The loop's thread sleeps in the loop's own selector, so it
+            // cannot also sleep in the engine's: under `serve()` the inline
+            // mode runs its engine on one I/O thread.
+            config.io_threads = 1;
+        }
         log::debug!(
             "serving {} listener(s) with the {} backend",
             listeners.len(),

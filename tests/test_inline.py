@@ -1,0 +1,204 @@
+"""The inline mode (``io_threads=0``) and ``io_threads="auto"``.
+
+The whole suite also runs inline (``RSEPOLL_IO_THREADS=0`` in ``.ci/run``);
+these tests are about what is particular to it: the listening thread waits
+in the poller itself, so whatever would wake it (a send or a call from
+another thread) must wake the poller, and a callback that takes long holds
+up reading, without losing a byte. And ``"auto"``, which picks the inline
+mode when the process may use one CPU only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import rsepoll
+from conftest import connect, recv_exactly, running, subprocess_env, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Remember(rsepoll.Server):
+    """Keeps the last connection opened; echoes what it receives."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conn = None
+
+    def on_connection_opened(self, conn):
+        self.conn = conn
+
+    def on_message_received(self, conn, data):
+        self.send_message(conn, data)
+
+
+def test_io_threads_zero_is_the_inline_mode():
+    assert Remember(io_threads=0).io_threads == 0
+    assert Remember(io_threads="0").io_threads == 0
+    for bad in (-1, "-1", "two", 1.5, True):
+        with pytest.raises(ValueError, match="io_threads must be 0 \\(inline\\)"):
+            Remember(io_threads=bad)
+
+
+@pytest.mark.parametrize("how", ["send_message", "call_soon_threadsafe"])
+def test_another_thread_wakes_an_inline_server_blocked_in_the_poller(how):
+    # Idle, the listening thread sleeps in the poller for up to 50 ms at a
+    # time (to look at signals). A send from another thread must wake it at
+    # once: without the wake-up a reply would wait 25 ms on average.
+    with running(Remember, io_threads=0) as (server, port), connect(port) as client:
+        assert wait_until(lambda: server.conn is not None)
+        latencies = []
+        for i in range(20):
+            payload = bytes([65 + i])
+            time.sleep(0.02)  # let the server go back to sleep
+            started = time.perf_counter()
+            if how == "send_message":
+                assert server.send_message(server.conn, payload) is True
+            else:
+                assert server.call_soon_threadsafe(server.send_message, server.conn, payload)
+            assert recv_exactly(client, 1) == payload
+            latencies.append(time.perf_counter() - started)
+    assert statistics.median(latencies) < 0.005, latencies
+
+
+class Sleepy(rsepoll.Server):
+    """Echoes; the first message's callback sleeps half a second first."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[float, float, int]] = []
+        self.first_started = threading.Event()
+
+    def on_message_received(self, conn, data):
+        started = time.monotonic()
+        if not self.calls:
+            self.first_started.set()
+            time.sleep(0.5)
+        self.calls.append((started, time.monotonic(), len(data)))
+        self.send_message(conn, data)
+
+
+def test_a_long_callback_in_inline_mode_delays_reading_but_loses_nothing():
+    payload = bytes(i * 7 % 251 for i in range(4 << 20))
+    with running(Sleepy, io_threads=0) as (server, port), connect(port, timeout=30) as client:
+        echoed = bytearray()
+
+        def read_all():
+            while len(echoed) < len(payload):
+                echoed.extend(client.recv(1 << 20))
+
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        client.sendall(payload[:1])
+        assert server.first_started.wait(10)
+        # The first callback sleeps: meanwhile 4 MiB come in.
+        client.sendall(payload[1:])
+        reader.join(30)
+        assert not reader.is_alive()
+    assert bytes(echoed) == payload
+    first_end = server.calls[0][1]
+    # Nothing was read and handed over while the first callback ran: the
+    # thread that reads is the one that was sleeping.
+    assert all(started >= first_end for started, _, _ in server.calls[1:])
+    assert sum(size for _, _, size in server.calls) == len(payload)
+
+
+def test_auto_is_inline_on_one_usable_cpu_and_threaded_on_more():
+    cpus = rsepoll.usable_cpus()
+    expected = 0 if cpus == 1 else cpus - 1
+    assert rsepoll.Server(io_threads="auto").io_threads == min(expected, 256)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="affinity masks are Linux's")
+def test_auto_reads_the_affinity_mask():
+    # A process pinned to one CPU (taskset, a container's cpuset) gets the
+    # inline mode; the child is pinned before it starts, as taskset does.
+    code = (
+        "import rsepoll; print(rsepoll.usable_cpus(), rsepoll.Server(io_threads='auto').io_threads)"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+        check=True,
+    )
+    assert child.stdout.split() == ["1", "0"]
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _cpu_quota_group() -> tuple[str, dict[str, str]] | str:
+    """Where a child cgroup with a quota of one CPU can be made, and the
+    files that set the quota: cgroup v2's ``cpu.max``, else v1's CFS pair.
+    A string says why none can."""
+    if not sys.platform.startswith("linux"):
+        return "cgroups are Linux's"
+    v2_controllers = os.path.join(CGROUP_ROOT, "cgroup.subtree_control")
+    if os.path.exists(v2_controllers):
+        with open(v2_controllers) as f:
+            if "cpu" in f.read().split() and os.access(CGROUP_ROOT, os.W_OK):
+                return CGROUP_ROOT, {"cpu.max": "100000 100000"}
+    v1 = os.path.join(CGROUP_ROOT, "cpu")
+    if os.path.exists(os.path.join(v1, "cpu.cfs_quota_us")) and os.access(v1, os.W_OK):
+        return v1, {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "100000"}
+    return "no writable cgroup with the cpu controller (not root, or a read-only mount)"
+
+
+def test_auto_reads_the_cgroup_cpu_quota():
+    # A Kubernetes CPU limit of 1 is a quota of one CPU (cpu.max "100000
+    # 100000"): one CPU, even on a host with more. The child moves itself
+    # into such a cgroup before asking.
+    where = _cpu_quota_group()
+    if isinstance(where, str):
+        pytest.skip(where)
+    root, quota = where
+    group = os.path.join(root, f"rsepoll-test-{os.getpid()}")
+    os.mkdir(group)
+    try:
+        for name, value in quota.items():
+            with open(os.path.join(group, name), "w") as f:
+                f.write(value)
+        code = (
+            "import os, rsepoll\n"
+            f"open({os.path.join(group, 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+            "print(rsepoll.usable_cpus(), rsepoll.Server(io_threads='auto').io_threads)\n"
+        )
+        child = subprocess.run(
+            [sys.executable, "-c", code],
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert child.stdout.split() == ["1", "0"]
+    finally:
+        os.rmdir(group)
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
+def test_the_cli_under_taskset_serves_inline():
+    with subprocess.Popen(
+        ["taskset", "-c", "0", sys.executable, "-m", "rsepoll", "0", "--io-threads", "auto"],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as child:
+        try:
+            line = child.stdout.readline()
+            assert "inline (no I/O thread)" in line, line
+        finally:
+            child.terminate()
+            child.wait(10)
