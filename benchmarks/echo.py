@@ -314,6 +314,38 @@ class LineReader:
         return line.decode(errors="replace")
 
 
+def first_connection(port: int, size: int, framing: str = "raw", timeout: float = 5.0) -> None:
+    """Opens one connection to a freshly started echo server, has one request of
+    ``size`` bytes (one message in ``framing``) echoed on it, closes it, and
+    gives the server 0.1 s to see the close.
+
+    The benchmarks do this before the load, so that every server is measured
+    as it runs once it has served a connection. A fresh CPython asyncio server
+    is 3-4x slower until then: its transport reads with ``sock.recv(256 KiB)``,
+    a buffer glibc serves with ``mmap`` (above the 128 KiB threshold), shrinks
+    with ``mremap`` and frees with ``munmap``, once per read, until a read
+    frees a whole buffer (a read that gets EOF does), which raises glibc's
+    dynamic mmap threshold above 256 KiB for good. See benchmarks/README.md,
+    "A fresh asyncio server is slow"."""
+    if framing == "line":
+        request = b"p" * (size - 1) + b"\n"
+    elif framing == "length":
+        request = (size - 4).to_bytes(4, "big") + b"p" * (size - 4)
+    else:
+        request = b"p" * size
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        got = b""
+        while len(got) < len(request):
+            chunk = sock.recv(len(request) - len(got))
+            if not chunk:
+                raise ConnectionError(
+                    f"the server closed the first connection after {len(got)} bytes"
+                )
+            got += chunk
+    time.sleep(0.1)
+
+
 def stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> str:
     """Stops ``proc`` with SIGTERM, then SIGKILL; says what happened if odd."""
     if proc.poll() is not None:
@@ -407,6 +439,12 @@ def measure(
             return
         port = int(line.split()[1])
         result.loaded = " ".join(line.split()[2:])
+        if not args.no_first_connection:
+            try:
+                first_connection(port, args.size, who.framing)
+            except OSError as exc:
+                result.note = f"the first connection failed: {exc}"
+                return
         client = subprocess.Popen(
             [
                 str(LOADGEN),
@@ -714,6 +752,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
+    parser.add_argument(
+        "--no-first-connection",
+        action="store_true",
+        help="load each server straight after it starts, without first having one "
+        "request echoed on a connection of its own (a fresh asyncio server is 3-4x "
+        "slower until a connection has closed: see benchmarks/README.md)",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="run every server this often")
     parser.add_argument(
         "--client-threads", type=int, default=1, help="load generator threads (default 1)"

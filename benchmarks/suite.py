@@ -3,18 +3,22 @@
 Usage::
 
     python benchmarks/suite.py [--placement both] [--rounds 1] [--duration 3] [--warmup 1]
-                               [--json results.json] [--chart chart.png]
+                               [--warmup-max 10] [--json results.json] [--chart chart.png]
     python benchmarks/suite.py --from-json results.json --chart chart.png
 
 Every contender is an echo server in its own process on 127.0.0.1: rsepoll (a
 ``Server`` subclass that echoes in ``on_message_received``), an asyncio
 Protocol, the same Protocol on uvloop (``echo.py --serve KIND``), and
 ``native/echo.c``, a single-threaded epoll server with no Python (the ceiling),
-built here with ``cc -O2``. The load is ``python -m rsepoll.bench`` with
-``--marks``: it prints a line when its measured window starts and ends, and the
-server's CPU time is read from /proc at those lines, so CPU and requests cover
-the same window. Each cell (a workload) runs every contender once per round,
-back to back, under each CPU placement. See benchmarks/README.md.
+built here with ``cc -O2``. Each server is started afresh for every run and
+first has one request echoed on a connection of its own, which it then sees
+closed (a fresh asyncio server is 3-4x slower until then). The load is
+``python -m rsepoll.bench`` with ``--warmup-until-steady`` (the measured time
+starts once the rate has settled) and ``--marks``: it prints a line when its
+measured window starts and ends, and the server's CPU time is read from /proc
+at those lines, so CPU and requests cover the same window. Each cell (a
+workload) runs every contender once per round, back to back, under each CPU
+placement. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -51,8 +55,13 @@ PLACEMENTS = ("pinned", "unpinned")
 #: Descriptors a process needs besides its connections (the load tool keeps
 #: 64 spare; servers need a few of their own).
 SPARE_FDS = 128
-#: JSON layout version, for --from-json.
-FORMAT = 1
+#: A run in which the load tool was busy for at least this share of its core
+#: and the server for less counts as bound by the load tool: ^ in the table.
+CLIENT_BOUND = 0.9
+#: JSON layout version, for --from-json (2: the warm-up's length and whether
+#: it settled, per run; 1 is still read).
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,9 @@ class Run:
         """The numbers the tables, the medians and the chart use."""
         return {
             "throughput": self.throughput(),
+            "warmup_s": self.client.get("warmup_s", 0.0),
+            # None: a fixed warm-up (--fixed-warmup, or an idle cell).
+            "warmup_steady": self.client.get("warmup_steady"),
             "requests_per_s": self.client.get("requests_per_s", 0.0),
             "mb_per_s": self.client.get("mb_per_s_in", 0.0),
             "p50_us": self.client.get("p50_us", 0.0),
@@ -161,6 +173,7 @@ class Run:
             "cpu_us_per_request": self.cpu_us_per_request(),
             "thread_us_per_request": self.thread_us_per_request(),
             "server_cpu_frac": self.server_cpu_s / self.window_s if self.window_s else 0.0,
+            "client_cpu_frac": self.client_cpu_s / self.window_s if self.window_s else 0.0,
             "other_cpu_frac": self.other_cpu_s / self.window_s if self.window_s else 0.0,
             "held": self.client.get("held", 0),
             "rss_ready": self.rss_ready,
@@ -300,6 +313,12 @@ def measure(run: Run, cell: Cell, args: argparse.Namespace, cpus: tuple[int, int
             return
         port = int(line.split()[1])
         run.server_ready = line
+        if not args.no_first_connection:
+            try:
+                echo.first_connection(port, cell.size)
+            except OSError as exc:
+                run.note = f"the first connection failed: {exc}"
+                return
         run.rss_ready = rss_bytes(server.pid)
         connect_timeout = max(10.0, cell.connections / 1000)
         argv = [
@@ -312,13 +331,17 @@ def measure(run: Run, cell: Cell, args: argparse.Namespace, cpus: tuple[int, int
             "--json",
             "--marks",
         ]
+        if not args.fixed_warmup:
+            argv += ["--warmup-until-steady", "--warmup-max", str(args.warmup_max)]
+            argv += ["--steady-tolerance", str(args.steady_tolerance)]
         client = stack.enter_context(
             child(argv, client_cpu, stdout=client_out, stderr=subprocess.PIPE, bufsize=0)
         )
         assert client.stderr is not None
         lines = echo.LineReader(client.stderr)
         # The load tool ends by itself within connect + warmup + duration + 2 s.
-        deadline = time.monotonic() + connect_timeout + args.warmup + args.duration + 15
+        warmup = args.warmup if args.fixed_warmup else args.warmup_max
+        deadline = time.monotonic() + connect_timeout + warmup + args.duration + 15
         before = after = None
         complaints = []
         while (text := lines.readline(deadline)) is not None:
@@ -463,13 +486,15 @@ def cpus_for(placement: str) -> tuple[int, int] | None:
 
 
 def estimate_seconds(p: Plan, args: argparse.Namespace) -> float:
-    """About how long the plan takes: each run is its warmup and duration plus
-    ~0.5 s to start and stop both processes (idle: ~1 s per 10,000 connections
-    to connect and check them, instead of the warmup)."""
+    """About how long the plan takes: each run is its warmup (until steady: ~1 s
+    more than the least, on a quiet machine) and duration plus ~0.6 s to start
+    and stop both processes and echo the first connection (idle: ~1 s per
+    10,000 connections to connect and check them, instead of the warmup)."""
+    warmup = args.warmup if args.fixed_warmup else min(args.warmup_max, max(args.warmup, 1.0) + 1)
     per_round = 0.0
     for cell in p.cells:
-        load = args.duration + (cell.connections / 10_000 if cell.mode == "idle" else args.warmup)
-        per_round += (load + 0.5) * len(p.contenders)
+        load = args.duration + (cell.connections / 10_000 if cell.mode == "idle" else warmup)
+        per_round += (load + 0.6) * len(p.contenders)
     return per_round * len(p.placements) * args.rounds
 
 
@@ -591,6 +616,11 @@ def document(
             "rounds": args.rounds,
             "duration": args.duration,
             "warmup": args.warmup,
+            # The warm-up ran until the rate settled, for at most warmup_max
+            # (None: exactly `warmup`).
+            "warmup_max": None if args.fixed_warmup else args.warmup_max,
+            "steady_tolerance_pct": None if args.fixed_warmup else args.steady_tolerance,
+            "first_connection": not args.no_first_connection,
             "client_threads": args.client_threads,
             "placements": {pl: cpus_for(pl) for pl in p.placements},
         },
@@ -643,10 +673,11 @@ def print_tables(doc: dict[str, Any]) -> None:
         load = [m for m in rows if cells[m["cell"]].mode != "idle"]
         if load:
             head = (
-                f"{'cell':<18} {'server':<8} {'rate':>15} "
+                f"{'cell':<18} {'server':<8} {'rate':>16} "
                 + (f"{'min-max':>11} " if rounds > 1 else "")
                 + f"{'p50 µs':>8} {'p99 µs':>8} {'err':>4} {'CPU µs/req':>10} "
-                f"{'vs uvloop':>9} {'vs native':>9} {'other':>5}  by thread (µs/req)"
+                f"{'vs uvloop':>9} {'vs native':>9} {'client':>6} {'other':>5} {'warm-up':>7}  "
+                "by thread (µs/req)"
             )
             print(head)
             print("-" * len(head))
@@ -676,8 +707,22 @@ def print_tables(doc: dict[str, Any]) -> None:
     for s in doc["skipped"]:
         what = s.get("cell") or s.get("contender") or s.get("placement")
         print(f"skipped: {what}: {s['reason']}")
+    unsettled = [r for r in doc["runs"] if r["summary"].get("warmup_steady") is False]
+    for r in unsettled:
+        rates = ", ".join(short(x) for x in r["client"].get("warmup_rates", []))
+        print(
+            f"note: round {r['round']}, {r['placement']}, {r['cell']}, {r['contender']}: the "
+            f"rate did not settle in the warm-up ({r['summary']['warmup_s']:.1f} s; rates per "
+            f"0.25 s: {rates})"
+        )
     for note in doc["notes"]:
         print(f"note: {note}")
+
+
+def client_bound(m: dict[str, Any]) -> bool:
+    """Whether the load tool, not the server, set the rate of the run summed up
+    in ``m``: it was (nearly) always busy, and the server was not."""
+    return m.get("client_cpu_frac", 0.0) >= CLIENT_BOUND > m.get("server_cpu_frac", 0.0)
 
 
 def print_row(cell: Cell, m: dict[str, Any], rounds: int) -> None:
@@ -686,12 +731,20 @@ def print_row(cell: Cell, m: dict[str, Any], rounds: int) -> None:
         return
     spread = f"{short(m['min'])}-{short(m['max'])}" if rounds > 1 else ""
     threads = ", ".join(f"{k} {v:.2f}" for k, v in m["thread_us_per_request"].items() if v)
+    warmup = f"{m['warmup_s']:.1f}s" if "warmup_s" in m else "-"
+    client = f"{m['client_cpu_frac']:.0%}" if "client_cpu_frac" in m else "-"
+    rate = format_rate(cell, m["throughput"])
+    if client_bound(m):
+        rate += "^"
+    if m.get("warmup_steady") is False:
+        warmup += "!"
     print(
-        f"{cell.label:<18} {m['contender']:<8} {format_rate(cell, m['throughput']):>15} "
+        f"{cell.label:<18} {m['contender']:<8} {rate:>16} "
         + (f"{spread:>11} " if rounds > 1 else "")
         + f"{m['p50_us']:>8.0f} {m['p99_us']:>8.0f} {m['errors']:>4} "
         f"{m['cpu_us_per_request']:>10.2f} {times(m.get('vs_uvloop')):>9} "
-        f"{times(m.get('vs_native')):>9} {m['other_cpu_frac']:>5.0%}  {threads}"
+        f"{times(m.get('vs_native')):>9} {client:>6} {m['other_cpu_frac']:>5.0%} {warmup:>7}  "
+        f"{threads}"
     )
 
 
@@ -722,10 +775,17 @@ CPU µs/req: server CPU (user+sys, all threads, from /proc/<pid>/stat between th
   tool's measure-start and measure-end lines) / requests in that window (stream: per
   request-sized chunk). by thread: the same per server thread (/proc/<pid>/task/*/stat).
 vs uvloop / vs native: rate / theirs (idle: bytes per connection / theirs).
+client: the load tool's CPU, 100% = one core. ^ after a rate: the load tool was busy 90%
+  of the time or more and the server less: the load tool set the rate, which is a lower
+  bound for what the server can do (and a ratio against it says little).
 other: CPU used by other processes meanwhile, 100% = one core (should be ~0%).
-idle: RSS ready = once the server listens; RSS held = with every connection open, at
-  the end of the hold; bytes/conn = (held - ready) / connections; idle CPU = server CPU
-  while the connections were held, 100% = one core."""
+warm-up: how long the load ran before the measured time: until 4 successive 0.25 s rates
+  were within the tolerance of their mean (at least --warmup); "!": they never were, and
+  the measured time began at --warmup-max. Every server first echoed one request on a
+  connection of its own and saw it closed.
+idle: RSS ready = once the server listens and has echoed its first connection; RSS held =
+  with every connection open, at the end of the hold; bytes/conn = (held - ready) /
+  connections; idle CPU = server CPU while the connections were held, 100% = one core."""
 
 
 # --------------------------------------------------------------------------
@@ -804,7 +864,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--duration", type=float, help="measured seconds per run (default 3; idle: held)"
     )
-    parser.add_argument("--warmup", type=float, help="unmeasured seconds first (default 1)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        help="unmeasured seconds first: the least warm-up, which goes on until the rate "
+        "settles (default 1; --quick 0.5)",
+    )
+    parser.add_argument(
+        "--warmup-max",
+        type=float,
+        help="the longest warm-up, if the rate does not settle (default 6; --quick 2)",
+    )
+    parser.add_argument(
+        "--steady-tolerance",
+        type=float,
+        default=10.0,
+        metavar="PCT",
+        help="the rate has settled when 4 successive 0.25 s rates are within PCT%% of "
+        "their mean, (highest - lowest) / mean (default 10: this 2-vCPU VM's 0.25 s rates "
+        "swing by 5-15%% in a steady state)",
+    )
+    parser.add_argument(
+        "--fixed-warmup",
+        action="store_true",
+        help="warm up for exactly --warmup seconds, settled or not",
+    )
+    parser.add_argument(
+        "--no-first-connection",
+        action="store_true",
+        help="load each server straight after it starts, without first having one "
+        "request echoed on a connection of its own and closed",
+    )
     parser.add_argument(
         "--idle",
         default="10000",
@@ -825,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke test: rr 1 KiB x10 only, 1 s, unpinned",
+        help="a smoke test: rr 1 KiB x10 only, 1 s, unpinned, warm-up 0.5-2 s",
     )
     parser.add_argument("--json", metavar="PATH", help="write every run and the medians")
     parser.add_argument("--chart", metavar="PATH.png", help="draw a chart (needs matplotlib)")
@@ -836,8 +926,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.from_json:
         doc = json.loads(Path(args.from_json).read_text())
-        if doc.get("format") != FORMAT:
-            parser.error(f"{args.from_json}: not a suite.py --json file of format {FORMAT}")
+        if doc.get("format") not in READABLE_FORMATS:
+            parser.error(
+                f"{args.from_json}: not a suite.py --json file of format "
+                + " or ".join(map(str, READABLE_FORMATS))
+            )
         print_tables(doc)
         if args.chart:
             draw_chart(doc, args.chart)
@@ -847,10 +940,16 @@ def main(argv: list[str] | None = None) -> int:
     args.placement = args.placement or ("unpinned" if args.quick else "both")
     args.duration = args.duration or (1.0 if args.quick else 3.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
+    if args.warmup_max is None:
+        args.warmup_max = max(args.warmup, 2.0 if args.quick else 6.0)
     if args.rounds < 1 or args.duration <= 0 or args.warmup < 0 or args.client_threads < 1:
         parser.error(
             "--rounds and --client-threads must be positive, --duration > 0, --warmup >= 0"
         )
+    if not args.fixed_warmup and not (
+        args.warmup_max >= args.warmup and args.steady_tolerance >= 0
+    ):
+        parser.error("--warmup-max must be at least --warmup, --steady-tolerance >= 0")
 
     p = plan(args, parser)
     started = datetime.datetime.now().astimezone()

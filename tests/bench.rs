@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use _rsepoll::bench::message::{Framing, Verify};
-use _rsepoll::bench::{self, Config, Mode};
+use _rsepoll::bench::{self, Config, Mode, Steady};
 
 /// What a test server does with each read.
 #[derive(Clone, Copy)]
@@ -268,4 +268,112 @@ fn the_window_is_fixed_even_when_nothing_connects() {
     assert!(run.window(Duration::from_secs(5)).is_some());
     assert!(run.wait(Duration::from_secs(5)));
     assert!(run.join().is_err());
+}
+
+/// A steady warm-up that samples every 50 ms and wants 3 samples within
+/// `tolerance`, for at most `max`.
+fn steady(max: Duration, tolerance: f64) -> Steady {
+    Steady {
+        max,
+        tolerance,
+        window: Duration::from_millis(50),
+        windows: 3,
+    }
+}
+
+#[test]
+fn a_steady_warmup_fixes_the_window_once_the_rate_settles() {
+    let addr = server(Behaviour::Echo);
+    for mode in [Mode::Rr, Mode::Stream] {
+        let mut config = config(addr, mode);
+        config.warmup = Duration::from_millis(100);
+        // Loose enough for a loaded machine: the test is of the mechanism.
+        config.steady = Some(steady(Duration::from_secs(3), 1.0));
+        let run = bench::start(config).unwrap();
+        // Not fixed before three samples, 150 ms after every connection is up.
+        assert_eq!(run.window(Duration::ZERO), None, "{mode:?}");
+        let (start, end) = run.window(Duration::from_secs(5)).expect("fixed");
+        // Learnt the moment it starts (give or take scheduling).
+        assert!(
+            Instant::now() < start + Duration::from_millis(200),
+            "{mode:?}"
+        );
+        assert_eq!(end - start, Duration::from_millis(400));
+        assert!(run.wait(Duration::from_secs(3)), "{mode:?}");
+        let report = run.join().unwrap();
+        assert_eq!(
+            report.errors + report.stalled,
+            0,
+            "{:?}",
+            report.error_samples
+        );
+        assert_eq!(
+            report.steady,
+            Some(true),
+            "{mode:?}: {:?}",
+            report.warmup_rates
+        );
+        assert!(report.warmup_rates.len() >= 3, "{mode:?}");
+        assert!(report.warmup_rates.iter().all(|&r| r > 0.0), "{mode:?}");
+        assert!(
+            (0.15..3.0).contains(&report.warmup_seconds),
+            "{mode:?}: {}",
+            report.warmup_seconds
+        );
+        assert_eq!(report.seconds, 0.4, "{mode:?}");
+        assert!(report.requests > 0, "{mode:?}");
+    }
+}
+
+#[test]
+fn a_steady_warmup_that_never_settles_ends_at_its_maximum() {
+    // Accepts (the backlog does) but never answers: every rate is zero,
+    // which is never steady.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = config(listener.local_addr().unwrap(), Mode::Rr);
+    config.steady = Some(steady(Duration::from_millis(500), 0.05));
+    config.duration = Duration::from_millis(200);
+    let began = Instant::now();
+    let report = bench::run(config).unwrap();
+    assert!(began.elapsed() < Duration::from_secs(3));
+    assert_eq!(report.steady, Some(false));
+    assert!(
+        (0.5..1.0).contains(&report.warmup_seconds),
+        "{}",
+        report.warmup_seconds
+    );
+    assert!(report.warmup_rates.iter().all(|&r| r == 0.0));
+    assert_eq!((report.requests, report.errors), (0, 0));
+    drop(listener);
+}
+
+#[test]
+fn a_run_stopped_during_a_steady_warmup_ends_with_its_window_fixed() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = config(listener.local_addr().unwrap(), Mode::Rr);
+    config.steady = Some(steady(Duration::from_secs(30), 0.05));
+    let run = bench::start(config).unwrap();
+    assert!(!run.wait(Duration::from_millis(300)));
+    run.stop();
+    assert!(run.wait(Duration::from_secs(2)));
+    assert!(run.window(Duration::ZERO).is_some());
+    let report = run.join().unwrap();
+    assert_eq!((report.steady, report.seconds), (Some(false), 0.0));
+}
+
+#[test]
+fn a_fixed_warmup_reports_its_length_and_no_steadiness() {
+    let addr = server(Behaviour::Echo);
+    let mut fixed = config(addr, Mode::Rr);
+    fixed.warmup = Duration::from_millis(200);
+    let report = bench::run(fixed).unwrap();
+    assert_eq!(report.warmup_seconds, 0.2);
+    assert_eq!(report.steady, None);
+    assert!(report.warmup_rates.is_empty());
+    // Idle mode has no warm-up, steady or not.
+    let mut idle = config(addr, Mode::Idle);
+    idle.warmup = Duration::from_millis(200);
+    idle.steady = Some(steady(Duration::from_secs(1), 0.05));
+    let report = bench::run(idle).unwrap();
+    assert_eq!((report.warmup_seconds, report.steady), (0.0, None));
 }

@@ -177,11 +177,44 @@ def test_marks_bracket_the_measured_time():
     assert report["duration_s"] == 1.0 and report["errors"] == 0
 
 
+def test_a_warmup_until_steady_is_reported_and_marked():
+    # A loose tolerance, so that it settles on a loaded machine too: the
+    # test is of the mechanism, not of this machine's steadiness.
+    with running() as (_, port):
+        argv = [sys.executable, "-m", "rsepoll.bench", f"127.0.0.1:{port}", "--marks", "--json"]
+        argv += ["--connections", "2", "--threads", "1", "--duration", "0.5"]
+        argv += ["--warmup", "0.3", "--warmup-until-steady", "--warmup-max", "3"]
+        argv += ["--steady-tolerance", "100"]
+        with subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as child:
+            try:
+                began = time.monotonic()
+                assert child.stderr is not None and child.stdout is not None
+                marks = [(line.strip(), time.monotonic() - began) for line in child.stderr]
+                report = json.loads(child.stdout.read())
+                status = child.wait(10)
+            finally:
+                child.kill()
+    assert status == 0, marks
+    assert report["warmup_until_steady"] is True
+    assert report["warmup_steady"] is True, report["warmup_rates"]
+    # Sampled every 0.25 s; four samples must agree, after at least 0.3 s.
+    assert 1.0 <= report["warmup_s"] < 3.0, report["warmup_s"]
+    assert len(report["warmup_rates"]) >= 4
+    assert all(rate > 0 for rate in report["warmup_rates"]), report["warmup_rates"]
+    assert [name for name, _ in marks] == ["measure-start", "measure-end"], marks
+    (_, start), (_, end) = marks
+    assert start >= report["warmup_s"], marks
+    assert 0.4 <= end - start <= 0.7, marks
+    assert report["duration_s"] == 0.5 and report["errors"] == 0
+
+
 def test_the_table_is_printed_without_json():
     with running() as (_, port):
         status, out, err = bench(f"127.0.0.1:{port}", "--connections", "2", "--duration", "0.5")
     assert status == 0, err
-    for row in ("requests/s", "MB/s", "p50", "p99", "p99.9", "errors       0"):
+    for row in ("requests/s", "MB/s", "p50", "p99", "p99.9", "errors       0", "warm-up"):
         assert row in out, out
     # Not a terminal: no progress line.
     assert err == "", err
@@ -234,6 +267,14 @@ def test_a_refused_port_is_a_clear_error():
         (["127.0.0.1:9", "--duration", "0"], "--duration must be positive"),
         (["127.0.0.1:9", "--framing", "length", "--size", "4"], "at least 5"),
         (["127.0.0.1:9", "--mode", "stream", "--verify", "reverse"], "needs --framing"),
+        (
+            ["127.0.0.1:9", "--warmup-until-steady", "--warmup", "2", "--warmup-max", "1"],
+            "--warmup-max (1.0) must be at least --warmup (2.0)",
+        ),
+        (
+            ["127.0.0.1:9", "--warmup-until-steady", "--steady-tolerance", "-1"],
+            "--steady-tolerance must not be negative",
+        ),
         (["nonsense"], "expected HOST:PORT"),
         (["127.0.0.1:70000"], "port must be from 1 to 65535"),
         (["127.0.0.1:x"], "bad port"),

@@ -54,9 +54,18 @@ def test_quick_run_has_sane_numbers_and_no_errors(quick):
     assert doc["machine"]["nproc"] >= 1 and doc["machine"]["kernel"]
     assert doc["versions"]["python"] and doc["versions"]["rsepoll"] != "not installed"
     assert len(doc["runs"]) == len(expected)
+    settings = doc["settings"]
+    assert settings["first_connection"] is True
+    assert (settings["warmup"], settings["warmup_max"]) == (0.5, 2.0)
     for run in doc["runs"]:
         who = run["contender"]
         assert run["ok"], (who, run["note"])
+        # Warmed up until steady: at least 0.5 s, at most 2 s (and the
+        # watcher's last sample), and the report says whether it settled.
+        assert run["client"]["warmup_until_steady"] is True, who
+        assert 0.5 <= run["summary"]["warmup_s"] < 2.5, who
+        assert run["summary"]["warmup_steady"] in (True, False), who
+        assert run["client"]["warmup_rates"], who
         assert run["client"]["errors"] == 0 and run["client"]["stalled"] == 0, who
         assert run["client"]["connected"] == run["client"]["held"] == 10, who
         # The CPU window is the load tool's window, give or take scheduling.
@@ -166,6 +175,31 @@ def test_native_server_loses_no_bytes_when_the_client_reads_late():
             sender.join(10)
         assert len(received) == len(data)
         assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+@pytest.mark.parametrize("framing", ["raw", "line", "length"])
+def test_the_first_connection_is_echoed_in_every_framing(framing):
+    # benchmarks/echo.py's first_connection, which the suite and echo.py run
+    # against every fresh server before the load.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import echo
+    finally:
+        sys.path.pop(0)
+    argv = [sys.executable, str(ROOT / "benchmarks" / "echo.py")]
+    argv += ["--serve", "rsepoll-epoll", "--framing", framing]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline().split()[1])
+        began = time.monotonic()
+        echo.first_connection(port, 700, framing)
+        assert 0.1 <= time.monotonic() - began < 5
     finally:
         server.kill()
         server.wait()

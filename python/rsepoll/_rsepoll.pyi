@@ -124,6 +124,9 @@ def run_bench(
     size: int = 1024,
     duration: float = 10.0,
     warmup: float = 0.0,
+    warmup_until_steady: bool = False,
+    warmup_max: float = 10.0,
+    steady_tolerance: float = 0.05,
     threads: int = 0,
     verify: str = "echo",
     framing: str = "raw",
@@ -134,6 +137,10 @@ def run_bench(
 ) -> dict[str, Any]:
     """Runs the load of ``python -m rsepoll.bench`` against ``host`` (an IP
     address) and ``port`` with the GIL released; returns the report.
+
+    With ``warmup_until_steady``, the warm-up goes on after ``warmup`` until
+    the rate settles (the last four 0.25 s rates within ``steady_tolerance``,
+    a fraction, of their mean), for at most ``warmup_max`` seconds.
 
     ``progress``, if given, is called about every ``progress_interval``
     seconds with a dict (``phase``, ``elapsed``, ``requests``, ``errors``,

@@ -12,13 +12,14 @@ released, so the client is not the bottleneck and Ctrl-C works. Modes:
   for ``--duration``, check each again.
 
 Every reply is checked (``--verify``), and every request is one message in
-``--framing``. A run never takes longer than ``--connect-timeout`` +
-``--warmup`` + ``--duration`` + 2 s, and ends as soon as every connection
-has failed. When every connection's first reply was wrong, the server is not
-what ``--verify`` assumes (``python -m rsepoll``'s server reverses lines:
-``--framing line --verify reverse``), and the tool says so in one line
-instead of a table of errors. Ctrl-C ends a run early: the report covers what
-was measured until then, and the exit status is 130.
+``--framing``. ``--warmup-until-steady`` goes on warming up until the rate
+settles. A run never takes longer than ``--connect-timeout`` + ``--warmup``
+(or ``--warmup-max``) + ``--duration`` + 2 s, and ends as soon as every
+connection has failed. When every connection's first reply was wrong, the
+server is not what ``--verify`` assumes (``python -m rsepoll``'s server
+reverses lines: ``--framing line --verify reverse``), and the tool says so in
+one line instead of a table of errors. Ctrl-C ends a run early: the report
+covers what was measured until then, and the exit status is 130.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from . import __version__, _raise_fd_limit
 from ._rsepoll import run_bench
 
 _PROG = "python -m rsepoll.bench"
+#: --warmup-until-steady's sample length (s) and number of samples that must
+#: agree (crate::bench::steady::Steady::new).
+_STEADY_WINDOW = 0.25
+_STEADY_WINDOWS = 4
 #: Descriptors kept for everything but the connections.
 _SPARE_FDS = 64
 
@@ -81,7 +86,33 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="unmeasured load before the measured time (rr, stream; default 0)",
+        help="unmeasured load before the measured time (rr, stream; default 0); with "
+        "--warmup-until-steady, the least warm-up",
+    )
+    parser.add_argument(
+        "--warmup-until-steady",
+        action="store_true",
+        help="rr, stream: warm up until the rate settles. The rate is sampled every "
+        f"{_STEADY_WINDOW} s from the moment every connection is up, and the measured "
+        f"time starts at the first sample, at least --warmup in, at which the last "
+        f"{_STEADY_WINDOWS} rates are within --steady-tolerance of their mean, or after "
+        "--warmup-max if they never are. The report gives the warm-up's length, its "
+        "rates, and whether it settled (warmup_s, warmup_rates, warmup_steady)",
+    )
+    parser.add_argument(
+        "--warmup-max",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="with --warmup-until-steady: the longest warm-up (default 10)",
+    )
+    parser.add_argument(
+        "--steady-tolerance",
+        type=float,
+        default=5.0,
+        metavar="PERCENT",
+        help="with --warmup-until-steady: how far apart the last rates may be, "
+        "(highest - lowest) / mean (default 5)",
     )
     parser.add_argument(
         "--threads",
@@ -157,6 +188,15 @@ def _check(args: argparse.Namespace) -> None:
             raise _BadArgument(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not args.warmup >= 0:
         raise _BadArgument(f"--warmup must not be negative, got {args.warmup}")
+    if args.warmup_until_steady:
+        if not args.warmup_max >= args.warmup:
+            raise _BadArgument(
+                f"--warmup-max ({args.warmup_max}) must be at least --warmup ({args.warmup})"
+            )
+        if not args.steady_tolerance >= 0:
+            raise _BadArgument(
+                f"--steady-tolerance must not be negative, got {args.steady_tolerance}"
+            )
 
 
 def _us(value: float) -> str:
@@ -202,6 +242,7 @@ def format_table(r: dict[str, Any]) -> str:
         ),
         ("size", f"{r['size']} bytes"),
         ("duration", f"{r['duration_s']:.2f} s measured (connected in {r['connect_s']:.2f} s)"),
+        ("warm-up", _warmup_text(r)),
         ("requests/s", f"{r['requests_per_s']:,.1f} ({r['requests']:,} requests)"),
         ("MB/s", f"{r['mb_per_s_out']:,.2f} out, {r['mb_per_s_in']:,.2f} in"),
         (
@@ -212,6 +253,15 @@ def format_table(r: dict[str, Any]) -> str:
         ("errors", f"{r['errors']}" + (f" ({r['stalled']} stalled)" if r["stalled"] else "")),
     ]
     return "\n".join(f"{name:<13}{value}" for name, value in rows)
+
+
+def _warmup_text(r: dict[str, Any]) -> str:
+    text = f"{r['warmup_s']:.2f} s"
+    if not r["warmup_until_steady"]:
+        return text
+    rates = ", ".join(f"{rate:,.0f}" for rate in r["warmup_rates"])
+    how = "settled" if r["warmup_steady"] else "did not settle"
+    return f"{text}, until steady: {how} (rates per {_STEADY_WINDOW} s window: {rates})"
 
 
 def _fail(message: str, status: int) -> int:
@@ -277,6 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             size=args.size,
             duration=args.duration,
             warmup=args.warmup,
+            warmup_until_steady=args.warmup_until_steady,
+            warmup_max=args.warmup_max,
+            steady_tolerance=args.steady_tolerance / 100,
             threads=args.threads,
             verify=args.verify,
             framing=args.framing,

@@ -41,11 +41,14 @@ pub(super) fn run(
         events: Events::new(),
     };
     idle.check(&mut conns, tally, connect_deadline, "first")?;
-    let window = worker.arrive();
+    let end = worker
+        .arrive()
+        .expect("idle mode has no warm-up: the window is fixed when the gate opens")
+        .end;
     // Nothing to hold once every connection has failed: the run ends early.
     if conns.iter().any(|conn| conn.alive) {
-        idle.hold(&mut conns, tally, window.end)?;
-        idle.check(&mut conns, tally, window.end + GRACE, "second")?;
+        idle.hold(&mut conns, tally, end)?;
+        idle.check(&mut conns, tally, end + GRACE, "second")?;
     }
     for conn in &mut conns {
         if conn.alive {
@@ -83,7 +86,7 @@ impl Idle<'_> {
                 Err(message) => conn.fail(&self.poller, tally, &message),
             }
         }
-        while pending > 0 && tally.wait(&self.poller, &mut self.events, deadline)? {
+        while pending > 0 && tally.wait(&self.poller, &mut self.events, Some(deadline))? {
             for event in self.events.iter() {
                 let conn = &mut conns[event.key];
                 if !conn.alive || !conn.in_flight {
@@ -123,7 +126,7 @@ impl Idle<'_> {
         tally: &mut Tally<'_>,
         end: Instant,
     ) -> io::Result<()> {
-        while tally.wait(&self.poller, &mut self.events, end)? {
+        while tally.wait(&self.poller, &mut self.events, Some(end))? {
             for event in self.events.iter() {
                 let conn = &mut conns[event.key];
                 if !conn.alive {

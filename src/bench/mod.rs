@@ -13,33 +13,40 @@
 //!   round trip, hold them idle, check them again.
 //!
 //! A run's timeline: connect (at most `connect_timeout`; idle mode also runs
-//! its first check there), then `warmup` unmeasured, then the `duration`
-//! that is measured, then at most [`GRACE`] for idle mode's second check.
-//! Nothing waits longer: a server that does not answer costs a stalled
-//! request or an error, never a hang.
+//! its first check there), then `warmup` unmeasured (with
+//! [`Config::steady`], until the rate settles: at least `warmup`, at most
+//! [`Steady::max`]; see [`steady`]), then the `duration` that is measured,
+//! then at most [`GRACE`] for idle mode's second check. Nothing waits
+//! longer: a server that does not answer costs a stalled request or an
+//! error, never a hang.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crossbeam_utils::CachePadded;
 use polling::{Events, Poller};
 
 use crate::sync::{Condvar, Mutex};
 
+mod config;
 mod connect;
 mod exchange;
 pub mod histogram;
 mod idle;
 pub mod message;
+mod report;
 mod rr;
+pub mod steady;
 mod stream;
 
+pub use config::{Config, Mode};
 use histogram::Histogram;
-use message::{Framing, Verify};
+pub use report::{Phase, Progress, Report};
+pub use steady::Steady;
 
 /// How long idle mode's second check may take after the duration.
 pub const GRACE: Duration = Duration::from_secs(2);
@@ -52,228 +59,6 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 const POLL_SLICE: Duration = Duration::from_millis(50);
 /// Error messages kept for the report (all errors are counted).
 const MAX_SAMPLES: usize = 10;
-
-/// What the load looks like.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Request/response: one request in flight per connection.
-    Rr,
-    /// Every connection writes without waiting and reads what comes back.
-    Stream,
-    /// Connections held open and idle, checked before and after.
-    Idle,
-}
-
-impl Mode {
-    /// Parses `rr`, `stream` or `idle`.
-    pub fn parse(name: &str) -> Option<Mode> {
-        match name {
-            "rr" => Some(Mode::Rr),
-            "stream" => Some(Mode::Stream),
-            "idle" => Some(Mode::Idle),
-            _ => None,
-        }
-    }
-
-    /// The name the command line uses.
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Rr => "rr",
-            Mode::Stream => "stream",
-            Mode::Idle => "idle",
-        }
-    }
-}
-
-/// A run's parameters.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// The server.
-    pub addr: SocketAddr,
-    /// The kind of load.
-    pub mode: Mode,
-    /// Connections to open.
-    pub connections: usize,
-    /// Bytes per request, framing included.
-    pub size: usize,
-    /// The measured time (idle mode: how long the connections are held).
-    pub duration: Duration,
-    /// Unmeasured load before the measured time (not in idle mode).
-    pub warmup: Duration,
-    /// Worker threads; 0 picks half the CPUs (at least one), leaving the
-    /// rest to a server on the same machine. Never more than `connections`.
-    pub threads: usize,
-    /// What a reply must be.
-    pub verify: Verify,
-    /// How requests are framed.
-    pub framing: Framing,
-    /// The longest connecting may take, for all connections together (idle
-    /// mode: their first check included).
-    pub connect_timeout: Duration,
-}
-
-impl Config {
-    /// The defaults of `python -m rsepoll.bench`: 100 connections, 1 KiB
-    /// requests, 10 s, echo verification, raw framing.
-    pub fn new(addr: SocketAddr, mode: Mode) -> Config {
-        Config {
-            addr,
-            mode,
-            connections: 100,
-            size: 1024,
-            duration: Duration::from_secs(10),
-            warmup: Duration::ZERO,
-            threads: 0,
-            verify: Verify::Echo,
-            framing: Framing::Raw,
-            connect_timeout: Duration::from_secs(10),
-        }
-    }
-
-    /// Checks the parameters; the message names the one that is wrong.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.connections == 0 {
-            return Err("--connections must be positive".into());
-        }
-        message::check_size(self.framing, self.size)?;
-        if self.duration.is_zero() {
-            return Err("--duration must be positive".into());
-        }
-        if self.connect_timeout.is_zero() {
-            return Err("--connect-timeout must be positive".into());
-        }
-        if self.mode == Mode::Stream
-            && self.verify == Verify::Reverse
-            && self.framing == Framing::Raw
-        {
-            return Err(
-                "stream mode with --verify reverse needs --framing line or length \
-                        (a raw reverse server reverses each read, and a stream's reads \
-                        do not keep request boundaries)"
-                    .into(),
-            );
-        }
-        Ok(())
-    }
-
-    /// The number of worker threads a run uses.
-    pub fn worker_threads(&self) -> usize {
-        let threads = if self.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get() / 2)
-        } else {
-            self.threads
-        };
-        threads.clamp(1, self.connections.max(1))
-    }
-}
-
-/// Where a run is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// Opening connections (idle mode: and checking them).
-    Connecting,
-    /// Loading without measuring.
-    Warmup,
-    /// The measured time.
-    Running,
-    /// Past the measured time: idle mode's second check, the workers' exit.
-    Finishing,
-}
-
-impl Phase {
-    /// A lowercase name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Connecting => "connecting",
-            Phase::Warmup => "warmup",
-            Phase::Running => "running",
-            Phase::Finishing => "finishing",
-        }
-    }
-}
-
-/// A look at a run in progress (the counts lag by up to [`PUBLISH_EVERY`]).
-#[derive(Clone, Debug)]
-pub struct Progress {
-    /// Where the run is.
-    pub phase: Phase,
-    /// Seconds into the measured time (0 before it).
-    pub elapsed: f64,
-    /// Requests completed in the measured time so far.
-    pub requests: u64,
-    /// Connections that failed so far.
-    pub errors: u64,
-    /// The 99th percentile of the round trips so far, in microseconds.
-    pub p99_us: f64,
-}
-
-/// What a run measured.
-#[derive(Clone, Debug)]
-pub struct Report {
-    /// The parameters it ran with (`threads` as used).
-    pub config: Config,
-    /// Connections that were established.
-    pub connected: usize,
-    /// Connections still open and healthy at the end.
-    pub held: usize,
-    /// Seconds it took to connect (idle mode: and check) everything.
-    pub connect_seconds: f64,
-    /// The length of the measured time, in seconds.
-    pub seconds: f64,
-    /// Requests completed in the measured time (stream mode: `size` bytes
-    /// received; idle mode: checks passed).
-    pub requests: u64,
-    /// Bytes written in the measured time.
-    pub bytes_out: u64,
-    /// Bytes read in the measured time.
-    pub bytes_in: u64,
-    /// Connections that failed: could not connect, were closed or reset by
-    /// the server, or got a wrong reply.
-    pub errors: u64,
-    /// Connections whose request was unanswered for over a second at the end.
-    pub stalled: u64,
-    /// Connections that failed at their first reply because it was wrong: not
-    /// what [`Verify`] expects, or longer than the request. When that is every
-    /// connection, no reply was ever right: the server does not do what
-    /// `--verify` assumes (`python -m rsepoll`'s server reverses lines, and
-    /// `--verify echo` is the default).
-    pub wrong_first_replies: u64,
-    /// The first few errors, described.
-    pub error_samples: Vec<String>,
-    /// Round trips in nanoseconds (stream mode: from the write of a chunk
-    /// to the read of its last byte; idle mode: the checks).
-    pub latency: Histogram,
-}
-
-impl Report {
-    fn per_second(&self, n: u64) -> f64 {
-        if self.seconds > 0.0 {
-            n as f64 / self.seconds
-        } else {
-            0.0
-        }
-    }
-
-    /// Requests per second.
-    pub fn requests_per_s(&self) -> f64 {
-        self.per_second(self.requests)
-    }
-
-    /// Megabytes (10^6 bytes) written per second.
-    pub fn mb_per_s_out(&self) -> f64 {
-        self.per_second(self.bytes_out) / 1e6
-    }
-
-    /// Megabytes (10^6 bytes) read per second.
-    pub fn mb_per_s_in(&self) -> f64 {
-        self.per_second(self.bytes_in) / 1e6
-    }
-
-    /// A latency percentile in microseconds.
-    pub fn percentile_us(&self, p: f64) -> f64 {
-        self.latency.percentile(p) as f64 / 1e3
-    }
-}
 
 /// The measured time, fixed once every worker has connected.
 #[derive(Clone, Copy, Debug)]
@@ -288,18 +73,43 @@ impl Window {
     }
 }
 
+/// Where the workers meet before the load, and the measured time.
+#[derive(Default)]
+struct Gate {
+    /// Workers that have connected (or given up).
+    arrived: usize,
+    /// When the last of them did: the warm-up starts then.
+    opened: Option<Instant>,
+    /// The measured time, once fixed: when the gate opens, or with a steady
+    /// warm-up once the rate settles.
+    window: Option<Window>,
+}
+
 /// What the workers share with each other and with the [`Bench`] handle.
 struct Shared {
     config: Config,
     threads: usize,
+    /// The threads that report to `finished`: the workers, and the steady
+    /// warm-up's watcher if there is one.
+    parties: usize,
     began: Instant,
     stop: AtomicBool,
     stopped_at: Mutex<Option<Instant>>,
-    /// Workers that have connected, and the window once all have.
-    gate: Mutex<(usize, Option<Window>)>,
+    gate: Mutex<Gate>,
+    /// Notified when the gate opens and when the window is fixed.
     gate_open: Condvar,
-    /// Workers that have finished.
+    /// The window, as in `gate`, for the workers to read without a lock.
+    window: OnceLock<Window>,
+    /// Each worker's requests completed so far, warm-up included, for the
+    /// steady warm-up's watcher (stored at every wait, so never more than
+    /// one round of events behind).
+    completed: Box<[CachePadded<AtomicU64>]>,
+    /// How a steady warm-up ended.
+    warmup: Mutex<Option<steady::Outcome>>,
+    /// Threads that have finished (of `parties`).
     finished: Mutex<usize>,
+    /// Workers that have not finished yet (of `threads`).
+    workers_left: AtomicUsize,
     all_finished: Condvar,
     connected: AtomicUsize,
     held: AtomicUsize,
@@ -319,34 +129,75 @@ impl Shared {
         self.stop.load(Relaxed)
     }
 
+    /// The measured time, if it is fixed yet.
     fn window(&self) -> Option<Window> {
-        self.gate.lock().1
+        self.window.get().copied()
     }
 
-    /// Arrives at the gate; the last worker to arrive fixes the window.
-    /// With `wait`, waits for it (every worker arrives, even one that failed:
-    /// see [`Worker`]).
-    fn arrive(&self, wait: bool) -> Option<Window> {
+    /// Whether `t` is in the measured time. A worker asks after it took `t`
+    /// (`Instant::now()`), so a window fixed to start at or before `t` is
+    /// seen: [`Shared::fix_window`] takes its start before it publishes it.
+    /// (What completes in the nanoseconds between the two is not counted.)
+    fn in_window(&self, t: Instant) -> bool {
+        self.window().is_some_and(|w| w.contains(t))
+    }
+
+    /// When the workers stop: the end of the window, or `None` while it is
+    /// not fixed (they go on, looking again at every wait).
+    fn until(&self) -> Option<Instant> {
+        self.window().map(|w| w.end)
+    }
+
+    /// Fixes the measured time to start at `start`, once; later calls do
+    /// nothing.
+    fn fix_window(&self, start: Instant) {
         let mut gate = self.gate.lock();
-        gate.0 += 1;
-        if gate.0 == self.threads {
-            let now = Instant::now();
-            *self.connect_seconds.lock() = now.duration_since(self.began).as_secs_f64();
-            let warmup = match self.config.mode {
-                Mode::Idle => Duration::ZERO,
-                Mode::Rr | Mode::Stream => self.config.warmup,
-            };
-            let start = now + warmup;
-            gate.1 = Some(Window {
+        if gate.window.is_none() {
+            let window = Window {
                 start,
                 end: start + self.config.duration,
-            });
+            };
+            gate.window = Some(window);
+            let _ = self.window.set(window);
             self.gate_open.notify_all();
         }
-        while wait && gate.1.is_none() {
+    }
+
+    /// Arrives at the gate; the last worker to arrive opens it, and fixes the
+    /// window unless a steady warm-up's watcher will. With `wait`, waits for
+    /// the gate to open (every worker arrives, even one that failed: see
+    /// [`Worker`]).
+    fn arrive(&self, wait: bool) {
+        let mut gate = self.gate.lock();
+        gate.arrived += 1;
+        if gate.arrived == self.threads {
+            let now = Instant::now();
+            *self.connect_seconds.lock() = now.duration_since(self.began).as_secs_f64();
+            gate.opened = Some(now);
+            if self.config.steady_warmup().is_none() {
+                let warmup = match self.config.mode {
+                    Mode::Idle => Duration::ZERO,
+                    Mode::Rr | Mode::Stream => self.config.warmup,
+                };
+                let start = now + warmup;
+                let window = Window {
+                    start,
+                    end: start + self.config.duration,
+                };
+                gate.window = Some(window);
+                let _ = self.window.set(window);
+            }
+            self.gate_open.notify_all();
+        }
+        while wait && gate.opened.is_none() {
             gate = self.gate_open.wait(gate);
         }
-        gate.1
+    }
+
+    /// One more thread (of `parties`) has finished.
+    fn finish(&self) {
+        *self.finished.lock() += 1;
+        self.all_finished.notify_all();
     }
 
     fn sample(&self, message: String) {
@@ -360,6 +211,12 @@ impl Shared {
 /// One worker's counts, published to [`Shared`] every [`PUBLISH_EVERY`].
 struct Tally<'a> {
     shared: &'a Shared,
+    /// The worker's index, in [`Shared::completed`].
+    index: usize,
+    /// Requests completed since the start, warm-up included (stream mode:
+    /// `size`-byte units received), stored in [`Shared::completed`] at
+    /// every wait.
+    completed: u64,
     requests: u64,
     bytes_out: u64,
     bytes_in: u64,
@@ -368,9 +225,11 @@ struct Tally<'a> {
 }
 
 impl<'a> Tally<'a> {
-    fn new(shared: &'a Shared) -> Self {
+    fn new(shared: &'a Shared, index: usize) -> Self {
         Tally {
             shared,
+            index,
+            completed: 0,
             requests: 0,
             bytes_out: 0,
             bytes_in: 0,
@@ -399,17 +258,25 @@ impl<'a> Tally<'a> {
 
     /// Publishes if it is time to, then waits for `events` (at most
     /// [`POLL_SLICE`]); false, without waiting, once `until` has come or a
-    /// stop was asked for.
-    fn wait(&mut self, poller: &Poller, events: &mut Events, until: Instant) -> io::Result<bool> {
+    /// stop was asked for. `until` is `None` while the window is not fixed.
+    fn wait(
+        &mut self,
+        poller: &Poller,
+        events: &mut Events,
+        until: Option<Instant>,
+    ) -> io::Result<bool> {
         let now = Instant::now();
+        self.shared.completed[self.index].store(self.completed, Relaxed);
         if now.duration_since(self.published) >= PUBLISH_EVERY {
             self.publish(now);
         }
-        if now >= until || self.shared.stopping() {
+        if until.is_some_and(|until| now >= until) || self.shared.stopping() {
             return Ok(false);
         }
         events.clear();
-        let slice = until.saturating_duration_since(now).min(POLL_SLICE);
+        let slice = until.map_or(POLL_SLICE, |until| {
+            until.saturating_duration_since(now).min(POLL_SLICE)
+        });
         poller.wait(events, Some(slice))?;
         Ok(true)
     }
@@ -440,12 +307,12 @@ struct Worker<'a> {
 }
 
 impl<'a> Worker<'a> {
-    /// Waits for every worker to have connected; returns the window.
-    fn arrive(&mut self) -> Window {
+    /// Waits for every worker to have connected; returns the window if it
+    /// is fixed already (it is unless a steady warm-up is to fix it).
+    fn arrive(&mut self) -> Option<Window> {
         self.arrived = true;
-        self.shared
-            .arrive(true)
-            .expect("the last worker to arrive opens the gate")
+        self.shared.arrive(true);
+        self.shared.window()
     }
 }
 
@@ -454,9 +321,7 @@ impl Drop for Worker<'_> {
         if !self.arrived {
             self.shared.arrive(false);
         }
-        let mut finished = self.shared.finished.lock();
-        *finished += 1;
-        if *finished == self.shared.threads {
+        if self.shared.workers_left.fetch_sub(1, Relaxed) == 1 {
             // The run is over, early if every connection failed: the
             // measured time ends here at the latest.
             self.shared
@@ -464,8 +329,7 @@ impl Drop for Worker<'_> {
                 .lock()
                 .get_or_insert_with(Instant::now);
         }
-        drop(finished);
-        self.shared.all_finished.notify_all();
+        self.shared.finish();
     }
 }
 
@@ -474,6 +338,8 @@ impl Drop for Worker<'_> {
 pub struct Bench {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<io::Result<()>>>,
+    /// The steady warm-up's watcher, if the run has one.
+    watcher: Option<JoinHandle<()>>,
 }
 
 /// Starts a run in the background. Fails only if `config` is invalid
@@ -483,15 +349,23 @@ pub fn start(config: Config) -> io::Result<Bench> {
         .validate()
         .map_err(|message| io::Error::new(io::ErrorKind::InvalidInput, message))?;
     let threads = config.worker_threads();
+    let steady = config.steady_warmup().cloned();
     let shared = Arc::new(Shared {
         config,
         threads,
+        parties: threads + usize::from(steady.is_some()),
         began: Instant::now(),
         stop: AtomicBool::new(false),
         stopped_at: Mutex::new(None),
-        gate: Mutex::new((0, None)),
+        gate: Mutex::new(Gate::default()),
         gate_open: Condvar::new(),
+        window: OnceLock::new(),
+        completed: (0..threads)
+            .map(|_| CachePadded::new(AtomicU64::new(0)))
+            .collect(),
+        warmup: Mutex::new(None),
         finished: Mutex::new(0),
+        workers_left: AtomicUsize::new(threads),
         all_finished: Condvar::new(),
         connected: AtomicUsize::new(0),
         held: AtomicUsize::new(0),
@@ -505,6 +379,17 @@ pub fn start(config: Config) -> io::Result<Bench> {
         samples: Mutex::new(Vec::new()),
         latency: Mutex::new(Histogram::new()),
     });
+    let watcher = match steady {
+        Some(steady) => {
+            let theirs = Arc::clone(&shared);
+            Some(
+                std::thread::Builder::new()
+                    .name("rsepoll-bench-warmup".into())
+                    .spawn(move || steady::watch(&theirs, &steady))?,
+            )
+        }
+        None => None,
+    };
     let mut workers = Vec::with_capacity(threads);
     for index in 0..threads {
         let theirs = Arc::clone(&shared);
@@ -515,7 +400,11 @@ pub fn start(config: Config) -> io::Result<Bench> {
             Ok(handle) => workers.push(handle),
             Err(error) => {
                 // Those already started would wait at the gate for this one.
-                let bench = Bench { shared, workers };
+                let bench = Bench {
+                    shared,
+                    workers,
+                    watcher,
+                };
                 bench.stop();
                 for _ in index..threads {
                     bench.shared.arrive(false);
@@ -525,7 +414,11 @@ pub fn start(config: Config) -> io::Result<Bench> {
             }
         }
     }
-    Ok(Bench { shared, workers })
+    Ok(Bench {
+        shared,
+        workers,
+        watcher,
+    })
 }
 
 /// Runs `config` to its end.
@@ -540,7 +433,7 @@ fn work(shared: &Shared, index: usize) -> io::Result<()> {
         arrived: false,
     };
     let config = &shared.config;
-    let mut tally = Tally::new(shared);
+    let mut tally = Tally::new(shared, index);
     let deadline = shared.began + config.connect_timeout;
     let ids = (index..config.connections).step_by(shared.threads);
     // Before the connections, which may take every descriptor left.
@@ -560,8 +453,10 @@ impl Bench {
     pub fn progress(&self) -> Progress {
         let shared = &self.shared;
         let now = Instant::now();
+        let opened = shared.gate.lock().opened.is_some();
         let (phase, elapsed) = match shared.window() {
-            None => (Phase::Connecting, 0.0),
+            None if !opened => (Phase::Connecting, 0.0),
+            None => (Phase::Warmup, 0.0),
             Some(w) if now < w.start => (Phase::Warmup, 0.0),
             Some(w) if now < w.end => (Phase::Running, (now - w.start).as_secs_f64()),
             Some(w) => (Phase::Finishing, (w.end - w.start).as_secs_f64()),
@@ -576,28 +471,31 @@ impl Bench {
     }
 
     /// The measured time as (start, end), waiting up to `timeout` for it to
-    /// be fixed (it is once every worker has connected; `None` until then).
-    /// A caller that samples something at the window's edges, such as the
-    /// server's CPU time, learns them here the moment they are known. The
-    /// window is always fixed before the run ends: every worker arrives at
-    /// the gate, even one that failed.
+    /// be fixed (`None` until then). It is fixed once every worker has
+    /// connected, with its start `warmup` later; with a steady warm-up, not
+    /// until the rate settles, with its start then. A caller that samples
+    /// something at the window's edges, such as the server's CPU time, learns
+    /// them here the moment they are known. The window is always fixed
+    /// before the run ends: every worker arrives at the gate, even one that
+    /// failed, and the watcher of a steady warm-up fixes it whatever happens.
     pub fn window(&self, timeout: Duration) -> Option<(Instant, Instant)> {
         let gate = self.shared.gate.lock();
         let gate = self
             .shared
             .gate_open
-            .wait_timeout_while(gate, timeout, |gate| gate.1.is_none());
-        gate.1.map(|w| (w.start, w.end))
+            .wait_timeout_while(gate, timeout, |gate| gate.window.is_none());
+        gate.window.map(|w| (w.start, w.end))
     }
 
     /// Waits up to `timeout` for the run to end; true once it has.
     pub fn wait(&self, timeout: Duration) -> bool {
+        let parties = self.shared.parties;
         let finished = self.shared.finished.lock();
         let finished = self
             .shared
             .all_finished
-            .wait_timeout_while(finished, timeout, |n| *n < self.workers.len());
-        *finished >= self.workers.len()
+            .wait_timeout_while(finished, timeout, |n| *n < parties);
+        *finished >= parties
     }
 
     /// Asks the workers to stop now (they notice within ~50 ms, or when the
@@ -617,6 +515,11 @@ impl Bench {
     /// says why the first one failed).
     pub fn join(self) -> io::Result<Report> {
         let mut failure = None;
+        if let Some(watcher) = self.watcher {
+            if watcher.join().is_err() {
+                failure = Some(io::Error::other("the warm-up watcher panicked"));
+            }
+        }
         for worker in self.workers {
             match worker.join() {
                 Ok(Ok(())) => {}
@@ -642,6 +545,11 @@ impl Bench {
             }
             None => 0.0,
         };
+        let warmup_seconds = match (shared.gate.lock().opened, shared.window()) {
+            (Some(opened), Some(w)) => w.start.saturating_duration_since(opened).as_secs_f64(),
+            _ => 0.0,
+        };
+        let outcome = shared.warmup.lock().take();
         let mut config = shared.config.clone();
         config.threads = shared.threads;
         Ok(Report {
@@ -650,6 +558,9 @@ impl Bench {
             held: shared.held.load(Relaxed),
             connect_seconds: *shared.connect_seconds.lock(),
             seconds,
+            warmup_seconds,
+            steady: outcome.as_ref().map(|o| o.settled),
+            warmup_rates: outcome.map_or_else(Vec::new, |o| o.rates),
             requests: shared.requests.load(Relaxed),
             bytes_out: shared.bytes_out.load(Relaxed),
             bytes_in: shared.bytes_in.load(Relaxed),

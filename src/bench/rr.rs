@@ -32,7 +32,7 @@ pub(super) fn run(
     for (key, conn) in conns.iter().enumerate() {
         conn.register(&poller, key)?;
     }
-    let window = worker.arrive();
+    worker.arrive();
     let mut alive = conns.len();
     for (key, conn) in conns.iter_mut().enumerate() {
         if let Err(message) = conn.send_next(&poller, key) {
@@ -42,7 +42,7 @@ pub(super) fn run(
     }
     let mut scratch = vec![0u8; SCRATCH];
     let mut events = Events::new();
-    while alive > 0 && tally.wait(&poller, &mut events, window.end)? {
+    while alive > 0 && tally.wait(&poller, &mut events, shared.until())? {
         for event in events.iter() {
             let conn = &mut conns[event.key];
             if !conn.alive {
@@ -50,14 +50,15 @@ pub(super) fn run(
             }
             let outcome = match conn.on_event(&poller, event, &mut scratch) {
                 Ok(Some(done)) => {
-                    if window.contains(done) {
+                    tally.completed += 1;
+                    if shared.in_window(done) {
                         tally.requests += 1;
                         tally.bytes_out += size;
                         tally.bytes_in += size;
                         let nanos = done.duration_since(conn.sent_at).as_nanos();
                         tally.latency.record(nanos as u64);
                     }
-                    if done < window.end {
+                    if shared.until().is_none_or(|end| done < end) {
                         conn.send_next(&poller, event.key)
                     } else {
                         Ok(())

@@ -17,7 +17,7 @@ use polling::{Event, Events, PollMode, Poller};
 
 use super::message::{self, Verify};
 use super::rr::SCRATCH;
-use super::{Shared, Tally, Window, Worker, STALL};
+use super::{Shared, Tally, Worker, STALL};
 
 /// Requests per cycle: enough for 64 KiB.
 const CYCLE_BYTES: usize = 64 << 10;
@@ -92,11 +92,11 @@ pub(super) fn run(
         // return the poller is dropped before `flows`.
         unsafe { poller.add_with_mode(&flow.stream, Event::all(key), PollMode::Level)? };
     }
-    let window = worker.arrive();
+    worker.arrive();
     let mut alive = flows.len();
     let mut scratch = vec![0u8; SCRATCH];
     let mut events = Events::new();
-    while alive > 0 && tally.wait(&poller, &mut events, window.end)? {
+    while alive > 0 && tally.wait(&poller, &mut events, shared.until())? {
         for event in events.iter() {
             let flow = &mut flows[event.key];
             if !flow.alive {
@@ -104,10 +104,10 @@ pub(super) fn run(
             }
             let mut outcome = Ok(());
             if event.writable {
-                outcome = flow.write_some(&cycle, window, tally);
+                outcome = flow.write_some(&cycle, shared, tally);
             }
             if event.readable && outcome.is_ok() {
-                outcome = flow.read_some(&cycle, window, tally, &mut scratch);
+                outcome = flow.read_some(&cycle, shared, tally, &mut scratch);
             }
             if let Err(message) = outcome {
                 flow.close(&poller);
@@ -147,7 +147,7 @@ impl Flow {
     fn write_some(
         &mut self,
         cycle: &Cycle,
-        window: Window,
+        shared: &Shared,
         tally: &mut Tally,
     ) -> Result<(), String> {
         let len = cycle.requests.len();
@@ -161,7 +161,7 @@ impl Flow {
                     let now = Instant::now();
                     self.sent += n as u64;
                     budget -= n;
-                    if window.contains(now) {
+                    if shared.in_window(now) {
                         tally.bytes_out += n as u64;
                     }
                     if self.marks.len() < MAX_MARKS {
@@ -179,7 +179,7 @@ impl Flow {
     fn read_some(
         &mut self,
         cycle: &Cycle,
-        window: Window,
+        shared: &Shared,
         tally: &mut Tally,
         scratch: &mut [u8],
     ) -> Result<(), String> {
@@ -219,7 +219,8 @@ impl Flow {
             self.received += n as u64;
             let now = Instant::now();
             self.last_read = now;
-            let counted = window.contains(now);
+            tally.completed += self.received / cycle.size - before / cycle.size;
+            let counted = shared.in_window(now);
             if counted {
                 tally.bytes_in += n as u64;
                 tally.requests += self.received / cycle.size - before / cycle.size;

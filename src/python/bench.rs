@@ -13,7 +13,7 @@ use pyo3::types::PyDict;
 
 use super::dispatch::SIGNAL_SLICE;
 use crate::bench::message::{Framing, Verify};
-use crate::bench::{self, Bench, Config, Mode, Report};
+use crate::bench::{self, Bench, Config, Mode, Report, Steady};
 
 /// How long an interrupted run is given to wind down before its threads are
 /// left to finish on their own (a connect under way ends at its timeout).
@@ -41,7 +41,10 @@ fn choice<T>(name: &str, value: &str, parse: fn(&str) -> Option<T>, names: &str)
 }
 
 /// Runs a load against `host` (an IP address) and `port`; see
-/// `python -m rsepoll.bench --help`. `progress`, if given, is called about
+/// `python -m rsepoll.bench --help`. With `warmup_until_steady`, the warm-up
+/// goes on after `warmup` until the rate settles (`steady_tolerance`, a
+/// fraction), for at most `warmup_max` seconds in all; see
+/// [`crate::bench::steady`]. `progress`, if given, is called about
 /// every `progress_interval` seconds with a dict (`phase`, `elapsed`,
 /// `requests`, `errors`, `p99_us`). `marks`, if given, is called with
 /// `"start"` when the measured time starts and `"end"` when it ends (see
@@ -54,6 +57,7 @@ fn choice<T>(name: &str, value: &str, parse: fn(&str) -> Option<T>, names: &str)
 #[pyfunction]
 #[pyo3(signature = (
     host, port, *, mode="rr", connections=100, size=1024, duration=10.0, warmup=0.0,
+    warmup_until_steady=false, warmup_max=10.0, steady_tolerance=0.05,
     threads=0, verify="echo", framing="raw", connect_timeout=10.0, progress=None,
     progress_interval=1.0, marks=None,
 ))]
@@ -67,6 +71,9 @@ pub(super) fn run_bench<'py>(
     size: usize,
     duration: f64,
     warmup: f64,
+    warmup_until_steady: bool,
+    warmup_max: f64,
+    steady_tolerance: f64,
     threads: usize,
     verify: &str,
     framing: &str,
@@ -86,6 +93,11 @@ pub(super) fn run_bench<'py>(
     config.size = size;
     config.duration = seconds("duration", duration, false)?;
     config.warmup = seconds("warmup", warmup, true)?;
+    if warmup_until_steady {
+        let mut steady = Steady::new(seconds("warmup_max", warmup_max, true)?);
+        steady.tolerance = steady_tolerance;
+        config.steady = Some(steady);
+    }
     config.threads = threads;
     config.verify = choice("verify", verify, Verify::parse, "echo, reverse, none")?;
     config.framing = choice("framing", framing, Framing::parse, "raw, line, length")?;
@@ -224,7 +236,10 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     d.set_item("size", c.size)?;
     d.set_item("framing", c.framing.name())?;
     d.set_item("verify", c.verify.name())?;
-    d.set_item("warmup_s", c.warmup.as_secs_f64())?;
+    d.set_item("warmup_s", r.warmup_seconds)?;
+    d.set_item("warmup_until_steady", c.steady_warmup().is_some())?;
+    d.set_item("warmup_steady", r.steady)?;
+    d.set_item("warmup_rates", r.warmup_rates.clone())?;
     d.set_item("connect_s", r.connect_seconds)?;
     d.set_item("duration_s", r.seconds)?;
     d.set_item("requests", r.requests)?;

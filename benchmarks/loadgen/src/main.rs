@@ -22,6 +22,14 @@
 //!   payload.
 //!
 //! The sequence stamps go in the first and last 8 bytes of the payload.
+//!
+//! `--mode stream` is another client altogether, shaped like the C stream
+//! client of issue 15: every connection is registered for reading and
+//! writing, level-triggered; on each writable event it makes one `write` of
+//! `--size` bytes (what the socket takes of them), on each readable event
+//! one `read` of up to 256 KiB. Nothing is checked but that the server does
+//! not close. Its `result` line gives the bytes written and read during the
+//! window (`mb_per_s_out`, `mb_per_s_in`, 10^6 bytes per second).
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -69,8 +77,12 @@ impl Framing {
     }
 }
 
+/// The most a stream-mode `read` asks for.
+const STREAM_READ: usize = 256 << 10;
+
 struct Config {
     addr: SocketAddr,
+    stream: bool,
     connections: usize,
     size: usize,
     framing: Framing,
@@ -111,9 +123,9 @@ fn main() -> ExitCode {
         Err(message) => {
             eprintln!("echo-loadgen: {message}");
             eprintln!(
-                "usage: echo-loadgen --port P [--host 127.0.0.1] [--connections 100] \
-                 [--size 1024] [--framing raw|line|length] [--threads 1] [--warmup 1] \
-                 [--duration 5]"
+                "usage: echo-loadgen --port P [--host 127.0.0.1] [--mode rr|stream] \
+                 [--connections 100] [--size 1024] [--framing raw|line|length] [--threads 1] \
+                 [--warmup 1] [--duration 5]"
             );
             return ExitCode::from(2);
         }
@@ -129,6 +141,9 @@ fn main() -> ExitCode {
 }
 
 fn run(config: &Config) -> io::Result<bool> {
+    if config.stream {
+        return run_stream(config);
+    }
     let mut groups: Vec<Vec<Conn>> = (0..config.threads).map(|_| Vec::new()).collect();
     for id in 0..config.connections {
         let stream = connect(config.addr)?;
@@ -195,6 +210,116 @@ fn run(config: &Config) -> io::Result<bool> {
         max = pct(100.0),
     );
     Ok(errors == 0 && stalled == 0)
+}
+
+/// Stream mode: see the module docs.
+fn run_stream(config: &Config) -> io::Result<bool> {
+    let mut groups: Vec<Vec<TcpStream>> = (0..config.threads).map(|_| Vec::new()).collect();
+    for id in 0..config.connections {
+        groups[id % config.threads].push(connect(config.addr)?);
+    }
+    let start = Instant::now() + config.warmup;
+    let end = start + config.duration;
+    let size = config.size;
+    let tallies = std::thread::scope(|scope| {
+        let workers: Vec<_> = groups
+            .into_iter()
+            .map(|streams| scope.spawn(move || drive_stream(streams, size, start, end)))
+            .collect();
+        sleep_until(start);
+        println!("measure-start");
+        sleep_until(end);
+        println!("measure-end");
+        workers
+            .into_iter()
+            .map(|worker| worker.join().expect("a worker thread panicked"))
+            .collect::<io::Result<Vec<(u64, u64, usize)>>>()
+    })?;
+    let (mut bytes_out, mut bytes_in, mut errors) = (0, 0, 0);
+    for (out, inn, errs) in tallies {
+        bytes_out += out;
+        bytes_in += inn;
+        errors += errs;
+    }
+    let seconds = config.duration.as_secs_f64();
+    println!(
+        "result {{\"mode\": \"stream\", \"seconds\": {seconds}, \"size\": {size}, \
+         \"connections\": {conns}, \"threads\": {threads}, \"bytes_out\": {bytes_out}, \
+         \"bytes_in\": {bytes_in}, \"mb_per_s_out\": {out:.3}, \"mb_per_s_in\": {inn:.3}, \
+         \"errors\": {errors}, \"stalled\": 0}}",
+        conns = config.connections,
+        threads = config.threads,
+        out = bytes_out as f64 / seconds / 1e6,
+        inn = bytes_in as f64 / seconds / 1e6,
+    );
+    Ok(errors == 0)
+}
+
+/// Drives `streams` in stream mode until `end`; returns the bytes written and
+/// read in `[start, end)`, and the connections that failed.
+fn drive_stream(
+    mut streams: Vec<TcpStream>,
+    size: usize,
+    start: Instant,
+    end: Instant,
+) -> io::Result<(u64, u64, usize)> {
+    let poller = Poller::new()?;
+    for (key, stream) in streams.iter().enumerate() {
+        // SAFETY: a stream must leave the poller before it is closed: failed
+        // ones are deleted at once, the others at the end; on an early return
+        // the poller (a local) is dropped before `streams` (a parameter).
+        unsafe { poller.add_with_mode(stream, Event::all(key), PollMode::Level)? };
+    }
+    let request: Vec<u8> = (0..size).map(|i| (i * 31 + 1) as u8).collect();
+    let mut buf = vec![0u8; STREAM_READ];
+    let mut alive = vec![true; streams.len()];
+    let (mut out, mut inn, mut errors) = (0u64, 0u64, 0usize);
+    let mut events = Events::new();
+    while alive.iter().any(|&a| a) && Instant::now() < end {
+        events.clear();
+        poller.wait(&mut events, Some(Duration::from_millis(50)))?;
+        let now = Instant::now();
+        let counted = now >= start && now < end;
+        for event in events.iter() {
+            let key = event.key;
+            if !alive[key] {
+                continue;
+            }
+            let stream = &mut streams[key];
+            let mut failure = None;
+            if event.writable {
+                match stream.write(&request) {
+                    Ok(n) if counted => out += n as u64,
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                    Err(e) => failure = Some(format!("write: {e}")),
+                }
+            }
+            if event.readable && failure.is_none() {
+                match stream.read(&mut buf) {
+                    Ok(0) => failure = Some("the server closed the connection".into()),
+                    Ok(n) if counted => inn += n as u64,
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                    Err(e) => failure = Some(format!("read: {e}")),
+                }
+            }
+            if let Some(message) = failure {
+                alive[key] = false;
+                let _ = poller.delete(&*stream);
+                errors += 1;
+                report(format!("connection {key}: {message}"));
+            }
+        }
+    }
+    for (stream, alive) in streams.iter().zip(&alive) {
+        if *alive {
+            let _ = poller.delete(stream);
+        }
+    }
+    Ok((out, inn, errors))
 }
 
 /// Drives `conns` until `end`; records the responses completed in `[start, end)`.
@@ -465,6 +590,7 @@ fn parse_args() -> Result<Config, String> {
     let mut port: Option<u16> = None;
     let mut config = Config {
         addr: "127.0.0.1:1".parse().unwrap(),
+        stream: false,
         connections: 100,
         size: 1024,
         framing: Framing::Raw,
@@ -486,6 +612,13 @@ fn parse_args() -> Result<Config, String> {
         match flag.as_str() {
             "--host" => host = value.clone(),
             "--port" => port = Some(value.parse().map_err(bad)?),
+            "--mode" => {
+                config.stream = match value.as_str() {
+                    "rr" => false,
+                    "stream" => true,
+                    _ => return Err(format!("bad value for {flag}: {value:?} (rr|stream)")),
+                }
+            }
             "--connections" => config.connections = value.parse().map_err(bad)?,
             "--size" => config.size = value.parse().map_err(bad)?,
             "--framing" => {
