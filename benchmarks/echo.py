@@ -65,6 +65,9 @@ SERVERS = (
     # rsepoll (epoll) under Server.serve() inside an asyncio or uvloop loop.
     "rsepoll-serve-asyncio",
     "rsepoll-serve-uvloop",
+    # rsepoll (epoll) with io_threads=0 (inline) and io_threads="auto".
+    "rsepoll-inline",
+    "rsepoll-auto",
 )
 #: What --servers runs unless told otherwise.
 DEFAULT_SERVERS = SERVERS[:4]
@@ -107,6 +110,9 @@ def serve(kind: str, framing: str, max_fds: int | None = None) -> None:
     than the default 8192); the asyncio servers take the limit they inherit."""
     if kind.startswith("rsepoll-serve-"):
         serve_rsepoll("epoll", framing, max_fds, loop=kind.rsplit("-", 1)[1])
+    elif kind in ("rsepoll-inline", "rsepoll-auto"):
+        io_threads = 0 if kind == "rsepoll-inline" else "auto"
+        serve_rsepoll("epoll", framing, max_fds, io_threads=io_threads)
     elif kind.startswith("rsepoll-"):
         serve_rsepoll(kind.split("-", 1)[1], framing, max_fds)
     else:
@@ -114,10 +120,14 @@ def serve(kind: str, framing: str, max_fds: int | None = None) -> None:
 
 
 def serve_rsepoll(
-    backend: str, framing: str, max_fds: int | None = None, loop: str | None = None
+    backend: str,
+    framing: str,
+    max_fds: int | None = None,
+    loop: str | None = None,
+    io_threads: int | str | None = None,
 ) -> None:
     """``loop``: None runs ``listen()``; "asyncio" or "uvloop" runs ``serve()`` in
-    that loop."""
+    that loop. ``io_threads``: None is the server's default."""
     import rsepoll
 
     where = Path(rsepoll.__file__).parent
@@ -138,6 +148,8 @@ def serve_rsepoll(
         kwargs["framing"] = framing
     if max_fds is not None:
         kwargs["max_fds"] = max_fds
+    if io_threads is not None:
+        kwargs["io_threads"] = io_threads
     server = Echo(**kwargs)
     listener = rsepoll.make_listener_socket(0, "127.0.0.1")
     server.port = listener.port  # type: ignore[attr-defined]

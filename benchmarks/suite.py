@@ -50,7 +50,9 @@ import echo  # noqa: E402  (benchmarks/echo.py: its servers and /proc helpers)
 
 NATIVE_SOURCE = HERE / "native" / "echo.c"
 NATIVE_BINARY = HERE / "native" / "echo"
-CONTENDERS = ("rsepoll", "asyncio", "uvloop", "native")
+#: rsepoll as configured by default (one I/O thread), inline (io_threads=0)
+#: and with io_threads="auto" (inline when pinned to one CPU).
+CONTENDERS = ("rsepoll", "rsepoll-inline", "rsepoll-auto", "asyncio", "uvloop", "native")
 PLACEMENTS = ("pinned", "unpinned")
 #: Descriptors a process needs besides its connections (the load tool keeps
 #: 64 spare; servers need a few of their own).
@@ -265,7 +267,7 @@ def server_argv(contender: str, cell: Cell) -> list[str]:
         return [str(NATIVE_BINARY)]
     kind = "rsepoll-epoll" if contender == "rsepoll" else contender
     argv = [sys.executable, str(HERE / "echo.py"), "--serve", kind]
-    if contender == "rsepoll":
+    if contender.startswith("rsepoll"):
         # Server's default max_fds (8192) would turn away a big idle cell.
         argv += ["--max-fds", str(max(8192, cell.connections + SPARE_FDS))]
     return argv
