@@ -212,6 +212,19 @@ pub(crate) trait InlineLoop: Send {
     /// True once the loop has ended and handed over every delivery it
     /// will make: nothing more will come from it.
     fn is_over(&self) -> bool;
+
+    /// For a consumer that sleeps in another event loop, watching
+    /// [`InlineLoop::pollable`]: prepares the sleep after a turn. How long
+    /// it may last at most (`Some(None)`: no deadline of the loop's own),
+    /// or `None` if the loop must turn again first.
+    fn begin_outside_sleep(&mut self) -> Option<Option<Duration>>;
+
+    /// Ends a sleep that [`InlineLoop::begin_outside_sleep`] began.
+    fn end_outside_sleep(&mut self);
+
+    /// A descriptor that reads as ready while the loop has events to
+    /// handle; `None` where the platform has none.
+    fn pollable(&self) -> Option<i64>;
 }
 
 /// State shared by one engine's I/O thread and every thread that sends to it.
@@ -336,13 +349,16 @@ impl Shared {
         }
     }
 
+    /// Runs `f` on this engine's inline loop, if it is run inline (waits
+    /// for a turn under way to end).
+    pub(crate) fn with_inline<R>(&self, f: impl FnOnce(&mut dyn InlineLoop) -> R) -> Option<R> {
+        self.inline.lock().as_mut().map(|inline| f(inline.as_mut()))
+    }
+
     /// True if this engine is run inline and its loop is over (see
     /// [`InlineLoop::is_over`]); waits for a turn under way to end.
     pub(crate) fn inline_is_over(&self) -> bool {
-        self.inline
-            .lock()
-            .as_ref()
-            .is_some_and(|inline| inline.is_over())
+        self.with_inline(|inline| inline.is_over()).unwrap_or(false)
     }
 
     /// Waits until the test that sent `Hold` lets this I/O thread go.

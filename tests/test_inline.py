@@ -10,6 +10,7 @@ mode when the process may use one CPU only.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import statistics
@@ -202,3 +203,70 @@ def test_the_cli_under_taskset_serves_inline():
         finally:
             child.terminate()
             child.wait(10)
+
+
+def _rsepoll_thread_names() -> set[str] | None:
+    """The names of this process's threads that rsepoll started (Linux's
+    /proc); None where they cannot be listed."""
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    names = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as comm:
+                names.add(comm.read().strip())
+        except OSError:
+            pass
+    return {name for name in names if name.startswith("rsepoll")}
+
+
+LOOPS = ["asyncio"] if sys.platform == "win32" else ["asyncio", "uvloop"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_serve_runs_inline_in_the_loops_thread(loop):
+    # Under serve(), the loop watches the inline engine's poller: no I/O
+    # thread, and a send from another thread, or a call_soon_threadsafe,
+    # wakes the loop at once (the loop's own timer is 1 s away here).
+    if loop == "uvloop":
+        run = pytest.importorskip("uvloop", reason="uvloop is not installed").run
+    else:
+        run = asyncio.run
+    server = Remember(io_threads=0)
+    listener = rsepoll.make_listener_socket(0, "127.0.0.1")
+    server.register_listener_socket(listener)
+    seen: dict[str, object] = {}
+
+    async def main():
+        task = asyncio.ensure_future(server.serve(timeout=1000, handle_signals=False))
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(b"ping")
+        seen["echo"] = await asyncio.wait_for(reader.readexactly(4), 5)
+        seen["threads"] = _rsepoll_thread_names()
+        latencies = []
+        for i in range(20):
+            await asyncio.sleep(0.02)
+            payload = bytes([65 + i])
+            started = time.perf_counter()
+            if i % 2:
+                threading.Thread(target=server.send_message, args=(server.conn, payload)).start()
+            else:
+                threading.Thread(
+                    target=server.call_soon_threadsafe,
+                    args=(server.send_message, server.conn, payload),
+                ).start()
+            assert await asyncio.wait_for(reader.readexactly(1), 5) == payload
+            latencies.append(time.perf_counter() - started)
+        seen["latencies"] = latencies
+        writer.close()
+        server.stop_server()
+        await asyncio.wait_for(task, 10)
+
+    try:
+        run(main())
+    finally:
+        listener.close()
+    assert seen["echo"] == b"ping"
+    if seen["threads"] is not None:
+        assert seen["threads"] == set(), seen["threads"]
+    assert statistics.median(seen["latencies"]) < 0.005, seen["latencies"]

@@ -253,10 +253,10 @@ class Server(ServerCore):
         awaits it stops the server the same way, then lets the cancellation
         through. Works with the standard loops and uvloop; a loop without
         ``add_reader`` (Windows' Proactor loop) is woken through a helper
-        thread. The loop's thread sleeps in the loop's own poller, so it
-        cannot also wait in rsepoll's: a server configured inline
-        (``io_threads=0``, or ``"auto"`` on one CPU) serves under
-        ``serve()`` with one I/O thread.
+        thread. Inline (``io_threads=0``, or ``"auto"`` on one CPU), the
+        loop watches rsepoll's poller too, and its thread does the network
+        I/O; on a loop without ``add_reader``, or on Windows (whose poller
+        no loop can watch), an inline server runs one I/O thread instead.
         """
         from ._serving import serve
 

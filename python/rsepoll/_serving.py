@@ -11,6 +11,13 @@ Loops without ``add_reader`` (the Proactor loop, Windows' default) get a
 thread that blocks on the socket and hands each wake-up to the loop with
 ``call_soon_threadsafe``.
 
+Inline (``io_threads=0``), the loop's thread also does the network I/O: the
+loop watches the engine's poller (its epoll or kqueue descriptor,
+``ServeSession.io_fd()``) beside the socket, and each turn reads and writes
+what is ready without waiting. A loop without ``add_reader``, or a poller
+with no such descriptor (IOCP), cannot be told when sockets are ready: the
+server then runs one I/O thread instead.
+
 A stop asked for by this module (SIGTERM, a cancelled task) belongs to the
 run: once the run has ended it is ignored, so it cannot stop the next one.
 """
@@ -51,7 +58,9 @@ async def serve(server: Server, timeout: int, handle_signals: bool) -> None:
             # thread once finished: the session is unsendable, and this
             # frame may end up in a cycle (an exception raised from here)
             # that the collector breaks on any thread.
-            driver = _Driver(loop, server._serve_session(wake_w.fileno(), timeout), wake_r, wake_w)
+            session = server._serve_session(wake_w.fileno(), timeout, _can_watch(loop, wake_r))
+            driver = _Driver(loop, session, wake_r, wake_w)
+            del session
         except BaseException:
             wake_r.close()
             wake_w.close()
@@ -80,6 +89,16 @@ async def serve(server: Server, timeout: int, handle_signals: bool) -> None:
             driver.abandon()
 
 
+def _can_watch(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bool:
+    """True if ``loop`` can watch descriptors (``add_reader``)."""
+    try:
+        loop.add_reader(sock, lambda: None)
+    except NotImplementedError:
+        return False
+    loop.remove_reader(sock)
+    return True
+
+
 class _Driver:
     """Runs a ``ServeSession``'s turns on an event loop."""
 
@@ -97,6 +116,8 @@ class _Driver:
         self.finished: asyncio.Future[None] = loop.create_future()
         self.next_turn: asyncio.Handle | None = None
         self.reading = False
+        #: The inline engine's poller, watched while the run lasts.
+        self.io_fd: int | None = None
 
     def start(self) -> None:
         try:
@@ -106,6 +127,10 @@ class _Driver:
         except NotImplementedError:
             self.wake_r.setblocking(True)
             threading.Thread(target=self.watch, name="rsepoll-serve-wake", daemon=True).start()
+        io_fd = self.session.io_fd()
+        if io_fd is not None:
+            self.loop.add_reader(io_fd, self.turn)
+            self.io_fd = io_fd
         self.next_turn = self.loop.call_soon(self.turn)
 
     def stop(self, server: Server) -> None:
@@ -173,6 +198,10 @@ class _Driver:
             self.next_turn = self.loop.call_later(math.ceil(wait * 1000) / 1000, self.turn)
 
     def end(self, error: BaseException | None) -> None:
+        if self.io_fd is not None:
+            # Before finish(), which closes the poller.
+            self.loop.remove_reader(self.io_fd)
+            self.io_fd = None
         try:
             self.session.finish()
         except BaseException as raised:

@@ -151,12 +151,7 @@ impl Dispatcher {
                 Next::Done => break,
                 // Inline, the engine's loop turns here too, so that calls
                 // and timers that keep coming cannot starve the sockets.
-                Next::Again => {
-                    if self.running.is_inline() {
-                        let running = &mut self.running;
-                        py.detach(|| running.poll());
-                    }
-                }
+                Next::Again => self.poll_inline(py),
                 Next::Sleep(wait) => {
                     let wait = wait.min(SIGNAL_SLICE);
                     let Dispatcher {
@@ -261,10 +256,22 @@ impl Dispatcher {
         }
     }
 
-    /// Prepares to sleep in an event loop (`serve()`): true if nothing is
-    /// ready; the run's notifier then wakes the loop when something is, and
+    /// Inline: turns the engine's loop without waiting (with the GIL
+    /// released), so that replies go out and ready sockets are read between
+    /// turns that do not sleep. Threaded: nothing.
+    pub(super) fn poll_inline(&mut self, py: Python<'_>) {
+        if self.running.is_inline() {
+            let running = &mut self.running;
+            py.detach(|| running.poll());
+        }
+    }
+
+    /// Prepares to sleep in an event loop (`serve()`): `Some` if nothing is
+    /// ready, with the longest the sleep may last if an inline engine has a
+    /// deadline; the run's notifier then wakes the loop when something is
+    /// (and, inline, the engine's [`Running::pollable`] becomes ready), and
     /// the next turn must begin with [`Dispatcher::end_sleep`].
-    pub(super) fn begin_sleep(&mut self) -> bool {
+    pub(super) fn begin_sleep(&mut self) -> Option<Option<Duration>> {
         let Dispatcher {
             running,
             agenda,

@@ -78,12 +78,30 @@ impl ServeSession {
         }
         Ok(match dispatcher.turn(py) {
             Next::Done => None,
-            Next::Again => Some(0.0),
+            Next::Again => {
+                dispatcher.poll_inline(py);
+                Some(0.0)
+            }
             Next::Sleep(wait) => {
-                self.asleep = dispatcher.begin_sleep();
-                Some(if self.asleep { wait.as_secs_f64() } else { 0.0 })
+                // Inline, the engine's loop turns here: the replies just
+                // queued go out, and what came in is read.
+                dispatcher.poll_inline(py);
+                match dispatcher.begin_sleep() {
+                    Some(limit) => {
+                        self.asleep = true;
+                        Some(limit.map_or(wait, |limit| wait.min(limit)).as_secs_f64())
+                    }
+                    None => Some(0.0),
+                }
             }
         })
+    }
+
+    /// A descriptor the loop must watch too, besides the wake-up socket,
+    /// and turn when it reads as ready: the inline engine's poller; None if
+    /// the server has I/O threads (or the session has finished).
+    fn io_fd(&self) -> Option<i64> {
+        self.dispatcher.as_ref()?.running().pollable()
     }
 
     /// Stops the server as a first Ctrl-C does and makes `finish()` raise

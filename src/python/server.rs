@@ -237,14 +237,22 @@ impl ServerCore {
     /// second Ctrl-C resets what is still open.
     #[pyo3(signature = (timeout = 1000))]
     fn listen(slf: &Bound<'_, Self>, timeout: i64) -> PyResult<()> {
-        Self::begin_run(slf, timeout, false)?.listen(slf.py())
+        Self::begin_run(slf, timeout, true)?.listen(slf.py())
     }
 
     /// Starts a run driven by an asyncio event loop, which watches the
-    /// socket `wake_fd` is the other end of; see `rsepoll.Server.serve`.
-    #[pyo3(signature = (wake_fd, timeout = 1000))]
-    fn _serve_session(slf: &Bound<'_, Self>, wake_fd: i64, timeout: i64) -> PyResult<ServeSession> {
-        let dispatcher = Self::begin_run(slf, timeout, true)?;
+    /// socket `wake_fd` is the other end of (and, inline, the session's
+    /// `io_fd()`); see `rsepoll.Server.serve`. `watch_fds`: the loop can
+    /// watch descriptors (`add_reader`); without, an inline server runs one
+    /// I/O thread.
+    #[pyo3(signature = (wake_fd, timeout = 1000, watch_fds = true))]
+    fn _serve_session(
+        slf: &Bound<'_, Self>,
+        wake_fd: i64,
+        timeout: i64,
+        watch_fds: bool,
+    ) -> PyResult<ServeSession> {
+        let dispatcher = Self::begin_run(slf, timeout, watch_fds)?;
         ServeSession::new(slf.py(), dispatcher, wake_fd)
     }
 
@@ -394,10 +402,15 @@ impl ServerCore {
 }
 
 impl ServerCore {
-    /// Starts a run, `listen()`'s or `serve()`'s (`under_loop`): the I/O
-    /// threads serving the registered listeners, and the dispatcher that
-    /// will call back `slf`.
-    fn begin_run(slf: &Bound<'_, Self>, timeout: i64, under_loop: bool) -> PyResult<Dispatcher> {
+    /// Starts a run: the I/O threads serving the registered listeners, and
+    /// the dispatcher that will call back `slf`. `may_run_inline`: false
+    /// for a run under an event loop that cannot watch the inline engine's
+    /// poller, which then gets one I/O thread.
+    fn begin_run(
+        slf: &Bound<'_, Self>,
+        timeout: i64,
+        may_run_inline: bool,
+    ) -> PyResult<Dispatcher> {
         let this = slf.get();
         if timeout <= 0 {
             return Err(PyValueError::new_err(format!(
@@ -412,10 +425,9 @@ impl ServerCore {
             ));
         }
         let mut config = this.config.lock().clone();
-        if under_loop && config.io_threads == 0 {
-            // The loop's thread sleeps in the loop's own selector, so it
-            // cannot also sleep in the engine's: under `serve()` the inline
-            // mode runs its engine on one I/O thread.
+        if config.io_threads == 0 && !(may_run_inline && config.backend.has_pollable()) {
+            // The consumer would sleep in a loop that cannot be told when
+            // the engine's sockets are ready: the engine gets a thread.
             config.io_threads = 1;
         }
         log::debug!(

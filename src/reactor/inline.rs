@@ -114,4 +114,20 @@ impl<S: Selector> InlineLoop for Inline<S> {
     fn is_over(&self) -> bool {
         self.stage == Stage::Over
     }
+
+    fn begin_outside_sleep(&mut self) -> Option<Option<Duration>> {
+        match self.stage {
+            Stage::Serving => self.reactor.begin_outside_sleep(),
+            // Handing over: the consumer takes the last deliveries first.
+            Stage::HandingOver | Stage::Over => None,
+        }
+    }
+
+    fn end_outside_sleep(&mut self) {
+        self.reactor.end_outside_sleep();
+    }
+
+    fn pollable(&self) -> Option<i64> {
+        self.reactor.pollable()
+    }
 }

@@ -337,17 +337,10 @@ impl<S: Selector> Reactor<S> {
                 timeout = Some(Duration::ZERO);
             }
         }
-        if timeout != Some(Duration::ZERO) {
-            let commands = &mut self.commands;
-            let may_sleep = core.shared.io_sleep.prepare(stalled, || {
-                !commands.is_empty()
-                    || core.shared.arrivals.may_have_arrivals()
-                    || stop::stop_news(&core.shared.hub, core.stopping.as_ref())
-                    || (stalled && core.outbox.has_room())
-            });
-            if !may_sleep {
-                timeout = Some(Duration::ZERO);
-            }
+        if timeout != Some(Duration::ZERO)
+            && !Self::announce_sleep(core, &mut self.commands, stalled)
+        {
+            timeout = Some(Duration::ZERO);
         }
         let result = core.selector.select(&mut core.events, timeout);
         core.shared.io_sleep.awake();
@@ -355,6 +348,52 @@ impl<S: Selector> Reactor<S> {
             core.shared.hub.deliveries.retract();
         }
         result
+    }
+}
+
+impl<S: Selector> Reactor<S> {
+    /// Announces a sleep to senders and the consumer (`stalled`: the loop
+    /// waits for ring space), then re-checks: true if nothing came in
+    /// meanwhile, so the loop may sleep. Either way, `io_sleep.awake()`
+    /// follows once it is back at work.
+    fn announce_sleep(core: &mut Core<S>, commands: &mut Consumer<Command>, stalled: bool) -> bool {
+        core.shared.io_sleep.prepare(stalled, || {
+            !commands.is_empty()
+                || core.shared.arrivals.may_have_arrivals()
+                || stop::stop_news(&core.shared.hub, core.stopping.as_ref())
+                || (stalled && core.outbox.has_room())
+        })
+    }
+
+    /// Run inline by a consumer that sleeps in another event loop, which
+    /// watches [`Selector::pollable`] (`serve()`): after a turn, prepares
+    /// that sleep as [`Reactor::wait`] prepares its own. Returns how long
+    /// the loop may sleep at most (`Some(None)`: no deadline of its own),
+    /// or `None` if it must turn again now. After `Some`, call
+    /// [`Reactor::end_outside_sleep`] once the consumer is back.
+    pub(crate) fn begin_outside_sleep(&mut self) -> Option<Option<Duration>> {
+        let core = &mut self.core;
+        core.shared.stats().publish(&core.counters);
+        let timeout = core.poll_timeout();
+        if timeout == Some(Duration::ZERO) || !core.outbox.all_taken() {
+            return None;
+        }
+        let stalled = core.has_deferred_work();
+        if !Self::announce_sleep(core, &mut self.commands, stalled) {
+            core.shared.io_sleep.awake();
+            return None;
+        }
+        Some(timeout)
+    }
+
+    /// Ends a sleep that [`Reactor::begin_outside_sleep`] began.
+    pub(crate) fn end_outside_sleep(&mut self) {
+        self.core.shared.io_sleep.awake();
+    }
+
+    /// See [`Selector::pollable`].
+    pub(crate) fn pollable(&self) -> Option<i64> {
+        self.core.selector.pollable()
     }
 }
 

@@ -313,26 +313,54 @@ impl Running {
         self.sender.hub().deliveries.set_notifier(notifier);
     }
 
-    /// Prepares to sleep in an event loop: true if the consumer may (nothing
-    /// ready, `other_work()` false), and is then announced, so the notifier
-    /// will wake it; call [`Running::end_sleep`] when the loop runs it again.
-    /// False if there is something to do now (no sleep to end).
-    pub fn begin_sleep(&mut self, other_work: impl Fn() -> bool) -> bool {
+    /// Prepares to sleep in an event loop. `Some` if the consumer may
+    /// (nothing ready, `other_work()` false): it is then announced, so the
+    /// notifier will wake it, and the loop must run it again within the
+    /// duration given, if any (an inline engine's own deadlines); call
+    /// [`Running::end_sleep`] then. `None` if there is something to do now
+    /// (no sleep to end).
+    ///
+    /// Inline, the event loop must also watch [`Running::pollable`], which
+    /// reads as ready when the engine's sockets or senders want a turn.
+    pub fn begin_sleep(&mut self, other_work: impl Fn() -> bool) -> Option<Option<Duration>> {
         let Running {
             engines, sender, ..
         } = self;
         let bell = &sender.hub().deliveries;
         bell.announce();
         let quiet = engines.iter_mut().all(Engine::is_quiet) && !other_work();
-        if !quiet {
+        let limit = match engines.first().filter(|e| e.inline) {
+            Some(engine) if quiet => engine
+                .shared
+                .with_inline(|inline| inline.begin_outside_sleep())
+                .flatten(),
+            _ => quiet.then_some(None),
+        };
+        if limit.is_none() {
             bell.retract();
         }
-        quiet
+        limit
     }
 
     /// Ends a sleep that [`Running::begin_sleep`] began.
     pub fn end_sleep(&self) {
         self.sender.hub().deliveries.retract();
+        if let Some(engine) = self.inline_engine() {
+            engine
+                .shared
+                .with_inline(|inline| inline.end_outside_sleep());
+        }
+    }
+
+    /// Inline: a descriptor that reads as ready when the engine wants a
+    /// turn, for an event loop to watch while the consumer sleeps in it;
+    /// `None` if threaded, or where the platform has none (see
+    /// [`Selector::pollable`]).
+    pub fn pollable(&self) -> Option<i64> {
+        self.inline_engine()?
+            .shared
+            .with_inline(|inline| inline.pollable())
+            .flatten()
     }
 
     /// True once the I/O thread is done with the bytes lent for `ticket`.

@@ -143,6 +143,10 @@ impl Selector for Epoll {
     fn waker(&self) -> Arc<dyn Wake> {
         self.waker.clone()
     }
+
+    fn pollable(&self) -> Option<i64> {
+        Some(i64::from(self.epoll.as_raw_fd()))
+    }
 }
 
 /// A non-blocking eventfd: writing makes the epoll instance report it.

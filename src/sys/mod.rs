@@ -82,6 +82,15 @@ impl Backend {
             Backend::Portable => "portable",
         }
     }
+
+    /// True if the backend's selector has a descriptor another event loop
+    /// can watch ([`Selector::pollable`]): epoll's, kqueue's; not IOCP's.
+    pub fn has_pollable(self) -> bool {
+        match self {
+            Backend::Epoll => true,
+            Backend::Portable => cfg!(unix),
+        }
+    }
 }
 
 /// What a socket wants to hear about.
@@ -150,4 +159,10 @@ pub trait Selector: Send + Sized + 'static {
 
     /// A handle other threads use to wake this selector.
     fn waker(&self) -> Arc<dyn Wake>;
+
+    /// A descriptor that reads as ready while this selector has events to
+    /// report (its epoll or kqueue descriptor), for a thread that sleeps in
+    /// another event loop and watches it there; `None` where there is none
+    /// (IOCP).
+    fn pollable(&self) -> Option<i64>;
 }

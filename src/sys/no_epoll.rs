@@ -42,4 +42,8 @@ impl Selector for Epoll {
     fn waker(&self) -> Arc<dyn Wake> {
         match *self {}
     }
+
+    fn pollable(&self) -> Option<i64> {
+        match *self {}
+    }
 }

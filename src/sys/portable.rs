@@ -91,6 +91,18 @@ impl Selector for Portable {
     fn waker(&self) -> Arc<dyn Wake> {
         Arc::new(PollerWaker(Arc::clone(&self.poller)))
     }
+
+    #[cfg(unix)]
+    fn pollable(&self) -> Option<i64> {
+        use std::os::fd::AsRawFd;
+        Some(i64::from(self.poller.as_raw_fd()))
+    }
+
+    /// An I/O completion port is not a descriptor a loop can watch.
+    #[cfg(not(unix))]
+    fn pollable(&self) -> Option<i64> {
+        None
+    }
 }
 
 struct PollerWaker(Arc<polling::Poller>);
