@@ -65,10 +65,18 @@ SERVERS = (
     # rsepoll (epoll) under Server.serve() inside an asyncio or uvloop loop.
     "rsepoll-serve-asyncio",
     "rsepoll-serve-uvloop",
-    # rsepoll (epoll) with io_threads=0 (inline) and io_threads="auto".
+    # rsepoll (epoll) with io_threads=0 (inline), 1 and "auto"; the plain
+    # rsepoll-epoll takes the default (inline on one usable CPU, else 1).
     "rsepoll-inline",
+    "rsepoll-threaded",
     "rsepoll-auto",
 )
+#: The io_threads of the contenders that set it.
+IO_THREADS: dict[str, int | str] = {
+    "rsepoll-inline": 0,
+    "rsepoll-threaded": 1,
+    "rsepoll-auto": "auto",
+}
 #: What --servers runs unless told otherwise.
 DEFAULT_SERVERS = SERVERS[:4]
 FRAMINGS = ("raw", "line", "length")
@@ -110,9 +118,8 @@ def serve(kind: str, framing: str, max_fds: int | None = None) -> None:
     than the default 8192); the asyncio servers take the limit they inherit."""
     if kind.startswith("rsepoll-serve-"):
         serve_rsepoll("epoll", framing, max_fds, loop=kind.rsplit("-", 1)[1])
-    elif kind in ("rsepoll-inline", "rsepoll-auto"):
-        io_threads = 0 if kind == "rsepoll-inline" else "auto"
-        serve_rsepoll("epoll", framing, max_fds, io_threads=io_threads)
+    elif kind in IO_THREADS:
+        serve_rsepoll("epoll", framing, max_fds, io_threads=IO_THREADS[kind])
     elif kind.startswith("rsepoll-"):
         serve_rsepoll(kind.split("-", 1)[1], framing, max_fds)
     else:

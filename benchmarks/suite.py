@@ -50,9 +50,18 @@ import echo  # noqa: E402  (benchmarks/echo.py: its servers and /proc helpers)
 
 NATIVE_SOURCE = HERE / "native" / "echo.c"
 NATIVE_BINARY = HERE / "native" / "echo"
-#: rsepoll as configured by default (one I/O thread), inline (io_threads=0)
-#: and with io_threads="auto" (inline when pinned to one CPU).
-CONTENDERS = ("rsepoll", "rsepoll-inline", "rsepoll-auto", "asyncio", "uvloop", "native")
+#: rsepoll as configured by default (inline on one usable CPU, else one I/O
+#: thread), threaded (io_threads=1), inline (io_threads=0) and with
+#: io_threads="auto" (inline when pinned to one CPU).
+CONTENDERS = (
+    "rsepoll",
+    "rsepoll-threaded",
+    "rsepoll-inline",
+    "rsepoll-auto",
+    "asyncio",
+    "uvloop",
+    "native",
+)
 PLACEMENTS = ("pinned", "unpinned")
 #: Descriptors a process needs besides its connections (the load tool keeps
 #: 64 spare; servers need a few of their own).

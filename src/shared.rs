@@ -259,6 +259,10 @@ pub(crate) struct Shared {
     /// the command until a test stores 0).
     #[cfg(test)]
     pub(crate) test_hold: AtomicUsize,
+    /// Makes reporting a failure panic too (tests of an engine that ends
+    /// without `Stopped`).
+    #[cfg(test)]
+    pub(crate) test_fail_panics: AtomicBool,
 }
 
 impl Shared {
@@ -287,6 +291,8 @@ impl Shared {
             timer_entries: AtomicUsize::new(0),
             #[cfg(test)]
             test_hold: AtomicUsize::new(0),
+            #[cfg(test)]
+            test_fail_panics: AtomicBool::new(false),
         }
     }
 
@@ -355,10 +361,11 @@ impl Shared {
         self.inline.lock().as_mut().map(|inline| f(inline.as_mut()))
     }
 
-    /// True if this engine is run inline and its loop is over (see
+    /// True if this engine is run inline and its loop is over, or gone (see
     /// [`InlineLoop::is_over`]); waits for a turn under way to end.
     pub(crate) fn inline_is_over(&self) -> bool {
-        self.with_inline(|inline| inline.is_over()).unwrap_or(false)
+        // No loop any more (dropped at the join): over too.
+        self.with_inline(|inline| inline.is_over()).unwrap_or(true)
     }
 
     /// Waits until the test that sent `Hold` lets this I/O thread go.
@@ -463,10 +470,11 @@ impl Shared {
                 }
                 // Full: let the I/O thread work on what is staged, and wait.
                 producer.publish();
-                // Run inline, the loop is idle unless another thread is
-                // turning it (then that turn frees slots): apply the
-                // commands here, since the thread that would otherwise
-                // run it may be this one, inside a callback.
+                // Run inline, the thread that would turn the loop may be
+                // this one, inside a callback: apply the commands here. If
+                // another thread is turning it (sleeping in the poller, or
+                // a zero-wait turn that may have applied commands before
+                // these came), wake it and take the next turn.
                 let turned = shared.turn_inline(Some(Duration::ZERO), &|| true, false);
                 if !turned {
                     shared.wake_io();
@@ -474,7 +482,7 @@ impl Shared {
                 if shared.finished.load(Acquire) {
                     return Err(SendError::Stopped);
                 }
-                if turned {
+                if turned || shared.turn_inline(Some(Duration::ZERO), &|| true, true) {
                     continue;
                 }
                 shared.command_space.wait_while(

@@ -118,22 +118,26 @@ def test_auto_is_inline_on_one_usable_cpu_and_threaded_on_more():
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="affinity masks are Linux's")
-def test_auto_reads_the_affinity_mask():
+def test_auto_and_the_default_read_the_affinity_mask():
     # A process pinned to one CPU (taskset, a container's cpuset) gets the
-    # inline mode; the child is pinned before it starts, as taskset does.
+    # inline mode, asked for ("auto") or by default; the child is pinned
+    # before it starts, as taskset does.
     code = (
-        "import rsepoll; print(rsepoll.usable_cpus(), rsepoll.Server(io_threads='auto').io_threads)"
+        "import rsepoll; print(rsepoll.usable_cpus(), "
+        "rsepoll.Server(io_threads='auto').io_threads, rsepoll.Server().io_threads)"
     )
+    env = subprocess_env()
+    env.pop("RSEPOLL_IO_THREADS", None)
     child = subprocess.run(
         [sys.executable, "-c", code],
-        env=subprocess_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=30,
         preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
         check=True,
     )
-    assert child.stdout.split() == ["1", "0"]
+    assert child.stdout.split() == ["1", "0", "0"]
 
 
 CGROUP_ROOT = "/sys/fs/cgroup"

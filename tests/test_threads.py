@@ -307,7 +307,8 @@ def test_stale_handles_never_deliver_to_a_reused_fd():
 
 def test_io_threads_takes_a_count_or_auto(monkeypatch):
     monkeypatch.delenv("RSEPOLL_IO_THREADS", raising=False)
-    assert rsepoll.Server().io_threads == 1
+    # The default: inline on one usable CPU, one I/O thread on more.
+    assert rsepoll.Server().io_threads == (0 if rsepoll.usable_cpus() == 1 else 1)
     assert rsepoll.Server(io_threads=3).io_threads == 3
     assert rsepoll.Server(io_threads=0).io_threads == 0
     monkeypatch.setenv("RSEPOLL_IO_THREADS", "2")

@@ -145,10 +145,12 @@ class Server(ServerCore):
             and writes their replies, with no hand-off between threads
             (the fastest on one CPU; a long callback delays reading).
             ``"auto"``: inline if the process may use one CPU only (its
-            affinity mask and cgroup CPU quota, see :func:`usable_cpus`),
+            affinity mask and cgroup CPU quota on Linux, see :func:`usable_cpus`),
             else one I/O thread per usable CPU less one for the callbacks'
             thread (at most 256). None, the default, takes
-            ``$RSEPOLL_IO_THREADS`` if set, else 1.
+            ``$RSEPOLL_IO_THREADS`` if set, else inline on one usable CPU
+            and one I/O thread on more (more have not been shown to pay:
+            see benchmarks/README.md).
     """
 
     def __init__(
@@ -386,7 +388,7 @@ def _io_threads(io_threads: int | str | None) -> int:
     """The number of I/O threads ``io_threads`` asks for, 0 for the inline
     mode (see :class:`Server`)."""
     if io_threads is None:
-        io_threads = os.environ.get("RSEPOLL_IO_THREADS") or 1
+        io_threads = os.environ.get("RSEPOLL_IO_THREADS") or (0 if usable_cpus() == 1 else 1)
     if io_threads == "auto":
         cpus = usable_cpus()
         return 0 if cpus == 1 else min(cpus - 1, _MAX_IO_THREADS)

@@ -160,8 +160,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="I/O threads feeding the one Python thread: a count, 0 for the inline mode "
-        "(the Python thread does the I/O itself), or 'auto' (inline on one usable CPU; "
-        "default: $RSEPOLL_IO_THREADS if set, else 1)",
+        "(the Python thread does the I/O itself), or 'auto' (inline on one usable CPU, "
+        "else one per CPU less one; default: $RSEPOLL_IO_THREADS if set, else inline on "
+        "one usable CPU and 1 on more)",
     )
     parser.add_argument(
         "--workers",

@@ -112,9 +112,9 @@ def make_listener_socket(port: int, host: str = "0.0.0.0", backlog: int = 1024) 
     """A TCP socket bound to ``(host, port)`` and listening; port 0 picks one."""
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on, at least 1: its affinity mask and,
-    on Linux, its cgroup CPU quota (``cpu.max``; 1.5 CPUs counts as 1). What
-    ``io_threads="auto"`` picks by."""
+    """The CPUs this process may run on, at least 1: on Linux its affinity
+    mask and its cgroup CPU quota (``cpu.max``; 1.5 CPUs counts as 1);
+    elsewhere the logical CPUs. What ``io_threads="auto"`` picks by."""
 
 def run_bench(
     host: str,

@@ -202,12 +202,16 @@ impl Dispatcher {
         if dispatched > 0 {
             self.idle_since = Instant::now();
         }
-        // A batch cut short by its size may have left deliveries; one that
-        // ended on an empty ring has not, and the sleep below returns at
-        // once if more came meanwhile. Inline, that sleep is where the
-        // loop turns (writing the replies just queued and reading what
-        // came), so going there rather than round again saves a turn.
-        if dispatched == DISPATCH_BATCH || ran > 0 {
+        // Threaded, more may have come meanwhile: turn again. Inline, only
+        // a batch cut short by its size may have left deliveries; the sleep
+        // below is where the loop turns (writing the replies just queued
+        // and reading what came), so going there saves a turn.
+        let more = if self.running.is_inline() {
+            dispatched == DISPATCH_BATCH
+        } else {
+            dispatched > 0
+        };
+        if more || ran > 0 {
             return Next::Again;
         }
         let now = Instant::now();

@@ -56,9 +56,10 @@ fn _rsepoll(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-/// The CPUs this process may run on, at least 1: its affinity mask and,
-/// on Linux, its cgroup CPU quota (`cpu.max`: a limit of 1.5 CPUs counts
-/// as 1), as the standard library reads them. What `io_threads="auto"`
+/// The CPUs this process may run on, at least 1: on Linux its affinity
+/// mask and its cgroup CPU quota (`cpu.max`: a limit of 1.5 CPUs counts
+/// as 1); elsewhere the logical CPUs (Windows' affinity mask is not
+/// read), as the standard library counts them. What `io_threads="auto"`
 /// picks by.
 #[pyfunction]
 fn usable_cpus() -> usize {

@@ -1,6 +1,8 @@
 //! An engine run inline (`io_threads=0`): the consumer's own thread turns
-//! the loop, so no message changes threads between the socket and the
-//! callback, and none waits for a wake-up.
+//! the loop, so a message read there reaches its callback, and the reply
+//! its socket, without changing threads or waiting for a wake-up. (Another
+//! thread turns it now and then: a sender that found the command ring full,
+//! a stop; what such a turn reads waits in the ring for the consumer.)
 //!
 //! The loop is the same as an I/O thread's, turn for turn; what differs is
 //! who turns it and when it may sleep. The consumer turns it whenever it

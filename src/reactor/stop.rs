@@ -62,6 +62,10 @@ impl<S: Selector> Reactor<S> {
     /// with a reset. Connections handed to this engine and not opened yet go
     /// to the other engines instead.
     pub(crate) fn fail(&mut self, detail: String) {
+        #[cfg(test)]
+        if self.core.shared.test_fail_panics.load(Acquire) {
+            panic!("reporting the failure failed too (a test)");
+        }
         self.core.pass_on_arrivals();
         self.core
             .emit(DeliveryKind::Failed, ConnKey::default(), None, Some(detail));

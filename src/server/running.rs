@@ -53,8 +53,10 @@ impl Engine {
     /// True if the consumer may sleep as far as this engine goes: nothing to
     /// take, and not finished with a `Stopped` still to come (an engine whose
     /// loop ended without one, `vanished`, is quiet too: nothing more
-    /// will come from it). An inline engine's loop runs only while the
-    /// consumer waits, so it is quiet whenever its ring is empty.
+    /// will come from it). An inline engine is quiet whenever its ring is
+    /// empty: its loop turns where the consumer sleeps
+    /// ([`Running::wait_unless`], or the event loop that watches
+    /// [`Running::pollable`]).
     fn is_quiet(&mut self) -> bool {
         self.deliveries.is_empty()
             && (self.inline
@@ -65,10 +67,12 @@ impl Engine {
 
     /// True if its loop ended without delivering `Stopped`.
     fn vanished(&mut self) -> bool {
+        // Ended before empty: once the loop has ended, everything it made
+        // is published, so an empty ring then is empty for good.
         !self.stopped_seen
             && self.shared.finished.load(Acquire)
-            && self.deliveries.is_empty()
             && self.has_ended()
+            && self.deliveries.is_empty()
     }
 
     /// True if its loop will deliver nothing more: its thread has exited,

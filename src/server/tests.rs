@@ -114,6 +114,46 @@ fn a_panic_on_the_io_thread_is_reported_and_closes_everything() {
     }
 }
 
+/// An engine whose loop panics, and whose report of it panics too, ends
+/// without `Stopped`: the consumer notices (`io_thread_vanished`), and
+/// dropping the server returns, inline too, where no thread exits to say so.
+#[test]
+fn an_engine_that_ends_without_stopped_is_noticed_and_dropped() {
+    for io_threads in [1, 0] {
+        let config = Config {
+            io_threads,
+            ..Config::default()
+        };
+        let (mut running, _client, _) = start_with_client(&config);
+        running.engines[0]
+            .shared
+            .test_fail_panics
+            .store(true, Release);
+        running.sender().inject_panic(0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !running.io_thread_vanished() {
+            assert!(
+                Instant::now() < deadline,
+                "io_threads={io_threads}: not noticed"
+            );
+            while running.take_with(|_| ()).is_some() {}
+            running.release();
+            running.wait(Duration::from_millis(10));
+        }
+        assert!(!running.has_stopped());
+        let (done, dropped) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            running.join();
+            drop(running);
+            let _ = done.send(());
+        });
+        assert!(
+            dropped.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "io_threads={io_threads}: dropping the server hung"
+        );
+    }
+}
+
 /// A connection the accepting engine deals to an engine whose
 /// loop has ended (here it failed, and the consumer has not taken
 /// `Failed` yet, as while a long callback runs) must not be parked where
