@@ -143,7 +143,8 @@ class Server(ServerCore):
             accepted. ``0``: the inline mode, no I/O thread: the listening
             thread waits in the poller itself, reads, runs the callbacks
             and writes their replies, with no hand-off between threads
-            (the fastest on one CPU; a long callback delays reading).
+            (rsepoll's fastest mode on one CPU; a long callback delays
+            reading).
             ``"auto"``: inline if the process may use one CPU only (its
             affinity mask and cgroup CPU quota on Linux, see :func:`usable_cpus`),
             else one I/O thread per usable CPU less one for the callbacks'
