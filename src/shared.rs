@@ -355,6 +355,12 @@ impl Shared {
         }
     }
 
+    /// Runs one turn of this engine's loop on this thread without sleeping,
+    /// if it is run inline: see [`Shared::turn_inline`].
+    pub(crate) fn poll_inline(&self, wait: bool) -> bool {
+        self.turn_inline(Some(Duration::ZERO), &|| true, wait)
+    }
+
     /// Runs `f` on this engine's inline loop, if it is run inline (waits
     /// for a turn under way to end).
     pub(crate) fn with_inline<R>(&self, f: impl FnOnce(&mut dyn InlineLoop) -> R) -> Option<R> {
@@ -475,14 +481,14 @@ impl Shared {
                 // another thread is turning it (sleeping in the poller, or
                 // a zero-wait turn that may have applied commands before
                 // these came), wake it and take the next turn.
-                let turned = shared.turn_inline(Some(Duration::ZERO), &|| true, false);
+                let turned = shared.poll_inline(false);
                 if !turned {
                     shared.wake_io();
                 }
                 if shared.finished.load(Acquire) {
                     return Err(SendError::Stopped);
                 }
-                if turned || shared.turn_inline(Some(Duration::ZERO), &|| true, true) {
+                if turned || shared.poll_inline(true) {
                     continue;
                 }
                 shared.command_space.wait_while(

@@ -359,6 +359,19 @@ def running(
 # ---------------------------------------------------------------------------
 
 
+def rsepoll_thread_names(prefix: str = "rsepoll") -> set[str] | None:
+    """The names of this process's threads that start with ``prefix``
+    (rsepoll's I/O threads are ``rsepoll-io``, ``rsepoll-io-N``), from
+    Linux's /proc; None where threads cannot be listed."""
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    names = set()
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as comm:
+            names.add(comm.read().strip())
+    return {name for name in names if name.startswith(prefix)}
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for child Pythons: unbuffered, and importing this rsepoll."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -21,7 +21,14 @@ import time
 
 import pytest
 import rsepoll
-from conftest import connect, recv_exactly, running, subprocess_env, wait_until
+from conftest import (
+    connect,
+    recv_exactly,
+    rsepoll_thread_names,
+    running,
+    subprocess_env,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -209,21 +216,6 @@ def test_the_cli_under_taskset_serves_inline():
             child.wait(10)
 
 
-def _rsepoll_thread_names() -> set[str] | None:
-    """The names of this process's threads that rsepoll started (Linux's
-    /proc); None where they cannot be listed."""
-    if not os.path.isdir("/proc/self/task"):
-        return None
-    names = set()
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as comm:
-                names.add(comm.read().strip())
-        except OSError:
-            pass
-    return {name for name in names if name.startswith("rsepoll")}
-
-
 LOOPS = ["asyncio"] if sys.platform == "win32" else ["asyncio", "uvloop"]
 
 
@@ -246,7 +238,7 @@ def test_serve_runs_inline_in_the_loops_thread(loop):
         reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
         writer.write(b"ping")
         seen["echo"] = await asyncio.wait_for(reader.readexactly(4), 5)
-        seen["threads"] = _rsepoll_thread_names()
+        seen["threads"] = rsepoll_thread_names()
         latencies = []
         for i in range(20):
             await asyncio.sleep(0.02)

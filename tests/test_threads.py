@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
 import re
 import sys
@@ -18,6 +17,7 @@ from conftest import (
     connect,
     recv_exactly,
     recv_until_eof,
+    rsepoll_thread_names,
     running,
     wait_until,
 )
@@ -331,13 +331,7 @@ class IdRecorder(rsepoll.Server):
 
 
 def io_thread_names():
-    import os
-
-    names = set()
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as comm:
-            names.add(comm.read().strip())
-    return {name for name in names if name.startswith("rsepoll-io")}
+    return rsepoll_thread_names("rsepoll-io")
 
 
 def test_three_io_threads_serve_one_listener_with_unique_ids():

@@ -32,7 +32,7 @@ pub(crate) struct Inline<S: Selector> {
     stage: Stage,
     /// Marks the engine finished however the loop ends, as an I/O thread's
     /// exit does.
-    _exit: super::thread::ExitGuard,
+    exit: super::thread::ExitGuard,
 }
 
 /// How far the loop has gone.
@@ -53,7 +53,7 @@ impl<S: Selector> Inline<S> {
         Inline {
             reactor,
             stage: Stage::Serving,
-            _exit: super::thread::ExitGuard::new(shared),
+            exit: super::thread::ExitGuard::new(shared),
         }
     }
 
@@ -76,15 +76,16 @@ impl<S: Selector> Inline<S> {
         let reported = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.reactor.fail(detail);
         }));
-        self.stage = match reported {
-            Ok(()) => Stage::HandingOver,
+        match reported {
+            Ok(()) => {
+                self.stage = Stage::HandingOver;
+                self.hand_over();
+            }
             // The consumer notices through `Running::io_thread_vanished`.
-            Err(_) => Stage::Over,
-        };
-        if self.stage == Stage::HandingOver {
-            self.hand_over();
-        } else {
-            self._exit.mark();
+            Err(_) => {
+                self.stage = Stage::Over;
+                self.exit.mark();
+            }
         }
     }
 

@@ -78,10 +78,10 @@ impl Engine {
     /// True if its loop will deliver nothing more: its thread has exited,
     /// or its inline loop has handed everything over.
     fn has_ended(&self) -> bool {
-        match &self.thread {
-            _ if self.inline => self.shared.inline_is_over(),
-            Some(thread) => thread.is_finished(),
-            None => true,
+        if self.inline {
+            self.shared.inline_is_over()
+        } else {
+            self.thread.as_ref().is_none_or(|t| t.is_finished())
         }
     }
 
@@ -295,9 +295,7 @@ impl Running {
     /// more to do than take deliveries. Threaded: nothing.
     pub fn poll(&mut self) {
         if let Some(engine) = self.inline_engine() {
-            engine
-                .shared
-                .turn_inline(Some(Duration::ZERO), &|| true, true);
+            engine.shared.poll_inline(true);
         }
     }
 

@@ -187,7 +187,7 @@ impl Sender {
     fn stop_at(&self, timeout: Duration, level: StopLevel) {
         self.hub().stop(timeout, level);
         for engine in self.engines.iter() {
-            engine.turn_inline(Some(Duration::ZERO), &|| true, false);
+            engine.poll_inline(false);
         }
     }
 
