@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -353,3 +356,81 @@ def test_rr_rate_agrees_with_benchmarks_loadgen():
     ratio = statistics.median(ours) / statistics.median(theirs)
     print(f"rr req/s: rsepoll.bench {ours}, loadgen {theirs}, ratio {ratio:.3f}")
     assert 0.5 <= ratio <= 2.0, (ours, theirs)
+
+
+class _FlippingEcho:
+    """A blocking echo server, one thread per connection, that returns every
+    byte it reads except the one at stream offset `FLIP`, which it changes."""
+
+    FLIP = 100_000
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.accepting = threading.Thread(target=self._accept, daemon=True)
+        self.accepting.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._echo, args=(conn,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _echo(self, conn: socket.socket) -> None:
+        offset = 0
+        # The client resets its connections when it exits.
+        with conn, contextlib.suppress(OSError):
+            while data := conn.recv(1 << 16):
+                if offset <= self.FLIP < offset + len(data):
+                    flipped = bytearray(data)
+                    flipped[self.FLIP - offset] ^= 1
+                    data = bytes(flipped)
+                offset += len(data)
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.accepting.join(5)
+        for thread in self.threads:
+            thread.join(5)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(shutil.which("cargo") is None, reason="benchmarks/loadgen needs cargo")
+@pytest.mark.skipif(sys.platform == "win32", reason="benchmarks/loadgen is built on the host")
+def test_loadgen_stream_mode_checks_every_echoed_byte():
+    """loadgen's stream client compares what comes back with what it sent:
+    against rsepoll it reports no error; against a server that changes one
+    byte, it names that byte and exits with status 1."""
+    loadgen = _loadgen()
+    common = ["--mode", "stream", "--size", "65536", "--connections", "2"]
+    common += ["--warmup", "0.2", "--duration", "0.5"]
+    with running() as (_, port):
+        out = subprocess.run(
+            [str(loadgen), "--port", str(port), *common],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("result "))
+    result = json.loads(line[len("result ") :])
+    assert result["errors"] == 0 and result["bytes_in"] > 0, result
+    flipping = _FlippingEcho()
+    try:
+        out = subprocess.run(
+            [str(loadgen), "--port", str(flipping.port), *common],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        flipping.close()
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    wrong = f"byte {_FlippingEcho.FLIP} of the echo is not the byte sent there"
+    assert out.stderr.count(wrong) == 2, out.stderr

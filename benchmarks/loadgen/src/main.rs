@@ -27,9 +27,13 @@
 //! client of issue 15: every connection is registered for reading and
 //! writing, level-triggered; on each writable event it makes one `write` of
 //! `--size` bytes (what the socket takes of them), on each readable event
-//! one `read` of up to 256 KiB. Nothing is checked but that the server does
-//! not close. Its `result` line gives the bytes written and read during the
-//! window (`mb_per_s_out`, `mb_per_s_in`, 10^6 bytes per second).
+//! one `read` of up to 256 KiB. What a connection writes is one endless
+//! pattern (it repeats every [`STREAM_PERIOD`] bytes, a prime, so that no
+//! lost, repeated or stale block of a power-of-two size lines up with
+//! itself), and every read is compared with it where the echo has got to: a
+//! server that loses, reorders or invents a byte fails the connection. Its
+//! `result` line gives the bytes written and read during the window
+//! (`mb_per_s_out`, `mb_per_s_in`, 10^6 bytes per second).
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -79,6 +83,8 @@ impl Framing {
 
 /// The most a stream-mode `read` asks for.
 const STREAM_READ: usize = 256 << 10;
+/// The period of the byte pattern a stream-mode connection sends: a prime.
+const STREAM_PERIOD: usize = 65_521;
 
 struct Config {
     addr: SocketAddr,
@@ -270,8 +276,20 @@ fn drive_stream(
         // the poller (a local) is dropped before `streams` (a parameter).
         unsafe { poller.add_with_mode(stream, Event::all(key), PollMode::Level)? };
     }
-    let request: Vec<u8> = (0..size).map(|i| (i * 31 + 1) as u8).collect();
+    // Byte `i` of a connection's stream is `pattern[i % STREAM_PERIOD]`; the
+    // tail repeats the head, so that a write or a read at any offset is one
+    // slice of it.
+    let pattern: Vec<u8> = (0..STREAM_PERIOD + size.max(STREAM_READ))
+        .map(|i| {
+            let i = i % STREAM_PERIOD;
+            (i * 31 + 1 + (i >> 8)) as u8
+        })
+        .collect();
+    let at = |position: u64| (position % STREAM_PERIOD as u64) as usize;
     let mut buf = vec![0u8; STREAM_READ];
+    // Per connection: bytes written, and bytes read back (and checked).
+    let mut sent = vec![0u64; streams.len()];
+    let mut echoed = vec![0u64; streams.len()];
     let mut alive = vec![true; streams.len()];
     let (mut out, mut inn, mut errors) = (0u64, 0u64, 0usize);
     let mut events = Events::new();
@@ -288,9 +306,14 @@ fn drive_stream(
             let stream = &mut streams[key];
             let mut failure = None;
             if event.writable {
-                match stream.write(&request) {
-                    Ok(n) if counted => out += n as u64,
-                    Ok(_) => {}
+                let from = at(sent[key]);
+                match stream.write(&pattern[from..from + size]) {
+                    Ok(n) => {
+                        sent[key] += n as u64;
+                        if counted {
+                            out += n as u64;
+                        }
+                    }
                     Err(e)
                         if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
                     Err(e) => failure = Some(format!("write: {e}")),
@@ -299,8 +322,13 @@ fn drive_stream(
             if event.readable && failure.is_none() {
                 match stream.read(&mut buf) {
                     Ok(0) => failure = Some("the server closed the connection".into()),
-                    Ok(n) if counted => inn += n as u64,
-                    Ok(_) => {}
+                    Ok(n) => {
+                        failure = check_echo(&buf[..n], &pattern, echoed[key], sent[key], at);
+                        echoed[key] += n as u64;
+                        if counted {
+                            inn += n as u64;
+                        }
+                    }
                     Err(e)
                         if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
                     Err(e) => failure = Some(format!("read: {e}")),
@@ -320,6 +348,32 @@ fn drive_stream(
         }
     }
     Ok((out, inn, errors))
+}
+
+/// What is wrong with `got`, read back at byte `echoed` of a connection's
+/// stream, of which `sent` bytes were written: `None` if it is the pattern's
+/// next bytes.
+fn check_echo(
+    got: &[u8],
+    pattern: &[u8],
+    echoed: u64,
+    sent: u64,
+    at: impl Fn(u64) -> usize,
+) -> Option<String> {
+    let end = echoed + got.len() as u64;
+    if end > sent {
+        return Some(format!("{end} bytes echoed, but only {sent} sent"));
+    }
+    let from = at(echoed);
+    let expected = &pattern[from..from + got.len()];
+    if got == expected {
+        return None;
+    }
+    let first = got.iter().zip(expected).position(|(a, b)| a != b)?;
+    Some(format!(
+        "byte {} of the echo is not the byte sent there",
+        echoed + first as u64
+    ))
 }
 
 /// Drives `conns` until `end`; records the responses completed in `[start, end)`.
