@@ -147,6 +147,58 @@ fn echo_is_byte_exact_for_many_clients_on_every_backend() {
 }
 
 #[test]
+fn bursts_larger_than_a_slot_and_small_messages_in_turn_echo_byte_exact() {
+    // After a read that went past its slot, the next read goes straight
+    // into a spill buffer; one that brings a small message moves it back
+    // into the slot. Each burst and each small message is echoed before
+    // the next is sent, so every round crosses both ways.
+    const ROUNDS: usize = 40;
+    const BURST: usize = 100_000;
+    const SMALL: usize = 100;
+    for (backend, io_threads) in backends().into_iter().flat_map(|b| [(b, 1), (b, 0)]) {
+        let config = Config {
+            backend,
+            io_threads,
+            ..Config::default()
+        };
+        assert!(BURST > config.slot_size && SMALL < config.slot_size);
+        let (mut running, port) = start(&config);
+        let finished = Arc::new(AtomicBool::new(false));
+        let client = {
+            let finished = Arc::clone(&finished);
+            thread::spawn(move || {
+                let mut stream = connect(port);
+                let mut offset = 0;
+                for round in 0..ROUNDS {
+                    for len in [BURST, SMALL] {
+                        let sent: Vec<u8> =
+                            (offset..offset + len).map(|i| (i % 251) as u8).collect();
+                        stream.write_all(&sent).unwrap();
+                        let mut echoed = vec![0; len];
+                        stream.read_exact(&mut echoed).unwrap();
+                        assert!(echoed == sent, "round {round}: the {len}-byte echo differs");
+                        offset += len;
+                    }
+                }
+                stream.shutdown(Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                stream.read_to_end(&mut rest).unwrap();
+                assert!(rest.is_empty(), "{} bytes more than were sent", rest.len());
+                finished.store(true, SeqCst);
+            })
+        };
+        let tally = run_echo(&mut running, || {}, || finished.load(SeqCst));
+        client.join().unwrap();
+        running.join();
+        assert_eq!(
+            tally.bytes,
+            ROUNDS * (BURST + SMALL),
+            "{backend:?}, {io_threads}"
+        );
+    }
+}
+
+#[test]
 fn a_full_delivery_ring_stalls_reading_without_losing_bytes() {
     for (backend, io_threads) in backends().into_iter().flat_map(|b| [(b, 1), (b, 0)]) {
         // Two slots of 256 bytes: the I/O thread stalls on nearly every read

@@ -153,6 +153,10 @@ pub struct Connection {
     /// [`crate::sys::Event::read_fully`]): read until `EAGAIN` or EOF, because
     /// edge triggering will not report that input again.
     read_fully: bool,
+    /// Its last raw read went past its delivery slot into a spill buffer, so
+    /// its next one goes straight into a spill buffer (see
+    /// `reactor::read`).
+    spills: bool,
     /// The application paused reading (`pause_reading`).
     paused: bool,
     /// The queue rose above the high watermark and has not fallen to the low
@@ -192,6 +196,7 @@ impl Connection {
             unread_input: false,
             in_ready_list: false,
             read_fully: false,
+            spills: false,
             paused: false,
             throttled: false,
             peer_gone: false,
@@ -520,6 +525,16 @@ impl Connection {
     /// True if a short read does not prove the socket drained.
     pub fn reads_fully(&self) -> bool {
         self.read_fully
+    }
+
+    /// True if its last raw read went past its delivery slot.
+    pub fn spills(&self) -> bool {
+        self.spills
+    }
+
+    /// Records whether its last raw read went past its delivery slot.
+    pub fn set_spills(&mut self, spilled: bool) {
+        self.spills = spilled;
     }
 
     // Output.

@@ -2,6 +2,16 @@
 //! reads straight into delivery slots (spilling a large burst into a pooled
 //! buffer), discarding the input of a closing connection, and the ready list
 //! that brings back a connection whose last read stopped before `EAGAIN`.
+//!
+//! A raw read fills the slot's own buffer first and goes on into a spill
+//! buffer only when that one is full, so that small messages cost no pooled
+//! buffer. A connection whose last read spilled is sending large bursts: its
+//! next read goes straight into a spill buffer, which saves a system call
+//! and the copy of the slot's bytes into the spill buffer per burst (at rr
+//! 64 KiB × 10 inline, a quarter of the server's CPU per request; see
+//! `benchmarks/README.md`). If that read brings no more than a slot holds,
+//! its bytes move into the slot and the buffer goes back to the pool, so
+//! the ring's budget of spill buffers counts only large messages.
 
 use std::io;
 
@@ -9,7 +19,9 @@ use socket2::Socket;
 
 use crate::close_reason::CloseReason;
 use crate::conn::{AfterEof, Input};
-use crate::message::DeliveryKind;
+use crate::inbound::RingAccount;
+use crate::message::{Delivery, DeliveryKind};
+use crate::pool::BufferPool;
 use crate::sys::{net, Selector};
 use crate::token::ConnKey;
 
@@ -121,36 +133,35 @@ impl<S: Selector> Core<S> {
             let Some(conn) = self.table.get_mut(key) else {
                 return;
             };
-            let read_fully = conn.reads_fully();
-            let spill_size = self.outbox.spill_size();
+            let input = RawInput {
+                socket: conn.socket(),
+                spill_size: spill.then(|| self.outbox.spill_size()),
+                room,
+                read_fully: conn.reads_fully(),
+            };
+            let spill_first = spill && conn.spills();
             // The buffer the slot held before goes back for the next spill.
-            let (result, end) = self.outbox.with_pool(|pool, mut staging| {
+            let SlotRead {
+                result,
+                end,
+                spilled,
+            } = self.outbox.with_pool(|pool, mut staging| {
                 staging.stage(key, |delivery, account| {
-                    let want = delivery.buf.len();
-                    let result = net::recv(conn.socket(), &mut delivery.buf);
-                    delivery.len = *result.as_ref().unwrap_or(&0);
-                    let end = match result {
-                        Ok(n) if n == want && spill => {
-                            let mut buffer = pool.take(spill_size);
-                            buffer.extend_from_slice(&delivery.buf[..n]);
-                            let limit = buffer.capacity().min(room);
-                            let end = read_on(conn.socket(), &mut buffer, limit, read_fully);
-                            account.place(delivery, buffer);
-                            end
-                        }
-                        Ok(n) if n < want && !read_fully => ReadEnd::Drained,
-                        _ => ReadEnd::Full,
+                    let read = if spill_first {
+                        input.read_spill_first(delivery, pool, account)
+                    } else {
+                        input.read_slot_first(delivery, pool, account)
                     };
-                    let result = result.map(|_| delivery.len);
                     // An empty read (EOF) or an error leaves the slot free.
-                    let len = *result.as_ref().unwrap_or(&0);
-                    ((len > 0).then_some(len), (result, end))
+                    let len = *read.result.as_ref().unwrap_or(&0);
+                    ((len > 0).then_some(len), read)
                 })
             });
             match result {
                 // The slot stays unstaged, so it is still free.
                 Ok(0) => return self.on_eof(key),
                 Ok(n) => {
+                    conn.set_spills(spilled);
                     conn.delivered(1);
                     conn.touch(now);
                     self.counters.bytes_received += n as u64;
@@ -214,6 +225,97 @@ impl<S: Selector> Core<S> {
     pub(super) fn mark_drained(&mut self, key: ConnKey) {
         if let Some(conn) = self.table.get_mut(key) {
             conn.drained();
+        }
+    }
+}
+
+/// One raw read into a delivery slot, as `read_into_ring` asks for it.
+struct RawInput<'a> {
+    socket: &'a Socket,
+    /// The size of a spill buffer, if the read may go past the slot.
+    spill_size: Option<usize>,
+    /// The most payload bytes the ring may take now (more than a slot holds
+    /// whenever `spill_size` is set).
+    room: usize,
+    /// A short read does not prove the socket drained.
+    read_fully: bool,
+}
+
+/// What a [`RawInput`] read brought.
+struct SlotRead {
+    /// The bytes in the delivery (`Ok(0)`: EOF), or the error (`WouldBlock`
+    /// included) met before any came.
+    result: io::Result<usize>,
+    /// How the read ended, when it brought something.
+    end: ReadEnd,
+    /// The bytes went past the slot's own buffer, into a spill buffer.
+    spilled: bool,
+}
+
+impl RawInput<'_> {
+    /// Reads into the slot's own buffer and, if that fills up and a spill
+    /// is allowed, on into a spill buffer, which the slot then carries.
+    fn read_slot_first(
+        &self,
+        delivery: &mut Delivery,
+        pool: &mut BufferPool,
+        account: &mut RingAccount,
+    ) -> SlotRead {
+        let want = delivery.buf.len();
+        let result = net::recv(self.socket, &mut delivery.buf);
+        delivery.len = *result.as_ref().unwrap_or(&0);
+        let (end, spilled) = match (&result, self.spill_size) {
+            (Ok(n), Some(spill_size)) if *n == want => {
+                let mut buffer = pool.take(spill_size);
+                buffer.extend_from_slice(&delivery.buf[..*n]);
+                let limit = buffer.capacity().min(self.room);
+                let end = read_on(self.socket, &mut buffer, limit, self.read_fully);
+                account.place(delivery, buffer);
+                (end, true)
+            }
+            (Ok(n), _) if *n < want && !self.read_fully => (ReadEnd::Drained, false),
+            _ => (ReadEnd::Full, false),
+        };
+        SlotRead {
+            result: result.map(|_| delivery.len),
+            end,
+            spilled,
+        }
+    }
+
+    /// Reads straight into a spill buffer, which the slot then carries; a
+    /// read no larger than the slot's own buffer moves there, and the spill
+    /// buffer goes back to the pool. Only where a spill is allowed.
+    fn read_spill_first(
+        &self,
+        delivery: &mut Delivery,
+        pool: &mut BufferPool,
+        account: &mut RingAccount,
+    ) -> SlotRead {
+        let spill_size = self
+            .spill_size
+            .expect("called only where a spill is allowed");
+        let mut buffer = pool.take(spill_size);
+        let limit = buffer.capacity().min(self.room);
+        let end = read_on(self.socket, &mut buffer, limit, self.read_fully);
+        let (result, end) = match (buffer.len(), end) {
+            (0, ReadEnd::Eof) => (Ok(0), ReadEnd::Eof),
+            (0, ReadEnd::Failed(e)) => (Err(e), ReadEnd::Drained),
+            (0, _) => (Err(io::ErrorKind::WouldBlock.into()), ReadEnd::Drained),
+            (n, end) => (Ok(n), end),
+        };
+        let spilled = buffer.len() > delivery.buf.len();
+        if spilled {
+            account.place(delivery, buffer);
+        } else {
+            delivery.buf[..buffer.len()].copy_from_slice(&buffer);
+            delivery.len = buffer.len();
+            pool.give(buffer);
+        }
+        SlotRead {
+            result,
+            end,
+            spilled,
         }
     }
 }
