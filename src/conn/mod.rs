@@ -153,9 +153,9 @@ pub struct Connection {
     /// [`crate::sys::Event::read_fully`]): read until `EAGAIN` or EOF, because
     /// edge triggering will not report that input again.
     read_fully: bool,
-    /// Its last raw read went past its delivery slot into a spill buffer, so
-    /// its next one goes straight into a spill buffer (see
-    /// `reactor::read`).
+    /// Its last raw read filled its delivery slot and went on into a spill
+    /// buffer, so its next one, where a spill is allowed, goes straight into
+    /// a spill buffer (see `reactor::read`).
     spills: bool,
     /// The application paused reading (`pause_reading`).
     paused: bool,
@@ -527,12 +527,13 @@ impl Connection {
         self.read_fully
     }
 
-    /// True if its last raw read went past its delivery slot.
+    /// True if its last raw read filled its delivery slot and went on into
+    /// a spill buffer.
     pub fn spills(&self) -> bool {
         self.spills
     }
 
-    /// Records whether its last raw read went past its delivery slot.
+    /// Records whether its last raw read went on into a spill buffer.
     pub fn set_spills(&mut self, spilled: bool) {
         self.spills = spilled;
     }

@@ -118,7 +118,9 @@ impl<S: Selector> Core<S> {
     /// Reads into delivery slots until the socket is drained, the ring is full,
     /// or the budget is spent. A read that fills a slot goes on into a larger
     /// buffer (see [`LARGE_READ`]), so that a burst of input reaches the
-    /// consumer as one message rather than a slot's worth at a time.
+    /// consumer as one message rather than a slot's worth at a time; after
+    /// such a read, the next one starts in the larger buffer (see the
+    /// module docs).
     pub(super) fn read_into_ring(&mut self, key: ConnKey) {
         let now = self.now;
         for _ in 0..READ_BUDGET {

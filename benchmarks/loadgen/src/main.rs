@@ -31,7 +31,8 @@
 //! pattern (it repeats every [`STREAM_PERIOD`] bytes, a prime, so that no
 //! lost, repeated or stale block of a power-of-two size lines up with
 //! itself), and every read is compared with it where the echo has got to: a
-//! server that loses, reorders or invents a byte fails the connection. Its
+//! server that changes, reorders, drops or adds bytes in its echo fails the
+//! connection (one that stops echoing shows only as a lower rate). Its
 //! `result` line gives the bytes written and read during the window
 //! (`mb_per_s_out`, `mb_per_s_in`, 10^6 bytes per second).
 
