@@ -141,7 +141,8 @@ impl<S: Selector> Core<S> {
                 room,
                 read_fully: conn.reads_fully(),
             };
-            let spill_first = spill && conn.spills();
+            // A connection that spilled last time starts in a spill buffer.
+            let spill_first = input.spill_size.filter(|_| conn.spills());
             // The buffer the slot held before goes back for the next spill.
             let SlotRead {
                 result,
@@ -149,10 +150,11 @@ impl<S: Selector> Core<S> {
                 spilled,
             } = self.outbox.with_pool(|pool, mut staging| {
                 staging.stage(key, |delivery, account| {
-                    let read = if spill_first {
-                        input.read_spill_first(delivery, pool, account)
-                    } else {
-                        input.read_slot_first(delivery, pool, account)
+                    let read = match spill_first {
+                        Some(spill_size) => {
+                            input.read_spill_first(spill_size, delivery, pool, account)
+                        }
+                        None => input.read_slot_first(delivery, pool, account),
                     };
                     // An empty read (EOF) or an error leaves the slot free.
                     let len = *read.result.as_ref().unwrap_or(&0);
@@ -285,18 +287,17 @@ impl RawInput<'_> {
         }
     }
 
-    /// Reads straight into a spill buffer, which the slot then carries; a
-    /// read no larger than the slot's own buffer moves there, and the spill
-    /// buffer goes back to the pool. Only where a spill is allowed.
+    /// Reads straight into a spill buffer of `spill_size` bytes, which the
+    /// slot then carries; a read no larger than the slot's own buffer moves
+    /// there, and the spill buffer goes back to the pool. Only where a
+    /// spill is allowed.
     fn read_spill_first(
         &self,
+        spill_size: usize,
         delivery: &mut Delivery,
         pool: &mut BufferPool,
         account: &mut RingAccount,
     ) -> SlotRead {
-        let spill_size = self
-            .spill_size
-            .expect("called only where a spill is allowed");
         let mut buffer = pool.take(spill_size);
         let limit = buffer.capacity().min(self.room);
         let end = read_on(self.socket, &mut buffer, limit, self.read_fully);
