@@ -15,7 +15,8 @@ importable by ``python``::
 
 ``MODE`` is ``rr`` or ``stream``; ``KIND`` is one of ``benchmarks/echo.py
 --serve``'s servers; ``PYTHONPATH`` (e.g. an unzipped wheel) selects the
-rsepoll build, ``VAR=VALUE`` goes into the server's environment and
+rsepoll build, ``VAR=VALUE`` (several joined by commas) goes into the
+server's environment and
 ``LOADGEN`` replaces the load generator's binary.
 """
 
@@ -46,8 +47,8 @@ def run_once(variant: tuple[str, ...], mode: str, size: int, conns: int) -> tupl
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    if setting:
-        name, value = setting.split("=", 1)
+    for item in filter(None, setting.split(",")):
+        name, value = item.split("=", 1)
         env[name] = value
     serve = [sys.executable, str(ROOT / "benchmarks/echo.py"), "--serve", kind]
     server = subprocess.Popen(["taskset", "-c", "0", *serve], stdout=subprocess.PIPE, env=env)
