@@ -437,3 +437,43 @@ def test_loadgen_stream_mode_checks_every_echoed_byte():
     assert out.returncode == 1, (out.stdout, out.stderr)
     wrong = f"byte {_FlippingEcho.FLIP} of the echo is not the byte sent there"
     assert out.stderr.count(wrong) == 2, out.stderr
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(shutil.which("cargo") is None, reason="benchmarks/loadgen needs cargo")
+@pytest.mark.skipif(sys.platform == "win32", reason="benchmarks/loadgen is built on the host")
+def test_loadgen_rate_paces_stream_mode():
+    """`--rate` holds stream mode's writes to the rate asked for (within the
+    credit one burst adds), where the same run unpaced writes far more; it
+    is refused in rr mode."""
+    loadgen = _loadgen()
+    rate = 20.0  # MB/s
+    common = ["--mode", "stream", "--size", "16384", "--connections", "4"]
+    common += ["--warmup", "0.3", "--duration", "1"]
+
+    def result(*extra: str) -> dict:
+        out = subprocess.run(
+            [str(loadgen), "--port", str(port), *common, *extra],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        line = next(x for x in out.stdout.splitlines() if x.startswith("result "))
+        return json.loads(line[len("result ") :])
+
+    with running() as (_, port):
+        paced = result("--rate", str(rate))
+        unpaced = result()
+        refused = subprocess.run(
+            [str(loadgen), "--port", str(port), "--rate", "5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert paced["errors"] == 0 and paced["rate_mb_per_s"] == rate, paced
+    # Two writes' worth of credit per connection, over the 1 s window.
+    burst = 4 * 2 * 16384 / 1e6
+    assert rate * 0.75 <= paced["mb_per_s_out"] <= rate + burst, paced
+    assert unpaced["rate_mb_per_s"] is None and unpaced["mb_per_s_out"] > 2 * rate, unpaced
+    assert refused.returncode == 2 and "--rate paces --mode stream only" in refused.stderr

@@ -35,6 +35,15 @@
 //! connection (one that stops echoing shows only as a lower rate). Its
 //! `result` line gives the bytes written and read during the window
 //! (`mb_per_s_out`, `mb_per_s_in`, 10^6 bytes per second).
+//!
+//! `--rate R` paces stream mode: the connections together write at most `R`
+//! MB/s (10^6 bytes per second), each an equal share, from a credit that
+//! refills at its share's pace and holds at most [`RATE_BURST_WRITES`]
+//! writes' worth (so a connection that fell behind does not catch up in one
+//! burst). A connection out of credit stops asking to write until it has
+//! some again. Below every server's capacity, this makes the server's CPU
+//! per byte comparable at one offered load, without the deep queues and
+//! the swings of a saturated run.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -86,6 +95,10 @@ impl Framing {
 const STREAM_READ: usize = 256 << 10;
 /// The period of the byte pattern a stream-mode connection sends: a prime.
 const STREAM_PERIOD: usize = 65_521;
+/// Under `--rate`, the most credit a connection holds, in writes of `--size`.
+const RATE_BURST_WRITES: f64 = 2.0;
+/// Under `--rate`, how often a connection out of credit is looked at again.
+const RATE_TICK: Duration = Duration::from_millis(1);
 
 struct Config {
     addr: SocketAddr,
@@ -96,6 +109,9 @@ struct Config {
     threads: usize,
     warmup: Duration,
     duration: Duration,
+    /// Stream mode: the most the connections write together, in bytes per
+    /// second.
+    rate: Option<f64>,
 }
 
 /// What one thread measured inside the window.
@@ -132,7 +148,7 @@ fn main() -> ExitCode {
             eprintln!(
                 "usage: echo-loadgen --port P [--host 127.0.0.1] [--mode rr|stream] \
                  [--connections 100] [--size 1024] [--framing raw|line|length] [--threads 1] \
-                 [--warmup 1] [--duration 5]"
+                 [--warmup 1] [--duration 5] [--rate MB/s (stream)]"
             );
             return ExitCode::from(2);
         }
@@ -228,10 +244,11 @@ fn run_stream(config: &Config) -> io::Result<bool> {
     let start = Instant::now() + config.warmup;
     let end = start + config.duration;
     let size = config.size;
+    let pace = config.rate.map(|rate| rate / config.connections as f64);
     let tallies = std::thread::scope(|scope| {
         let workers: Vec<_> = groups
             .into_iter()
-            .map(|streams| scope.spawn(move || drive_stream(streams, size, start, end)))
+            .map(|streams| scope.spawn(move || drive_stream(streams, size, pace, start, end)))
             .collect();
         sleep_until(start);
         println!("measure-start");
@@ -253,20 +270,25 @@ fn run_stream(config: &Config) -> io::Result<bool> {
         "result {{\"mode\": \"stream\", \"seconds\": {seconds}, \"size\": {size}, \
          \"connections\": {conns}, \"threads\": {threads}, \"bytes_out\": {bytes_out}, \
          \"bytes_in\": {bytes_in}, \"mb_per_s_out\": {out:.3}, \"mb_per_s_in\": {inn:.3}, \
-         \"errors\": {errors}, \"stalled\": 0}}",
+         \"rate_mb_per_s\": {rate}, \"errors\": {errors}, \"stalled\": 0}}",
         conns = config.connections,
         threads = config.threads,
+        rate = config
+            .rate
+            .map_or("null".to_string(), |rate| format!("{:.3}", rate / 1e6)),
         out = bytes_out as f64 / seconds / 1e6,
         inn = bytes_in as f64 / seconds / 1e6,
     );
     Ok(errors == 0)
 }
 
-/// Drives `streams` in stream mode until `end`; returns the bytes written and
-/// read in `[start, end)`, and the connections that failed.
+/// Drives `streams` in stream mode until `end`, each writing at most `pace`
+/// bytes per second if given; returns the bytes written and read in
+/// `[start, end)`, and the connections that failed.
 fn drive_stream(
     mut streams: Vec<TcpStream>,
     size: usize,
+    pace: Option<f64>,
     start: Instant,
     end: Instant,
 ) -> io::Result<(u64, u64, usize)> {
@@ -293,12 +315,24 @@ fn drive_stream(
     let mut echoed = vec![0u64; streams.len()];
     let mut alive = vec![true; streams.len()];
     let (mut out, mut inn, mut errors) = (0u64, 0u64, 0usize);
+    let mut pacer = pace.map(|pace| Pacer::new(pace, size, streams.len()));
     let mut events = Events::new();
     while alive.iter().any(|&a| a) && Instant::now() < end {
         events.clear();
-        poller.wait(&mut events, Some(Duration::from_millis(50)))?;
+        let timeout = match &pacer {
+            Some(pacer) if pacer.any_waiting() => RATE_TICK,
+            _ => Duration::from_millis(50),
+        };
+        poller.wait(&mut events, Some(timeout))?;
         let now = Instant::now();
         let counted = now >= start && now < end;
+        if let Some(pacer) = &mut pacer {
+            for key in pacer.refill(now) {
+                if alive[key] {
+                    poller.modify_with_mode(&streams[key], Event::all(key), PollMode::Level)?;
+                }
+            }
+        }
         for event in events.iter() {
             let key = event.key;
             if !alive[key] {
@@ -306,11 +340,23 @@ fn drive_stream(
             }
             let stream = &mut streams[key];
             let mut failure = None;
-            if event.writable {
+            let may_write = match &mut pacer {
+                Some(pacer) if event.writable && !pacer.has_credit(key) => {
+                    // Out of credit: reading only, until `refill` says.
+                    pacer.wait(key);
+                    poller.modify_with_mode(&*stream, Event::readable(key), PollMode::Level)?;
+                    false
+                }
+                _ => event.writable,
+            };
+            if may_write {
                 let from = at(sent[key]);
                 match stream.write(&pattern[from..from + size]) {
                     Ok(n) => {
                         sent[key] += n as u64;
+                        if let Some(pacer) = &mut pacer {
+                            pacer.spend(key, n);
+                        }
                         if counted {
                             out += n as u64;
                         }
@@ -349,6 +395,63 @@ fn drive_stream(
         }
     }
     Ok((out, inn, errors))
+}
+
+/// Per-connection write credit for `--rate`: see the module docs.
+struct Pacer {
+    /// Bytes per second each connection may write.
+    pace: f64,
+    /// The most credit a connection holds, in bytes.
+    burst: f64,
+    credit: Vec<f64>,
+    /// Connections out of credit, no longer asking to write.
+    waiting: Vec<bool>,
+    refilled_at: Instant,
+}
+
+impl Pacer {
+    fn new(pace: f64, size: usize, connections: usize) -> Pacer {
+        let burst = RATE_BURST_WRITES * size as f64;
+        Pacer {
+            pace,
+            burst,
+            credit: vec![burst; connections],
+            waiting: vec![false; connections],
+            refilled_at: Instant::now(),
+        }
+    }
+
+    fn any_waiting(&self) -> bool {
+        self.waiting.iter().any(|&w| w)
+    }
+
+    fn has_credit(&self, key: usize) -> bool {
+        self.credit[key] > 0.0
+    }
+
+    fn spend(&mut self, key: usize, bytes: usize) {
+        self.credit[key] -= bytes as f64;
+    }
+
+    fn wait(&mut self, key: usize) {
+        self.waiting[key] = true;
+    }
+
+    /// Adds the credit earned since the last refill; returns the waiting
+    /// connections that have credit again (no longer waiting).
+    fn refill(&mut self, now: Instant) -> Vec<usize> {
+        let earned = self.pace * now.duration_since(self.refilled_at).as_secs_f64();
+        self.refilled_at = now;
+        let mut resumed = Vec::new();
+        for (key, credit) in self.credit.iter_mut().enumerate() {
+            *credit = (*credit + earned).min(self.burst);
+            if self.waiting[key] && *credit > 0.0 {
+                self.waiting[key] = false;
+                resumed.push(key);
+            }
+        }
+        resumed
+    }
 }
 
 /// What is wrong with `got`, read back at byte `echoed` of a connection's
@@ -652,6 +755,7 @@ fn parse_args() -> Result<Config, String> {
         threads: 1,
         warmup: Duration::from_secs(1),
         duration: Duration::from_secs(5),
+        rate: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -687,6 +791,14 @@ fn parse_args() -> Result<Config, String> {
             "--threads" => config.threads = value.parse().map_err(bad)?,
             "--warmup" => config.warmup = seconds(&value)?,
             "--duration" => config.duration = seconds(&value)?,
+            "--rate" => {
+                let rate = value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| r.is_finite() && *r > 0.0)
+                    .ok_or_else(|| format!("bad value for {flag}: {value:?} (MB/s, above 0)"))?;
+                config.rate = Some(rate * 1e6);
+            }
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -707,6 +819,9 @@ fn parse_args() -> Result<Config, String> {
     }
     if config.duration.is_zero() {
         return Err("--duration must be positive".into());
+    }
+    if config.rate.is_some() && !config.stream {
+        return Err("--rate paces --mode stream only".into());
     }
     config.threads = config.threads.min(config.connections);
     config.addr = format!("{host}:{port}")

@@ -10,14 +10,15 @@ by the first variant's in the same round.
 Usage, from the repository's root, with ``rsepoll`` and ``uvloop``
 importable by ``python``::
 
-    python benchmarks/results/inline-2026-12-07/experiments/paired.py \\
+    python benchmarks/results/inline-2026-12-07/experiments/paired.py [--rate MB/s] \\
         MODE SIZE CONNECTIONS ROUNDS LABEL=KIND[@PYTHONPATH[@VAR=VALUE[@LOADGEN]]] ...
 
 ``MODE`` is ``rr`` or ``stream``; ``KIND`` is one of ``benchmarks/echo.py
 --serve``'s servers; ``PYTHONPATH`` (e.g. an unzipped wheel) selects the
 rsepoll build, ``VAR=VALUE`` (several joined by commas) goes into the
-server's environment and
-``LOADGEN`` replaces the load generator's binary.
+server's environment and ``LOADGEN`` replaces the load generator's binary.
+``--rate`` paces stream mode (loadgen's ``--rate``): every variant then
+gets the same offered load, and what differs is its CPU per message.
 """
 
 import json
@@ -41,7 +42,9 @@ def server_cpu(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def run_once(variant: tuple[str, ...], mode: str, size: int, conns: int) -> tuple[float, float]:
+def run_once(
+    variant: tuple[str, ...], mode: str, size: int, conns: int, rate: str | None
+) -> tuple[float, float]:
     """One round of `variant`: its rate and its server CPU µs per message."""
     _, kind, pythonpath, setting, loadgen = variant
     env = dict(os.environ)
@@ -56,6 +59,8 @@ def run_once(variant: tuple[str, ...], mode: str, size: int, conns: int) -> tupl
     port = int(server.stdout.readline().split()[1])
     argv = [loadgen, "--port", str(port), "--mode", mode, "--size", str(size)]
     argv += ["--connections", str(conns), "--warmup", "1.5", "--duration", "3"]
+    if rate is not None:
+        argv += ["--rate", rate]
     load = subprocess.Popen(["taskset", "-c", "1", *argv], stdout=subprocess.PIPE, text=True)
     assert load.stdout is not None
     before = after = 0.0
@@ -80,16 +85,20 @@ def run_once(variant: tuple[str, ...], mode: str, size: int, conns: int) -> tupl
 
 
 def main() -> None:
-    mode, size, conns, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    args = sys.argv[1:]
+    rate = None
+    if args[0] == "--rate":
+        rate, args = args[1], args[2:]
+    mode, size, conns, rounds = args[0], int(args[1]), int(args[2]), int(args[3])
     variants = []
-    for spec in sys.argv[5:]:
+    for spec in args[4:]:
         label, rest = spec.split("=", 1)
         parts = [*rest.split("@"), "", "", ""][:4]
         variants.append((label, parts[0], parts[1], parts[2], parts[3] or str(LOADGEN)))
     runs: dict[str, list[tuple[float, float]]] = {v[0]: [] for v in variants}
     for round_ in range(rounds):
         for variant in variants if round_ % 2 == 0 else variants[::-1]:
-            runs[variant[0]].append(run_once(variant, mode, size, conns))
+            runs[variant[0]].append(run_once(variant, mode, size, conns, rate))
         line = "  ".join(f"{label} {runs[label][-1][0]:,.0f}" for label in runs)
         print(f"round {round_ + 1}: {line}", flush=True)
     unit = "MB/s" if mode == "stream" else "req/s"
