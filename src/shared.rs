@@ -213,6 +213,12 @@ pub(crate) trait InlineLoop: Send {
     /// will make: nothing more will come from it.
     fn is_over(&self) -> bool;
 
+    /// Applies the commands queued so far (writes the replies sent since
+    /// the last turn) without a turn: no reading, no waiting. For the
+    /// consumer between two callbacks. Never panics: a failure is left for
+    /// the next turn to find.
+    fn apply_commands(&mut self);
+
     /// For a consumer that sleeps in another event loop, watching
     /// [`InlineLoop::pollable`]: prepares the sleep after a turn. How long
     /// it may last at most (`Some(None)`: no deadline of the loop's own),
@@ -359,6 +365,17 @@ impl Shared {
     /// if it is run inline: see [`Shared::turn_inline`].
     pub(crate) fn poll_inline(&self, wait: bool) -> bool {
         self.turn_inline(Some(Duration::ZERO), &|| true, wait)
+    }
+
+    /// Applies this engine's queued commands on this thread, if it is run
+    /// inline and no other thread is turning it (that turn applies them);
+    /// see [`InlineLoop::apply_commands`].
+    pub(crate) fn apply_inline_commands(&self) {
+        if let Some(mut slot) = self.inline.try_lock() {
+            if let Some(inline) = slot.as_mut() {
+                inline.apply_commands();
+            }
+        }
     }
 
     /// Runs `f` on this engine's inline loop, if it is run inline (waits

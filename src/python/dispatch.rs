@@ -325,11 +325,25 @@ impl Dispatcher {
                 self.loans.settle(py, |ticket| running.has_returned(ticket));
             }
             self.handle(py, item);
+            if self.running.is_inline() && self.loans.is_holding() {
+                self.write_lent(py);
+            }
         }
         self.running.release();
         let running = &self.running;
         self.loans.settle(py, |ticket| running.has_returned(ticket));
         dispatched
+    }
+
+    /// Inline: writes the replies lent so far (those of the callback that
+    /// just ran, mostly) and lets go of their objects before the next
+    /// callback makes more; see [`Loans`]. With the GIL released, as every
+    /// write is.
+    fn write_lent(&mut self, py: Python<'_>) {
+        let running = &mut self.running;
+        py.detach(|| running.apply_commands());
+        let running = &self.running;
+        self.loans.settle(py, |ticket| running.has_returned(ticket));
     }
 
     /// Runs the calls queued so far by other threads; returns how many.

@@ -13,6 +13,13 @@
 //! [`Shared::push`]): that sender may be the consumer itself, inside a
 //! callback. The `Mutex` in `Shared` lets one turn run at a time.
 //!
+//! Between two callbacks the consumer may also apply the commands queued
+//! so far, without a turn: no reading, no waiting
+//! ([`InlineLoop::apply_commands`]). The dispatcher does so after a
+//! callback that lent a reply, so that the reply is written, and its
+//! `bytes` object let go, before the next callback makes another (see
+//! `python/loans.rs`).
+//!
 //! An I/O thread catches a panic of its loop and reports it as a delivery
 //! (`thread.rs`); so does each turn here, since unwinding into the
 //! consumer would cross into Python. Once the loop has finished, later
@@ -116,6 +123,17 @@ impl<S: Selector> InlineLoop for Inline<S> {
 
     fn is_over(&self) -> bool {
         self.stage == Stage::Over
+    }
+
+    fn apply_commands(&mut self) {
+        // Handing over or over, the next turn deals with what comes.
+        if self.stage == Stage::Serving {
+            // A panic here would be the loop's own bug: the next turn
+            // meets it again, and reports it.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.reactor.apply_commands();
+            }));
+        }
     }
 
     fn begin_outside_sleep(&mut self) -> Option<Option<Duration>> {

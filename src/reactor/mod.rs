@@ -293,8 +293,9 @@ impl<S: Selector> Reactor<S> {
     }
 
     /// Applies queued commands, at most a ring's worth per turn, so that a fast
-    /// sender cannot keep the sockets from being polled.
-    fn apply_commands(&mut self) {
+    /// sender cannot keep the sockets from being polled. Run inline, the
+    /// consumer also calls it between callbacks (see [`inline`]).
+    pub(crate) fn apply_commands(&mut self) {
         let mut applied = 0;
         while applied < self.commands.capacity()
             && self

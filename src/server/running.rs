@@ -299,6 +299,15 @@ impl Running {
         }
     }
 
+    /// Inline: applies the commands queued so far (the replies sent from
+    /// callbacks go out, and their lent buffers come back) without reading
+    /// or waiting. Threaded: nothing.
+    pub fn apply_commands(&mut self) {
+        if let Some(engine) = self.inline_engine() {
+            engine.shared.apply_inline_commands();
+        }
+    }
+
     /// True if the engine is run inline, by this consumer (`io_threads=0`).
     pub fn is_inline(&self) -> bool {
         self.engines.iter().any(|e| e.inline)
