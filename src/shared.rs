@@ -215,8 +215,8 @@ pub(crate) trait InlineLoop: Send {
 
     /// Applies the commands queued so far (writes the replies sent since
     /// the last turn) without a turn: no reading, no waiting. For the
-    /// consumer between two callbacks. Never panics: a failure is left for
-    /// the next turn to find.
+    /// consumer between two callbacks. Never panics: a failure is reported
+    /// as a delivery and ends the loop, as in [`InlineLoop::turn`].
     fn apply_commands(&mut self);
 
     /// For a consumer that sleeps in another event loop, watching

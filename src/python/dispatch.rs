@@ -335,13 +335,15 @@ impl Dispatcher {
         dispatched
     }
 
-    /// Inline: writes the replies lent so far (those of the callback that
-    /// just ran, mostly) and lets go of their objects before the next
-    /// callback makes more; see [`Loans`]. With the GIL released, as every
-    /// write is.
+    /// Inline: applies the commands queued so far, which writes the replies
+    /// lent so far (those of the callback that just ran, mostly), and lets
+    /// go of their objects before the next callback makes more; see
+    /// [`Loans`]. With the GIL held, as uvloop writes from its callbacks:
+    /// the apply never waits (a turn under way on another thread skips it),
+    /// and releasing the GIL once per reply would let any other runnable
+    /// Python thread keep it for up to the switch interval.
     fn write_lent(&mut self, py: Python<'_>) {
-        let running = &mut self.running;
-        py.detach(|| running.apply_commands());
+        self.running.apply_commands();
         let running = &self.running;
         self.loans.settle(py, |ticket| running.has_returned(ticket));
     }

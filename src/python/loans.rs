@@ -14,9 +14,11 @@
 //!   released at the last send are held, not all of them;
 //! - every 32 deliveries the listening thread takes, and the end of each of
 //!   its batches ([`Loans::settle`]);
-//! - inline (`io_threads=0`), right after the callback that lent it: the
-//!   dispatcher then applies the engine's commands at once, which writes the
-//!   reply (or copies what the socket would not take), and settles. So one
+//! - inline (`io_threads=0`), right after the delivery callback that lent
+//!   it: while objects are kept, the dispatcher applies the engine's queued
+//!   commands after each delivery's callback, which writes the reply (or
+//!   copies what the socket would not take), and settles (not after calls
+//!   and timers, whose replies wait for the turn as before). So one
 //!   callback's replies are alive at a time, not a turn's worth: freed
 //!   together, a turn's worth of large `bytes` objects made glibc hand their
 //!   memory back to the kernel and fault it in again for the next turn's:
@@ -25,7 +27,8 @@
 //!
 //! A check takes this lock and reads, per I/O thread with objects kept, how
 //! far that thread has released its commands (one atomic load per object let
-//! go, plus one). A message that is not lent adds nothing to it.
+//! go, plus one). A message that is not lent adds nothing to it, but for
+//! one look at this lock after each delivery's callback, inline.
 //!
 //! Objects are kept per I/O thread, in the order they were kept. One thread
 //! releases its commands in ring order, so its returned tickets form a prefix

@@ -15,10 +15,11 @@
 //!
 //! Between two callbacks the consumer may also apply the commands queued
 //! so far, without a turn: no reading, no waiting
-//! ([`InlineLoop::apply_commands`]). The dispatcher does so after a
-//! callback that lent a reply, so that the reply is written, and its
-//! `bytes` object let go, before the next callback makes another (see
-//! `python/loans.rs`).
+//! ([`InlineLoop::apply_commands`]). The dispatcher does so after each
+//! delivery's callback while it holds lent replies, so that a reply is
+//! written, and its `bytes` object let go, before the next callback makes
+//! another (see `python/loans.rs`). A panic there is reported as a turn's
+//! is.
 //!
 //! An I/O thread catches a panic of its loop and reports it as a delivery
 //! (`thread.rs`); so does each turn here, since unwinding into the
@@ -80,6 +81,13 @@ impl<S: Selector> Inline<S> {
                 super::thread::panic_message(&*panic)
             ),
         };
+        self.fail(detail);
+    }
+
+    /// Reports `detail` as the loop's failure (`Failed`, then the
+    /// connections closed and `Stopped`, handed over by the turns that
+    /// follow), as an I/O thread's loop does when it fails.
+    fn fail(&mut self, detail: String) {
         let reported = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.reactor.fail(detail);
         }));
@@ -127,12 +135,19 @@ impl<S: Selector> InlineLoop for Inline<S> {
 
     fn apply_commands(&mut self) {
         // Handing over or over, the next turn deals with what comes.
-        if self.stage == Stage::Serving {
-            // A panic here would be the loop's own bug: the next turn
-            // meets it again, and reports it.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.reactor.apply_commands();
-            }));
+        if self.stage != Stage::Serving {
+            return;
+        }
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.reactor.apply_commands();
+        }));
+        // The command that panicked has been taken: report it now, as a
+        // turn would have.
+        if let Err(panic) = outcome {
+            self.fail(format!(
+                "the I/O loop panicked: {}",
+                super::thread::panic_message(&*panic)
+            ));
         }
     }
 

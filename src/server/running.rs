@@ -302,7 +302,7 @@ impl Running {
     /// Inline: applies the commands queued so far (the replies sent from
     /// callbacks go out, and their lent buffers come back) without reading
     /// or waiting. Threaded: nothing.
-    pub fn apply_commands(&mut self) {
+    pub fn apply_commands(&self) {
         if let Some(engine) = self.inline_engine() {
             engine.shared.apply_inline_commands();
         }

@@ -114,6 +114,35 @@ fn a_panic_on_the_io_thread_is_reported_and_closes_everything() {
     }
 }
 
+/// Inline, a panic while the consumer applies the commands between two
+/// callbacks (`Running::apply_commands`) is reported as a turn's is.
+#[test]
+fn a_panic_applying_commands_between_turns_is_reported() {
+    for backend in [Backend::Portable, Backend::platform_default()] {
+        let config = Config {
+            backend,
+            io_threads: 0,
+            ..Config::default()
+        };
+        let (mut running, mut client, _) = start_with_client(&config);
+        running.sender().inject_panic(0);
+        running.apply_commands();
+        let kinds = drain_to_stopped(&mut running);
+        assert_eq!(
+            kinds,
+            vec![
+                DeliveryKind::Failed,
+                DeliveryKind::Closed(crate::close_reason::CloseReason::Shutdown),
+                DeliveryKind::Stopped
+            ],
+            "{backend:?}"
+        );
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        running.join();
+    }
+}
+
 /// An engine whose loop panics, and whose report of it panics too, ends
 /// without `Stopped`: the consumer notices (`io_thread_vanished`), and
 /// dropping the server returns, inline too, where no thread exits to say so.
