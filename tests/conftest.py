@@ -362,14 +362,65 @@ def running(
 def rsepoll_thread_names(prefix: str = "rsepoll") -> set[str] | None:
     """The names of this process's threads that start with ``prefix``
     (rsepoll's I/O threads are ``rsepoll-io``, ``rsepoll-io-N``), from
-    Linux's /proc; None where threads cannot be listed."""
-    if not os.path.isdir("/proc/self/task"):
+    Linux's /proc or Windows' thread descriptions; None where threads
+    cannot be listed (macOS)."""
+    if sys.platform == "win32":
+        # First: under Wine, "/proc" is the Linux host's, seen through Z:.
+        names = _windows_thread_names()
+    elif os.path.isdir("/proc/self/task"):
+        names = set()
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as comm:
+                names.add(comm.read().strip())
+    else:
         return None
-    names = set()
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as comm:
-            names.add(comm.read().strip())
     return {name for name in names if name.startswith(prefix)}
+
+
+def _windows_thread_names() -> set[str]:
+    """The descriptions of this process's threads (Rust's std names its
+    threads with ``SetThreadDescription``), through a Toolhelp snapshot."""
+    import ctypes
+    from ctypes import wintypes
+
+    class ThreadEntry(ctypes.Structure):
+        _fields_ = [
+            ("dwSize", wintypes.DWORD),
+            ("cntUsage", wintypes.DWORD),
+            ("th32ThreadID", wintypes.DWORD),
+            ("th32OwnerProcessID", wintypes.DWORD),
+            ("tpBasePri", wintypes.LONG),
+            ("tpDeltaPri", wintypes.LONG),
+            ("dwFlags", wintypes.DWORD),
+        ]
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.CreateToolhelp32Snapshot.restype = wintypes.HANDLE
+    kernel32.OpenThread.restype = wintypes.HANDLE
+    kernel32.GetThreadDescription.argtypes = [wintypes.HANDLE, ctypes.POINTER(ctypes.c_wchar_p)]
+    kernel32.GetThreadDescription.restype = ctypes.c_long
+    snapshot_threads, query_limited_information = 0x4, 0x0800
+    snapshot = kernel32.CreateToolhelp32Snapshot(snapshot_threads, 0)
+    if snapshot in (None, wintypes.HANDLE(-1).value):
+        raise ctypes.WinError(ctypes.get_last_error())
+    names = set()
+    try:
+        entry = ThreadEntry(dwSize=ctypes.sizeof(ThreadEntry))
+        more = kernel32.Thread32First(snapshot, ctypes.byref(entry))
+        while more:
+            if entry.th32OwnerProcessID == os.getpid():
+                thread = kernel32.OpenThread(query_limited_information, False, entry.th32ThreadID)
+                if thread:
+                    description = ctypes.c_wchar_p()
+                    if kernel32.GetThreadDescription(thread, ctypes.byref(description)) >= 0:
+                        if description.value:
+                            names.add(description.value)
+                        kernel32.LocalFree(description)
+                    kernel32.CloseHandle(thread)
+            more = kernel32.Thread32Next(snapshot, ctypes.byref(entry))
+    finally:
+        kernel32.CloseHandle(snapshot)
+    return names
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -23,9 +23,7 @@
 //!   together, a turn's worth of large `bytes` objects made glibc hand their
 //!   memory back to the kernel and fault it in again for the next turn's:
 //!   at a fixed load of 64 KiB messages, inline rsepoll spent 1.4 times
-//!   uvloop's CPU per byte that way (see `benchmarks/README.md`). Under
-//!   Wine the replies were seen to wait for the turn all the same; why is
-//!   not known (the test of this is skipped on Windows).
+//!   uvloop's CPU per byte that way (see `benchmarks/README.md`).
 //!
 //! A check takes this lock and reads, per I/O thread with objects kept, how
 //! far that thread has released its commands (one atomic load per object let

@@ -237,7 +237,7 @@ impl ServerCore {
     /// second Ctrl-C resets what is still open.
     #[pyo3(signature = (timeout = 1000))]
     fn listen(slf: &Bound<'_, Self>, timeout: i64) -> PyResult<()> {
-        Self::begin_run(slf, timeout, true)?.listen(slf.py())
+        Self::begin_run(slf, timeout, Driver::Listen)?.listen(slf.py())
     }
 
     /// Starts a run driven by an asyncio event loop, which watches the
@@ -252,7 +252,7 @@ impl ServerCore {
         timeout: i64,
         watch_fds: bool,
     ) -> PyResult<ServeSession> {
-        let dispatcher = Self::begin_run(slf, timeout, watch_fds)?;
+        let dispatcher = Self::begin_run(slf, timeout, Driver::EventLoop { watch_fds })?;
         ServeSession::new(slf.py(), dispatcher, wake_fd)
     }
 
@@ -403,14 +403,9 @@ impl ServerCore {
 
 impl ServerCore {
     /// Starts a run: the I/O threads serving the registered listeners, and
-    /// the dispatcher that will call back `slf`. `may_run_inline`: false
-    /// for a run under an event loop that cannot watch the inline engine's
-    /// poller, which then gets one I/O thread.
-    fn begin_run(
-        slf: &Bound<'_, Self>,
-        timeout: i64,
-        may_run_inline: bool,
-    ) -> PyResult<Dispatcher> {
+    /// the dispatcher that will call back `slf`. An inline engine that
+    /// `driver` cannot turn gets one I/O thread instead.
+    fn begin_run(slf: &Bound<'_, Self>, timeout: i64, driver: Driver) -> PyResult<Dispatcher> {
         let this = slf.get();
         if timeout <= 0 {
             return Err(PyValueError::new_err(format!(
@@ -425,9 +420,7 @@ impl ServerCore {
             ));
         }
         let mut config = this.config.lock().clone();
-        if config.io_threads == 0 && !(may_run_inline && config.backend.has_pollable()) {
-            // The consumer would sleep in a loop that cannot be told when
-            // the engine's sockets are ready: the engine gets a thread.
+        if config.io_threads == 0 && !driver.can_turn_inline(config.backend) {
             config.io_threads = 1;
         }
         log::debug!(
@@ -526,4 +519,26 @@ fn seconds(py: Python<'_>, name: &str, value: f64) -> PyResult<Duration> {
                 Config::TIMEOUT_MAX.as_secs()
             ))
         })
+}
+
+/// What the listening thread of a run sleeps in between its turns, which
+/// decides whether it can turn an inline engine itself.
+#[derive(Clone, Copy)]
+enum Driver {
+    /// `listen()`: the engine's own poller, on every backend.
+    Listen,
+    /// `serve()`: an event loop, which can wake the thread for the engine's
+    /// sockets only by watching its poller's descriptor (`add_reader`, when
+    /// `watch_fds`); IOCP has none.
+    EventLoop { watch_fds: bool },
+}
+
+impl Driver {
+    /// True if this driver's thread can turn an inline engine on `backend`.
+    fn can_turn_inline(self, backend: Backend) -> bool {
+        match self {
+            Driver::Listen => true,
+            Driver::EventLoop { watch_fds } => watch_fds && backend.has_pollable(),
+        }
+    }
 }
