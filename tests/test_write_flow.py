@@ -149,6 +149,65 @@ def test_writing_pauses_and_resumes_once_per_crossing_in_order() -> None:
     assert conn.pending_bytes == 0
 
 
+class BackpressuredEcho(Flow):
+    """Echoes length-framed messages, and stops reading while writing is
+    paused, as a well-behaved asyncio protocol does."""
+
+    def on_message_received(self, conn: rsepoll.Connection, data: bytes) -> None:
+        super().on_message_received(conn, data)
+        self.send_message(conn, data)  # 64 KiB of bytes: lent, not copied
+
+    def on_writing_paused(self, conn: rsepoll.Connection) -> None:
+        super().on_writing_paused(conn)
+        self.pause_reading(conn)
+
+    def on_writing_resumed(self, conn: rsepoll.Connection) -> None:
+        super().on_writing_resumed(conn)
+        self.resume_reading(conn)
+
+
+@pytest.mark.parametrize("io_threads", [0, 1])
+def test_replies_from_callbacks_pause_and_resume_in_order(io_threads: int) -> None:
+    """Replies sent from the message callbacks to a client that reads
+    slowly: each crossing of the mark is reported once, pauses and resumes
+    alternate, and every byte comes back in order. Inline, a lent reply is
+    written as its callback returns, between the callbacks of one batch
+    (see ``src/python/loans.rs``): that is where the queue crosses the mark
+    here, and the pause still comes once, before its resume."""
+    count = 128
+    payload = b"".join(
+        len(m).to_bytes(4, "big") + m for m in (chunk(i)[: CHUNK - 4] for i in range(count))
+    )
+    with (
+        running(
+            BackpressuredEcho,
+            framing="length",
+            io_threads=io_threads,
+            write_buffer_high=HIGH,
+            write_buffer_low=LOW,
+        ) as (server, port),
+        connect(port, timeout=30, rcvbuf=64 << 10) as client,
+    ):
+        server.opened_conn()
+        writer = threading.Thread(target=client.sendall, args=(payload,))
+        writer.start()
+        echoed = bytearray()
+        while len(echoed) < len(payload):
+            echoed.extend(client.recv(256 << 10))
+            time.sleep(0.002)  # slower than the server writes: the queue grows
+        writer.join(10)
+        assert not writer.is_alive()
+        assert bytes(echoed) == payload
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(1) == b""
+        assert wait_until(lambda: "closed" in server.events)
+    crossings = [event for event in server.events if event in ("paused", "resumed")]
+    assert crossings, "the queue never crossed the mark"
+    assert crossings == ["paused", "resumed"] * (len(crossings) // 2), crossings
+    assert server.count("message") == count
+    assert server.events[0] == "opened" and server.events[-2:] == ["eof", "closed"]
+
+
 @pytest.mark.parametrize(
     "how", [pytest.param("client_reset", marks=needs_visible_resets), "server_abort"]
 )
