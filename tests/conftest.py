@@ -359,14 +359,17 @@ def running(
 # ---------------------------------------------------------------------------
 
 
-def rsepoll_thread_names(prefix: str = "rsepoll") -> set[str] | None:
-    """The names of this process's threads that start with ``prefix``
-    (rsepoll's I/O threads are ``rsepoll-io``, ``rsepoll-io-N``), from
-    Linux's /proc or Windows' thread descriptions; None where threads
-    cannot be listed (macOS)."""
+def io_thread_names() -> set[str] | None:
+    """The names of rsepoll's I/O threads in this process (``rsepoll-io``,
+    ``rsepoll-io-N``; not the tests' own ``rsepoll-listen`` and the like,
+    which Python 3.14 names in the OS too), from Linux's /proc or Windows'
+    thread descriptions; None where threads cannot be listed (macOS, or a
+    Windows without ``GetThreadDescription``)."""
     if sys.platform == "win32":
         # First: under Wine, "/proc" is the Linux host's, seen through Z:.
         names = _windows_thread_names()
+        if names is None:
+            return None
     elif os.path.isdir("/proc/self/task"):
         names = set()
         for tid in os.listdir("/proc/self/task"):
@@ -374,12 +377,13 @@ def rsepoll_thread_names(prefix: str = "rsepoll") -> set[str] | None:
                 names.add(comm.read().strip())
     else:
         return None
-    return {name for name in names if name.startswith(prefix)}
+    return {name for name in names if name.startswith("rsepoll-io")}
 
 
-def _windows_thread_names() -> set[str]:
+def _windows_thread_names() -> set[str] | None:
     """The descriptions of this process's threads (Rust's std names its
-    threads with ``SetThreadDescription``), through a Toolhelp snapshot."""
+    threads with ``SetThreadDescription``), through a Toolhelp snapshot;
+    None where that cannot be done."""
     import ctypes
     from ctypes import wintypes
 
@@ -395,10 +399,21 @@ def _windows_thread_names() -> set[str]:
         ]
 
     kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    try:
+        # Exported by kernel32 from Windows 10 1809 (by KernelBase before).
+        get_description = kernel32.GetThreadDescription
+    except AttributeError:
+        return None
+    get_description.argtypes = [wintypes.HANDLE, ctypes.POINTER(ctypes.c_wchar_p)]
+    get_description.restype = ctypes.c_long
+    kernel32.CreateToolhelp32Snapshot.argtypes = [wintypes.DWORD, wintypes.DWORD]
     kernel32.CreateToolhelp32Snapshot.restype = wintypes.HANDLE
+    kernel32.Thread32First.argtypes = [wintypes.HANDLE, ctypes.POINTER(ThreadEntry)]
+    kernel32.Thread32Next.argtypes = [wintypes.HANDLE, ctypes.POINTER(ThreadEntry)]
+    kernel32.OpenThread.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
     kernel32.OpenThread.restype = wintypes.HANDLE
-    kernel32.GetThreadDescription.argtypes = [wintypes.HANDLE, ctypes.POINTER(ctypes.c_wchar_p)]
-    kernel32.GetThreadDescription.restype = ctypes.c_long
+    kernel32.CloseHandle.argtypes = [wintypes.HANDLE]
+    kernel32.LocalFree.argtypes = [ctypes.c_void_p]
     snapshot_threads, query_limited_information = 0x4, 0x0800
     snapshot = kernel32.CreateToolhelp32Snapshot(snapshot_threads, 0)
     if snapshot in (None, wintypes.HANDLE(-1).value):
@@ -412,7 +427,7 @@ def _windows_thread_names() -> set[str]:
                 thread = kernel32.OpenThread(query_limited_information, False, entry.th32ThreadID)
                 if thread:
                     description = ctypes.c_wchar_p()
-                    if kernel32.GetThreadDescription(thread, ctypes.byref(description)) >= 0:
+                    if get_description(thread, ctypes.byref(description)) >= 0:
                         if description.value:
                             names.add(description.value)
                         kernel32.LocalFree(description)

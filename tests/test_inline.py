@@ -23,8 +23,8 @@ import pytest
 import rsepoll
 from conftest import (
     connect,
+    io_thread_names,
     recv_exactly,
-    rsepoll_thread_names,
     running,
     subprocess_env,
     wait_until,
@@ -55,7 +55,7 @@ def test_io_threads_zero_is_the_inline_mode():
             Remember(io_threads=bad)
 
 
-@pytest.mark.skipif(rsepoll_thread_names() is None, reason="threads cannot be listed here")
+@pytest.mark.skipif(io_thread_names() is None, reason="threads cannot be listed here")
 @pytest.mark.parametrize("io_threads", [0, 1])
 def test_listen_inline_runs_no_io_thread(io_threads):
     # listen() turns the engine on its own thread, on every backend (IOCP
@@ -64,7 +64,7 @@ def test_listen_inline_runs_no_io_thread(io_threads):
     with running(Remember, io_threads=io_threads) as (_server, port), connect(port) as client:
         client.sendall(b"ping")
         assert recv_exactly(client, 4) == b"ping"
-        assert rsepoll_thread_names() == expected
+        assert io_thread_names() == expected
 
 
 @pytest.mark.parametrize("how", ["send_message", "call_soon_threadsafe"])
@@ -263,16 +263,28 @@ def test_the_cli_under_taskset_serves_inline():
             child.wait(10)
 
 
-LOOPS = ["asyncio"] if sys.platform == "win32" else ["asyncio", "uvloop"]
+# On Windows: asyncio's default Proactor loop (no add_reader) and its
+# selector loop (add_reader, but no IOCP descriptor to watch).
+LOOPS = ["asyncio", "selector"] if sys.platform == "win32" else ["asyncio", "uvloop"]
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_serve_runs_inline_in_the_loops_thread(loop):
     # Under serve(), the loop watches the inline engine's poller: no I/O
-    # thread (but on Windows), and a send from another thread, or a call_soon_threadsafe,
-    # wakes the loop at once (the loop's own timer is 1 s away here).
+    # thread (except on Windows, where no loop can watch it), and a send
+    # from another thread, or a call_soon_threadsafe, wakes the loop at
+    # once (the loop's own timer is 1 s away here).
     if loop == "uvloop":
         run = pytest.importorskip("uvloop", reason="uvloop is not installed").run
+    elif loop == "selector":
+
+        def run(main):
+            selector_loop = asyncio.SelectorEventLoop()
+            try:
+                return selector_loop.run_until_complete(main)
+            finally:
+                selector_loop.close()
+
     else:
         run = asyncio.run
     server = Remember(io_threads=0)
@@ -285,7 +297,7 @@ def test_serve_runs_inline_in_the_loops_thread(loop):
         reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
         writer.write(b"ping")
         seen["echo"] = await asyncio.wait_for(reader.readexactly(4), 5)
-        seen["threads"] = rsepoll_thread_names()
+        seen["threads"] = io_thread_names()
         latencies = []
         for i in range(20):
             await asyncio.sleep(0.02)

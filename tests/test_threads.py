@@ -14,9 +14,9 @@ from conftest import (
     Workers,
     assert_eof,
     connect,
+    io_thread_names,
     recv_exactly,
     recv_until_eof,
-    rsepoll_thread_names,
     running,
     wait_until,
 )
@@ -327,10 +327,6 @@ class IdRecorder(rsepoll.Server):
 
     def on_connection_opened(self, conn):
         self.ids.append(conn.id)
-
-
-def io_thread_names():
-    return rsepoll_thread_names("rsepoll-io")
 
 
 def test_three_io_threads_serve_one_listener_with_unique_ids():

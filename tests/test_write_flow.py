@@ -191,10 +191,14 @@ def test_replies_from_callbacks_pause_and_resume_in_order(io_threads: int) -> No
         server.opened_conn()
         writer = threading.Thread(target=client.sendall, args=(payload,))
         writer.start()
+        # Nothing is read until the queue has crossed the mark once.
+        assert wait_until(lambda: "paused" in server.events), "the queue never crossed the mark"
         echoed = bytearray()
         while len(echoed) < len(payload):
-            echoed.extend(client.recv(256 << 10))
-            time.sleep(0.002)  # slower than the server writes: the queue grows
+            data = client.recv(256 << 10)
+            assert data, f"closed after {len(echoed)} of {len(payload)} bytes"
+            echoed.extend(data)
+            time.sleep(0.002)  # slower than the server writes: it may pause again
         writer.join(10)
         assert not writer.is_alive()
         assert bytes(echoed) == payload
@@ -202,7 +206,6 @@ def test_replies_from_callbacks_pause_and_resume_in_order(io_threads: int) -> No
         assert client.recv(1) == b""
         assert wait_until(lambda: "closed" in server.events)
     crossings = [event for event in server.events if event in ("paused", "resumed")]
-    assert crossings, "the queue never crossed the mark"
     assert crossings == ["paused", "resumed"] * (len(crossings) // 2), crossings
     assert server.count("message") == count
     assert server.events[0] == "opened" and server.events[-2:] == ["eof", "closed"]
