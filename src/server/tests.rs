@@ -659,3 +659,85 @@ fn a_connection_handed_over_during_a_kept_stop_is_served() {
         assert_eq!(sender.hub().open.load(Relaxed), 0, "{backend:?}");
     }
 }
+
+/// Inline, one turn reads about `INLINE_TURN_READ` raw bytes however many
+/// connections have input waiting (a read may go past the cap, none starts
+/// after it), and the next turns read the rest: every byte arrives, in
+/// order per connection.
+#[test]
+fn an_inline_turn_reads_its_cap_and_leaves_the_rest_for_the_next() {
+    use crate::reactor::{INLINE_TURN_READ, LARGE_READ};
+    const CLIENTS: usize = 16;
+    const EACH: usize = 256 * 1024;
+    let pattern: Vec<u8> = (0..EACH).map(|i| (i % 251) as u8).collect();
+    for backend in [Backend::Portable, Backend::platform_default()] {
+        let config = Config {
+            backend,
+            io_threads: 0,
+            ..Config::default()
+        };
+        let (socket, port) = listener();
+        let mut running = Running::start(&config, vec![socket]).unwrap();
+        let clients: Vec<TcpStream> = (0..CLIENTS)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        let mut opened = 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while opened < CLIENTS {
+            assert!(Instant::now() < deadline, "{backend:?}: {opened} opened");
+            match running.take_with(|d| d.kind) {
+                Some(DeliveryKind::Opened) => opened += 1,
+                Some(kind) => panic!("{backend:?}: {kind:?} before any data"),
+                None => running.wait(Duration::from_millis(10)),
+            }
+        }
+        running.release();
+        // Writers of their own: what the kernel cannot hold yet waits in them.
+        let writers: Vec<_> = clients
+            .iter()
+            .map(|client| {
+                let (mut client, pattern) = (client.try_clone().unwrap(), pattern.clone());
+                std::thread::spawn(move || client.write_all(&pattern).unwrap())
+            })
+            .collect();
+        // Nothing turns the loop meanwhile: inline, only this thread does.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut received: std::collections::HashMap<ConnKey, Vec<u8>> = Default::default();
+        let mut take_all = |running: &mut Running| {
+            let mut bytes = 0;
+            while let Some((kind, key, data)) =
+                running.take_with(|d| (d.kind, d.conn, d.data().to_vec()))
+            {
+                assert_eq!(kind, DeliveryKind::Data, "{backend:?}");
+                bytes += data.len();
+                received.entry(key).or_default().extend_from_slice(&data);
+            }
+            running.release();
+            bytes
+        };
+        running.poll();
+        let first_turn = take_all(&mut running);
+        assert!(
+            first_turn > 0 && first_turn <= INLINE_TURN_READ + LARGE_READ,
+            "{backend:?}: one turn read {first_turn} bytes"
+        );
+        let mut total = first_turn;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while total < CLIENTS * EACH {
+            assert!(Instant::now() < deadline, "{backend:?}: {total} bytes");
+            running.wait(Duration::from_millis(10));
+            total += take_all(&mut running);
+        }
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        assert_eq!(received.len(), CLIENTS, "{backend:?}");
+        for (key, bytes) in &received {
+            assert!(bytes == &pattern, "{backend:?}: {key:?} differs");
+        }
+        running.stop(Duration::from_secs(1));
+        drop(clients);
+        drain_to_stopped(&mut running);
+        running.join();
+    }
+}
