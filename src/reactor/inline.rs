@@ -57,7 +57,7 @@ enum Stage {
 impl<S: Selector> Inline<S> {
     /// `reactor`, to be turned by its consumer; `shared` is its engine's.
     pub(crate) fn new(mut reactor: Reactor<S>, shared: Arc<Shared>) -> Inline<S> {
-        reactor.run_inline();
+        reactor.inline = true;
         Inline {
             reactor,
             stage: Stage::Serving,

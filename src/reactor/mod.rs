@@ -115,12 +115,7 @@ const SMALLEST_ASSEMBLY: usize = 4096;
 /// In raw mode, a read that fills a delivery slot goes on into a buffer of
 /// this size, so that a burst arrives as one message (asyncio and uvloop read
 /// up to 256 KiB at a time too). A slot at least this large never spills.
-pub(crate) const LARGE_READ: usize = 256 * 1024;
-/// Run inline, a turn reads at most about this many raw bytes before its
-/// callbacks run, so that what the kernel copied in is still in the CPU's
-/// cache when the callbacks copy it out (see [`read`]): uvloop's largest
-/// read.
-pub(crate) const INLINE_TURN_READ: usize = 256 * 1024;
+const LARGE_READ: usize = 256 * 1024;
 
 /// The I/O thread's state; see the module docs.
 pub(crate) struct Reactor<S: Selector> {
@@ -166,10 +161,6 @@ struct Core<S: Selector> {
     now: Instant,
     /// What this thread counts; copied to `shared.stats` once per turn.
     counters: Counters,
-    /// Raw bytes read this turn, and the most a turn reads: unbounded on an
-    /// I/O thread, [`INLINE_TURN_READ`] run inline (see [`read`]).
-    turn_read: usize,
-    turn_read_cap: usize,
 }
 
 /// What the loop reads of its configuration and never changes, built once
@@ -244,20 +235,12 @@ impl<S: Selector> Reactor<S> {
             deadlines: Deadlines::new(config),
             now: Instant::now(),
             counters: Counters::default(),
-            turn_read: 0,
-            turn_read_cap: usize::MAX,
         };
         Ok(Reactor {
             commands,
             core,
             inline: false,
         })
-    }
-
-    /// Makes this loop one its consumer turns ([`inline`]).
-    fn run_inline(&mut self) {
-        self.inline = true;
-        self.core.turn_read_cap = INLINE_TURN_READ;
     }
 
     /// Serves until asked to stop, then drains (see the module docs): every
@@ -282,7 +265,6 @@ impl<S: Selector> Reactor<S> {
         consumer_busy: &dyn Fn() -> bool,
     ) -> io::Result<Progress> {
         self.core.heed_stop();
-        self.core.turn_read = 0;
         // Read before the hand-overs are taken: see `stop_is_done`.
         let dealing_over = self.core.shared.hub.accepting_ended.load(Acquire);
         self.apply_commands();

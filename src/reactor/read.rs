@@ -12,17 +12,6 @@
 //! `benchmarks/README.md`). If that read brings no more than a slot holds,
 //! its bytes move into the slot and the buffer goes back to the pool, so
 //! the ring's budget of spill buffers counts only large messages.
-//!
-//! Run inline, a turn stops reading raw input once it has read
-//! [`INLINE_TURN_READ`](super::INLINE_TURN_READ) bytes (checked before each
-//! read, so one read may go past it); the connections left unread wait on
-//! the ready list, and the next turn, which does not sleep, reads them
-//! after the callbacks have had what this one read. Read whole, a busy
-//! turn's input (ten connections of 256 KiB each) outgrows the CPU's cache
-//! before the callbacks copy it out; capped, a server saturated with a 64
-//! KiB stream spent 36.7 instead of 41.9 µs per 64 KiB (paired, 8 rounds;
-//! see `benchmarks/README.md`). An I/O thread reads on: its consumer runs
-//! on another CPU.
 
 use std::io;
 
@@ -135,7 +124,7 @@ impl<S: Selector> Core<S> {
     pub(super) fn read_into_ring(&mut self, key: ConnKey) {
         let now = self.now;
         for _ in 0..READ_BUDGET {
-            if !self.outbox.has_slot() || !self.has_share(key) || self.turn_read_spent() {
+            if !self.outbox.has_slot() || !self.has_share(key) {
                 return self.mark_unread(key);
             }
             let room = self.ring_room();
@@ -176,7 +165,6 @@ impl<S: Selector> Core<S> {
                 // The slot stays unstaged, so it is still free.
                 Ok(0) => return self.on_eof(key),
                 Ok(n) => {
-                    self.turn_read += n;
                     conn.set_spills(spilled);
                     conn.delivered(1);
                     conn.touch(now);
@@ -230,12 +218,6 @@ impl<S: Selector> Core<S> {
             }
         }
         self.mark_unread(key);
-    }
-
-    /// True once this turn has read its cap of raw bytes (run inline; see
-    /// the module docs): the rest waits on the ready list for the next turn.
-    fn turn_read_spent(&self) -> bool {
-        self.turn_read >= self.turn_read_cap
     }
 
     pub(super) fn mark_unread(&mut self, key: ConnKey) {
