@@ -266,16 +266,11 @@ def test_the_cli_under_taskset_serves_inline():
 LOOPS = ["asyncio"] if sys.platform == "win32" else ["asyncio", "uvloop"]
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_serve_runs_inline_in_the_loops_thread(loop):
-    # Under serve(), the loop watches the inline engine's poller: no I/O
-    # thread (except on Windows, where no loop can watch it), and a send
-    # from another thread, or a call_soon_threadsafe, wakes the loop at
-    # once (the loop's own timer is 1 s away here).
-    if loop == "uvloop":
-        run = pytest.importorskip("uvloop", reason="uvloop is not installed").run
-    else:
-        run = asyncio.run
+def serve_and_ping(run, probe=None) -> dict[str, object]:
+    """Runs an inline ``Remember`` server under ``serve()`` in the loop that
+    ``run`` drives; a client pings it, then ``await probe(server, reader,
+    seen)`` if given. Returns what was seen: the echo, the I/O threads
+    while serving, and what the probe adds."""
     server = Remember(io_threads=0)
     listener = rsepoll.make_listener_socket(0, "127.0.0.1")
     server.register_listener_socket(listener)
@@ -287,21 +282,8 @@ def test_serve_runs_inline_in_the_loops_thread(loop):
         writer.write(b"ping")
         seen["echo"] = await asyncio.wait_for(reader.readexactly(4), 5)
         seen["threads"] = io_thread_names()
-        latencies = []
-        for i in range(20):
-            await asyncio.sleep(0.02)
-            payload = bytes([65 + i])
-            started = time.perf_counter()
-            if i % 2:
-                threading.Thread(target=server.send_message, args=(server.conn, payload)).start()
-            else:
-                threading.Thread(
-                    target=server.call_soon_threadsafe,
-                    args=(server.send_message, server.conn, payload),
-                ).start()
-            assert await asyncio.wait_for(reader.readexactly(1), 5) == payload
-            latencies.append(time.perf_counter() - started)
-        seen["latencies"] = latencies
+        if probe is not None:
+            await probe(server, reader, seen)
         writer.close()
         server.stop_server()
         await asyncio.wait_for(task, 10)
@@ -310,6 +292,40 @@ def test_serve_runs_inline_in_the_loops_thread(loop):
         run(main())
     finally:
         listener.close()
+    return seen
+
+
+async def wake_ups(server, reader, seen):
+    """Sends from other threads, directly and through call_soon_threadsafe,
+    and notes how long each took to reach the client."""
+    latencies = []
+    for i in range(20):
+        await asyncio.sleep(0.02)
+        payload = bytes([65 + i])
+        started = time.perf_counter()
+        if i % 2:
+            threading.Thread(target=server.send_message, args=(server.conn, payload)).start()
+        else:
+            threading.Thread(
+                target=server.call_soon_threadsafe,
+                args=(server.send_message, server.conn, payload),
+            ).start()
+        assert await asyncio.wait_for(reader.readexactly(1), 5) == payload
+        latencies.append(time.perf_counter() - started)
+    seen["latencies"] = latencies
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_serve_runs_inline_in_the_loops_thread(loop):
+    # Under serve(), the loop watches the inline engine's poller: no I/O
+    # thread (except on Windows, where no loop can watch it), and a send
+    # from another thread, or a call_soon_threadsafe, wakes the loop at
+    # once (the loop's own timer is 1 s away here).
+    if loop == "uvloop":
+        run = pytest.importorskip("uvloop", reason="uvloop is not installed").run
+    else:
+        run = asyncio.run
+    seen = serve_and_ping(run, wake_ups)
     assert seen["echo"] == b"ping"
     if seen["threads"] is not None:
         # IOCP has no descriptor the loop could watch: there the engine
@@ -324,25 +340,11 @@ def test_serve_under_a_selector_loop_on_windows_gives_the_engine_an_io_thread():
     # asyncio's selector loop has add_reader, but IOCP has no descriptor
     # for it to watch: an inline server gets one I/O thread there, as
     # under the default Proactor loop (docs/limitations.md).
-    server = Remember(io_threads=0)
-    listener = rsepoll.make_listener_socket(0, "127.0.0.1")
-    server.register_listener_socket(listener)
-    seen: dict[str, object] = {}
+    def run(main):
+        selector_loop = asyncio.SelectorEventLoop()
+        try:
+            selector_loop.run_until_complete(main)
+        finally:
+            selector_loop.close()
 
-    async def main():
-        task = asyncio.ensure_future(server.serve(timeout=1000, handle_signals=False))
-        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-        writer.write(b"ping")
-        seen["echo"] = await asyncio.wait_for(reader.readexactly(4), 5)
-        seen["threads"] = io_thread_names()
-        writer.close()
-        server.stop_server()
-        await asyncio.wait_for(task, 10)
-
-    selector_loop = asyncio.SelectorEventLoop()
-    try:
-        selector_loop.run_until_complete(main())
-    finally:
-        selector_loop.close()
-        listener.close()
-    assert seen == {"echo": b"ping", "threads": {"rsepoll-io"}}
+    assert serve_and_ping(run) == {"echo": b"ping", "threads": {"rsepoll-io"}}
