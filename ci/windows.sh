@@ -117,9 +117,9 @@ RSEPOLL_IO_THREADS=2 wine "$embed/python.exe" -m pytest -p no:cacheprovider -q \
     tests/test_echo.py tests/test_threads.py tests/test_endings.py tests/test_flow.py \
     </dev/null 2>&1 | tr -d '\r' | cat
 
-step "pytest under Wine inline (RSEPOLL_IO_THREADS=0): round trips, threads, endings, flow control, stops, the inline tests"
+step "pytest under Wine inline (RSEPOLL_IO_THREADS=0): round trips, threads, endings, flow control, stops, Ctrl-C, the inline tests"
 RSEPOLL_IO_THREADS=0 wine "$embed/python.exe" -m pytest -p no:cacheprovider -q \
     tests/test_echo.py tests/test_threads.py tests/test_endings.py tests/test_flow.py \
     tests/test_write_flow.py tests/test_stopping.py tests/test_stop_in_flight.py \
-    tests/test_lifecycle.py tests/test_inline.py tests/test_timers.py \
+    tests/test_lifecycle.py tests/test_process.py tests/test_inline.py tests/test_timers.py \
     </dev/null 2>&1 | tr -d '\r' | cat

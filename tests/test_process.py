@@ -87,6 +87,84 @@ def test_sigint_stops_the_server_within_200_ms(tmp_path, busy):
     assert 0 <= latency < 0.2, f"listen() raised KeyboardInterrupt {ms:.0f} ms after SIGINT"
 
 
+# Ctrl-C on Windows is no signal to a thread: the console runs its handler on a
+# thread of its own, where the C runtime calls Python's SIGINT handler, which
+# only marks the signal; the listening thread, waiting in the engine with the
+# GIL released, must notice by itself. This server stands a thread in for the
+# console's, raising SIGINT there once it listens (idle) or once it has echoed
+# 100 messages (under load); it prints when it raised and when listen() gave up,
+# both on its own clock.
+RAISING_SERVER = textwrap.dedent(
+    """
+    import signal, sys, threading, time
+    import rsepoll
+
+    under_load = sys.argv[1] == "under-load"
+    listening, loaded = threading.Event(), threading.Event()
+
+    class Echo(rsepoll.Server):
+        echoed = 0
+
+        def on_listen_success(self):
+            print("PORT", listener.port, flush=True)
+            listening.set()
+
+        def on_message_received(self, conn, data):
+            self.send_message(conn, data)
+            self.echoed += 1
+            if self.echoed == 100:
+                loaded.set()
+
+    def console_handler():
+        (loaded if under_load else listening).wait(30)
+        time.sleep(0.1)  # the listening thread is back in its wait
+        print("RAISED_AT", time.monotonic(), flush=True)
+        signal.raise_signal(signal.SIGINT)
+
+    server = Echo()
+    listener = rsepoll.make_listener_socket(0, "127.0.0.1")
+    server.register_listener_socket(listener)
+    threading.Thread(target=console_handler, daemon=True).start()
+    try:
+        server.listen(timeout=60_000)
+    except KeyboardInterrupt:
+        print("KI_AT", time.monotonic(), flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "under-load"])
+def test_sigint_raised_on_another_thread_stops_the_server_within_200_ms(tmp_path, busy):
+    script = tmp_path / "raising_server.py"
+    script.write_text(RAISING_SERVER)
+    argv = [sys.executable, str(script), "under-load" if busy else "idle"]
+    child = ChildProcess(argv, cwd=str(tmp_path))
+    stop_load = threading.Event()
+
+    def ping_until_stopped(port: int) -> None:
+        with connect(port) as c:
+            while not stop_load.is_set():
+                try:
+                    c.sendall(b"x" * 1024)
+                    recv_exactly(c, 1024)
+                except (OSError, EOFError):
+                    return  # the server shut down mid-exchange, as intended
+
+    with child:
+        port = int(child.wait_for_output(r"PORT (\d+)", stream="out").group(1))
+        load = threading.Thread(target=ping_until_stopped, args=(port,), daemon=True)
+        if busy:
+            load.start()
+        raised_at = float(child.wait_for_output(r"RAISED_AT (\S+)", stream="out").group(1))
+        stopped_at = float(child.wait_for_output(r"KI_AT (\S+)", stream="out").group(1))
+        assert child.wait(10) == 0, child.stderr
+        stop_load.set()
+        if busy:
+            load.join(5)
+    ms = (stopped_at - raised_at) * 1000
+    assert 0 <= ms < 200, f"listen() raised KeyboardInterrupt {ms:.0f} ms after SIGINT"
+
+
 def test_an_idle_server_uses_almost_no_cpu(tmp_path):
     child, port = start_server(tmp_path)
     with child, connect(port) as c:
