@@ -112,18 +112,30 @@ def parse_contender(spec: str, framing: str, sources: dict[str, str]) -> Contend
 # The servers (run as ``echo.py --serve KIND``).
 
 
-def serve(kind: str, framing: str, max_fds: int | None = None) -> None:
+def serve(kind: str, framing: str, max_fds: int | None = None, callback_us: float = 0) -> None:
     """Runs one echo server on a free loopback port; prints ``ready PORT ...``.
     ``max_fds`` goes to the rsepoll servers (suite.py's idle cells need more
-    than the default 8192); the asyncio servers take the limit they inherit."""
+    than the default 8192); the asyncio servers take the limit they inherit.
+    ``callback_us``: each callback first spends that much CPU in Python, with
+    the GIL held, as an application's own work would (see :func:`work`)."""
+    work_ns = round(callback_us * 1000)
     if kind.startswith("rsepoll-serve-"):
-        serve_rsepoll("epoll", framing, max_fds, loop=kind.rsplit("-", 1)[1])
+        serve_rsepoll("epoll", framing, max_fds, loop=kind.rsplit("-", 1)[1], work_ns=work_ns)
     elif kind in IO_THREADS:
-        serve_rsepoll("epoll", framing, max_fds, io_threads=IO_THREADS[kind])
+        serve_rsepoll("epoll", framing, max_fds, io_threads=IO_THREADS[kind], work_ns=work_ns)
     elif kind.startswith("rsepoll-"):
-        serve_rsepoll(kind.split("-", 1)[1], framing, max_fds)
+        serve_rsepoll(kind.split("-", 1)[1], framing, max_fds, work_ns=work_ns)
     else:
-        serve_asyncio(kind)
+        serve_asyncio(kind, work_ns)
+
+
+def work(ns: int) -> None:
+    """Spins for ``ns`` nanoseconds of wall time in Python: the stand-in for
+    what a callback of a real application computes. A busy loop, not a sleep,
+    so that it takes a CPU and holds the GIL for that long."""
+    deadline = time.perf_counter_ns() + ns
+    while time.perf_counter_ns() < deadline:
+        pass
 
 
 def serve_rsepoll(
@@ -132,9 +144,11 @@ def serve_rsepoll(
     max_fds: int | None = None,
     loop: str | None = None,
     io_threads: int | str | None = None,
+    work_ns: int = 0,
 ) -> None:
     """``loop``: None runs ``listen()``; "asyncio" or "uvloop" runs ``serve()`` in
-    that loop. ``io_threads``: None is the server's default."""
+    that loop. ``io_threads``: None is the server's default. ``work_ns``: see
+    :func:`work`."""
     import rsepoll
 
     where = Path(rsepoll.__file__).parent
@@ -144,6 +158,8 @@ def serve_rsepoll(
             print(f"ready {self.port} rsepoll {rsepoll.__version__} {where}", flush=True)
 
         def on_message_received(self, conn: rsepoll.Connection, data: bytes) -> None:
+            if work_ns:
+                work(work_ns)
             self.send_message(conn, data)
 
         def on_exception_occurred(self, exc: BaseException) -> None:
@@ -181,16 +197,22 @@ class EchoProtocol(asyncio.Protocol):
 
     transport: asyncio.Transport
 
+    def __init__(self, work_ns: int = 0) -> None:
+        #: Nanoseconds of :func:`work` per ``data_received``.
+        self.work_ns = work_ns
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.work_ns:
+            work(self.work_ns)
         self.transport.write(data)
 
 
-def serve_asyncio(kind: str) -> None:
+def serve_asyncio(kind: str, work_ns: int = 0) -> None:
     if kind == "uvloop":
         import uvloop
 
@@ -198,7 +220,9 @@ def serve_asyncio(kind: str) -> None:
     else:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    server = loop.run_until_complete(loop.create_server(EchoProtocol, "127.0.0.1", 0, backlog=1024))
+    server = loop.run_until_complete(
+        loop.create_server(lambda: EchoProtocol(work_ns), "127.0.0.1", 0, backlog=1024)
+    )
     port = server.sockets[0].getsockname()[1]
     loop.add_signal_handler(signal.SIGTERM, loop.stop)
     loop.add_signal_handler(signal.SIGINT, loop.stop)
@@ -818,9 +842,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
     parser.add_argument("--max-fds", type=int, help=argparse.SUPPRESS)  # with --serve
+    # With --serve: each callback's own work, in µs (suite.py --callback-us).
+    parser.add_argument("--callback-us", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.framing, args.max_fds)
+        serve(args.serve, args.framing, args.max_fds, args.callback_us)
         return 0
 
     sources: dict[str, str] = {}

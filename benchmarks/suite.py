@@ -271,7 +271,7 @@ def ensure_native() -> str:
     return ""
 
 
-def server_argv(contender: str, cell: Cell) -> list[str]:
+def server_argv(contender: str, cell: Cell, callback_us: float = 0) -> list[str]:
     if contender == "native":
         return [str(NATIVE_BINARY)]
     kind = "rsepoll-epoll" if contender == "rsepoll" else contender
@@ -279,6 +279,8 @@ def server_argv(contender: str, cell: Cell) -> list[str]:
     if contender.startswith("rsepoll"):
         # Server's default max_fds (8192) would turn away a big idle cell.
         argv += ["--max-fds", str(max(8192, cell.connections + SPARE_FDS))]
+    if callback_us:
+        argv += ["--callback-us", str(callback_us)]
     return argv
 
 
@@ -309,7 +311,7 @@ def measure(run: Run, cell: Cell, args: argparse.Namespace, cpus: tuple[int, int
         client_out = stack.enter_context(tempfile.TemporaryFile("w+"))
         server = stack.enter_context(
             child(
-                server_argv(run.contender, cell),
+                server_argv(run.contender, cell, args.callback_us),
                 server_cpu,
                 stdout=subprocess.PIPE,
                 stderr=server_err,
@@ -467,6 +469,11 @@ def plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         except ImportError:
             contenders.remove("uvloop")
             skipped.append({"contender": "uvloop", "reason": "not installed (pip install uvloop)"})
+    if "native" in contenders and args.callback_us:
+        contenders.remove("native")
+        skipped.append(
+            {"contender": "native", "reason": "--callback-us: it has no Python callback"}
+        )
     if "native" in contenders and (why := ensure_native()):
         contenders.remove("native")
         skipped.append({"contender": "native", "reason": why})
@@ -633,6 +640,7 @@ def document(
             "steady_tolerance_pct": None if args.fixed_warmup else args.steady_tolerance,
             "first_connection": not args.no_first_connection,
             "client_threads": args.client_threads,
+            "callback_us": args.callback_us,
             "placements": {pl: cpus_for(pl) for pl in p.placements},
         },
         "cells": [{"name": c.name, "label": c.label, **asdict(c)} for c in p.cells],
@@ -680,7 +688,12 @@ def print_tables(doc: dict[str, Any]) -> None:
         else:
             where = "server and client on any CPU"
         print()
-        print(f"{placement}: {where}" + (f"; median of {rounds} rounds" if rounds > 1 else ""))
+        work = doc["settings"].get("callback_us") or 0
+        print(
+            f"{placement}: {where}"
+            + (f"; median of {rounds} rounds" if rounds > 1 else "")
+            + (f"; every callback spins {work:g} µs first" if work else "")
+        )
         load = [m for m in rows if cells[m["cell"]].mode != "idle"]
         if load:
             head = (
@@ -924,6 +937,15 @@ def main(argv: list[str] | None = None) -> int:
         "--client-threads", type=int, default=1, help="load tool threads (default 1)"
     )
     parser.add_argument(
+        "--callback-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="every server's callback first spins US µs in Python, holding the GIL, as an "
+        "application's own work would (default 0: a bare echo); native, which has no "
+        "Python callback, is skipped",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke test: rr 1 KiB x10 only, 1 s, unpinned, warm-up 0.5-2 s",
@@ -957,6 +979,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             "--rounds and --client-threads must be positive, --duration > 0, --warmup >= 0"
         )
+    if not 0 <= args.callback_us <= 1_000_000:
+        parser.error("--callback-us must be from 0 to 1,000,000")
     if not args.fixed_warmup and not (
         args.warmup_max >= args.warmup and args.steady_tolerance >= 0
     ):

@@ -205,3 +205,39 @@ def test_the_first_connection_is_echoed_in_every_framing(framing):
         server.wait()
         if server.stdout is not None:
             server.stdout.close()
+
+
+@pytest.mark.parametrize("kind", ["rsepoll-inline", "rsepoll-threaded", "asyncio"])
+def test_callback_us_spends_that_long_in_every_callback(kind):
+    # suite.py --callback-us: each server's callback first spins that long, as
+    # an application's own work would, so no reply can come back sooner.
+    argv = [sys.executable, str(ROOT / "benchmarks" / "echo.py")]
+    argv += ["--serve", kind, "--callback-us", "20000"]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline().split()[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            for i in range(5):
+                message = b"%04d" % i
+                began = time.perf_counter()
+                conn.sendall(message)
+                reply = b""
+                while len(reply) < len(message):
+                    chunk = conn.recv(16)
+                    assert chunk, "the server closed the connection"
+                    reply += chunk
+                took = time.perf_counter() - began
+                assert reply == message
+                assert took >= 0.020, f"round trip {i} took {took * 1000:.1f} ms"
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+def test_callback_us_out_of_range_is_refused():
+    done = suite("--quick", "--callback-us", "-1")
+    assert done.returncode == 2
+    assert "--callback-us must be from 0 to 1,000,000" in done.stderr
