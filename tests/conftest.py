@@ -581,8 +581,7 @@ SIGNALS_OK = hasattr(signal, "SIGINT") and hasattr(signal, "SIGTERM")
 CTRL_C_ON_WINDOWS = (
     "Ctrl-C on Windows is a console control event (CTRL_C_EVENT) for a process "
     "group sharing a console; under Wine, without a console, GenerateConsoleCtrlEvent "
-    "fails (WinError 12), so it is untested; test_process.py raises SIGINT on another "
-    "thread instead, as the C runtime delivers a console's Ctrl-C"
+    "fails (WinError 12), so it is untested"
 )
 
 

@@ -43,6 +43,17 @@ def start_server(tmp_path) -> tuple[ChildProcess, int]:
     return child, port
 
 
+def ping_until(port: int, stop: threading.Event) -> None:
+    """Round trips of 1 KiB until ``stop`` is set or the server goes."""
+    with connect(port) as c:
+        while not stop.is_set():
+            try:
+                c.sendall(b"x" * 1024)
+                recv_exactly(c, 1024)
+            except (OSError, EOFError):
+                return  # the server shut down mid-exchange, as intended
+
+
 def cpu_seconds(pid: int) -> float:
     if sys.platform == "win32":
         import psutil
@@ -60,17 +71,7 @@ def cpu_seconds(pid: int) -> float:
 def test_sigint_stops_the_server_within_200_ms(tmp_path, busy):
     child, port = start_server(tmp_path)
     stop_load = threading.Event()
-
-    def ping_forever():
-        with connect(port) as c:
-            while not stop_load.is_set():
-                try:
-                    c.sendall(b"x" * 1024)
-                    recv_exactly(c, 1024)
-                except (OSError, EOFError):
-                    return  # the server shut down mid-exchange, as intended
-
-    load = threading.Thread(target=ping_forever, daemon=True)
+    load = threading.Thread(target=ping_until, args=(port, stop_load), daemon=True)
     with child:
         if busy:
             load.start()
@@ -96,7 +97,7 @@ def test_sigint_stops_the_server_within_200_ms(tmp_path, busy):
 # both on its own clock.
 RAISING_SERVER = textwrap.dedent(
     """
-    import signal, sys, threading, time
+    import os, signal, sys, threading, time
     import rsepoll
 
     under_load = sys.argv[1] == "under-load"
@@ -116,7 +117,10 @@ RAISING_SERVER = textwrap.dedent(
                 loaded.set()
 
     def console_handler():
-        (loaded if under_load else listening).wait(30)
+        if not (loaded if under_load else listening).wait(8):
+            what = "loaded" if under_load else "listening"
+            print("NEVER_RAISED: the server was not", what, flush=True)
+            os._exit(1)
         time.sleep(0.1)  # the listening thread is back in its wait
         print("RAISED_AT", time.monotonic(), flush=True)
         signal.raise_signal(signal.SIGINT)
@@ -140,26 +144,17 @@ def test_sigint_raised_on_another_thread_stops_the_server_within_200_ms(tmp_path
     argv = [sys.executable, str(script), "under-load" if busy else "idle"]
     child = ChildProcess(argv, cwd=str(tmp_path))
     stop_load = threading.Event()
-
-    def ping_until_stopped(port: int) -> None:
-        with connect(port) as c:
-            while not stop_load.is_set():
-                try:
-                    c.sendall(b"x" * 1024)
-                    recv_exactly(c, 1024)
-                except (OSError, EOFError):
-                    return  # the server shut down mid-exchange, as intended
-
+    load = None
     with child:
         port = int(child.wait_for_output(r"PORT (\d+)", stream="out").group(1))
-        load = threading.Thread(target=ping_until_stopped, args=(port,), daemon=True)
         if busy:
+            load = threading.Thread(target=ping_until, args=(port, stop_load), daemon=True)
             load.start()
         raised_at = float(child.wait_for_output(r"RAISED_AT (\S+)", stream="out").group(1))
         stopped_at = float(child.wait_for_output(r"KI_AT (\S+)", stream="out").group(1))
         assert child.wait(10) == 0, child.stderr
         stop_load.set()
-        if busy:
+        if load is not None:
             load.join(5)
     ms = (stopped_at - raised_at) * 1000
     assert 0 <= ms < 200, f"listen() raised KeyboardInterrupt {ms:.0f} ms after SIGINT"
