@@ -116,8 +116,9 @@ def serve(kind: str, framing: str, max_fds: int | None = None, callback_us: floa
     """Runs one echo server on a free loopback port; prints ``ready PORT ...``.
     ``max_fds`` goes to the rsepoll servers (suite.py's idle cells need more
     than the default 8192); the asyncio servers take the limit they inherit.
-    ``callback_us``: each callback first spends that much CPU in Python, with
-    the GIL held, as an application's own work would (see :func:`work`)."""
+    ``callback_us``: each callback first spins that long (wall time) in
+    Python, with the GIL held, as an application's own work would (see
+    :func:`work`)."""
     work_ns = round(callback_us * 1000)
     if kind.startswith("rsepoll-serve-"):
         serve_rsepoll("epoll", framing, max_fds, loop=kind.rsplit("-", 1)[1], work_ns=work_ns)
@@ -845,6 +846,8 @@ def main(argv: list[str] | None = None) -> int:
     # With --serve: each callback's own work, in µs (suite.py --callback-us).
     parser.add_argument("--callback-us", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.callback_us and not args.serve:
+        parser.error("--callback-us goes with --serve (suite.py --callback-us runs the load)")
     if args.serve:
         serve(args.serve, args.framing, args.max_fds, args.callback_us)
         return 0

@@ -688,11 +688,11 @@ def print_tables(doc: dict[str, Any]) -> None:
         else:
             where = "server and client on any CPU"
         print()
-        work = doc["settings"].get("callback_us") or 0
+        callback_us = doc["settings"].get("callback_us") or 0
         print(
             f"{placement}: {where}"
             + (f"; median of {rounds} rounds" if rounds > 1 else "")
-            + (f"; every callback spins {work:g} µs first" if work else "")
+            + (f"; every callback spins {callback_us:g} µs first" if callback_us else "")
         )
         load = [m for m in rows if cells[m["cell"]].mode != "idle"]
         if load:
@@ -861,9 +861,11 @@ def draw_chart(doc: dict[str, Any], path: str) -> bool:
     axes[0][0].set_ylabel(f"rate / {base}'s (higher is better)")
     axes[0][-1].legend(fontsize=8)
     m = doc["machine"]
+    callback_us = doc["settings"].get("callback_us") or 0
     fig.suptitle(
         f"Echo servers on {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, "
-        f"{doc['date'][:10]}",
+        f"{doc['date'][:10]}"
+        + (f"; every callback spins {callback_us:g} µs first" if callback_us else ""),
         fontsize=9,
     )
     fig.tight_layout()

@@ -237,7 +237,32 @@ def test_callback_us_spends_that_long_in_every_callback(kind):
             server.stdout.close()
 
 
-def test_callback_us_out_of_range_is_refused():
-    done = suite("--quick", "--callback-us", "-1")
+@pytest.mark.parametrize("value", ["-1", "1000001"])
+def test_callback_us_out_of_range_is_refused(value):
+    done = suite("--quick", "--callback-us", value)
     assert done.returncode == 2
     assert "--callback-us must be from 0 to 1,000,000" in done.stderr
+
+
+def test_callback_us_reaches_every_python_server_and_skips_native(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import suite as suite_module
+    finally:
+        sys.path.pop(0)
+    cell = suite_module.Cell("rr", 1024, 10)
+    for contender in ("rsepoll-inline", "rsepoll-threaded", "uvloop", "asyncio"):
+        assert suite_module.server_argv(contender, cell, 5)[-2:] == ["--callback-us", "5"]
+        assert "--callback-us" not in suite_module.server_argv(contender, cell)
+    assert suite_module.server_argv("native", cell, 5) == [str(suite_module.NATIVE_BINARY)]
+    # With nothing but native asked for, nothing runs: it is skipped, and why.
+    path = tmp_path / "results.json"
+    done = suite("--quick", "--contenders", "native", "--callback-us", "5", "--json", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(path.read_text())
+    assert doc["contenders"] == [] and doc["runs"] == []
+    assert doc["skipped"] == [
+        {"contender": "native", "reason": "--callback-us: it has no Python callback"}
+    ]
+    assert doc["settings"]["callback_us"] == 5
+    assert "every callback spins 5 µs first" in done.stdout
