@@ -4,9 +4,9 @@
     python benchmarks/chaos_soak.py --minutes 30 [--seconds 4] [--first-seed 1000]
 
 Runs ``tests/chaos.py`` seed after seed until the time is up, cycling
-through both backends, one and two I/O threads, and the three framings
-(each seed's own draw decides the rest: thread or signal variant, client
-mix, the moment of the stop). The seeds that ever failed and need a longer
+through both backends, the inline mode and one and two I/O threads, and
+the three framings (each seed's own draw decides the rest: thread or
+signal variant, client mix, the moment of the stop). The seeds that ever failed and need a longer
 run than CI gives (``LONG_SEEDS`` in ``tests/test_chaos.py``) run first.
 Every failing seed is printed with its command line, so that it can be
 replayed and kept as a regression case; the summary gives the counts.
@@ -28,7 +28,7 @@ CHAOS = os.path.join(HERE, "..", "tests", "chaos.py")
 LONG_SEEDS = [(66, 10.0)]
 CONFIGS = [
     (backend, threads, framing)
-    for threads in (1, 2)
+    for threads in (0, 1, 2)
     for backend in ("epoll", "portable")
     for framing in ("raw", "line", "length")
 ]
