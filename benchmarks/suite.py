@@ -865,7 +865,7 @@ def draw_chart(doc: dict[str, Any], path: str) -> bool:
     fig.suptitle(
         f"Echo servers on {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, "
         f"{doc['date'][:10]}"
-        + (f"; every callback spins {callback_us:g} µs first" if callback_us else ""),
+        + (f"\nevery callback spins {callback_us:g} µs first" if callback_us else ""),
         fontsize=9,
     )
     fig.tight_layout()
