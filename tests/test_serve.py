@@ -208,6 +208,45 @@ def test_an_idle_served_server_leaves_the_loop_idle(run, turns):
     assert counted[0] <= 2, f"{counted[0]} turns in 1 s of idleness"
 
 
+def test_a_lent_reply_is_let_go_while_the_session_sleeps_whatever_the_pace(run, turns):
+    """A ``bytes`` reply of 4 KiB or more is lent to ``send_message``, and let
+    go when a turn finds it written: a session that holds one comes back
+    within 50 ms, as ``listen()`` does, not at the pace (60 s here); once it
+    has let go, it is idle again."""
+    reply = bytes([7]) * 100_000
+    base = sys.getrefcount(reply)
+    outcome = {}
+
+    class Lender(rsepoll.Server):
+        def on_message_received(self, conn, data):
+            assert self.send_message(conn, reply)
+
+    server = Lender()
+    listener = listening(server)
+
+    async def main():
+        task = asyncio.ensure_future(server.serve(timeout=60_000, handle_signals=False))
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(b"go")
+        assert await asyncio.wait_for(reader.readexactly(len(reply)), 5) == reply
+        deadline = time.monotonic() + 1.0
+        while sys.getrefcount(reply) > base and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        outcome["held"] = sys.getrefcount(reply) - base
+        await asyncio.sleep(0.1)
+        before = turns[0]
+        await asyncio.sleep(1.0)
+        outcome["idle turns"] = turns[0] - before
+        writer.close()
+        server.stop_server()
+        await asyncio.wait_for(task, 10)
+
+    run(main())
+    listener.close()
+    assert outcome["held"] == 0, "the reply was still held 1 s after it arrived"
+    assert outcome["idle turns"] <= 2, f"{outcome['idle turns']} turns in 1 s after letting go"
+
+
 def test_a_second_cancellation_cuts_the_stop_short(run):
     class Flooder(LoopServer):
         def on_message_received(self, conn, data):

@@ -296,6 +296,12 @@ impl Dispatcher {
         &self.running
     }
 
+    /// True while some lent reply is kept (see [`Loans`]): a turn lets
+    /// go of those whose commands the I/O thread has released.
+    pub(super) fn holds_loans(&self) -> bool {
+        self.loans.is_holding()
+    }
+
     /// Stops the server and makes the run raise `error` once it has; see
     /// [`Dispatcher::fail_with`]. For the driver's own interruptions.
     pub(super) fn interrupt(&mut self, py: Python<'_>, error: PyErr) {

@@ -19,7 +19,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use socket2::Socket;
 
-use super::dispatch::{Dispatcher, Next};
+use super::dispatch::{Dispatcher, Next, SIGNAL_SLICE};
 use crate::sys::Wake;
 
 /// Wakes an event loop by making a socket it watches readable.
@@ -86,6 +86,14 @@ impl ServeSession {
                 // Inline, the engine's loop turns here: the replies just
                 // queued go out, and what came in is read.
                 dispatcher.poll_inline(py);
+                // Lent replies are let go by a turn: holding some, the
+                // session comes back within the slice `listen()` waits in,
+                // whatever the pace (docs/api.md, Memory).
+                let wait = if dispatcher.holds_loans() {
+                    wait.min(SIGNAL_SLICE)
+                } else {
+                    wait
+                };
                 match dispatcher.begin_sleep() {
                     Some(limit) => {
                         self.asleep = true;
