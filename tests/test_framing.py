@@ -215,6 +215,7 @@ def test_many_clients_interleaving_large_framed_messages() -> None:
     ("kwargs", "match"),
     [
         ({"framing": "json"}, "unknown framing"),
+        ({"framing": 5}, "framing must be a string, got 5"),
         ({"framing": "length", "length_prefix": 2}, "length_prefix"),
         ({"framing": "line", "max_message_size": 0}, "max_message_size"),
     ],

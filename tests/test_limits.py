@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import sys
 import threading
 import time
 
@@ -131,9 +132,62 @@ def test_connections_beyond_max_connections_are_turned_away() -> None:
             sock.close()
 
 
-def test_max_connections_defaults_from_max_fds() -> None:
+def test_max_connections_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_connections"):
         rsepoll.Server(max_connections=0)
+
+
+NO_LIMIT = "RLIM_INFINITY"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows has no RLIMIT_NOFILE")
+@pytest.mark.parametrize(
+    ("soft", "hard", "usable", "raised_to"),
+    [
+        # Already above max_fds: kept, and all of it usable.
+        (20_000, 20_000, 20_000, None),
+        # Below: raised to max_fds, or as far as the hard limit allows.
+        (1024, NO_LIMIT, 8192, 8192),
+        (1024, 4096, 4096, 4096),
+        (1024, 1024, 1024, None),
+        # No limit at all: max_fds is the budget.
+        (NO_LIMIT, NO_LIMIT, 8192, None),
+    ],
+)
+def test_the_fd_limit_is_raised_toward_max_fds_never_lowered(
+    monkeypatch: pytest.MonkeyPatch, soft: object, hard: object, usable: int, raised_to: int | None
+) -> None:
+    import resource
+
+    def limit(value: object) -> int:
+        return resource.RLIM_INFINITY if value == NO_LIMIT else value  # type: ignore[return-value]
+
+    soft, hard = limit(soft), limit(hard)
+    set_to: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", lambda _which, limits: set_to.append(limits))
+    assert rsepoll._raise_fd_limit(8192) == usable
+    assert set_to == ([] if raised_to is None else [(raised_to, hard)])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows has no RLIMIT_NOFILE")
+def test_the_default_max_connections_follows_a_soft_limit_above_max_fds() -> None:
+    """max_fds=40 alone would leave 40 - 32 = 8 connections; the process may
+    open as many descriptors as its soft limit, and the default follows it."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    clients = 12
+    assert soft == resource.RLIM_INFINITY or soft >= 32 + clients + 64, soft
+    with running(Tracker, max_fds=40) as (server, port):
+        socks = [connect(port) for _ in range(clients)]
+        for i, sock in enumerate(socks):
+            sock.sendall(b"%02d" % i)
+            assert recv_exactly(sock, 2) == b"%02d" % i
+        assert server.opened == clients
+        assert server.stats()["connections_rejected"] == 0
+        for sock in socks:
+            sock.close()
 
 
 @pytest.mark.parametrize(
@@ -148,6 +202,9 @@ def test_max_connections_defaults_from_max_fds() -> None:
         ({"idle_timeout": float("inf")}, "idle_timeout"),
         ({"idle_timeout": float("nan")}, "idle_timeout"),
         ({"message_timeout": 1e300}, r"message_timeout .*got 1e\+300$"),
+        # Not a number of seconds: named too, not a bare TypeError.
+        ({"idle_timeout": "5"}, r"idle_timeout .*got '5'$"),
+        ({"message_timeout": True}, "message_timeout"),
     ],
 )
 def test_bad_timeouts_are_rejected(kwargs: dict[str, object], match: str) -> None:

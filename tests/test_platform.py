@@ -37,6 +37,18 @@ def test_epoll_where_it_does_not_exist_is_a_clear_value_error():
         rsepoll.Server(backend="epoll")
 
 
+@pytest.mark.parametrize(
+    ("backend", "match"),
+    [
+        ("kqueue", r"""unknown backend "kqueue": expected 'auto', 'epoll' or 'portable'"""),
+        (5, "backend must be a string, got 5"),
+    ],
+)
+def test_a_backend_that_is_not_one_is_a_value_error_naming_it(backend, match):
+    with pytest.raises(ValueError, match=match):
+        rsepoll.Server(backend=backend)
+
+
 def is_inheritable(handle: int) -> bool:
     if sys.platform == "win32":
         return os.get_handle_inheritable(handle)

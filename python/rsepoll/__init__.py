@@ -88,7 +88,8 @@ class Server(ServerCore):
     Args:
         max_fds: the number of file descriptors the process should be able to
             open. The soft ``RLIMIT_NOFILE`` is raised toward it (never above the
-            hard limit; a warning is logged when the hard limit is lower).
+            hard limit; a warning is logged when the hard limit is lower), and
+            never lowered.
         backend: ``"auto"``, ``"epoll"`` (Linux only) or ``"portable"`` (the
             fallback poller used on macOS and Windows, available everywhere).
             ``"auto"`` (the default; ``None`` means the same) takes the
@@ -130,8 +131,10 @@ class Server(ServerCore):
         max_connections: connections beyond this many are accepted and closed
             at once (counted in ``stats()["connections_rejected"]``, reported
             through ``on_exception_occurred`` at most once a second). Default:
-            the file descriptor limit less 32 kept for the server's own use
-            (and 3 more per I/O thread beyond the first).
+            the file descriptor limit (the soft ``RLIMIT_NOFILE`` once raised
+            toward ``max_fds``; ``max_fds`` where there is none) less 32 kept
+            for the server's own use (and 3 more per I/O thread beyond the
+            first).
         message_timeout: framed modes: seconds within which a message, once
             started, must be complete, else the connection is closed
             (``"message_timeout"``); this defeats clients that announce a
@@ -422,15 +425,17 @@ _RESERVED_FDS = 32
 
 def _raise_fd_limit(max_fds: int) -> int:
     """Raises the soft RLIMIT_NOFILE toward ``max_fds``, as far as allowed, and
-    returns how many descriptors the process may have (``max_fds`` where the
-    system sets no such limit)."""
+    returns how many descriptors the process may have: the soft limit, raised
+    or already higher (``max_fds`` where the system sets no such limit)."""
     if sys.platform == "win32":
         return max_fds
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= max_fds:
+    if soft == resource.RLIM_INFINITY:
         return max_fds
+    if soft >= max_fds:
+        return soft
     target = max_fds if hard == resource.RLIM_INFINITY else min(max_fds, hard)
     if target < max_fds:
         logger.warning(

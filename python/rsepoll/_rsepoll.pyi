@@ -181,13 +181,18 @@ class ServerCore:
         """``"raw"``, ``"line"`` or ``"length"``."""
     @property
     def io_threads(self) -> int:
-        """How many I/O threads serve the connections."""
+        """How many I/O threads serve the connections (0: inline).
+
+        Under ``serve()`` on a loop that cannot watch the poller (IOCP on
+        Windows, or a loop without ``add_reader``), an inline server runs one
+        I/O thread for that run, and this still says 0.
+        """
     @property
     def backend(self) -> str:
         """The backend that runs: ``"epoll"`` or ``"portable"`` (never ``"auto"``)."""
     @property
     def is_running(self) -> bool:
-        """True while listen() runs."""
+        """True while listen() or serve() runs."""
     def _add_listener(self, listener: ListenerSocket) -> None: ...
     def _add_listener_fd(self, fd: int) -> None: ...
     def listen(self, timeout: int = 1000) -> None:

@@ -12,7 +12,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::gc::PyVisit;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyTuple};
 use pyo3::PyTraverseError;
 use socket2::Socket;
 
@@ -79,23 +79,23 @@ impl ServerCore {
     #[allow(clippy::too_many_arguments)]
     fn _configure(
         &self,
-        py: Python<'_>,
-        backend: Option<&str>,
+        backend: Option<&Bound<'_, PyAny>>,
         ring_slots: Option<&Bound<'_, PyAny>>,
         slot_size: Option<&Bound<'_, PyAny>>,
         write_buffer_high: Option<&Bound<'_, PyAny>>,
         write_buffer_low: Option<&Bound<'_, PyAny>>,
-        framing: Option<&str>,
+        framing: Option<&Bound<'_, PyAny>>,
         max_message_size: Option<&Bound<'_, PyAny>>,
         length_prefix: Option<&Bound<'_, PyAny>>,
-        idle_timeout: Option<f64>,
-        message_timeout: Option<f64>,
+        idle_timeout: Option<&Bound<'_, PyAny>>,
+        message_timeout: Option<&Bound<'_, PyAny>>,
         max_connections: Option<&Bound<'_, PyAny>>,
         io_threads: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let mut config = self.config.lock().clone();
         if let Some(name) = backend {
-            config.backend = Backend::from_name(name).map_err(PyValueError::new_err)?;
+            config.backend =
+                Backend::from_name(&text("backend", name)?).map_err(PyValueError::new_err)?;
         }
         let sizes = [
             ("ring_slots", ring_slots, &mut config.ring_slots),
@@ -132,10 +132,10 @@ impl ServerCore {
             .transpose()?;
         // Unlike the options above, None here means no timeout.
         config.idle_timeout = idle_timeout
-            .map(|t| seconds(py, "idle_timeout", t))
+            .map(|t| seconds("idle_timeout", t))
             .transpose()?;
         config.message_timeout = message_timeout
-            .map(|t| seconds(py, "message_timeout", t))
+            .map(|t| seconds("message_timeout", t))
             .transpose()?;
         let width = match length_prefix {
             None => PrefixWidth::Four,
@@ -143,7 +143,8 @@ impl ServerCore {
                 PyValueError::new_err(format!("length_prefix must be 4 or 8, got {bytes}"))
             })?,
         };
-        config.framing = match framing {
+        let framing = framing.map(|name| text("framing", name)).transpose()?;
+        config.framing = match framing.as_deref() {
             None => config.framing,
             Some("raw") => Framing::Raw,
             Some("line") => Framing::Line,
@@ -159,7 +160,10 @@ impl ServerCore {
         Ok(())
     }
 
-    /// How many I/O threads serve the connections.
+    /// How many I/O threads serve the connections (0: inline). Under
+    /// `serve()` on a loop that cannot watch the poller (IOCP on Windows, or a
+    /// loop without `add_reader`), an inline server runs one I/O thread for
+    /// that run, and this still says 0.
     #[getter]
     fn io_threads(&self) -> usize {
         self.config.lock().io_threads
@@ -485,10 +489,7 @@ impl ServerCore {
 /// `__index__`, not a `bool`) that fits a `usize`, else a `ValueError`
 /// naming the option. `Config::validate` checks each option's own range.
 fn size(name: &str, value: &Bound<'_, PyAny>) -> PyResult<usize> {
-    let refused = |what: &str| {
-        let shown = value.repr().map_or_else(|_| "?".into(), |r| r.to_string());
-        PyValueError::new_err(format!("{name} {what}, got {shown}"))
-    };
+    let refused = |what: &str| refusal(name, what, value);
     if value.is_instance_of::<PyBool>() {
         return Err(refused("must be an integer"));
     }
@@ -505,20 +506,36 @@ fn size(name: &str, value: &Bound<'_, PyAny>) -> PyResult<usize> {
 }
 
 /// A positive number of seconds, at most [`Config::TIMEOUT_MAX`], as a
-/// `Duration`.
-fn seconds(py: Python<'_>, name: &str, value: f64) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(value)
+/// `Duration`: an `int` or a `float` (not a `bool`).
+fn seconds(name: &str, value: &Bound<'_, PyAny>) -> PyResult<Duration> {
+    let refused = || {
+        let what = format!(
+            "must be a positive number of seconds, at most {}, or None",
+            Config::TIMEOUT_MAX.as_secs()
+        );
+        refusal(name, &what, value)
+    };
+    if value.is_instance_of::<PyBool>() {
+        return Err(refused());
+    }
+    let seconds: f64 = value.extract().map_err(|_| refused())?;
+    Duration::try_from_secs_f64(seconds)
         .ok()
         .filter(|d| !d.is_zero() && *d <= Config::TIMEOUT_MAX)
-        .ok_or_else(|| {
-            let shown = PyFloat::new(py, value)
-                .repr()
-                .map_or_else(|_| value.to_string(), |r| r.to_string());
-            PyValueError::new_err(format!(
-                "{name} must be a positive number of seconds, at most {}, or None, got {shown}",
-                Config::TIMEOUT_MAX.as_secs()
-            ))
-        })
+        .ok_or_else(refused)
+}
+
+/// The string an option names its choice with (`backend`, `framing`).
+fn text(name: &str, value: &Bound<'_, PyAny>) -> PyResult<String> {
+    value
+        .extract()
+        .map_err(|_| refusal(name, "must be a string", value))
+}
+
+/// The `ValueError` for option `name`: `value` `what` ("must be ...").
+fn refusal(name: &str, what: &str, value: &Bound<'_, PyAny>) -> PyErr {
+    let shown = value.repr().map_or_else(|_| "?".into(), |r| r.to_string());
+    PyValueError::new_err(format!("{name} {what}, got {shown}"))
 }
 
 /// What the listening thread of a run sleeps in between its turns, which
