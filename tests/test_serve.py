@@ -208,18 +208,30 @@ def test_an_idle_served_server_leaves_the_loop_idle(run, turns):
     assert counted[0] <= 2, f"{counted[0]} turns in 1 s of idleness"
 
 
-def test_a_lent_reply_is_let_go_while_the_session_sleeps_whatever_the_pace(run, turns):
+@pytest.mark.parametrize("sender", ["callback", "loop-task", "thread"])
+def test_a_lent_reply_is_let_go_while_the_session_sleeps_whatever_the_pace(run, turns, sender):
     """A ``bytes`` reply of 4 KiB or more is lent to ``send_message``, and let
     go when a turn finds it written: a session that holds one comes back
-    within 50 ms, as ``listen()`` does, not at the pace (60 s here); once it
-    has let go, it is idle again."""
+    within 50 ms, as ``listen()`` does, not at the pace (60 s here), whether
+    a callback sent it or code that runs while the session sleeps (a
+    callback of the loop's own, another thread); once it has let go, it is
+    idle again."""
     reply = bytes([7]) * 100_000
     base = sys.getrefcount(reply)
     outcome = {}
 
     class Lender(rsepoll.Server):
         def on_message_received(self, conn, data):
-            assert self.send_message(conn, reply)
+            def send():
+                assert self.send_message(conn, reply)
+
+            if sender == "callback":
+                send()
+            elif sender == "loop-task":
+                # Runs on the loop's thread, between the session's turns.
+                asyncio.get_running_loop().call_later(0.2, send)
+            else:
+                threading.Timer(0.2, send).start()
 
     server = Lender()
     listener = listening(server)

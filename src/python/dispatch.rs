@@ -296,9 +296,17 @@ impl Dispatcher {
         &self.running
     }
 
-    /// True while some lent reply is kept (see [`Loans`]): a turn lets
-    /// go of those whose commands the I/O thread has released.
-    pub(super) fn holds_loans(&self) -> bool {
+    /// Makes a lender wake this thread when it keeps a reply (`serve()`,
+    /// where the thread sleeps in an event loop; see [`Loans`]).
+    pub(super) fn wake_on_loans(&self) {
+        self.loans.wake_consumer_on_keep();
+    }
+
+    /// Lets go of the lent replies whose commands the I/O threads have
+    /// released; true if some are still kept (see [`Loans`]).
+    pub(super) fn settle_loans(&self, py: Python<'_>) -> bool {
+        let running = &self.running;
+        self.loans.settle(py, |ticket| running.has_returned(ticket));
         self.loans.is_holding()
     }
 

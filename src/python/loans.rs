@@ -41,6 +41,7 @@
 //! Python code, so it is safe to do under this lock.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -60,6 +61,12 @@ pub(super) const LEND_MIN: usize = 4096;
 #[derive(Default)]
 pub(super) struct Loans {
     kept: Mutex<Vec<Queue>>,
+    /// Set for a run under `serve()`, whose listening thread sleeps in an
+    /// event loop with no slice of its own: a lender then rings it, so that
+    /// a turn lets go of the object within the slice (see `serve.rs`).
+    /// Set before the run serves, read by lenders: `Relaxed` is enough,
+    /// since a connection, and so a lender, comes only after the start.
+    wakes_consumer: AtomicBool,
 }
 
 /// One I/O thread's lent objects, oldest first.
@@ -91,6 +98,18 @@ impl Loans {
         for queue in self.kept.lock().iter_mut() {
             let_go_returned(queue, &has_returned);
         }
+    }
+
+    /// Makes lenders wake the listening thread when they keep an object
+    /// (`serve()`); see the field.
+    pub(super) fn wake_consumer_on_keep(&self) {
+        self.wakes_consumer.store(true, Relaxed);
+    }
+
+    /// True if a lender should wake the listening thread once it has kept
+    /// its object.
+    pub(super) fn wakes_consumer(&self) -> bool {
+        self.wakes_consumer.load(Relaxed)
     }
 
     /// True if some object is kept.

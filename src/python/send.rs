@@ -95,6 +95,11 @@ fn lend(
     let sender = conn.sender();
     let has_returned = |ticket| sender.as_ref().is_some_and(|s| s.has_returned(ticket));
     loans.keep(py, ticket, object.clone().unbind(), has_returned);
+    if loans.wakes_consumer() {
+        if let Some(sender) = &sender {
+            sender.ring_consumer();
+        }
+    }
     true
 }
 

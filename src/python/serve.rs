@@ -54,6 +54,7 @@ impl ServeSession {
         dispatcher
             .running()
             .set_notifier(Some(std::sync::Arc::new(SocketWaker(socket))));
+        dispatcher.wake_on_loans();
         dispatcher.start(py);
         Ok(ServeSession {
             dispatcher: Some(dispatcher),
@@ -86,17 +87,19 @@ impl ServeSession {
                 // Inline, the engine's loop turns here: the replies just
                 // queued go out, and what came in is read.
                 dispatcher.poll_inline(py);
-                // Lent replies are let go by a turn: holding some, the
-                // session comes back within the slice `listen()` waits in,
-                // whatever the pace (docs/api.md, Memory).
-                let wait = if dispatcher.holds_loans() {
-                    wait.min(SIGNAL_SLICE)
-                } else {
-                    wait
-                };
                 match dispatcher.begin_sleep() {
                     Some(limit) => {
                         self.asleep = true;
+                        // Lent replies are let go by a turn: holding some,
+                        // the session comes back within the slice `listen()`
+                        // waits in, whatever the pace (docs/api.md, Memory).
+                        // Checked once the sleep is announced, so that a
+                        // reply lent after the check rings the bell instead.
+                        let wait = if dispatcher.settle_loans(py) {
+                            wait.min(SIGNAL_SLICE)
+                        } else {
+                            wait
+                        };
                         Some(limit.map_or(wait, |limit| wait.min(limit)).as_secs_f64())
                     }
                     None => Some(0.0),
