@@ -171,6 +171,27 @@ def test_the_fd_limit_is_raised_toward_max_fds_never_lowered(
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows has no RLIMIT_NOFILE")
+def test_a_refused_raise_keeps_the_soft_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """macOS refuses a soft limit above OPEN_MAX even under an infinite hard
+    limit: the server keeps the limit it has and says so."""
+    import resource
+
+    def refuse(_which: int, _limits: tuple[int, int]) -> None:
+        raise ValueError("current limit exceeds maximum limit")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (256, resource.RLIM_INFINITY))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    warnings: list[str] = []
+    monkeypatch.setattr(
+        rsepoll.logger, "warning", lambda message, *args: warnings.append(message % args)
+    )
+    assert rsepoll._raise_fd_limit(20_000) == 256
+    assert warnings == [
+        "could not raise RLIMIT_NOFILE to 20000: current limit exceeds maximum limit"
+    ]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows has no RLIMIT_NOFILE")
 def test_the_default_max_connections_follows_a_soft_limit_above_max_fds() -> None:
     """max_fds=40 alone would leave 40 - 32 = 8 connections; the process may
     open as many descriptors as its soft limit, and the default follows it."""

@@ -161,16 +161,16 @@ class ServerCore:
     def __new__(cls, *args: object, **kwargs: object) -> ServerCore: ...
     def _configure(
         self,
-        backend: str | None = None,
+        backend: object = None,
         ring_slots: object = None,
         slot_size: object = None,
         write_buffer_high: object = None,
         write_buffer_low: object = None,
-        framing: str | None = None,
+        framing: object = None,
         max_message_size: object = None,
         length_prefix: object = None,
-        idle_timeout: float | None = None,
-        message_timeout: float | None = None,
+        idle_timeout: object = None,
+        message_timeout: object = None,
         max_connections: object = None,
         io_threads: object = None,
     ) -> None: ...
