@@ -23,7 +23,12 @@
 //!   together, a turn's worth of large `bytes` objects made glibc hand their
 //!   memory back to the kernel and fault it in again for the next turn's:
 //!   at a fixed load of 64 KiB messages, inline rsepoll spent 1.4 times
-//!   uvloop's CPU per byte that way (see `benchmarks/README.md`).
+//!   uvloop's CPU per byte that way (see `benchmarks/README.md`);
+//! - when the listening thread is about to sleep: `listen()` sleeps in
+//!   slices of 50 ms, and under `serve()` a session that still holds
+//!   objects sleeps no longer than that. A lender under `serve()` rings the
+//!   sleeping session, whose sleep was decided before the object came
+//!   ([`Loans::wakes_consumer`]).
 //!
 //! A check takes this lock and reads, per I/O thread with objects kept, how
 //! far that thread has released its commands (one atomic load per object let
