@@ -245,10 +245,11 @@ def test_a_lent_reply_is_let_go_while_the_session_sleeps_whatever_the_pace(run, 
         while sys.getrefcount(reply) > base and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         outcome["held"] = sys.getrefcount(reply) - base
-        await asyncio.sleep(0.1)
-        before = turns[0]
-        await asyncio.sleep(1.0)
-        outcome["idle turns"] = turns[0] - before
+        if sender == "callback":  # the sleep after is the same whoever sent
+            await asyncio.sleep(0.1)
+            before = turns[0]
+            await asyncio.sleep(1.0)
+            outcome["idle turns"] = turns[0] - before
         writer.close()
         server.stop_server()
         await asyncio.wait_for(task, 10)
@@ -256,7 +257,8 @@ def test_a_lent_reply_is_let_go_while_the_session_sleeps_whatever_the_pace(run, 
     run(main())
     listener.close()
     assert outcome["held"] == 0, "the reply was still held 1 s after it arrived"
-    assert outcome["idle turns"] <= 2, f"{outcome['idle turns']} turns in 1 s after letting go"
+    if sender == "callback":
+        assert outcome["idle turns"] <= 2, f"{outcome['idle turns']} turns in 1 s after letting go"
 
 
 def test_a_second_cancellation_cuts_the_stop_short(run):
