@@ -1,0 +1,19 @@
+#!/bin/bash
+# The runs of this folder (from the repository's root). HEAD_WHEEL: an unzipped release wheel
+# of main; EXP_WHEEL: one of main with direct-into-bytes.patch applied (git apply, then
+# `maturin build --release`). Server on CPU 0, benchmarks/loadgen on CPU 1 (paired.py).
+set -euo pipefail
+R=benchmarks/results/direct-2026-12-07
+P=benchmarks/results/inline-2026-12-07/experiments/paired.py
+H=rsepoll-inline@$HEAD_WHEEL
+X=rsepoll-inline@$EXP_WHEEL@RSEPOLL_EXP_DIRECT=1
+T=GLIBC_TUNABLES=glibc.malloc.trim_threshold=16777216:glibc.malloc.mmap_threshold=1048576
+run() { out=$1; shift; { date -u; uptime; python "$P" "$@"; date -u; uptime; } > "$R/$out" 2>&1; }
+run stream-run1.txt stream 65536 10 6 head=$H fresh=$X recycle=$X,RSEPOLL_EXP_RECYCLE=1 \
+    keep-size=$X,RSEPOLL_EXP_RECYCLE=1,RSEPOLL_EXP_HIDDEN=1 uvloop=uvloop
+V="head=$H recycle=$X,RSEPOLL_EXP_RECYCLE=1 keep-size=$X,RSEPOLL_EXP_RECYCLE=1,RSEPOLL_EXP_HIDDEN=1 uvloop=uvloop"
+run stream-run2.txt stream 65536 10 10 $V
+run stream-1000.txt --rate 1000 stream 65536 10 8 $V
+run rr-64k.txt rr 65536 10 8 $V
+run stream-tuned.txt stream 65536 10 6 head-tuned=$H@$T fresh-tuned=$X,$T \
+    keep-size=$X,RSEPOLL_EXP_RECYCLE=1,RSEPOLL_EXP_HIDDEN=1 uvloop=uvloop
