@@ -17,3 +17,10 @@ run stream-1000.txt --rate 1000 stream 65536 10 8 $V
 run rr-64k.txt rr 65536 10 8 $V
 run stream-tuned.txt stream 65536 10 6 head-tuned=$H@$T fresh-tuned=$X,$T \
     keep-size=$X,RSEPOLL_EXP_RECYCLE=1,RSEPOLL_EXP_HIDDEN=1 uvloop=uvloop
+# Later, with the patch's RSEPOLL_EXP_SHRINK_HALF knob: 128 KiB objects; an object that holds
+# less than half its size is shrunk (_PyBytes_Resize) and not reused, a fuller one is handed
+# out at its full allocation and reused once it comes back.
+K=$X,RSEPOLL_EXP_RECYCLE=1,RSEPOLL_EXP_HIDDEN=1
+V="head=$H keep-size=$K half-128k=$K,RSEPOLL_EXP_SPILL=131072,RSEPOLL_EXP_SHRINK_HALF=1 uvloop=uvloop"
+run stream-half.txt stream 65536 10 8 $V
+run rr-64k-half.txt rr 65536 10 8 $V
