@@ -506,7 +506,8 @@ fn size(name: &str, value: &Bound<'_, PyAny>) -> PyResult<usize> {
 }
 
 /// A positive number of seconds, at most [`Config::TIMEOUT_MAX`], as a
-/// `Duration`: an `int` or a `float` (not a `bool`).
+/// `Duration`: any real number (anything with `__float__`: `int`,
+/// `float`, `fractions.Fraction`, `decimal.Decimal`, ...), but not a `bool`.
 fn seconds(name: &str, value: &Bound<'_, PyAny>) -> PyResult<Duration> {
     let refused = || {
         let what = format!(
