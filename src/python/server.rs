@@ -506,8 +506,9 @@ fn size(name: &str, value: &Bound<'_, PyAny>) -> PyResult<usize> {
 }
 
 /// A positive number of seconds, at most [`Config::TIMEOUT_MAX`], as a
-/// `Duration`: any real number (anything with `__float__`: `int`,
-/// `float`, `fractions.Fraction`, `decimal.Decimal`, ...), but not a `bool`.
+/// `Duration`: whatever `PyFloat_AsDouble` converts (an object with
+/// `__float__` or `__index__`: `int`, `float`, `fractions.Fraction`,
+/// `decimal.Decimal`, ...; not a `str`), but not a `bool`.
 fn seconds(name: &str, value: &Bound<'_, PyAny>) -> PyResult<Duration> {
     let refused = || {
         let what = format!(

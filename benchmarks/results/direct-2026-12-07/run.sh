@@ -1,7 +1,10 @@
 #!/bin/bash
-# The runs of this folder (from the repository's root). HEAD_WHEEL: an unzipped release wheel
-# of main; EXP_WHEEL: one of main with direct-into-bytes.patch applied (git apply, then
+# Most runs of this folder (from the repository's root). HEAD_WHEEL: an unzipped release wheel
+# of e0be8ea; EXP_WHEEL: one of 127fd3b with direct-into-bytes.patch applied (git apply, then
 # `maturin build --release`). Server on CPU 0, benchmarks/loadgen on CPU 1 (paired.py).
+# The files were made by the patch as it stood at each run: the runs before the last two had
+# it without the RSEPOLL_EXP_SHRINK_HALF knob, which does nothing unset. stream-earlier-*.txt
+# and perf-stream.txt give their own commands in their headers.
 set -euo pipefail
 R=benchmarks/results/direct-2026-12-07
 P=benchmarks/results/inline-2026-12-07/experiments/paired.py
