@@ -2,8 +2,8 @@
 # Most runs of this folder (from the repository's root). HEAD_WHEEL: an unzipped release wheel
 # of e0be8ea; EXP_WHEEL: one of 127fd3b with direct-into-bytes.patch applied (git apply, then
 # `maturin build --release`). Server on CPU 0, benchmarks/loadgen on CPU 1 (paired.py).
-# The files were made by the patch as it stood at each run: the runs before the last two had
-# it without the RSEPOLL_EXP_SHRINK_HALF knob, which does nothing unset. stream-earlier-*.txt
+# The files were made by the patch as it stood at each run: it gained its RSEPOLL_EXP_SHRINK_HALF
+# and RSEPOLL_EXP_SHRINK_COPY knobs (which do nothing unset) just before the runs that use them. stream-earlier-*.txt
 # and perf-stream.txt give their own commands in their headers.
 set -euo pipefail
 R=benchmarks/results/direct-2026-12-07
@@ -27,3 +27,10 @@ K=$X,RSEPOLL_EXP_RECYCLE=1,RSEPOLL_EXP_HIDDEN=1
 V="head=$H keep-size=$K half-128k=$K,RSEPOLL_EXP_SPILL=131072,RSEPOLL_EXP_SHRINK_HALF=1 uvloop=uvloop"
 run stream-half.txt stream 65536 10 8 $V
 run rr-64k-half.txt rr 65536 10 8 $V
+# Last, with the patch's RSEPOLL_EXP_SHRINK_COPY knob: half-128k, but the bytes of a half-empty
+# object are copied into a new object of their size, and the 128 KiB one goes back to the stock.
+H2=$K,RSEPOLL_EXP_SPILL=131072,RSEPOLL_EXP_SHRINK_HALF=1
+V="head=$H half-128k=$H2 half-copy=$H2,RSEPOLL_EXP_SHRINK_COPY=1 uvloop=uvloop"
+run stream-copy.txt stream 65536 10 8 $V
+run rr-64k-copy.txt rr 65536 10 8 $V
+run rr-24k-copy.txt rr 24576 10 8 $V
