@@ -42,10 +42,11 @@ struct Ring<T> {
 }
 
 // SAFETY: a slot is only ever touched by one side at a time. The producer writes
-// slots in `[tail, head + capacity)`, which the consumer does not read; the
-// consumer reads slots in `[head, tail)`, which the producer does not write. The
-// Release/Acquire pairs on `head` and `tail` order those accesses (module docs).
-// `T: Send` because slot contents written on one thread are read on the other.
+// slots in `[tail, head + capacity)`, which the consumer does not touch; the
+// consumer reads (and may change) slots in `[head, tail)`, which the producer
+// does not touch. The Release/Acquire pairs on `head` and `tail` order those
+// accesses (module docs). `T: Send` because slot contents written on one
+// thread are read, and may be moved out, on the other.
 unsafe impl<T: Send> Sync for Ring<T> {}
 // SAFETY: the ring owns its slots; moving it moves `T`s, which are `Send`.
 unsafe impl<T: Send> Send for Ring<T> {}
@@ -260,19 +261,22 @@ impl<T> Consumer<T> {
 
     /// Reads the next published slot with `f` and takes it, or returns `None`
     /// if none is ready. A taken slot stays out of the producer's reach until
-    /// [`Consumer::release`].
-    pub fn take_with<R>(&mut self, f: impl FnOnce(&T) -> R) -> Option<R> {
+    /// [`Consumer::release`]. `f` may also move things out of the slot (a
+    /// large message's storage, say), which the producer then finds gone.
+    pub fn take_with<R>(&mut self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
         if self.ready() == 0 {
             return None;
         }
         let index = self.next & self.ring.mask;
         // Taken before it is read: if `f` panics, the slot is not read again.
         self.next = self.next.wrapping_add(1);
-        let result = self.ring.slots[index].with(|slot| {
+        let result = self.ring.slots[index].with_mut(|slot| {
             // SAFETY: `ready() > 0`, so the slot lies in `[head, tail)`: the
             // producer published it (the Acquire load of `tail` ordered its writes
-            // before this read) and will not write it until it is released.
-            f(unsafe { &*slot })
+            // before this access) and will not touch it until it is released,
+            // whose Release store orders this access before the producer's next.
+            // The consumer takes each slot once, so this is the only reference.
+            f(unsafe { &mut *slot })
         });
         Some(result)
     }

@@ -202,15 +202,16 @@ impl Running {
         self.sender.clone()
     }
 
-    /// Takes the next delivery, if one is ready, and reads it with `f`. The
-    /// slot stays reserved until [`Running::release`]. Engines take turns, at
+    /// Takes the next delivery, if one is ready, and reads it with `f`, which
+    /// may also move things out of it. The slot stays reserved until
+    /// [`Running::release`]. Engines take turns, at
     /// most [`ENGINE_STREAK`] deliveries in a row while another has some.
     ///
     /// A `Draining` delivery is answered here, after `f` has seen it: every
     /// delivery before it has been handled by then, so the `Shutdown` command
     /// queues behind every reply the consumer made to them. A `Failed` one
     /// stops the other engines too.
-    pub fn take_with<R>(&mut self, f: impl FnOnce(&Delivery) -> R) -> Option<R> {
+    pub fn take_with<R>(&mut self, f: impl FnOnce(&mut Delivery) -> R) -> Option<R> {
         let count = self.engines.len();
         let mut tried = 0;
         while self.streak >= ENGINE_STREAK || self.engines[self.cursor].deliveries.ready() == 0 {
