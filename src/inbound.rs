@@ -12,7 +12,17 @@
 //! over it, the I/O thread first takes back the buffers of every slot the
 //! consumer has released, and if that is not enough, it waits for the
 //! consumer before handing over another large message.
+//!
+//! A consumer that would copy a large raw read into an object of its own (the
+//! Python bindings: a `bytes` object) may lend the object's storage instead,
+//! as a [`Blank`] in the engine's [`BlankStock`] (`blank.rs`): a read that
+//! starts in a spill buffer takes a blank when the stock has one, the slot
+//! carries it, and what the consumer did not take out of a slot goes back
+//! to the stock when the slot is reused.
 
+use std::sync::Arc;
+
+use crate::blank::{Blank, BlankStock};
 use crate::message::Delivery;
 use crate::pool::BufferPool;
 use crate::ring::Producer;
@@ -25,6 +35,8 @@ pub(crate) struct LargeMessages {
     pub(crate) pool: BufferPool,
     /// What the ring holds.
     pub(crate) account: RingAccount,
+    /// The consumer's blanks, for raw reads.
+    pub(crate) blanks: Arc<BlankStock>,
 }
 
 /// The buffers that sit in delivery slots.
@@ -37,16 +49,21 @@ pub(crate) struct RingAccount {
     /// Buffers taken out of slots, to go back to the pool by
     /// [`LargeMessages::settle`].
     returned: Vec<Vec<u8>>,
+    /// Blanks the consumer left in slots, to go back to the stock by
+    /// [`LargeMessages::settle`].
+    returned_blanks: Vec<Blank>,
 }
 
 impl LargeMessages {
     /// Buffers from `min_size` to `max_message_size` bytes, at most `budget`
-    /// bytes of them in a ring of `ring_slots` slots at a time.
+    /// bytes of them in a ring of `ring_slots` slots at a time,
+    /// and `blanks` to read raw input into when it has some.
     pub(crate) fn new(
         min_size: usize,
         max_message_size: usize,
         budget: usize,
         ring_slots: usize,
+        blanks: Arc<BlankStock>,
     ) -> Self {
         LargeMessages {
             // Cache what one budget's worth of traffic needs, no more.
@@ -55,25 +72,40 @@ impl LargeMessages {
                 in_ring: 0,
                 budget,
                 returned: Vec::with_capacity(ring_slots),
+                returned_blanks: Vec::new(),
             },
+            blanks,
         }
     }
 
-    /// Gives the buffers taken out of slots back to the pool.
+    /// Gives the buffers taken out of slots back to the pool, and the
+    /// blanks back to the stock.
     pub(crate) fn settle(&mut self) {
         for buffer in self.account.returned.drain(..) {
             self.pool.give(buffer);
+        }
+        if !self.account.returned_blanks.is_empty() {
+            self.blanks.give_all(self.account.returned_blanks.drain(..));
         }
     }
 }
 
 impl RingAccount {
-    /// Takes back the buffer a slot still holds, before the slot is reused.
+    /// Takes back the buffer, or the blank, a slot still holds, before the
+    /// slot is reused.
     pub(crate) fn reclaim(&mut self, delivery: &mut Delivery) {
         if let Some(buffer) = delivery.large.take() {
             self.in_ring -= buffer.capacity();
             self.returned.push(buffer);
         }
+        if let Some(blank) = delivery.take_blank() {
+            self.returned_blanks.push(blank);
+        }
+    }
+
+    /// Takes a blank that a read did not need, for the stock.
+    pub(crate) fn give_back(&mut self, blank: Blank) {
+        self.returned_blanks.push(blank);
     }
 
     /// Moves `buffer` into a slot being filled.

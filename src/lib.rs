@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 
 pub mod bench;
+pub(crate) mod blank;
 pub mod close_reason;
 pub mod config;
 pub mod conn;

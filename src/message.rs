@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
+use crate::blank::Blank;
 use crate::close_reason::CloseReason;
 use crate::token::ConnKey;
 
@@ -121,6 +122,10 @@ pub struct Delivery {
     /// For `Data` larger than `buf`: the payload, in a buffer of the I/O
     /// thread's pool, which takes it back when it reuses the slot.
     pub large: Option<Vec<u8>>,
+    /// For `Data` larger than `buf`, instead of `large`: the payload, in
+    /// storage the consumer lent ([`Blank`]). The consumer may take it out
+    /// of the slot; the I/O thread gives back to the stock what it leaves.
+    blank: Option<Blank>,
 }
 
 impl Delivery {
@@ -134,14 +139,36 @@ impl Delivery {
             len: 0,
             buf: vec![0; slot_size].into_boxed_slice(),
             large: None,
+            blank: None,
         }
+    }
+
+    /// Makes `blank`, which holds the payload, this slot's payload.
+    pub(crate) fn put_blank(&mut self, blank: Blank) {
+        self.len = blank.len();
+        self.blank = Some(blank);
+    }
+
+    /// Takes out the blank that holds the payload, if there is one: the
+    /// payload goes with it, and the slot's is empty.
+    pub(crate) fn take_blank(&mut self) -> Option<Blank> {
+        let blank = self.blank.take()?;
+        self.len = 0;
+        Some(blank)
+    }
+
+    /// True if a blank holds the payload.
+    #[cfg(test)]
+    pub(crate) fn has_blank(&self) -> bool {
+        self.blank.is_some()
     }
 
     /// The valid payload bytes.
     pub fn data(&self) -> &[u8] {
-        match &self.large {
-            Some(large) => &large[..self.len],
-            None => &self.buf[..self.len],
+        match (&self.large, &self.blank) {
+            (Some(large), _) => &large[..self.len],
+            (None, Some(blank)) => &blank.filled()[..self.len],
+            (None, None) => &self.buf[..self.len],
         }
     }
 }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
+use crate::blank::BlankStock;
 use crate::handover::Arrivals;
 use crate::message::{Command, CommandKind, Loan};
 use crate::ring::{Producer, ReleaseWatch};
@@ -257,6 +258,8 @@ pub(crate) struct Shared {
     /// The engine's loop, when its consumer's thread runs it (an inline
     /// engine, `io_threads=0`); held for one turn at a time.
     inline: Mutex<Option<Box<dyn InlineLoop>>>,
+    /// Storage the consumer lends for large raw reads (`blank.rs`).
+    pub(crate) blanks: Arc<BlankStock>,
     /// Entries in the I/O thread's timer heap, as of its last expiry (tests
     /// of the heap's bound).
     #[cfg(test)]
@@ -293,6 +296,7 @@ impl Shared {
             arrivals: Arrivals::new(),
             waker,
             inline: Mutex::new(None),
+            blanks: Arc::new(BlankStock::new(slot_size)),
             #[cfg(test)]
             timer_entries: AtomicUsize::new(0),
             #[cfg(test)]

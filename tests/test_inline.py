@@ -165,6 +165,66 @@ def test_inline_a_lent_reply_is_let_go_before_the_next_callback():
     assert server.extra_references == [0] * (count - 1)
 
 
+class Ledger(rsepoll.Server):
+    """Keeps every other message with its offset in the stream, and notes
+    for each its length, whether its hash is that of its bytes, and how
+    many more references it has than a copy made here: one more than the
+    first message's count if the server watches it, to read into again
+    (see src/python/blanks.rs). The first callback sleeps, so that the rest
+    piles up in the kernel and comes in large reads."""
+
+    def __init__(self, *args, total: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.total = total
+        self.offset = 0
+        self.kept: list[tuple[int, bytes]] = []
+        self.notes: list[tuple[int, int, bool]] = []
+        self.first_started = threading.Event()
+
+    def on_message_received(self, conn, data):
+        copy = bytes(bytearray(data))
+        extra = sys.getrefcount(data) - sys.getrefcount(copy)
+        if not self.notes:
+            self.first_started.set()
+            time.sleep(0.3)
+        self.notes.append((len(data), extra, hash(data) == hash(copy)))
+        if len(self.notes) % 2 == 0:
+            self.kept.append((self.offset, data))
+        self.offset += len(data)
+        if self.offset == self.total:
+            self.send_message(conn, b"done")
+
+
+def test_inline_large_reads_go_into_the_bytes_object_and_kept_ones_never_change():
+    # Inline, a large raw read goes straight into a bytes object of the
+    # server's, which the callback gets; once only the server references it
+    # again, the next read goes into it (src/python/blanks.rs). Every
+    # message hashed in its callback must hash as its bytes do, though the
+    # object may have been hashed before with other bytes; every message
+    # the application keeps must keep its bytes.
+    payload = os.urandom(8 << 20)
+    stream = b"first" + payload
+    with (
+        running(Ledger, io_threads=0, total=len(stream)) as (server, port),
+        connect(port, timeout=30) as client,
+    ):
+        client.sendall(b"first")
+        assert server.first_started.wait(10)
+        client.sendall(payload)
+        assert recv_exactly(client, 4) == b"done"
+    assert sum(size for size, _, _ in server.notes) == len(stream)
+    assert all(hash_right for _, _, hash_right in server.notes)
+    for offset, data in server.kept:
+        assert data == stream[offset : offset + len(data)]
+    # The first message was copied out of its slot: the baseline. Large
+    # reads into the server's objects have the watched reference besides.
+    baseline = server.notes[0][1]
+    watched = [size for size, extra, _ in server.notes if extra == baseline + 1]
+    assert watched, server.notes
+    assert all(size >= 64 << 10 for size in watched), server.notes
+    assert {extra for _, extra, _ in server.notes} <= {baseline, baseline + 1}
+
+
 def test_auto_is_inline_on_one_usable_cpu_and_threaded_on_more():
     cpus = rsepoll.usable_cpus()
     expected = 0 if cpus == 1 else cpus - 1

@@ -3,14 +3,15 @@
 //! connection opens and found in [`Connections`] for every delivery after.
 //!
 //! An item owns what the callback needs (the payload is copied into a
-//! `bytes` object here), so that the slot can go back to the I/O thread
-//! before the callback runs.
+//! `bytes` object here, or is the object it was read into: `blanks.rs`),
+//! so that the slot can go back to the I/O thread before the callback runs.
 
 use std::sync::atomic::Ordering::SeqCst;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use super::blanks::Blanks;
 use super::connection::PyConnection;
 use super::loans::Loans;
 use crate::close_reason::CloseReason;
@@ -82,12 +83,14 @@ pub(super) enum Item<'py> {
 }
 
 impl<'py> Item<'py> {
-    /// Reads `delivery`, making or finding its connection's object.
+    /// Reads `delivery`, making or finding its connection's object; a
+    /// payload read into a blank goes through `blanks`.
     pub(super) fn read(
         py: Python<'py>,
         factory: &ConnectionFactory,
         connections: &mut Connections,
-        delivery: &Delivery,
+        blanks: &mut Blanks,
+        delivery: &mut Delivery,
     ) -> Item<'py> {
         let key = delivery.conn;
         match delivery.kind {
@@ -111,9 +114,15 @@ impl<'py> Item<'py> {
                     Err(_) => Item::Error("could not create a Connection object".into()),
                 }
             }
-            DeliveryKind::Data => match connections.get(py, key) {
-                Some(conn) => Item::Data(conn, PyBytes::new(py, delivery.data())),
-                None => Item::Nothing,
+            DeliveryKind::Data => match (connections.get(py, key), delivery.take_blank()) {
+                (Some(conn), Some(blank)) => Item::Data(conn, blanks.deliver(py, blank)),
+                (Some(conn), None) => Item::Data(conn, PyBytes::new(py, delivery.data())),
+                (None, blank) => {
+                    if let Some(blank) = blank {
+                        blanks.give_back(blank);
+                    }
+                    Item::Nothing
+                }
             },
             DeliveryKind::Eof => connections.get(py, key).map_or(Item::Nothing, Item::Eof),
             DeliveryKind::WritingPaused => connections

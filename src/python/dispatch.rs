@@ -21,6 +21,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyString, PyTuple};
 
+use super::blanks::Blanks;
 use super::calls::Calls;
 use super::connection::PyConnection;
 use super::deliveries::{ConnectionFactory, Connections, Item};
@@ -72,6 +73,8 @@ pub(super) struct Dispatcher {
     loans: Arc<Loans>,
     /// Python-side handles of the open connections, by engine and table slot.
     connections: Connections,
+    /// The `bytes` objects an inline engine reads large input into.
+    blanks: Blanks,
     /// What new `Connection` objects are made with.
     factory: ConnectionFactory,
     idle_timeout: Duration,
@@ -130,6 +133,7 @@ impl Dispatcher {
             running,
             loans,
             connections: Connections::default(),
+            blanks: Blanks::new(py),
             factory,
             idle_timeout,
             idle_since: Instant::now(),
@@ -245,8 +249,12 @@ impl Dispatcher {
         }
         let running = &mut self.running;
         py.detach(|| running.join());
-        // The I/O thread is gone: nothing reads what was lent any more.
+        // The I/O thread is gone: nothing reads what was lent any more, nor
+        // reads into a blank.
         self.loans.clear(py);
+        if let Some(stock) = self.running.inline_blanks() {
+            self.blanks.clear(stock);
+        }
         for call in self.agenda.calls.close() {
             self.run_call(py, call);
         }
@@ -324,11 +332,13 @@ impl Dispatcher {
                 running,
                 connections,
                 factory,
+                blanks,
                 ..
             } = self;
             // Copy out what the callback needs, so the slot can go back to the
             // I/O thread before the callback runs.
-            let Some(item) = running.take_with(|d| Item::read(py, factory, connections, d)) else {
+            let Some(item) = running.take_with(|d| Item::read(py, factory, connections, blanks, d))
+            else {
                 break;
             };
             dispatched += 1;
@@ -346,6 +356,9 @@ impl Dispatcher {
         self.running.release();
         let running = &self.running;
         self.loans.settle(py, |ticket| running.has_returned(ticket));
+        if let Some(stock) = running.inline_blanks() {
+            self.blanks.restock(py, stock);
+        }
         dispatched
     }
 

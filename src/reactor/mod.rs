@@ -223,7 +223,7 @@ impl<S: Selector> Reactor<S> {
         let core = Core {
             selector,
             shared: Arc::clone(&shared),
-            outbox: Outbox::new(config, deliveries),
+            outbox: Outbox::new(config, deliveries, Arc::clone(&shared.blanks)),
             acceptor,
             table: ConnectionTable::new(shared.engine),
             ready: VecDeque::with_capacity(1024),

@@ -23,7 +23,7 @@ impl LoomOutbox {
             slot_size,
             ..Config::default()
         };
-        LoomOutbox(Outbox::new(&config, ring))
+        LoomOutbox(Outbox::new(&config, ring, Default::default()))
     }
 
     /// As a raw read asks before it reads: a free slot, and how many payload

@@ -9,7 +9,9 @@
 //! ring, without sockets.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
+use crate::blank::{Blank, BlankStock};
 use crate::config::Config;
 use crate::framing::Framing;
 use crate::inbound::{LargeMessages, RingAccount};
@@ -81,8 +83,13 @@ pub(super) struct Staging<'a> {
 }
 
 impl Outbox {
-    /// The outbox of a loop configured by `config`, producing into `ring`.
-    pub(super) fn new(config: &Config, ring: Producer<Delivery>) -> Outbox {
+    /// The outbox of a loop configured by `config`, producing into `ring`,
+    /// with the consumer's `blanks` for raw reads.
+    pub(super) fn new(
+        config: &Config,
+        ring: Producer<Delivery>,
+        blanks: Arc<BlankStock>,
+    ) -> Outbox {
         let spill_size = match config.framing {
             Framing::Raw if config.slot_size < LARGE_READ => LARGE_READ,
             _ => 0,
@@ -111,6 +118,7 @@ impl Outbox {
                     _ => (config.ring_slots * config.slot_size).max(2 * config.max_message_size),
                 },
                 config.ring_slots,
+                blanks,
             ),
             spill_size,
         }
@@ -273,11 +281,18 @@ impl Outbox {
         admitted
     }
 
+    /// A blank of the consumer's to read into, if its stock has one (see
+    /// `blank.rs`).
+    #[inline]
+    pub(super) fn take_blank(&self) -> Option<Blank> {
+        self.large.blanks.take()
+    }
+
     /// Runs `f` with the buffer pool and what staging data deliveries needs,
     /// then gives the buffers taken out of reused slots back to the pool.
     #[inline]
     pub(super) fn with_pool<R>(&mut self, f: impl FnOnce(&mut BufferPool, Staging<'_>) -> R) -> R {
-        let LargeMessages { pool, account } = &mut self.large;
+        let LargeMessages { pool, account, .. } = &mut self.large;
         let staging = Staging {
             ring: &mut self.ring,
             backlog: &self.backlog,

@@ -11,12 +11,15 @@
 //! 64 KiB × 10 inline, a quarter of the server's CPU per request; see
 //! `benchmarks/README.md`). If that read brings no more than a slot holds,
 //! its bytes move into the slot and the buffer goes back to the pool, so
-//! the ring's budget of spill buffers counts only large messages.
+//! the ring's budget of spill buffers counts only large messages. Where the
+//! consumer lends storage of its own (`blank.rs`), such a read goes into a
+//! blank of its stock instead of a spill buffer, when the stock has one.
 
 use std::io;
 
 use socket2::Socket;
 
+use crate::blank::Blank;
 use crate::close_reason::CloseReason;
 use crate::conn::{AfterEof, Input};
 use crate::inbound::RingAccount;
@@ -141,8 +144,10 @@ impl<S: Selector> Core<S> {
                 room,
                 read_fully: conn.reads_fully(),
             };
-            // A connection that spilled last time starts in a spill buffer.
+            // A connection that spilled last time starts in a spill buffer,
+            // or in the consumer's storage if it lent some.
             let spill_first = input.spill_size.filter(|_| conn.spills());
+            let blank = spill_first.and_then(|_| self.outbox.take_blank());
             // The buffer the slot held before goes back for the next spill.
             let SlotRead {
                 result,
@@ -150,11 +155,12 @@ impl<S: Selector> Core<S> {
                 spilled,
             } = self.outbox.with_pool(|pool, mut staging| {
                 staging.stage(key, |delivery, account| {
-                    let read = match spill_first {
-                        Some(spill_size) => {
+                    let read = match (spill_first, blank) {
+                        (Some(_), Some(blank)) => input.read_blank_first(blank, delivery, account),
+                        (Some(spill_size), None) => {
                             input.read_spill_first(spill_size, delivery, pool, account)
                         }
-                        None => input.read_slot_first(delivery, pool, account),
+                        (None, _) => input.read_slot_first(delivery, pool, account),
                     };
                     // An empty read (EOF) or an error leaves the slot free.
                     let len = *read.result.as_ref().unwrap_or(&0);
@@ -301,12 +307,7 @@ impl RawInput<'_> {
         let mut buffer = pool.take(spill_size);
         let limit = buffer.capacity().min(self.room);
         let end = read_on(self.socket, &mut buffer, limit, self.read_fully);
-        let (result, end) = match (buffer.len(), end) {
-            (0, ReadEnd::Eof) => (Ok(0), ReadEnd::Eof),
-            (0, ReadEnd::Failed(e)) => (Err(e), ReadEnd::Drained),
-            (0, _) => (Err(io::ErrorKind::WouldBlock.into()), ReadEnd::Drained),
-            (n, end) => (Ok(n), end),
-        };
+        let (result, end) = outcome(buffer.len(), end);
         let spilled = buffer.len() > delivery.buf.len();
         if spilled {
             account.place(delivery, buffer);
@@ -321,21 +322,86 @@ impl RawInput<'_> {
             spilled,
         }
     }
+
+    /// As [`RawInput::read_spill_first`], into the consumer's `blank`: the
+    /// slot carries it if the read went past the slot's own buffer, and it
+    /// goes back to the stock if not.
+    fn read_blank_first(
+        &self,
+        mut blank: Blank,
+        delivery: &mut Delivery,
+        account: &mut RingAccount,
+    ) -> SlotRead {
+        let limit = blank.capacity().min(self.room);
+        let end = read_on(self.socket, &mut blank, limit, self.read_fully);
+        let (result, end) = outcome(blank.len(), end);
+        let spilled = blank.len() > delivery.buf.len();
+        if spilled {
+            delivery.put_blank(blank);
+        } else {
+            delivery.buf[..blank.len()].copy_from_slice(blank.filled());
+            delivery.len = blank.len();
+            account.give_back(blank);
+        }
+        SlotRead {
+            result,
+            end,
+            spilled,
+        }
+    }
 }
 
-/// Reads on into `buffer`'s spare capacity until the socket is drained or
-/// the buffer holds `limit` bytes. With `read_fully`, a short read does not
-/// count as drained (see `read_into_ring`).
-pub(super) fn read_on(
-    socket: &Socket,
-    buffer: &mut Vec<u8>,
-    limit: usize,
-    read_fully: bool,
-) -> ReadEnd {
-    debug_assert!(limit <= buffer.capacity());
-    while buffer.len() < limit {
-        let room = limit - buffer.len();
-        match net::recv_spare(socket, buffer, room) {
+/// What a read that started in a spill buffer (or a blank) and holds `len`
+/// bytes brought: the count, or what ended it before any byte came.
+fn outcome(len: usize, end: ReadEnd) -> (io::Result<usize>, ReadEnd) {
+    match (len, end) {
+        (0, ReadEnd::Eof) => (Ok(0), ReadEnd::Eof),
+        (0, ReadEnd::Failed(e)) => (Err(e), ReadEnd::Drained),
+        (0, _) => (Err(io::ErrorKind::WouldBlock.into()), ReadEnd::Drained),
+        (n, end) => (Ok(n), end),
+    }
+}
+
+/// Storage a read goes on into: a pooled spill buffer, or a blank.
+trait ReadRoom {
+    /// Bytes written so far.
+    fn filled_len(&self) -> usize;
+    /// Reads at most `max` bytes after those.
+    fn recv_more(&mut self, socket: &Socket, max: usize) -> io::Result<usize>;
+}
+
+impl ReadRoom for Vec<u8> {
+    fn filled_len(&self) -> usize {
+        self.len()
+    }
+
+    fn recv_more(&mut self, socket: &Socket, max: usize) -> io::Result<usize> {
+        net::recv_spare(socket, self, max)
+    }
+}
+
+impl ReadRoom for Blank {
+    fn filled_len(&self) -> usize {
+        self.len()
+    }
+
+    fn recv_more(&mut self, socket: &Socket, max: usize) -> io::Result<usize> {
+        let spare = self.spare();
+        let len = spare.len().min(max);
+        let n = net::recv_uninit(socket, &mut spare[..len])?;
+        // SAFETY: `recv_uninit` wrote the first `n` bytes of the spare room.
+        unsafe { self.advance(n) };
+        Ok(n)
+    }
+}
+
+/// Reads on into `buffer` until the socket is drained or the buffer holds
+/// `limit` bytes, which it has room for. With `read_fully`, a short read
+/// does not count as drained (see `read_into_ring`).
+fn read_on(socket: &Socket, buffer: &mut impl ReadRoom, limit: usize, read_fully: bool) -> ReadEnd {
+    while buffer.filled_len() < limit {
+        let room = limit - buffer.filled_len();
+        match buffer.recv_more(socket, room) {
             Ok(0) => return ReadEnd::Eof,
             Ok(n) if n < room && !read_fully => return ReadEnd::Drained,
             Ok(_) => {}

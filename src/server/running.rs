@@ -16,6 +16,7 @@ use std::time::Duration;
 use socket2::Socket;
 
 use super::{Sender, Ticket, ABANDON_TIMEOUT};
+use crate::blank::BlankStock;
 use crate::config::Config;
 use crate::message::{Command, CommandKind, Delivery, DeliveryKind};
 use crate::reactor::{Inline, Reactor};
@@ -203,8 +204,8 @@ impl Running {
     }
 
     /// Takes the next delivery, if one is ready, and reads it with `f`, which
-    /// may also move things out of it. The slot stays reserved until
-    /// [`Running::release`]. Engines take turns, at
+    /// may also move things out of it (a blank: `blank.rs`). The slot stays
+    /// reserved until [`Running::release`]. Engines take turns, at
     /// most [`ENGINE_STREAK`] deliveries in a row while another has some.
     ///
     /// A `Draining` delivery is answered here, after `f` has seen it: every
@@ -263,6 +264,13 @@ impl Running {
             engine.deliveries.release();
             engine.shared.wake_for_room();
         }
+    }
+
+    /// The stock of blanks of an inline server's engine, for its consumer
+    /// to fill (`blank.rs`); `None` where I/O threads read.
+    #[cfg_attr(not(feature = "python"), allow(dead_code))] // the consumer's
+    pub(crate) fn inline_blanks(&self) -> Option<&BlankStock> {
+        self.inline_engine().map(|engine| &*engine.shared.blanks)
     }
 
     /// Blocks until a delivery is ready or `timeout` passes (or spuriously).

@@ -2,6 +2,7 @@
 //! non-blocking, close-on-exec and free of SIGPIPE.
 
 use std::io::{self, Read};
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 
 use socket2::Socket;
@@ -70,21 +71,25 @@ pub fn recv(socket: &Socket, buf: &mut [u8]) -> io::Result<usize> {
 /// grows by what was read; retried on EINTR. Reading into spare capacity
 /// spares zeroing a large buffer before every read.
 pub fn recv_spare(socket: &Socket, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    let len = spare.len().min(max);
+    let n = recv_uninit(socket, &mut spare[..len])?;
+    // SAFETY: `recv_uninit` wrote the first `n` bytes of the spare capacity,
+    // so its first `buf.len() + n` bytes are initialised.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+/// `recv` into `buf`, which need not be initialised, retried on EINTR; on
+/// `Ok(n)`, the first `n` bytes of `buf` are written (`recv` never reports
+/// more than the slice it was given).
+pub fn recv_uninit(socket: &Socket, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
     loop {
-        let spare = buf.spare_capacity_mut();
-        let len = spare.len().min(max);
-        match socket.recv(&mut spare[..len]) {
-            Ok(n) => {
-                // SAFETY: `recv` wrote `n` bytes at the start of the spare
-                // capacity (it never reports more than the slice it was
-                // given), so the first `len + n` bytes are initialised.
-                unsafe { buf.set_len(buf.len() + n) };
-                return Ok(n);
-            }
+        match socket.recv(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             #[cfg(windows)]
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && discard_urgent(socket) => continue,
-            Err(e) => return Err(e),
+            other => return other,
         }
     }
 }

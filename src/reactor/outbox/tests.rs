@@ -15,7 +15,7 @@ fn new(framing: Framing, ring_slots: usize, slot_size: usize) -> (Outbox, Consum
         ..Config::default()
     };
     let (producer, consumer) = ring(ring_slots, || Delivery::with_capacity(slot_size));
-    (Outbox::new(&config, producer), consumer)
+    (Outbox::new(&config, producer, Default::default()), consumer)
 }
 
 fn key(index: u32) -> ConnKey {

@@ -1,0 +1,222 @@
+//! The `bytes` objects an inline server reads large input into, so that
+//! `on_message_received` gets the object the bytes arrived in rather than a
+//! copy (the engine's side is `blank.rs`).
+//!
+//! [`Blanks`] makes `bytes` objects of [`ROOM`] bytes and lends their room
+//! to the engine's stock as blanks; a raw read that starts in a spill
+//! buffer goes straight into one. What such a delivery becomes
+//! ([`Blanks::deliver`]):
+//!
+//! - bytes that fill at least half the room: the object itself, its length
+//!   set to theirs. A message the application keeps holds at most twice its
+//!   size;
+//! - fewer: a copy in a new object of their size, as every other payload is
+//!   made, and the blank, never seen by Python, goes back to the stock.
+//!
+//! An object handed to a callback is watched ([`WATCHED`] at most, the
+//! oldest let go first). Once this side holds its only reference, nothing
+//! else can reach it, and it is lent again ([`Blanks::restock`]): its
+//! length set back to the room and its cached hash forgotten. That reuse is
+//! the point: a new object of this size per read costs more than the copy
+//! it saves (glibc hands the memory back to the kernel and faults it in
+//! again; see `benchmarks/README.md`). CPython itself resizes a string in
+//! place on the same condition (`Py_REFCNT == 1`, in `+=`), and with the
+//! GIL held no other thread can take a reference meanwhile: a kept object,
+//! referenced by the application, never changes.
+//!
+//! Writing a `bytes` object's length and hash relies on CPython's layout of
+//! `PyBytesObject` (`ob_size`, `ob_shash`, `ob_sval`), the same from 3.9 to
+//! 3.15; [`layout_holds`] checks it once on a probe object, and a server
+//! where it does not hold makes no blanks.
+//!
+//! Only an inline server (`io_threads=0`) stocks blanks: there the gain was
+//! measured. Nothing here runs for a server whose reads never spill: the
+//! stock is filled only once a read has looked for a blank.
+
+use std::collections::VecDeque;
+use std::ptr::NonNull;
+
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::blank::{Blank, BlankStock};
+
+/// Size of a blank's room: a read goes into one blank, so this caps an
+/// inline server's reads of large input (the spill buffers it replaces hold
+/// 256 KiB; 128 KiB measured better, as half of it is the most a kept
+/// message wastes).
+pub(super) const ROOM: usize = 128 * 1024;
+/// Most blanks kept in the engine's stock.
+const STOCK: usize = 16;
+/// Most objects handed to callbacks that are watched, to be lent again.
+const WATCHED: usize = 16;
+
+/// What keeps a blank's room alive: a reference to its `bytes` object.
+struct Owner(Py<PyBytes>);
+
+/// The objects of one run; see the module docs.
+pub(super) struct Blanks {
+    /// `PyBytesObject` is laid out as this code expects.
+    usable: bool,
+    /// A read has looked for a blank: from then on the stock is kept full.
+    active: bool,
+    /// Objects handed to callbacks, oldest first.
+    watched: VecDeque<Py<PyBytes>>,
+    /// Blanks taken out of deliveries and not handed on, for the stock.
+    back: Vec<Blank>,
+}
+
+impl Blanks {
+    /// The blanks of a run, usable if CPython's layout is as expected.
+    pub(super) fn new(py: Python<'_>) -> Blanks {
+        Blanks {
+            usable: layout_holds(py),
+            active: false,
+            watched: VecDeque::with_capacity(WATCHED),
+            back: Vec::new(),
+        }
+    }
+
+    /// The payload of a delivery whose bytes are in `blank`; see the module
+    /// docs.
+    pub(super) fn deliver<'py>(&mut self, py: Python<'py>, blank: Blank) -> Bound<'py, PyBytes> {
+        let len = blank.len();
+        if len * 2 < blank.capacity() || !blank.is_owned_by::<Owner>() {
+            let copy = PyBytes::new(py, blank.filled());
+            self.back.push(blank);
+            return copy;
+        }
+        let Ok(owner) = blank.into_owner().downcast::<Owner>() else {
+            unreachable!("checked by is_owned_by");
+        };
+        let object = owner.0;
+        // SAFETY: the blank held the only reference to `object` (`lend`),
+        // which the reactor filled with `len <= ROOM` bytes and gave up
+        // with the delivery; the GIL is held.
+        unsafe { set_len(object.as_ptr(), len) };
+        if self.watched.len() == WATCHED {
+            self.watched.pop_front();
+        }
+        self.watched.push_back(object.clone_ref(py));
+        object.into_bound(py)
+    }
+
+    /// Takes a blank out of a delivery no callback will see.
+    pub(super) fn give_back(&mut self, blank: Blank) {
+        self.back.push(blank);
+    }
+
+    /// Fills `stock` up to [`STOCK`] blanks, once a read has looked for
+    /// one: with the blanks taken out of deliveries, then with the watched
+    /// objects only this side references, then with new objects.
+    pub(super) fn restock(&mut self, py: Python<'_>, stock: &BlankStock) {
+        if !self.active {
+            if !self.usable || !stock.takes(ROOM) || !stock.was_wanted() {
+                return;
+            }
+            self.active = true;
+        }
+        let mut missing = STOCK.saturating_sub(stock.len() + self.back.len());
+        let mut index = 0;
+        while missing > 0 && index < self.watched.len() {
+            // SAFETY: a live object; the GIL is held.
+            if unsafe { ffi::Py_REFCNT(self.watched[index].as_ptr()) } == 1 {
+                let object = self.watched.remove(index).expect("index < len");
+                self.back.push(lend(object));
+                missing -= 1;
+            } else {
+                index += 1;
+            }
+        }
+        for _ in 0..missing {
+            // SAFETY: a null pointer asks for an object whose bytes are not
+            // set; the blank fills them before Python can see them.
+            let made = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), ROOM as _) };
+            // SAFETY: a new reference to a `bytes` object, or null with an
+            // exception set.
+            match unsafe { Bound::from_owned_ptr_or_err(py, made) } {
+                Ok(object) => {
+                    // SAFETY: `PyBytes_FromStringAndSize` makes `bytes`.
+                    let object = unsafe { object.cast_into_unchecked::<PyBytes>() };
+                    self.back.push(lend(object.unbind()));
+                }
+                // Out of memory: reads go into spill buffers, as before.
+                Err(_) => break,
+            }
+        }
+        if !self.back.is_empty() {
+            stock.give_all(self.back.drain(..));
+        }
+    }
+
+    /// Lets go of every object: the run is over and no engine reads any
+    /// more.
+    pub(super) fn clear(&mut self, stock: &BlankStock) {
+        drop(stock.take_all());
+        self.back.clear();
+        self.watched.clear();
+    }
+}
+
+/// Lends the room of `object`, whose only reference this is, as a blank of
+/// [`ROOM`] bytes: its length set back to the room and its hash forgotten.
+fn lend(object: Py<PyBytes>) -> Blank {
+    let raw = object.as_ptr();
+    // SAFETY: `object` was made with a room of `ROOM` bytes and is
+    // referenced only here; the GIL is held.
+    unsafe { set_len(raw, ROOM) };
+    // SAFETY: `ob_sval` starts the object's room.
+    let room = unsafe { (*raw.cast::<ffi::PyBytesObject>()).ob_sval.as_mut_ptr() };
+    let room = NonNull::new(room.cast::<u8>()).expect("an object's room");
+    // SAFETY: the room is `ROOM` bytes long and lives as long as the
+    // object, which the owner keeps alive wherever it is dropped (PyO3
+    // defers a release without the GIL). The owner holds the only
+    // reference, and nothing here reads the room until the owner is taken
+    // back (`Blanks::deliver`), so the blank is the only way to it.
+    unsafe { Blank::new(room, ROOM, Box::new(Owner(object))) }
+}
+
+/// Makes `object`, a `bytes` object whose room holds at least `len` bytes,
+/// `len` bytes long: its size, the NUL every `bytes` object ends with, and
+/// its cached hash, forgotten.
+///
+/// # Safety
+/// The GIL is held, and nothing but the caller references `object`, or has
+/// since its bytes last changed: nobody has seen the length or hash it had.
+unsafe fn set_len(object: *mut ffi::PyObject, len: usize) {
+    let bytes = object.cast::<ffi::PyBytesObject>();
+    // SAFETY: a `bytes` object (the caller's promise), laid out as
+    // `layout_holds` checked, whose room has `len + 1` bytes: `len` at most
+    // the size it was made with, and CPython allocates one more for the NUL.
+    // Nobody else can see the writes (the caller's promise).
+    unsafe {
+        (*bytes).ob_base.ob_size = len as ffi::Py_ssize_t;
+        *(*bytes).ob_sval.as_mut_ptr().add(len) = 0;
+        #[allow(deprecated)]
+        {
+            (*bytes).ob_shash = -1;
+        }
+    }
+}
+
+/// True if `PyBytesObject` is laid out as [`set_len`] expects: on a probe,
+/// the room where `PyBytes_AsString` says, the size where `Py_SIZE` reads
+/// it, and the hash cached where `ob_shash` is.
+fn layout_holds(py: Python<'_>) -> bool {
+    let probe = PyBytes::new(py, b"rsepoll blank probe");
+    let Ok(hash) = probe.hash() else {
+        return false;
+    };
+    let raw = probe.as_ptr();
+    let bytes = raw.cast::<ffi::PyBytesObject>();
+    // SAFETY: a live `bytes` object; the GIL is held; these only read.
+    unsafe {
+        #[allow(deprecated)]
+        let cached = (*bytes).ob_shash;
+        std::ptr::eq((*bytes).ob_sval.as_ptr(), ffi::PyBytes_AsString(raw))
+            && (*bytes).ob_base.ob_size == ffi::Py_SIZE(raw)
+            && ffi::Py_SIZE(raw) == 19
+            && cached == hash
+    }
+}
