@@ -13,12 +13,12 @@
 //! run over all of `usize` and wrap; `tail - head` is the number of occupied
 //! slots. Publishing is a `Release` store of `tail`, which the consumer reads
 //! with `Acquire` before touching a slot, so the slot's contents happen-before
-//! the read; releasing is a `Release` store of `head`, read with `Acquire` by the
-//! producer before it reuses a slot, so the consumer's reads happen-before the
-//! producer's next writes. Each side keeps a private copy of the other side's
-//! index and reloads the shared one only when the copy says full (or empty),
-//! and both sides move in batches: many slots are staged (or consumed) and made
-//! visible with one store.
+//! the consumer's access; releasing is a `Release` store of `head`, read with
+//! `Acquire` by the producer before it reuses a slot, so the consumer's
+//! accesses happen-before the producer's next ones. Each side keeps a private
+//! copy of the other side's index and reloads the shared one only when the
+//! copy says full (or empty), and both sides move in batches: many slots are
+//! staged (or consumed) and made visible with one store.
 //!
 //! The ring never blocks and never drops: a full ring makes
 //! [`Producer::vacant`] return `None`, and the caller decides how to wait
@@ -261,8 +261,8 @@ impl<T> Consumer<T> {
 
     /// Reads the next published slot with `f` and takes it, or returns `None`
     /// if none is ready. A taken slot stays out of the producer's reach until
-    /// [`Consumer::release`]. `f` may also move things out of the slot (a
-    /// large message's storage, say), which the producer then finds gone.
+    /// [`Consumer::release`]. `f` may also change the slot or move things
+    /// out of it, which the producer then finds changed.
     pub fn take_with<R>(&mut self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
         if self.ready() == 0 {
             return None;

@@ -167,18 +167,18 @@ def test_inline_a_lent_reply_is_let_go_before_the_next_callback():
 
 class Ledger(rsepoll.Server):
     """Keeps every other message with its offset in the stream, and notes
-    for each its length, whether its hash is that of its bytes, and how
-    many more references it has than a copy made here: one more than the
-    first message's count if the server watches it, to read into again
-    (see src/python/blanks.rs). The first callback sleeps, so that the rest
-    piles up in the kernel and comes in large reads."""
+    for each its length, whether its hash is that of its bytes, how many
+    more references it has than a copy made here (one more than the first
+    message's count if the server watches it, to read into again: see
+    src/python/blanks.rs), and its id. The first callback sleeps, so that
+    the rest piles up in the kernel and comes in large reads."""
 
     def __init__(self, *args, total: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.total = total
         self.offset = 0
         self.kept: list[tuple[int, bytes]] = []
-        self.notes: list[tuple[int, int, bool]] = []
+        self.notes: list[tuple[int, int, bool, int]] = []
         self.first_started = threading.Event()
 
     def on_message_received(self, conn, data):
@@ -187,7 +187,7 @@ class Ledger(rsepoll.Server):
         if not self.notes:
             self.first_started.set()
             time.sleep(0.3)
-        self.notes.append((len(data), extra, hash(data) == hash(copy)))
+        self.notes.append((len(data), extra, hash(data) == hash(copy), id(data)))
         if len(self.notes) % 2 == 0:
             self.kept.append((self.offset, data))
         self.offset += len(data)
@@ -212,17 +212,29 @@ def test_inline_large_reads_go_into_the_bytes_object_and_kept_ones_never_change(
         assert server.first_started.wait(10)
         client.sendall(payload)
         assert recv_exactly(client, 4) == b"done"
-    assert sum(size for size, _, _ in server.notes) == len(stream)
-    assert all(hash_right for _, _, hash_right in server.notes)
+    notes = server.notes
+    assert sum(size for size, _, _, _ in notes) == len(stream)
+    assert all(hash_right for _, _, hash_right, _ in notes)
     for offset, data in server.kept:
         assert data == stream[offset : offset + len(data)]
     # The first message was copied out of its slot: the baseline. Large
     # reads into the server's objects have the watched reference besides.
-    baseline = server.notes[0][1]
-    watched = [size for size, extra, _ in server.notes if extra == baseline + 1]
-    assert watched, server.notes
-    assert all(size >= 64 << 10 for size in watched), server.notes
-    assert {extra for _, extra, _ in server.notes} <= {baseline, baseline + 1}
+    baseline = notes[0][1]
+    watched = [i for i, (_, extra, _, _) in enumerate(notes) if extra == baseline + 1]
+    assert watched, notes
+    assert all(notes[i][0] >= 64 << 10 for i in watched), notes
+    assert {extra for _, extra, _, _ in notes} <= {baseline, baseline + 1}
+    # An object read into again: a watched message not kept (even index)
+    # whose id comes back within the next 16 watched ones, while the server
+    # still watched it, so it was alive and no other object had its id.
+    read_again = [
+        (i, j)
+        for n, i in enumerate(watched)
+        if i % 2 == 0
+        for j in watched[n + 1 : n + 17]
+        if notes[j][3] == notes[i][3]
+    ]
+    assert read_again, notes
 
 
 def test_auto_is_inline_on_one_usable_cpu_and_threaded_on_more():

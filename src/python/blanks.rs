@@ -27,7 +27,8 @@
 //! Writing a `bytes` object's length and hash relies on CPython's layout of
 //! `PyBytesObject` (`ob_size`, `ob_shash`, `ob_sval`), the same from 3.9 to
 //! 3.15; [`layout_holds`] checks it once on a probe object, and a server
-//! where it does not hold makes no blanks.
+//! where it does not hold makes no blanks, nor one whose CPython runs
+//! without the GIL, where a reference count of 1 would prove nothing.
 //!
 //! Only an inline server (`io_threads=0`) stocks blanks: there the gain was
 //! measured. Nothing here runs for a server whose reads never spill: the
@@ -35,6 +36,7 @@
 
 use std::collections::VecDeque;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -57,8 +59,9 @@ struct Owner(Py<PyBytes>);
 
 /// The objects of one run; see the module docs.
 pub(super) struct Blanks {
-    /// `PyBytesObject` is laid out as this code expects.
-    usable: bool,
+    /// The inline engine's stock; `None` where I/O threads read, or where
+    /// `PyBytesObject` is not laid out as this code expects.
+    stock: Option<Arc<BlankStock>>,
     /// A read has looked for a blank: from then on the stock is kept full.
     active: bool,
     /// Objects handed to callbacks, oldest first.
@@ -68,10 +71,10 @@ pub(super) struct Blanks {
 }
 
 impl Blanks {
-    /// The blanks of a run, usable if CPython's layout is as expected.
-    pub(super) fn new(py: Python<'_>) -> Blanks {
+    /// The blanks of a run whose inline engine has `stock`.
+    pub(super) fn new(py: Python<'_>, stock: Option<Arc<BlankStock>>) -> Blanks {
         Blanks {
-            usable: layout_holds(py),
+            stock: stock.filter(|stock| stock.takes(ROOM) && layout_holds(py)),
             active: false,
             watched: VecDeque::with_capacity(WATCHED),
             back: Vec::new(),
@@ -107,17 +110,23 @@ impl Blanks {
         self.back.push(blank);
     }
 
-    /// Fills `stock` up to [`STOCK`] blanks, once a read has looked for
+    /// Fills the stock up to [`STOCK`] blanks, once a read has looked for
     /// one: with the blanks taken out of deliveries, then with the watched
-    /// objects only this side references, then with new objects.
-    pub(super) fn restock(&mut self, py: Python<'_>, stock: &BlankStock) {
+    /// objects only this side references, then with new objects. Blanks
+    /// back from deliveries that would take it past [`STOCK`] are let go.
+    pub(super) fn restock(&mut self, py: Python<'_>) {
+        let Some(stock) = &self.stock else {
+            return;
+        };
         if !self.active {
-            if !self.usable || !stock.takes(ROOM) || !stock.was_wanted() {
+            if !stock.was_wanted() {
                 return;
             }
             self.active = true;
         }
-        let mut missing = STOCK.saturating_sub(stock.len() + self.back.len());
+        let room = STOCK.saturating_sub(stock.len());
+        self.back.truncate(room);
+        let mut missing = room - self.back.len();
         let mut index = 0;
         while missing > 0 && index < self.watched.len() {
             // SAFETY: a live object; the GIL is held.
@@ -150,12 +159,23 @@ impl Blanks {
         }
     }
 
-    /// Lets go of every object: the run is over and no engine reads any
-    /// more.
-    pub(super) fn clear(&mut self, stock: &BlankStock) {
-        drop(stock.take_all());
+    /// Lets go of every object this side and the stock hold: the run is
+    /// over. (Blanks in deliveries not taken go with the ring.)
+    pub(super) fn clear(&mut self) {
+        if let Some(stock) = &self.stock {
+            drop(stock.take_all());
+        }
         self.back.clear();
         self.watched.clear();
+    }
+}
+
+impl Drop for Blanks {
+    /// A run that ends without [`Blanks::clear`] (an error on the way)
+    /// leaves nothing in the stock either, which lives as long as the
+    /// engine's `Connection` objects may.
+    fn drop(&mut self) {
+        self.clear();
     }
 }
 
@@ -166,8 +186,9 @@ fn lend(object: Py<PyBytes>) -> Blank {
     // SAFETY: `object` was made with a room of `ROOM` bytes and is
     // referenced only here; the GIL is held.
     unsafe { set_len(raw, ROOM) };
-    // SAFETY: `ob_sval` starts the object's room.
-    let room = unsafe { (*raw.cast::<ffi::PyBytesObject>()).ob_sval.as_mut_ptr() };
+    // SAFETY: `ob_sval` starts the object's room; a raw pointer to the
+    // field, not a reference to its one declared byte, may reach all of it.
+    let room = unsafe { std::ptr::addr_of_mut!((*raw.cast::<ffi::PyBytesObject>()).ob_sval) };
     let room = NonNull::new(room.cast::<u8>()).expect("an object's room");
     // SAFETY: the room is `ROOM` bytes long and lives as long as the
     // object, which the owner keeps alive wherever it is dropped (PyO3
@@ -192,7 +213,9 @@ unsafe fn set_len(object: *mut ffi::PyObject, len: usize) {
     // Nobody else can see the writes (the caller's promise).
     unsafe {
         (*bytes).ob_base.ob_size = len as ffi::Py_ssize_t;
-        *(*bytes).ob_sval.as_mut_ptr().add(len) = 0;
+        *std::ptr::addr_of_mut!((*bytes).ob_sval)
+            .cast::<u8>()
+            .add(len) = 0;
         #[allow(deprecated)]
         {
             (*bytes).ob_shash = -1;
@@ -201,9 +224,19 @@ unsafe fn set_len(object: *mut ffi::PyObject, len: usize) {
 }
 
 /// True if `PyBytesObject` is laid out as [`set_len`] expects: on a probe,
-/// the room where `PyBytes_AsString` says, the size where `Py_SIZE` reads
-/// it, and the hash cached where `ob_shash` is.
+/// the room where `PyBytes_AsString` says, the size where `PyBytes_Size`
+/// reads it, and the hash cached where `ob_shash` is. And false where the
+/// GIL is off (a free-threaded CPython told to run without it): the
+/// reference count then proves nothing.
 fn layout_holds(py: Python<'_>) -> bool {
+    let gil_enabled = py
+        .import("sys")
+        .and_then(|sys| sys.getattr("_is_gil_enabled"))
+        .and_then(|is_enabled| is_enabled.call0())
+        .and_then(|enabled| enabled.extract::<bool>());
+    if matches!(gil_enabled, Ok(false)) {
+        return false;
+    }
     let probe = PyBytes::new(py, b"rsepoll blank probe");
     let Ok(hash) = probe.hash() else {
         return false;
@@ -214,9 +247,11 @@ fn layout_holds(py: Python<'_>) -> bool {
     unsafe {
         #[allow(deprecated)]
         let cached = (*bytes).ob_shash;
-        std::ptr::eq((*bytes).ob_sval.as_ptr(), ffi::PyBytes_AsString(raw))
-            && (*bytes).ob_base.ob_size == ffi::Py_SIZE(raw)
-            && ffi::Py_SIZE(raw) == 19
+        std::ptr::eq(
+            std::ptr::addr_of!((*bytes).ob_sval).cast::<std::os::raw::c_char>(),
+            ffi::PyBytes_AsString(raw),
+        ) && (*bytes).ob_base.ob_size == ffi::PyBytes_Size(raw)
+            && ffi::PyBytes_Size(raw) == 19
             && cached == hash
     }
 }

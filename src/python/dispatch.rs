@@ -124,6 +124,7 @@ impl Dispatcher {
             sender: running.sender().downgrade(),
             loans: Arc::downgrade(&loans),
         };
+        let blanks = Blanks::new(py, running.inline_blanks().cloned());
         run.started(running.sender());
         agenda.calls.open();
         Ok(Dispatcher {
@@ -133,7 +134,7 @@ impl Dispatcher {
             running,
             loans,
             connections: Connections::default(),
-            blanks: Blanks::new(py),
+            blanks,
             factory,
             idle_timeout,
             idle_since: Instant::now(),
@@ -252,9 +253,7 @@ impl Dispatcher {
         // The I/O thread is gone: nothing reads what was lent any more, nor
         // reads into a blank.
         self.loans.clear(py);
-        if let Some(stock) = self.running.inline_blanks() {
-            self.blanks.clear(stock);
-        }
+        self.blanks.clear();
         for call in self.agenda.calls.close() {
             self.run_call(py, call);
         }
@@ -337,7 +336,8 @@ impl Dispatcher {
             } = self;
             // Copy out what the callback needs, so the slot can go back to the
             // I/O thread before the callback runs.
-            let Some(item) = running.take_with(|d| Item::read(py, factory, connections, blanks, d))
+            let Some(item) =
+                running.take_with_mut(|d| Item::read(py, factory, connections, blanks, d))
             else {
                 break;
             };
@@ -356,9 +356,7 @@ impl Dispatcher {
         self.running.release();
         let running = &self.running;
         self.loans.settle(py, |ticket| running.has_returned(ticket));
-        if let Some(stock) = running.inline_blanks() {
-            self.blanks.restock(py, stock);
-        }
+        self.blanks.restock(py);
         dispatched
     }
 

@@ -342,6 +342,9 @@ impl Outbox {
             delivery.len = 0;
         });
         slot.stage();
+        // A blank the consumer left in the slot goes back to the stock now,
+        // not at the next read, which may never come.
+        self.large.settle();
         None
     }
 

@@ -203,16 +203,22 @@ impl Running {
         self.sender.clone()
     }
 
-    /// Takes the next delivery, if one is ready, and reads it with `f`, which
-    /// may also move things out of it (a blank: `blank.rs`). The slot stays
-    /// reserved until [`Running::release`]. Engines take turns, at
+    /// Takes the next delivery, if one is ready, and reads it with `f`. The
+    /// slot stays reserved until [`Running::release`]. Engines take turns, at
     /// most [`ENGINE_STREAK`] deliveries in a row while another has some.
     ///
     /// A `Draining` delivery is answered here, after `f` has seen it: every
     /// delivery before it has been handled by then, so the `Shutdown` command
     /// queues behind every reply the consumer made to them. A `Failed` one
     /// stops the other engines too.
-    pub fn take_with<R>(&mut self, f: impl FnOnce(&mut Delivery) -> R) -> Option<R> {
+    pub fn take_with<R>(&mut self, f: impl FnOnce(&Delivery) -> R) -> Option<R> {
+        self.take_with_mut(|delivery| f(delivery))
+    }
+
+    /// As [`Running::take_with`], for the crate's own consumer, which may
+    /// take the slot's blank out (`blank.rs`). Not public: moving anything
+    /// else out of a slot would upset the I/O thread's account of it.
+    pub(crate) fn take_with_mut<R>(&mut self, f: impl FnOnce(&mut Delivery) -> R) -> Option<R> {
         let count = self.engines.len();
         let mut tried = 0;
         while self.streak >= ENGINE_STREAK || self.engines[self.cursor].deliveries.ready() == 0 {
@@ -269,8 +275,8 @@ impl Running {
     /// The stock of blanks of an inline server's engine, for its consumer
     /// to fill (`blank.rs`); `None` where I/O threads read.
     #[cfg_attr(not(feature = "python"), allow(dead_code))] // the consumer's
-    pub(crate) fn inline_blanks(&self) -> Option<&BlankStock> {
-        self.inline_engine().map(|engine| &*engine.shared.blanks)
+    pub(crate) fn inline_blanks(&self) -> Option<&Arc<BlankStock>> {
+        self.inline_engine().map(|engine| &engine.shared.blanks)
     }
 
     /// Blocks until a delivery is ready or `timeout` passes (or spuriously).

@@ -718,7 +718,7 @@ fn large_raw_reads_go_into_the_consumers_blanks_and_lose_nothing() {
                 Instant::now() < deadline,
                 "{backend:?}, {io_threads}: stalled"
             );
-            while let Some(()) = running.take_with(|d| {
+            while let Some(()) = running.take_with_mut(|d| {
                 assert_eq!(d.kind, DeliveryKind::Data);
                 received.extend_from_slice(d.data());
                 if d.has_blank() {
