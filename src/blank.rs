@@ -3,9 +3,10 @@
 //!
 //! The Python bindings turn every payload into a `bytes` object. For a read
 //! larger than a slot that costs a copy of every byte, from the spill buffer
-//! the read went into to the object; at 64 KiB per message that copy was a
-//! tenth of an inline server's CPU (`benchmarks/README.md`, "Reading straight
-//! into the `bytes` object"). So the consumer may lend the room of an object
+//! the read went into to the object; at 64 KiB per message, saving it saved
+//! a tenth of an inline server's CPU and a third of a threaded one's
+//! (`benchmarks/README.md`, "Reading into the `bytes` object, landed"). So
+//! the consumer may lend the room of an object
 //! it made, as a [`Blank`], through the engine's [`BlankStock`]: a raw read
 //! that starts in a spill buffer takes a blank when the stock has one, goes
 //! straight into it, and the delivery slot carries it to the consumer, which

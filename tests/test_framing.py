@@ -4,15 +4,17 @@ their sender."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 import rsepoll
-from conftest import connect, recv_until_eof, running, wait_until
+from conftest import connect, recv_exactly, recv_until_eof, running, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -238,3 +240,76 @@ def test_a_sleeping_server_keeps_a_partial_message() -> None:
         time.sleep(0.3)
         client.sendall(wire[3:])
         assert read_messages(client, "length", 1) == [b"patience"]
+
+
+class Ledger(rsepoll.Server):
+    """Keeps every other message with its offset in the stream, and notes
+    for each its length, whether its hash is that of its bytes, how many
+    more references it has than a copy made here (one more than the first
+    message's count if the server watches it, to read into again: see
+    src/python/blanks.rs), and its id. The first callback sleeps, so that
+    the rest piles up in the kernel and comes in large reads."""
+
+    def __init__(self, *args, total: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.total = total
+        self.offset = 0
+        self.kept: list[tuple[int, bytes]] = []
+        self.notes: list[tuple[int, int, bool, int]] = []
+        self.first_started = threading.Event()
+
+    def on_message_received(self, conn, data):
+        copy = bytes(bytearray(data))
+        extra = sys.getrefcount(data) - sys.getrefcount(copy)
+        if not self.notes:
+            self.first_started.set()
+            time.sleep(0.3)
+        self.notes.append((len(data), extra, hash(data) == hash(copy), id(data)))
+        if len(self.notes) % 2 == 0:
+            self.kept.append((self.offset, data))
+        self.offset += len(data)
+        if self.offset == self.total:
+            self.send_message(conn, b"done")
+
+
+@pytest.mark.parametrize("io_threads", [0, 1, 2])
+def test_large_reads_go_into_the_bytes_object_and_kept_ones_never_change(io_threads):
+    # A large raw read goes straight into a bytes object of the server's,
+    # which the callback gets; once only the server references it again,
+    # the next read goes into it (src/python/blanks.rs). Every message
+    # hashed in its callback must hash as its bytes do, though the object
+    # may have been hashed before with other bytes; every message the
+    # application keeps must keep its bytes.
+    payload = os.urandom(8 << 20)
+    stream = b"first" + payload
+    # A ring of 1 MiB: with an I/O thread, most of the stream is read after
+    # the first callback, once the server has objects to lend.
+    options = {"io_threads": io_threads, "ring_slots": 64, "total": len(stream)}
+    with running(Ledger, **options) as (server, port), connect(port, timeout=30) as client:
+        client.sendall(b"first")
+        assert server.first_started.wait(10)
+        client.sendall(payload)
+        assert recv_exactly(client, 4) == b"done"
+    notes = server.notes
+    assert sum(size for size, _, _, _ in notes) == len(stream)
+    assert all(hash_right for _, _, hash_right, _ in notes)
+    for offset, data in server.kept:
+        assert data == stream[offset : offset + len(data)]
+    # The first message was copied out of its slot: the baseline. Large
+    # reads into the server's objects have the watched reference besides.
+    baseline = notes[0][1]
+    watched = [i for i, (_, extra, _, _) in enumerate(notes) if extra == baseline + 1]
+    assert watched, notes
+    assert all(notes[i][0] >= 64 << 10 for i in watched), notes
+    assert {extra for _, extra, _, _ in notes} <= {baseline, baseline + 1}
+    # An object read into again: a watched message not kept (even index)
+    # whose id comes back within the next 16 watched ones, while the server
+    # still watched it, so it was alive and no other object had its id.
+    read_again = [
+        (i, j)
+        for n, i in enumerate(watched)
+        if i % 2 == 0
+        for j in watched[n + 1 : n + 17]
+        if notes[j][3] == notes[i][3]
+    ]
+    assert read_again, notes

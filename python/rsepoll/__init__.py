@@ -106,10 +106,10 @@ class Server(ServerCore):
             buffers, within the same bound; see *Memory* in docs/api.md.)
         slot_size: bytes per slot. In raw mode a read that fills a slot goes
             on into a pooled 256 KiB buffer, so one ``on_message_received``
-            gets up to 256 KiB (or ``slot_size``, if larger). Inline, once
-            a connection's reads fill slots, they go into a 128 KiB
-            ``bytes`` object the callback gets, when the server has one
-            ready (see *Messages: framing* in docs/api.md).
+            gets up to 256 KiB (or ``slot_size``, if larger). Once a
+            connection's reads fill slots, they go into a 128 KiB ``bytes``
+            object the callback gets, when the server has one ready (see
+            *Messages: framing* in docs/api.md).
         write_buffer_high: reading a connection stops while more than this
             many bytes wait in its output queue, so that a client that sends
             without reading the replies is slowed by TCP itself ...

@@ -1,10 +1,10 @@
-//! The `bytes` objects an inline server reads large input into, so that
+//! The `bytes` objects a server reads large input into, so that
 //! `on_message_received` gets the object the bytes arrived in rather than a
-//! copy (the engine's side is `blank.rs`).
+//! copy (the engines' side is `blank.rs`).
 //!
 //! [`Blanks`] makes `bytes` objects of [`ROOM`] bytes and lends their room
-//! to the engine's stock as blanks; a raw read that starts in a spill
-//! buffer goes straight into one. What such a delivery becomes
+//! to each engine's stock as blanks; a raw read that starts in a spill
+//! buffer goes straight into one, on the I/O thread or inline. What such a delivery becomes
 //! ([`Blanks::deliver`]):
 //!
 //! - bytes that fill at least half the room: the object itself, its length
@@ -13,8 +13,8 @@
 //! - fewer: a copy in a new object of their size, as every other payload is
 //!   made, and the blank, never seen by Python, goes back to the stock.
 //!
-//! An object handed to a callback is watched ([`WATCHED`] at most, the
-//! oldest let go first). Once this side holds its only reference, nothing
+//! An object handed to a callback is watched ([`WATCHED`] per engine at
+//! most, in one queue, the oldest let go first). Once this side holds its only reference, nothing
 //! else can reach it, and it is lent again ([`Blanks::restock`]): its
 //! length set back to the room and its cached hash forgotten. That reuse is
 //! the point: a new object of this size per read costs more than the copy
@@ -30,9 +30,12 @@
 //! where it does not hold makes no blanks, nor one whose CPython runs
 //! without the GIL, where a reference count of 1 would prove nothing.
 //!
-//! Only an inline server (`io_threads=0`) stocks blanks: there the gain was
-//! measured. Nothing here runs for a server whose reads never spill: the
-//! stock is filled only once a read has looked for a blank.
+//! Nothing here runs for a server whose reads never spill: an engine's
+//! stock is filled only once one of its reads has looked for a blank. Then
+//! the dispatcher refills it at the end of each of its batches, with the
+//! GIL it holds, so that I/O threads never need it. The blanks out in the
+//! stocks and the rings are counted, at most [`OUT`] per engine, however
+//! far the callbacks fall behind.
 
 use std::collections::VecDeque;
 use std::ptr::NonNull;
@@ -44,26 +47,34 @@ use pyo3::types::PyBytes;
 
 use crate::blank::{Blank, BlankStock};
 
-/// Size of a blank's room: a read goes into one blank, so this caps an
-/// inline server's reads of large input (the spill buffers it replaces hold
-/// 256 KiB; 128 KiB measured better, as half of it is the most a kept
-/// message wastes).
+/// Size of a blank's room: a read goes into one blank, so this caps the
+/// reads that go into one (the spill buffers it stands in for hold 256 KiB;
+/// 128 KiB measured better, as half of it is the most a kept message
+/// wastes).
 pub(super) const ROOM: usize = 128 * 1024;
-/// Most blanks kept in the engine's stock.
+/// Most blanks kept in each engine's stock.
 const STOCK: usize = 16;
-/// Most objects handed to callbacks that are watched, to be lent again.
+/// Most objects handed to callbacks that are watched, per engine, to be
+/// lent again.
 const WATCHED: usize = 16;
+/// Most blanks per engine in the stocks and in deliveries not yet taken.
+const OUT: usize = 2 * STOCK;
 
 /// What keeps a blank's room alive: a reference to its `bytes` object.
 struct Owner(Py<PyBytes>);
 
 /// The objects of one run; see the module docs.
 pub(super) struct Blanks {
-    /// The inline engine's stock; `None` where I/O threads read, or where
-    /// `PyBytesObject` is not laid out as this code expects.
-    stock: Option<Arc<BlankStock>>,
-    /// A read has looked for a blank: from then on the stock is kept full.
-    active: bool,
+    /// Each engine's stock; none where `PyBytesObject` is not laid out as
+    /// this code expects.
+    stocks: Vec<Arc<BlankStock>>,
+    /// Per stock: one of its engine's reads has looked for a blank, and
+    /// from then on the stock is kept full.
+    active: Vec<bool>,
+    /// Blanks in the stocks and in deliveries not yet taken: given to a
+    /// stock, and not yet back through [`Blanks::deliver`] or
+    /// [`Blanks::give_back`].
+    out: usize,
     /// Objects handed to callbacks, oldest first.
     watched: VecDeque<Py<PyBytes>>,
     /// Blanks taken out of deliveries and not handed on, for the stock.
@@ -71,12 +82,17 @@ pub(super) struct Blanks {
 }
 
 impl Blanks {
-    /// The blanks of a run whose inline engine has `stock`.
-    pub(super) fn new(py: Python<'_>, stock: Option<Arc<BlankStock>>) -> Blanks {
+    /// The blanks of a run whose engines have `stocks`.
+    pub(super) fn new(py: Python<'_>, mut stocks: Vec<Arc<BlankStock>>) -> Blanks {
+        stocks.retain(|stock| stock.takes(ROOM));
+        if !stocks.is_empty() && !layout_holds(py) {
+            stocks.clear();
+        }
         Blanks {
-            stock: stock.filter(|stock| stock.takes(ROOM) && layout_holds(py)),
-            active: false,
-            watched: VecDeque::with_capacity(WATCHED),
+            watched: VecDeque::with_capacity(WATCHED * stocks.len()),
+            active: vec![false; stocks.len()],
+            stocks,
+            out: 0,
             back: Vec::new(),
         }
     }
@@ -84,6 +100,7 @@ impl Blanks {
     /// The payload of a delivery whose bytes are in `blank`; see the module
     /// docs.
     pub(super) fn deliver<'py>(&mut self, py: Python<'py>, blank: Blank) -> Bound<'py, PyBytes> {
+        self.out = self.out.saturating_sub(1);
         let len = blank.len();
         if len * 2 < blank.capacity() || !blank.is_owned_by::<Owner>() {
             let copy = PyBytes::new(py, blank.filled());
@@ -98,7 +115,7 @@ impl Blanks {
         // which the reactor filled with `len <= ROOM` bytes and gave up
         // with the delivery; the GIL is held.
         unsafe { set_len(object.as_ptr(), len) };
-        if self.watched.len() == WATCHED {
+        if self.watched.len() >= WATCHED * self.stocks.len() {
             self.watched.pop_front();
         }
         self.watched.push_back(object.clone_ref(py));
@@ -107,26 +124,34 @@ impl Blanks {
 
     /// Takes a blank out of a delivery no callback will see.
     pub(super) fn give_back(&mut self, blank: Blank) {
+        self.out = self.out.saturating_sub(1);
         self.back.push(blank);
     }
 
-    /// Fills the stock up to [`STOCK`] blanks, once a read has looked for
-    /// one: with the blanks taken out of deliveries, then with the watched
-    /// objects only this side references, then with new objects. Blanks
-    /// back from deliveries that would take it past [`STOCK`] are let go.
+    /// Fills each stock up to [`STOCK`] blanks, once one of its engine's
+    /// reads has looked for one, within [`OUT`] blanks out per engine: with
+    /// the blanks taken out of deliveries, then with the watched objects
+    /// only this side references, then with new objects. Blanks back from
+    /// deliveries that no stock has room for are let go.
     pub(super) fn restock(&mut self, py: Python<'_>) {
-        let Some(stock) = &self.stock else {
-            return;
-        };
-        if !self.active {
-            if !stock.was_wanted() {
-                return;
+        for index in 0..self.stocks.len() {
+            if !self.active[index] {
+                if !self.stocks[index].was_wanted() {
+                    continue;
+                }
+                self.active[index] = true;
             }
-            self.active = true;
+            let stock = Arc::clone(&self.stocks[index]);
+            self.fill(py, &stock);
         }
-        let room = STOCK.saturating_sub(stock.len());
-        self.back.truncate(room);
-        let mut missing = room - self.back.len();
+        self.back.clear();
+    }
+
+    /// Fills `stock` up to [`STOCK`] blanks; see [`Blanks::restock`].
+    fn fill(&mut self, py: Python<'_>, stock: &BlankStock) {
+        let allowed = (OUT * self.stocks.len()).saturating_sub(self.out);
+        let room = STOCK.saturating_sub(stock.len()).min(allowed);
+        let mut missing = room.saturating_sub(self.back.len());
         let mut index = 0;
         while missing > 0 && index < self.watched.len() {
             // SAFETY: a live object; the GIL is held.
@@ -154,15 +179,17 @@ impl Blanks {
                 Err(_) => break,
             }
         }
-        if !self.back.is_empty() {
-            stock.give_all(self.back.drain(..));
+        let given = room.min(self.back.len());
+        if given > 0 {
+            stock.give_all(self.back.drain(..given));
+            self.out += given;
         }
     }
 
-    /// Lets go of every object this side and the stock hold: the run is
-    /// over. (Blanks in deliveries not taken go with the ring.)
+    /// Lets go of every object this side and the stocks hold: the run is
+    /// over. (Blanks in deliveries not taken go with the rings.)
     pub(super) fn clear(&mut self) {
-        if let Some(stock) = &self.stock {
+        for stock in &self.stocks {
             drop(stock.take_all());
         }
         self.back.clear();
@@ -172,8 +199,8 @@ impl Blanks {
 
 impl Drop for Blanks {
     /// A run that ends without [`Blanks::clear`] (an error on the way)
-    /// leaves nothing in the stock either, which lives as long as the
-    /// engine's `Connection` objects may.
+    /// leaves nothing in the stocks either, which live as long as the
+    /// engines' `Connection` objects may.
     fn drop(&mut self) {
         self.clear();
     }

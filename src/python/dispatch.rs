@@ -73,7 +73,7 @@ pub(super) struct Dispatcher {
     loans: Arc<Loans>,
     /// Python-side handles of the open connections, by engine and table slot.
     connections: Connections,
-    /// The `bytes` objects an inline engine reads large input into.
+    /// The `bytes` objects the engines read large input into.
     blanks: Blanks,
     /// What new `Connection` objects are made with.
     factory: ConnectionFactory,
@@ -124,7 +124,7 @@ impl Dispatcher {
             sender: running.sender().downgrade(),
             loans: Arc::downgrade(&loans),
         };
-        let blanks = Blanks::new(py, running.inline_blanks().cloned());
+        let blanks = Blanks::new(py, running.blank_stocks());
         run.started(running.sender());
         agenda.calls.open();
         Ok(Dispatcher {

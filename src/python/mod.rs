@@ -11,7 +11,7 @@
 //! - [`connection::PyConnection`] (`rsepoll.Connection` in Python) is the handle callbacks receive;
 //! - [`loans::Loans`] keeps large `bytes` payloads alive while the I/O thread
 //!   writes them from where they are; [`blanks::Blanks`] lends `bytes`
-//!   objects for an inline server to read large input into;
+//!   objects for the engines to read large input into;
 //! - [`listener::ListenerSocket`] and `make_listener_socket` make listening
 //!   sockets, and registered sockets are duplicated and checked there;
 //! - [`bench::run_bench`] runs the load generator of `python -m rsepoll.bench`.

@@ -272,11 +272,15 @@ impl Running {
         }
     }
 
-    /// The stock of blanks of an inline server's engine, for its consumer
-    /// to fill (`blank.rs`); `None` where I/O threads read.
+    /// Each engine's stock of blanks, for the consumer to fill
+    /// (`blank.rs`).
     #[cfg_attr(not(feature = "python"), allow(dead_code))] // the consumer's
-    pub(crate) fn inline_blanks(&self) -> Option<&Arc<BlankStock>> {
-        self.inline_engine().map(|engine| &engine.shared.blanks)
+    pub(crate) fn blank_stocks(&self) -> Vec<Arc<BlankStock>> {
+        let stocks = self
+            .engines
+            .iter()
+            .map(|engine| Arc::clone(&engine.shared.blanks));
+        stocks.collect()
     }
 
     /// Blocks until a delivery is ready or `timeout` passes (or spuriously).

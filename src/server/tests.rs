@@ -80,13 +80,17 @@ fn opened_on_engine_0(running: &mut Running, expected: usize) -> usize {
     opened
 }
 
+/// Each backend with one I/O thread and inline (`io_threads` 1 and 0).
+fn threaded_and_inline() -> impl Iterator<Item = (Backend, usize)> {
+    [Backend::Portable, Backend::platform_default()]
+        .into_iter()
+        .flat_map(|backend| [(backend, 1), (backend, 0)])
+}
+
 #[test]
 fn a_panic_on_the_io_thread_is_reported_and_closes_everything() {
     // Inline (0), the panic is caught in the turn, on the consumer's thread.
-    let cases = [Backend::Portable, Backend::platform_default()]
-        .into_iter()
-        .flat_map(|backend| [(backend, 1), (backend, 0)]);
-    for (backend, io_threads) in cases {
+    for (backend, io_threads) in threaded_and_inline() {
         let config = Config {
             backend,
             io_threads,
@@ -689,10 +693,7 @@ fn large_raw_reads_go_into_the_consumers_blanks_and_lose_nothing() {
     // when the slot is reused: without that, the four blanks, half of each
     // one's uses left behind, would serve eight reads at most.
     let payload: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
-    let cases = [Backend::Portable, Backend::platform_default()]
-        .into_iter()
-        .flat_map(|backend| [(backend, 1), (backend, 0)]);
-    for (backend, io_threads) in cases {
+    for (backend, io_threads) in threaded_and_inline() {
         let config = Config {
             backend,
             io_threads,

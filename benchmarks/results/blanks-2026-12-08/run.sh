@@ -2,8 +2,11 @@
 # The runs of this folder (from the repository's root), 2026-12-08, server on CPU 0 and
 # benchmarks/loadgen on CPU 1 (paired.py), CPython 3.11.7, uvloop 0.23.0.
 #
-# HEAD_WHEEL: an unzipped release wheel of 3b73eff (before blanks); NEW_WHEEL: one of the commit
-# that lands blanks (src/blank.rs, src/python/blanks.rs); PATCH_WHEEL: 127fd3b with
+# HEAD_WHEEL: an unzipped release wheel of 3b73eff (before blanks); NEW_WHEEL: one of d351465,
+# which lands blanks for inline servers (src/blank.rs, src/python/blanks.rs); EXP_WHEEL: one of
+# 3f96bc4 whose Running::inline_blanks also gave the first engine's stock to a threaded server
+# when RSEPOLL_EXP_THREADED_BLANKS was set; FINAL_WHEEL: one of the commit that gives every
+# engine a stock (threaded servers too); PATCH_WHEEL: 127fd3b with
 # ../direct-2026-12-07/direct-into-bytes.patch applied, for comparison with its half-copy variant.
 # Build each with `maturin build --release -i python3.11` and unzip the wheel.
 set -euo pipefail
@@ -28,3 +31,19 @@ Y=rsepoll-inline@$PATCH_WHEEL@$K
 V="head=$H half-copy=$X fresh-half-copy=$Y uvloop=uvloop"
 run no-reuse-stream.txt stream 65536 10 8 $V
 run no-reuse-rr-64k.txt rr 65536 10 6 $V
+
+# Then with an I/O thread: the experiment (threaded-experiment-*), and the final build against
+# head, threaded and inline (final-*); rr 1 KiB x 100 is the threaded no-regression cell, run
+# twice.
+T=rsepoll-threaded
+V="head-threaded=$T@$HEAD_WHEEL new-threaded=$T@$EXP_WHEEL blanks-threaded=$T@$EXP_WHEEL@RSEPOLL_EXP_THREADED_BLANKS=1 uvloop=uvloop"
+run threaded-experiment-stream.txt stream 65536 10 8 $V
+run threaded-experiment-rr-64k.txt rr 65536 10 6 $V
+V="head=$T@$HEAD_WHEEL blanks=$T@$FINAL_WHEEL uvloop=uvloop"
+run final-threaded-stream.txt stream 65536 10 8 $V
+run final-threaded-rr-64k.txt rr 65536 10 6 $V
+run final-threaded-rr-1k.txt rr 1024 100 6 $V
+V="head=rsepoll-inline@$HEAD_WHEEL blanks=rsepoll-inline@$FINAL_WHEEL uvloop=uvloop"
+run final-inline-stream.txt stream 65536 10 6 $V
+run final-threaded-rr-1k-again.txt rr 1024 100 10 head=$T@$HEAD_WHEEL blanks=$T@$FINAL_WHEEL
+run final-threaded-rr-1k-third.txt rr 1024 100 12 head=$T@$HEAD_WHEEL inline-only=$T@$EXP_WHEEL blanks=$T@$FINAL_WHEEL
