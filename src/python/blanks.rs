@@ -76,7 +76,9 @@ pub(super) struct Blanks {
     /// [`Blanks::give_back`].
     out: usize,
     /// Objects handed to callbacks, oldest first.
-    watched: VecDeque<Py<PyBytes>>,
+    /// (In the boxes they were lent in, to lend them in again: no
+    /// allocation per message.)
+    watched: VecDeque<Box<Owner>>,
     /// Blanks taken out of deliveries and not handed on, for the stock.
     back: Vec<Blank>,
 }
@@ -110,16 +112,16 @@ impl Blanks {
         let Ok(owner) = blank.into_owner().downcast::<Owner>() else {
             unreachable!("checked by is_owned_by");
         };
-        let object = owner.0;
-        // SAFETY: the blank held the only reference to `object` (`lend`),
+        // SAFETY: the blank held the only reference to the object (`lend`),
         // which the reactor filled with `len <= ROOM` bytes and gave up
         // with the delivery; the GIL is held.
-        unsafe { set_len(object.as_ptr(), len) };
+        unsafe { set_len(owner.0.as_ptr(), len) };
+        let object = owner.0.clone_ref(py).into_bound(py);
         if self.watched.len() >= WATCHED * self.stocks.len() {
             self.watched.pop_front();
         }
-        self.watched.push_back(object.clone_ref(py));
-        object.into_bound(py)
+        self.watched.push_back(owner);
+        object
     }
 
     /// Takes a blank out of a delivery no callback will see.
@@ -155,9 +157,9 @@ impl Blanks {
         let mut index = 0;
         while missing > 0 && index < self.watched.len() {
             // SAFETY: a live object; the GIL is held.
-            if unsafe { ffi::Py_REFCNT(self.watched[index].as_ptr()) } == 1 {
-                let object = self.watched.remove(index).expect("index < len");
-                self.back.push(lend(object));
+            if unsafe { ffi::Py_REFCNT(self.watched[index].0.as_ptr()) } == 1 {
+                let owner = self.watched.remove(index).expect("index < len");
+                self.back.push(lend(owner));
                 missing -= 1;
             } else {
                 index += 1;
@@ -173,7 +175,7 @@ impl Blanks {
                 Ok(object) => {
                     // SAFETY: `PyBytes_FromStringAndSize` makes `bytes`.
                     let object = unsafe { object.cast_into_unchecked::<PyBytes>() };
-                    self.back.push(lend(object.unbind()));
+                    self.back.push(lend(Box::new(Owner(object.unbind()))));
                 }
                 // Out of memory: reads go into spill buffers, as before.
                 Err(_) => break,
@@ -206,12 +208,13 @@ impl Drop for Blanks {
     }
 }
 
-/// Lends the room of `object`, whose only reference this is, as a blank of
-/// [`ROOM`] bytes: its length set back to the room and its hash forgotten.
-fn lend(object: Py<PyBytes>) -> Blank {
-    let raw = object.as_ptr();
-    // SAFETY: `object` was made with a room of `ROOM` bytes and is
-    // referenced only here; the GIL is held.
+/// Lends the room of the object `owner` holds the only reference to, as a
+/// blank of [`ROOM`] bytes: its length set back to the room and its hash
+/// forgotten.
+fn lend(owner: Box<Owner>) -> Blank {
+    let raw = owner.0.as_ptr();
+    // SAFETY: the object was made with a room of `ROOM` bytes and is
+    // referenced only by `owner`; the GIL is held.
     unsafe { set_len(raw, ROOM) };
     // SAFETY: `ob_sval` starts the object's room; a raw pointer to the
     // field, not a reference to its one declared byte, may reach all of it.
@@ -222,7 +225,7 @@ fn lend(object: Py<PyBytes>) -> Blank {
     // defers a release without the GIL). The owner holds the only
     // reference, and nothing here reads the room until the owner is taken
     // back (`Blanks::deliver`), so the blank is the only way to it.
-    unsafe { Blank::new(room, ROOM, Box::new(Owner(object))) }
+    unsafe { Blank::new(room, ROOM, owner) }
 }
 
 /// Makes `object`, a `bytes` object whose room holds at least `len` bytes,
