@@ -47,3 +47,6 @@ V="head=rsepoll-inline@$HEAD_WHEEL blanks=rsepoll-inline@$FINAL_WHEEL uvloop=uvl
 run final-inline-stream.txt stream 65536 10 6 $V
 run final-threaded-rr-1k-again.txt rr 1024 100 10 head=$T@$HEAD_WHEEL blanks=$T@$FINAL_WHEEL
 run final-threaded-rr-1k-third.txt rr 1024 100 12 head=$T@$HEAD_WHEEL inline-only=$T@$EXP_WHEEL blanks=$T@$FINAL_WHEEL
+# Last, LAST_WHEEL: a build of c1840e2 (the cap on blanks out, and the boxes reused), 02:36 UTC.
+run last-threaded-stream.txt stream 65536 10 6 head=$T@$HEAD_WHEEL blanks=$T@$LAST_WHEEL uvloop=uvloop
+run last-inline-rr-64k.txt rr 65536 10 6 head=rsepoll-inline@$HEAD_WHEEL blanks=rsepoll-inline@$LAST_WHEEL uvloop=uvloop
